@@ -6,14 +6,14 @@ import csv
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
 TECHNICIAN_ID = re.compile(r"[0-9]{14}\Z")
 
 
-class Status(str, Enum):
+class Status(StrEnum):
     ACTIVE = "active"
     SUSPENDED = "suspended"
     REVOKED = "revoked"

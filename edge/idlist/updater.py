@@ -1,0 +1,361 @@
+"""The device side of list distribution: a state machine fed with manifests, chunks and deltas.
+
+Messages arrive in any order (retained delivery order is the broker's). Rules:
+- every manifest and delta is signature-checked before anything else is looked at;
+- a chunk is written to the snapshot being assembled only if its hash is the manifest's;
+  chunks that arrive before their manifest are spooled to disk (bounded) and checked later;
+- a list is installed only complete and verified: assembled/rebuilt in a temp file, fsync'ed,
+  checked (whole-file hash, codec, header vs manifest / delta result hash), renamed over
+  `{dir}/{name}.idl`, directory fsync'ed; then `current` switches. Until then the previous
+  list is served;
+- versions only go up; deltas apply only on the exact base (version and body hash) and chain
+  from pending ones; a device too far behind waits for the snapshot.
+Every message yields Outcomes (applied / pending / ignored / refused + a UpdateReason).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from edge.idlist.codec import ListFormatError, MmapIdList, fsync_dir, open_list
+from edge.idlist.delta import Delta, DeltaError, apply_delta
+from edge.idlist.dist import (
+    Manifest,
+    ManifestError,
+    open_delta,
+    open_manifest,
+    parse_topic,
+)
+from edge.signing import SignatureError
+
+
+class UpdateReason(StrEnum):
+    MALFORMED = "malformed"  # not an envelope / not CBOR / fields missing or out of range
+    UNKNOWN_KEY = "unknown_key"  # signed by a key the device does not trust
+    BAD_SIGNATURE = "bad_signature"
+    WRONG_LIST = "wrong_list"  # for another list name
+    TOPIC_MISMATCH = "topic_mismatch"  # signed content disagrees with the topic it came on
+    STALE_VERSION = "stale_version"  # not newer than the applied list
+    ALREADY_APPLIED = "already_applied"  # the applied snapshot's manifest again
+    CHUNK_UNKNOWN = "chunk_unknown"  # index outside the manifest
+    CHUNK_TRUNCATED = "chunk_truncated"  # shorter than the manifest says
+    CHUNK_LENGTH = "chunk_length"  # longer than the manifest says
+    CHUNK_HASH = "chunk_hash"
+    SPOOL_FULL = "spool_full"  # too many early chunks waiting for their manifest
+    SNAPSHOT_HASH = "snapshot_hash"  # assembled file's hash differs from the manifest
+    LIST_FORMAT = "list_format"  # the codec refused the assembled/rebuilt file
+    HEADER_MISMATCH = "header_mismatch"  # file header disagrees with the manifest
+    DELTA_GAP = "delta_gap"  # from-version is ahead of the applied one: kept pending
+    DELTA_BASE = "delta_base"  # not for the applied list (older base, other hash)
+    DELTA_INVALID = "delta_invalid"  # content does not fit (removes unknown IDs, dup cards)
+    DELTA_RESULT_HASH = "delta_result_hash"  # rebuilt file is not what the publisher signed
+    PENDING_FULL = "pending_full"  # too many deltas waiting for their base
+    IO_ERROR = "io_error"  # the disk failed us; nothing was installed
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    kind: str  # "applied" | "pending" | "ignored" | "refused"
+    reason: UpdateReason | None = None
+    version: int | None = None  # the version the message was about (applied: the new one)
+    detail: str = ""
+
+
+class _Assembly:
+    """One snapshot being assembled into `{dir}/.{name}.{version}.part`."""
+
+    def __init__(self, manifest: Manifest, path: Path) -> None:
+        self.manifest, self.path = manifest, path
+        self.have: set[int] = set()
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.ftruncate(self.fd, manifest.size)
+
+    def discard(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.path.unlink(missing_ok=True)
+
+
+class ListUpdater:
+    """Keeps `{directory}/{name}.idl` current from list messages; serves `current` meanwhile."""
+
+    def __init__(self, directory: str | os.PathLike[str], name: str,
+                 keys: Iterable[Ed25519PublicKey], *, max_spool_bytes: int = 256 << 20,
+                 max_pending_deltas: int = 64, max_delta_bytes: int = 64 << 20) -> None:
+        self.directory = Path(directory)
+        self.name = name
+        self.keys = list(keys)
+        self.path = self.directory / f"{name}.idl"
+        self.max_spool_bytes, self.max_pending_deltas = max_spool_bytes, max_pending_deltas
+        self.max_delta_bytes = max_delta_bytes
+        self._parts: dict[tuple[int, int], tuple[int, dict[int, bytes]]] = {}
+        self._spool_dir = self.directory / f".{name}.spool"
+        self._spool: dict[tuple[int, int], int] = {}  # (version, index) -> size
+        self._deltas: dict[int, Delta] = {}  # from-version -> delta waiting for its base
+        self._assembly: _Assembly | None = None
+        self.current: MmapIdList | None = None
+        self.load_error: str | None = None
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for stale in self.directory.glob(f".{name}.*.part"):  # a crash mid-assembly
+            stale.unlink(missing_ok=True)
+        if self._spool_dir.exists():
+            for f in self._spool_dir.iterdir():
+                f.unlink(missing_ok=True)
+        if self.path.exists():
+            try:
+                lst = open_list(self.path)
+                if lst.name != name:
+                    raise ListFormatError(f"file holds list {lst.name!r}")
+                self.current = lst
+            except (OSError, ListFormatError) as exc:
+                self.load_error = str(exc)  # report it; the snapshot will replace the file
+
+    @property
+    def applied_version(self) -> int:
+        """Version being served; 0 when no list is installed yet."""
+        return self.current.version if self.current is not None else 0
+
+    # -- dispatch ------------------------------------------------------------------------
+    def handle(self, topic: str, payload: bytes) -> list[Outcome]:
+        """Feed one MQTT message (any topic under the list's subscription)."""
+        t = parse_topic(topic)
+        if t is None:
+            return [Outcome("refused", UpdateReason.MALFORMED, None, f"not a list topic: {topic}")]
+        if t.name != self.name:
+            return [Outcome("refused", UpdateReason.WRONG_LIST, None, t.name)]
+        if not payload:  # a retained message being cleared
+            return [Outcome("ignored", None, t.version, "empty payload")]
+        if t.kind == "manifest":
+            return self.on_manifest(payload)
+        if t.kind == "chunk":
+            return self.on_chunk(t.version, t.index, payload)
+        return self.on_delta_part(t.from_version, t.version, t.count, t.index, payload)
+
+    # -- manifests -----------------------------------------------------------------------
+    def on_manifest(self, payload: bytes) -> list[Outcome]:
+        try:
+            m = open_manifest(self.keys, payload)
+        except SignatureError as exc:
+            return [Outcome("refused", UpdateReason(exc.reason), None, str(exc))]
+        except ManifestError as exc:
+            return [Outcome("refused", UpdateReason.MALFORMED, None, str(exc))]
+        if m.name != self.name:
+            return [Outcome("refused", UpdateReason.WRONG_LIST, m.version, m.name)]
+        cur = self.current
+        if cur is not None and m.version == cur.version and m.body_hash == cur.body_hash:
+            return [Outcome("ignored", UpdateReason.ALREADY_APPLIED, m.version)]
+        if m.version <= self.applied_version:
+            return [Outcome("refused", UpdateReason.STALE_VERSION, m.version,
+                            f"applied {self.applied_version}")]
+        a = self._assembly
+        if a is not None:
+            if a.manifest == m:
+                return [Outcome("ignored", None, m.version, "manifest already being assembled")]
+            if a.manifest.version > m.version:
+                return [Outcome("refused", UpdateReason.STALE_VERSION, m.version,
+                                f"assembling {a.manifest.version}")]
+            a.discard()
+        try:
+            self._assembly = _Assembly(m, self.directory / f".{self.name}.{m.version}.part")
+        except OSError as exc:
+            self._assembly = None
+            return [Outcome("refused", UpdateReason.IO_ERROR, m.version, str(exc))]
+        out = [Outcome("pending", None, m.version, f"assembling {len(m.chunks)} chunks")]
+        for (v, i) in sorted(self._spool):
+            if v < m.version:
+                self._unspool(v, i)
+            elif v == m.version:
+                data = self._unspool(v, i)
+                if data is not None:
+                    out += self._take_chunk(i, data)
+        return out
+
+    # -- chunks --------------------------------------------------------------------------
+    def on_chunk(self, version: int, index: int, data: bytes) -> list[Outcome]:
+        if version <= self.applied_version:
+            return [Outcome("ignored", UpdateReason.STALE_VERSION, version)]
+        a = self._assembly
+        if a is not None and version == a.manifest.version:
+            return self._take_chunk(index, data)
+        if a is not None and version < a.manifest.version:
+            return [Outcome("ignored", UpdateReason.STALE_VERSION, version)]
+        # No manifest for it yet: keep it on disk (unverified) until one arrives.
+        if sum(self._spool.values()) + len(data) > self.max_spool_bytes:
+            return [Outcome("refused", UpdateReason.SPOOL_FULL, version, f"chunk {index}")]
+        try:
+            self._spool_dir.mkdir(exist_ok=True)
+            (self._spool_dir / f"{version}.{index}").write_bytes(data)
+        except OSError as exc:
+            return [Outcome("refused", UpdateReason.IO_ERROR, version, str(exc))]
+        self._spool[(version, index)] = len(data)
+        return [Outcome("pending", None, version, f"chunk {index} spooled before its manifest")]
+
+    def _unspool(self, version: int, index: int) -> bytes | None:
+        self._spool.pop((version, index), None)
+        f = self._spool_dir / f"{version}.{index}"
+        try:
+            return f.read_bytes()
+        except OSError:
+            return None
+        finally:
+            f.unlink(missing_ok=True)
+
+    def _take_chunk(self, index: int, data: bytes) -> list[Outcome]:
+        a = self._assembly
+        assert a is not None
+        m = a.manifest
+        if index >= len(m.chunks):
+            return [Outcome("refused", UpdateReason.CHUNK_UNKNOWN, m.version, f"chunk {index}")]
+        want = m.chunk_length(index)
+        if len(data) != want:
+            why = UpdateReason.CHUNK_TRUNCATED if len(data) < want else UpdateReason.CHUNK_LENGTH
+            return [Outcome("refused", why, m.version, f"chunk {index}: {len(data)} != {want}")]
+        if hashlib.sha256(data).digest() != m.chunks[index]:
+            return [Outcome("refused", UpdateReason.CHUNK_HASH, m.version, f"chunk {index}")]
+        if index in a.have:
+            return [Outcome("ignored", None, m.version, f"chunk {index} again")]
+        try:
+            os.pwrite(a.fd, data, index * m.chunk_size)
+        except OSError as exc:
+            return [Outcome("refused", UpdateReason.IO_ERROR, m.version, str(exc))]
+        a.have.add(index)
+        if len(a.have) < len(m.chunks):
+            return [Outcome("pending", None, m.version,
+                            f"chunk {index} ({len(a.have)}/{len(m.chunks)})")]
+        return self._finish_snapshot()
+
+    def _finish_snapshot(self) -> list[Outcome]:
+        a = self._assembly
+        assert a is not None
+        self._assembly = None
+        m = a.manifest
+        try:
+            os.fsync(a.fd)
+            with mmap.mmap(a.fd, 0, access=mmap.ACCESS_READ) as mm:
+                whole = hashlib.sha256(mm).digest()
+            os.close(a.fd)
+            a.fd = -1
+        except OSError as exc:
+            a.discard()
+            return [Outcome("refused", UpdateReason.IO_ERROR, m.version, str(exc))]
+        if whole != m.sha256:
+            a.discard()
+            return [Outcome("refused", UpdateReason.SNAPSHOT_HASH, m.version)]
+        try:
+            lst = open_list(a.path)
+        except (OSError, ListFormatError) as exc:
+            a.discard()
+            return [Outcome("refused", UpdateReason.LIST_FORMAT, m.version, str(exc))]
+        if (lst.name, lst.version, lst.issued_ms, lst.body_hash, len(lst)) != \
+                (m.name, m.version, m.issued_ms, m.body_hash, m.records):
+            lst.close()
+            a.discard()
+            return [Outcome("refused", UpdateReason.HEADER_MISMATCH, m.version)]
+        if m.version <= self.applied_version:  # a delta got there first meanwhile
+            lst.close()
+            a.discard()
+            return [Outcome("ignored", UpdateReason.STALE_VERSION, m.version)]
+        return self._install(lst, a.path, "snapshot")
+
+    # -- deltas --------------------------------------------------------------------------
+    def on_delta_part(self, from_version: int, to_version: int, count: int, index: int,
+                      data: bytes) -> list[Outcome]:
+        """One part of a delta envelope; the whole is checked once every part is in."""
+        if to_version <= self.applied_version:
+            return [Outcome("ignored", UpdateReason.STALE_VERSION, to_version)]
+        key = (from_version, to_version)
+        n, parts = self._parts.get(key, (count, {}))
+        if n != count:  # republished with another split: start over
+            n, parts = count, {}
+        held = sum(len(p) for _, ps in self._parts.values() for p in ps.values())
+        if held + len(data) > self.max_delta_bytes:
+            return [Outcome("refused", UpdateReason.PENDING_FULL, to_version, "delta parts")]
+        parts[index] = data
+        self._parts[key] = (n, parts)
+        if len(parts) < n:
+            return [Outcome("pending", None, to_version, f"delta part {index} ({len(parts)}/{n})")]
+        del self._parts[key]
+        return self.on_delta(from_version, to_version, b"".join(parts[i] for i in range(n)))
+
+    def on_delta(self, from_version: int, to_version: int, payload: bytes) -> list[Outcome]:
+        try:
+            d = open_delta(self.keys, payload)
+        except SignatureError as exc:
+            return [Outcome("refused", UpdateReason(exc.reason), to_version, str(exc))]
+        except DeltaError as exc:
+            return [Outcome("refused", UpdateReason.MALFORMED, to_version, str(exc))]
+        if d.name != self.name:
+            return [Outcome("refused", UpdateReason.WRONG_LIST, d.to_version, d.name)]
+        if (d.from_version, d.to_version) != (from_version, to_version):
+            return [Outcome("refused", UpdateReason.TOPIC_MISMATCH, to_version)]
+        applied = self.applied_version
+        if d.to_version <= applied:
+            return [Outcome("ignored", UpdateReason.STALE_VERSION, d.to_version)]
+        if self.current is None or d.from_version > applied:
+            if len(self._deltas) >= self.max_pending_deltas and d.from_version not in self._deltas:
+                return [Outcome("refused", UpdateReason.PENDING_FULL, d.to_version)]
+            held = self._deltas.get(d.from_version)
+            if held is None or held.to_version < d.to_version:
+                self._deltas[d.from_version] = d
+            return [Outcome("pending", UpdateReason.DELTA_GAP, d.to_version,
+                            f"waiting for version {d.from_version}, applied {applied}")]
+        if d.from_version < applied:
+            return [Outcome("refused", UpdateReason.DELTA_BASE, d.to_version,
+                            f"delta from {d.from_version}, applied {applied}")]
+        return self._apply_delta(d)
+
+    def _apply_delta(self, d: Delta) -> list[Outcome]:
+        cur = self.current
+        assert cur is not None
+        try:
+            data = apply_delta(cur, d)
+        except DeltaError as exc:
+            return [Outcome("refused", UpdateReason(exc.reason), d.to_version, str(exc))]
+        tmp = self.directory / f".{self.name}.{d.to_version}.part"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            lst = open_list(tmp)
+        except (OSError, ListFormatError) as exc:
+            tmp.unlink(missing_ok=True)
+            return [Outcome("refused", UpdateReason.IO_ERROR, d.to_version, str(exc))]
+        return self._install(lst, tmp, "delta")
+
+    # -- install -------------------------------------------------------------------------
+    def _install(self, lst: MmapIdList, tmp: Path, how: str) -> list[Outcome]:
+        try:
+            os.replace(tmp, self.path)
+            fsync_dir(self.directory)
+        except OSError as exc:
+            lst.close()
+            tmp.unlink(missing_ok=True)
+            return [Outcome("refused", UpdateReason.IO_ERROR, lst.version, str(exc))]
+        lst.path = str(self.path)
+        # The old list object stays valid (its mapping keeps the old inode) for whoever holds it.
+        self.current = lst
+        self.load_error = None
+        out = [Outcome("applied", None, lst.version, how)]
+        for v, i in [k for k in self._spool if k[0] <= lst.version]:
+            self._unspool(v, i)
+        if self._assembly is not None and self._assembly.manifest.version <= lst.version:
+            self._assembly.discard()
+            self._assembly = None
+        for k in [k for k, d in self._deltas.items() if d.from_version < lst.version]:
+            del self._deltas[k]
+        for k in [k for k in self._parts if k[1] <= lst.version]:
+            del self._parts[k]
+        nxt = self._deltas.pop(lst.version, None)
+        if nxt is not None:
+            out += self._apply_delta(nxt)
+        return out
