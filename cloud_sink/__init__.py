@@ -1,0 +1,1 @@
+"""The cloud sink: validates touches from MQTT, stores them idempotently, derives work history."""

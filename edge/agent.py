@@ -1,0 +1,136 @@
+"""The agent: readers -> decision -> outbox -> MQTT link, for every device role.
+
+One lock serialises taps from all readers, so seq order is decision order. A tap is made
+durable (outbox) before the person at the gate is answered.
+"""
+
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from edge import __version__
+from edge.clock import Clock, SystemClock
+from edge.config import AgentConfig, ProfileConfig, ReaderConfig
+from edge.decision import AntiPassback, CardRead, Debouncer, Verdict, decide_gate
+from edge.idlist import IdList, MemoryIdList, read_technicians_csv
+from edge.link import Link
+from edge.outbox import Outbox
+from edge.reader.nfcpy_backend import NfcpyReader
+from edge.touch import Role, Touch, encode
+
+log = logging.getLogger(__name__)
+
+UID_PROFILE = ProfileConfig(kind="uid")
+
+
+def load_idlist(cfg: AgentConfig) -> IdList | None:
+    """The cached list named in the config, or None (every card is then denied: no_list)."""
+    path = cfg.idlist.path
+    if not path:
+        return None
+    if not Path(path).exists():
+        log.warning("id list %s does not exist yet: denying every card until one arrives", path)
+        return None
+    return MemoryIdList(read_technicians_csv(path))
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig, *, clock: Clock | None = None,
+                 idlist: IdList | None = None,
+                 on_touch: Callable[[Touch], None] | None = None) -> None:
+        self.cfg = cfg
+        self.clock = clock or SystemClock(assume_synced=cfg.clock.assume_synced)
+        self.idlist = idlist if idlist is not None else load_idlist(cfg)
+        self.role = Role(cfg.device.role)
+        self.on_touch = on_touch
+        self.outbox = Outbox(cfg.data_dir / "outbox.sqlite")
+        self.link = Link(cfg.mqtt, cfg.device.site, cfg.device.id, self.outbox, self.state)
+        self.readers = [NfcpyReader(r, self._profile(r), self.handle_read, self._on_health)
+                        for r in cfg.readers]
+        self._debounce = {r.name: Debouncer(r.retap_window_s) for r in cfg.readers}
+        self._anti_passback = AntiPassback() if cfg.gate.anti_passback else None
+        self._lock = threading.Lock()
+        self.counts = {"taps": 0, "suppressed": 0, "allowed": 0, "denied": 0}
+
+    def _profile(self, r: ReaderConfig) -> ProfileConfig:
+        return UID_PROFILE if r.profile == "uid" else self.cfg.profiles[r.profile]
+
+    def start(self) -> None:
+        self.link.start()
+        for r in self.readers:
+            r.start()
+        log.info("agent %s (%s) at site %s: %d reader(s), list v%s", self.cfg.device.id,
+                 self.role.value, self.cfg.device.site, len(self.readers),
+                 self.idlist.version if self.idlist else "none")
+
+    def stop(self) -> None:
+        for r in self.readers:
+            r.stop()
+        self.link.stop()
+        self.outbox.close()
+
+    # -- taps -----------------------------------------------------------------------------
+    def handle_read(self, reader: ReaderConfig, read: CardRead) -> Touch | None:
+        """One tap from one reader. Returns the touch made, or None for a repeat tap."""
+        with self._lock:
+            if read.card and not self._debounce[reader.name].is_new_tap(
+                    read.card, self.clock.monotonic()):
+                self.counts["suppressed"] += 1
+                return None
+            self.counts["taps"] += 1
+            verdict = self._decide(reader, read)
+            now = self.clock.now_ms()
+            facts: dict[str, str | int | bool] = {"reader": reader.name}
+            if self.role is Role.GATE:
+                facts["dir"] = reader.direction
+
+            def build(seq: int) -> bytes:
+                nonlocal touch
+                touch = Touch(
+                    device=self.cfg.device.id, site=self.cfg.device.site, role=self.role,
+                    seq=seq, ts_ms=now, tq=self.clock.quality(), card=read.card,
+                    card_tech=read.tech, tid=verdict.tid, decision=verdict.decision,
+                    reason=verdict.reason, list_version=verdict.list_version,
+                    config_version=self.cfg.version, facts=facts)
+                return encode(touch)
+
+            touch: Touch | None = None
+            self.outbox.append(build, created_ms=now)
+            assert touch is not None
+            self.counts["allowed" if verdict.decision.value == "allow" else "denied"] += 1
+        self.link.notify()
+        log.info("tap %s on %s: %s (%s) tid=%s seq=%d", read.card.hex(), reader.name,
+                 touch.decision.value, touch.reason.value, touch.tid, touch.seq)
+        if self.on_touch:
+            self.on_touch(touch)
+        return touch
+
+    def _decide(self, reader: ReaderConfig, read: CardRead) -> Verdict:
+        if self.role is Role.GATE:
+            return decide_gate(read, self.idlist, reader.direction, self._anti_passback)
+        # vending and training decisions arrive with their own issues; until then a
+        # non-gate device decides by status alone, like a gate
+        return decide_gate(read, self.idlist, reader.direction)
+
+    # -- state ----------------------------------------------------------------------------
+    def _on_health(self, name: str, health: str) -> None:
+        self.link.publish_state()
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "v": 1,
+            "dev": self.cfg.device.id,
+            "site": self.cfg.device.site,
+            "role": self.role.value,
+            "online": True,
+            "ts": self.clock.now_ms(),
+            "tq": self.clock.quality().value,
+            "sw": __version__,
+            "lv": self.idlist.version if self.idlist else None,
+            "cv": self.cfg.version,
+            "backlog": self.outbox.depth(),
+            "oldest_ms": self.outbox.oldest_ms(),
+            "readers": {r.cfg.name: r.health for r in self.readers},
+        }

@@ -1,0 +1,110 @@
+"""The `ccus` command: one entry point, a subcommand per job (demo, agent, sink, card, broker)."""
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+
+from edge import __version__
+
+DESCRIPTION = """\
+ccus-touch: card-touch infrastructure for the Construction Career Up System (CCUS).
+
+Site gates, CCUS support vending machines and training-center stations read CCUS IC cards,
+decide locally against a signed ID list, and publish every touch over MQTT to a sink that
+keeps the work history.
+"""
+
+EPILOG = """\
+examples:
+  ccus demo                           play a site day end to end and print the work history
+  ccus agent --config /etc/ccus-touch/agent.toml
+  ccus sink run --db store.sqlite --broker 127.0.0.1:1883
+  ccus sink work-history --db store.sqlite
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ccus", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"ccus-touch {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="run the end-to-end site-day demo on embedded defaults")
+    demo.add_argument("--data", default="demo-data", help="demo data folder (recreated each run)")
+    demo.set_defaults(func=_demo)
+
+    agent = sub.add_parser("agent", help="run a device agent (gate, vending or training)")
+    agent.add_argument("--config", required=True, help="agent config (TOML)")
+    agent.set_defaults(func=_agent)
+
+    from cloud_sink.cli import register as register_sink
+    from edge.reader.cli import register as register_card
+
+    register_sink(sub)
+    register_card(sub)
+
+    broker = sub.add_parser("broker", help="run a private development broker in the foreground")
+    broker.add_argument("--port", type=int, default=0, help="port (default: a free one)")
+    broker.add_argument("--data", help="folder for config, log and persistence")
+    broker.set_defaults(func=_broker)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    if args.cmd in ("agent", "sink", "broker"):
+        level = min(level, logging.INFO)  # services log what they do; demo output stays clean
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("nfc").setLevel(max(level, logging.WARNING))
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _wait_for_signal() -> None:
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    done.wait()
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from edge.demo import run_demo
+
+    return run_demo(args.data)
+
+
+def _agent(args: argparse.Namespace) -> int:
+    from edge.agent import Agent
+    from edge.config import ConfigError, load
+
+    try:
+        cfg = load(args.config)
+    except ConfigError as exc:
+        print(f"ccus agent: {exc}", file=sys.stderr)
+        return 2
+    agent = Agent(cfg)
+    agent.start()
+    _wait_for_signal()
+    agent.stop()
+    return 0
+
+
+def _broker(args: argparse.Namespace) -> int:
+    from broker.launcher import PrivateBroker
+
+    with PrivateBroker(args.data, port=args.port or None) as b:
+        print(f"mosquitto listening on {b.host}:{b.port} (config {b.conf_path}, pid {os.getpid()})",
+              flush=True)
+        _wait_for_signal()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Clocks: wall time in UTC milliseconds with a time-quality flag, and monotonic time.
+
+Production uses SystemClock; the demo and tests inject a ManualClock so a whole site day
+runs in seconds through the same agent code.
+"""
+
+import threading
+import time
+from enum import StrEnum
+from typing import Protocol
+
+
+class TimeQuality(StrEnum):
+    NEVER_SYNCED = "never_synced"  # the device has never had a trustworthy time source
+    SYNCED = "synced"
+    DRIFTED = "drifted"            # was synced, but too long ago or a jump was seen
+
+
+class Clock(Protocol):
+    def now_ms(self) -> int: ...
+
+    def quality(self) -> TimeQuality: ...
+
+    def monotonic(self) -> float: ...
+
+
+def _system_synced() -> bool:
+    """systemd-timesyncd and chrony leave this flag file behind once the clock is synced."""
+    try:
+        import os
+
+        return os.path.exists("/run/systemd/timesync/synchronized")
+    except OSError:  # pragma: no cover - defensive
+        return False
+
+
+class SystemClock:
+    """The real clock. Quality: 'synced' when the OS says so (or when configured to trust it)."""
+
+    def __init__(self, assume_synced: bool = False) -> None:
+        self._assume = assume_synced
+
+    def now_ms(self) -> int:
+        return time.time_ns() // 1_000_000
+
+    def quality(self) -> TimeQuality:
+        return TimeQuality.SYNCED if self._assume or _system_synced() else TimeQuality.NEVER_SYNCED
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
+class ManualClock:
+    """Wall time set by the caller (demo, tests); monotonic time stays real."""
+
+    def __init__(self, start_ms: int, quality: TimeQuality = TimeQuality.SYNCED) -> None:
+        self._now = start_ms
+        self._quality = quality
+        self._lock = threading.Lock()
+
+    def set(self, ms: int) -> None:
+        with self._lock:
+            self._now = ms
+
+    def advance(self, ms: int) -> None:
+        with self._lock:
+            self._now += ms
+
+    def now_ms(self) -> int:
+        with self._lock:
+            return self._now
+
+    def quality(self) -> TimeQuality:
+        return self._quality
+
+    def monotonic(self) -> float:
+        return time.monotonic()

@@ -1,0 +1,187 @@
+"""Agent configuration: TOML in, typed dataclasses out. Every key has a default or a clear error.
+
+Errors name the key as it is written in the file (`readers[1].direction`), so an operator on a
+site can fix the file without reading code.
+"""
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edge.touch import DEVICE_ID, SITE_ID, Role
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the key."""
+
+
+@dataclass
+class DeviceConfig:
+    id: str
+    site: str
+    role: str = "gate"
+    data_dir: str = "/var/lib/ccus-touch"
+
+
+@dataclass
+class MqttConfig:
+    host: str = "127.0.0.1"
+    port: int = 8883
+    tls: bool = True
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    keepalive_s: int = 30
+    inflight: int = 50            # unacknowledged QoS 1 publishes at most (paho stalls past 65,535)
+    state_interval_s: float = 60.0
+
+
+@dataclass
+class IdListConfig:
+    path: str = ""                # the cached list; empty: no list yet, every card is denied
+    max_age_h: float = 48.0       # older than this is a reported condition
+
+
+@dataclass
+class ReaderConfig:
+    name: str
+    path: str                     # nfcpy device path: usb:054c:06c3, tty:USB0:pn532, udp:127.0.0.1:50001
+    backend: str = "nfcpy"
+    direction: str = "in"         # gate readers: "in" (entry) or "out" (exit)
+    targets: list[str] = field(default_factory=lambda: ["212F", "106A", "106B"])
+    profile: str = "uid"          # name of a [profiles.X] table, or "uid" (identifier mapping)
+    retap_window_s: float = 2.0   # the same card again within this is the same tap
+
+
+@dataclass
+class ProfileConfig:
+    kind: str = "uid"             # uid | felica
+    system_code: int = 0x8008
+    service_code: int = 0x100B
+    block: int = 0
+    offset: int = 0
+    length: int = 14
+    encoding: str = "ascii"       # ascii | bcd
+
+
+@dataclass
+class ClockConfig:
+    assume_synced: bool = False   # trust the system clock even without a sync flag from the OS
+
+
+@dataclass
+class GateConfig:
+    anti_passback: bool = False
+
+
+@dataclass
+class AgentConfig:
+    device: DeviceConfig
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    idlist: IdListConfig = field(default_factory=IdListConfig)
+    readers: list[ReaderConfig] = field(default_factory=list)
+    profiles: dict[str, ProfileConfig] = field(default_factory=dict)
+    clock: ClockConfig = field(default_factory=ClockConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    version: int = 0              # config version, carried by every touch
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.device.data_dir)
+
+
+def load(path: str | Path) -> AgentConfig:
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return from_dict(raw)
+
+
+def from_dict(raw: dict[str, Any]) -> AgentConfig:
+    cfg = _build(AgentConfig, raw, "")
+    _check(cfg)
+    return cfg
+
+
+def _check(cfg: AgentConfig) -> None:
+    if not DEVICE_ID.match(cfg.device.id):
+        raise ConfigError("device.id: letters, digits, '-' and '_', at most 64")
+    if not SITE_ID.match(cfg.device.site):
+        raise ConfigError("device.site: a CCUS site ID is 14 ASCII digits")
+    if cfg.device.role not in {r.value for r in Role}:
+        raise ConfigError(f"device.role: one of {', '.join(r.value for r in Role)}")
+    if not 1 <= cfg.mqtt.inflight <= 1000:
+        raise ConfigError("mqtt.inflight: 1..1000")
+    names = set()
+    for i, r in enumerate(cfg.readers):
+        if r.name in names:
+            raise ConfigError(f"readers[{i}].name: {r.name!r} is used twice")
+        names.add(r.name)
+        if r.direction not in ("in", "out"):
+            raise ConfigError(f"readers[{i}].direction: 'in' or 'out'")
+        if r.backend != "nfcpy":
+            raise ConfigError(f"readers[{i}].backend: unknown backend {r.backend!r}")
+        if r.profile != "uid" and r.profile not in cfg.profiles:
+            raise ConfigError(f"readers[{i}].profile: no [profiles.{r.profile}] table")
+        bad = [t for t in r.targets if t not in ("212F", "424F", "106A", "106B")]
+        if bad or not r.targets:
+            raise ConfigError(f"readers[{i}].targets: choose from 212F, 424F, 106A, 106B")
+    for name, p in cfg.profiles.items():
+        if p.kind not in ("uid", "felica"):
+            raise ConfigError(f"profiles.{name}.kind: 'uid' or 'felica'")
+        if p.encoding not in ("ascii", "bcd"):
+            raise ConfigError(f"profiles.{name}.encoding: 'ascii' or 'bcd'")
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a table")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(raw) - set(fields)
+    if unknown:
+        raise ConfigError(f"{_join(where, sorted(unknown)[0])}: unknown key")
+    kwargs = {}
+    for name, f in fields.items():
+        key = _join(where, name)
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{key}: missing (required)")
+            continue
+        kwargs[name] = _value(hints[name], raw[name], key)
+    return cls(**kwargs)
+
+
+def _value(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list")
+        (item,) = typing.get_args(hint)
+        return [_value(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table")
+        _, item = typing.get_args(hint)
+        return {k: _value(item, v, f"{key}.{k}") for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{key}: unsupported type")  # not used; keep the loader honest
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name

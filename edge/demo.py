@@ -1,0 +1,262 @@
+"""`ccus demo`: a site day end to end on embedded defaults, with the production code paths.
+
+A private Mosquitto, the sink as its own process writing SQLite, an emulated-card process
+speaking nfcpy's udp wire protocol, and a gate agent with two nfcpy readers (entry, exit).
+Only the wall clock is the demo's: a ManualClock set to each tap's time, so a day takes
+seconds. Everything under it (readers, decision, outbox, MQTT, sink) is production code.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from broker.launcher import PrivateBroker
+from cloud_sink.store import SqliteStore
+from cloud_sink.workday import jst_ms, local_time
+from edge.agent import Agent
+from edge.clock import ManualClock
+from edge.config import AgentConfig, load
+from edge.idlist import Entry, Status
+from edge.reader.cards import EmulatedCard, felica_card
+from edge.reader.emulator import free_udp_port
+from edge.touch import Touch
+
+SITE = "13100000000001"   # a 14-digit site ID (現場ID)
+DEVICE = "gate-01"
+DAY = (2026, 11, 26)
+
+
+@dataclass(frozen=True)
+class Tap:
+    at_ms: int
+    reader: str          # "entry" | "exit"
+    card: EmulatedCard
+    note: str = ""
+
+
+@dataclass
+class SiteDay:
+    technicians: list[Entry]
+    taps: list[Tap]
+
+
+def card_of(i: int) -> EmulatedCard:
+    return felica_card(bytes.fromhex(f"012E4CD3{i:08X}"))
+
+
+def tid_of(i: int) -> str:
+    return f"{10000000000000 + i:014d}"
+
+
+def site_day(n: int = 12) -> SiteDay:
+    """Twelve technicians in and out; one unknown card; one double tap; one forgotten exit."""
+    y, m, d = DAY
+    techs = [Entry(tid_of(i), Status.ACTIVE, level=1 + i % 4, cards=(card_of(i).ident,))
+             for i in range(1, n + 1)]
+    taps: list[Tap] = []
+    for i in range(1, n + 1):
+        at = jst_ms(y, m, d, 7, 30 + 2 * i)
+        taps.append(Tap(at, "entry", card_of(i)))
+        if i == 3:  # tapped twice within a second: one touch
+            taps.append(Tap(at + 600, "entry", card_of(i), "repeat tap within a second"))
+        if i == 6:
+            stranger = felica_card(bytes.fromhex("0139AB0000C0FFEE"))
+            taps.append(Tap(at + 60_000, "entry", stranger, "unknown card"))
+    for i in range(1, n + 1):
+        if i == n:
+            continue  # forgets to tap out: the work-history row shows the exit as missing
+        taps.append(Tap(jst_ms(y, m, d, 17, 5 + 3 * i), "exit", card_of(i)))
+    return SiteDay(techs, taps)
+
+
+def write_idlist_csv(path: Path, entries: list[Entry]) -> None:
+    lines = ["tid,status,level,cards"]
+    lines += [f"{e.tid},{e.status.value},{e.level},{' '.join(c.hex() for c in e.cards)}"
+              for e in entries]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def agent_toml(data: Path, broker_port: int, entry_port: int, exit_port: int) -> str:
+    return f"""\
+# Gate agent for the demo: two readers on emulated fields, the dev broker, plain TCP.
+version = 1
+
+[device]
+id = "{DEVICE}"
+site = "{SITE}"
+role = "gate"
+data_dir = "{data / 'agent'}"
+
+[mqtt]
+host = "127.0.0.1"
+port = {broker_port}
+tls = false                # the local dev broker only; field devices use TLS
+state_interval_s = 5
+
+[idlist]
+path = "{data / 'technicians.csv'}"
+
+[[readers]]
+name = "entry"
+path = "udp:127.0.0.1:{entry_port}"
+direction = "in"
+targets = ["212F"]         # list only what is emulated: each absent technology costs a 1 s poll
+
+[[readers]]
+name = "exit"
+path = "udp:127.0.0.1:{exit_port}"
+direction = "out"
+targets = ["212F"]
+"""
+
+
+@dataclass
+class DemoRun:
+    """The running pieces of the demo; also what the end-to-end test drives."""
+
+    data: Path
+    broker: PrivateBroker | None = None
+    sink: subprocess.Popen[bytes] | None = None
+    emulator: subprocess.Popen[str] | None = None
+    agent: Agent | None = None
+    clock: ManualClock = field(default_factory=lambda: ManualClock(jst_ms(*DAY, 6)))
+    ports: dict[str, int] = field(default_factory=dict)
+    touches: list[Touch] = field(default_factory=list)
+    _changed: threading.Condition = field(default_factory=threading.Condition)
+
+    @property
+    def store_path(self) -> Path:
+        return self.data / "store.sqlite"
+
+    def start(self, day: SiteDay) -> None:
+        shutil.rmtree(self.data, ignore_errors=True)
+        self.data.mkdir(parents=True)
+        self.broker = PrivateBroker(self.data / "broker").start()
+        ready = self.data / "sink.ready"
+        self.sink = subprocess.Popen(
+            [sys.executable, "-m", "edge.cli", "sink", "run", "--db", str(self.store_path),
+             "--broker", f"127.0.0.1:{self.broker.port}", "--ready-file", str(ready)],
+            stdout=subprocess.DEVNULL, stderr=open(self.data / "sink.log", "wb"))
+        self.ports = {"entry": free_udp_port(), "exit": free_udp_port()}
+        self.emulator = subprocess.Popen(
+            [sys.executable, "-m", "edge.reader.emulator", *map(str, self.ports.values())],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.emulator.stdout is not None
+        if "ready" not in json.loads(self.emulator.stdout.readline() or "{}"):
+            raise RuntimeError("card emulator did not start")
+        write_idlist_csv(self.data / "technicians.csv", day.technicians)
+        conf = self.data / "agent.toml"
+        conf.write_text(agent_toml(self.data, self.broker.port, self.ports["entry"],
+                                   self.ports["exit"]))
+        cfg: AgentConfig = load(conf)
+        self.agent = Agent(cfg, clock=self.clock, on_touch=self._on_touch)
+        self.agent.start()
+        _wait(lambda: ready.exists() or self.sink.poll() is not None, 15, "sink subscribed")
+        if self.sink.poll() is not None:
+            raise RuntimeError(f"sink exited: {(self.data / 'sink.log').read_text()[-800:]}")
+        _wait(lambda: self.agent is not None and self.agent.link.connected, 15, "agent connected")
+
+    def _on_touch(self, t: Touch) -> None:
+        with self._changed:
+            self.touches.append(t)
+            self._changed.notify_all()
+
+    def tap(self, tap: Tap) -> Touch | None:
+        """Set the clock, tap the card on the emulated field, wait until the agent decided."""
+        assert self.agent and self.emulator and self.emulator.stdin and self.emulator.stdout
+        self.clock.set(tap.at_ms)
+        seen_before = self.agent.counts["taps"] + self.agent.counts["suppressed"]
+        n_before = len(self.touches)
+        req = {"port": self.ports[tap.reader], "tap": tap.card.to_json(), "hold_ms": 100}
+        self.emulator.stdin.write(json.dumps(req) + "\n")
+        self.emulator.stdin.flush()
+        answer = json.loads(self.emulator.stdout.readline() or "{}")
+        if not answer.get("seen"):
+            raise RuntimeError(f"the {tap.reader} reader did not read the card: {answer}")
+        _wait(lambda: self.agent.counts["taps"] + self.agent.counts["suppressed"] > seen_before,
+              5, "the agent's decision")
+        return self.touches[-1] if len(self.touches) > n_before else None
+
+    def wait_delivered(self, timeout: float = 20.0) -> dict[str, int]:
+        """Until the outbox is empty and the sink has stored every touch the agent made."""
+        assert self.agent
+        store = SqliteStore(self.store_path)
+        try:
+            _wait(lambda: self.agent.outbox.depth() == 0
+                  and store.counts()["touches"] >= len(self.touches), timeout, "delivery")
+            return store.counts()
+        finally:
+            store.close()
+
+    def stop(self) -> None:
+        if self.agent:
+            self.agent.stop()
+        if self.emulator:
+            if self.emulator.stdin:
+                self.emulator.stdin.close()
+            _end(self.emulator)
+        if self.sink:
+            self.sink.terminate()
+            _end(self.sink)
+        if self.broker:
+            self.broker.close()
+
+
+def _end(proc: subprocess.Popen) -> None:  # type: ignore[type-arg]
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def _wait(cond, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.01)
+
+
+def run_demo(data_dir: str | Path) -> int:
+    from cloud_sink.cli import format_work_history
+
+    started = time.monotonic()
+    day = site_day()
+    run = DemoRun(Path(data_dir).resolve())
+    print(f"ccus-touch demo: site {SITE}, gate {DEVICE}, {len(day.technicians)} technicians, "
+          f"{DAY[0]}-{DAY[1]:02d}-{DAY[2]:02d}")
+    try:
+        run.start(day)
+        print(f"broker 127.0.0.1:{run.broker.port if run.broker else '?'}, readers "
+              f"udp:{run.ports['entry']} (entry) and udp:{run.ports['exit']} (exit)\n")
+        for tap in day.taps:
+            t = run.tap(tap)
+            when = local_time(tap.at_ms)
+            if t is None:
+                print(f"  {when}  {tap.reader:<5}  {tap.card.ident.hex()}  (same tap: not counted)")
+            else:
+                who = t.tid or "-" * 14
+                print(f"  {when}  {tap.reader:<5}  {tap.card.ident.hex()}  {who}  "
+                      f"{t.decision.value:<5} {t.reason.value}  seq {t.seq}")
+        counts = run.wait_delivered()
+        assert run.agent
+        agent_counts = dict(run.agent.counts)
+    finally:
+        run.stop()
+    store = SqliteStore(run.store_path)
+    print("\nwork history (就業履歴), Asia/Tokyo:\n")
+    print(format_work_history(store))
+    store.close()
+    physical = len(day.taps)
+    print(f"\nsummary: {physical} taps, {agent_counts['taps']} touches "
+          f"({agent_counts['suppressed']} repeat within the re-tap window), "
+          f"{agent_counts['allowed']} allowed, {agent_counts['denied']} denied; "
+          f"sink stored {counts['touches']}, dead letters {counts['dead_letters']}; "
+          f"{time.monotonic() - started:.1f} s")
+    return 0
