@@ -312,8 +312,8 @@ class MmapIdList:
     def _row(self, r: int) -> Row:
         w = self._rec[r]
         st, nc = (w >> _ST_SHIFT) & 3, w & _NC_MASK
-        if st > 2:
-            raise ListFormatError(f"bad status code {st} in record {r}")
+        if st > 2 or w >> _TID_SHIFT >= TID_LIMIT:
+            raise ListFormatError(f"bad status or technician id in record {r}")
         cards: tuple[bytes, ...] = ()
         if nc:
             j = r >> 4
@@ -332,8 +332,8 @@ class MmapIdList:
         k = 0
         for w in self._rec.tolist():
             st, nc = (w >> _ST_SHIFT) & 3, w & _NC_MASK
-            if st > 2:
-                raise ListFormatError("bad status code")
+            if st > 2 or w >> _TID_SHIFT >= TID_LIMIT:
+                raise ListFormatError("bad status or technician id")
             cards: tuple[bytes, ...] = ()
             if nc:
                 cs = []
