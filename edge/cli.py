@@ -60,7 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd in ("agent", "sink", "broker"):
         level = min(level, logging.INFO)  # services log what they do; demo output stays clean
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("nfc").setLevel(max(level, logging.WARNING))
+    if args.cmd in ("demo", "agent", "card"):
+        import nfc  # noqa: F401 - nfcpy sets its logger to INFO on import; the user decides here
+
+        logging.getLogger("nfc").setLevel(max(level, logging.WARNING))
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
