@@ -106,7 +106,8 @@ def build_list(entries: Iterable[Entry], *, name: str, version: int, issued_ms: 
 
 
 def build_rows(rows: list[Row], *, name: str, version: int, issued_ms: int) -> bytes:
-    """Encode raw rows (sorted in place by tid); deterministic: same rows, same bytes."""
+    """Encode raw rows (sorted in place by tid); deterministic: the same set of rows gives the
+    same bytes (cards of a technician are stored sorted, deduplicated)."""
     if not NAME.match(name):
         raise ListFormatError(f"list name must match {NAME.pattern}, got {name!r}")
     if not 0 <= version < 1 << 63 or not -(1 << 63) <= issued_ms < 1 << 63:
@@ -124,6 +125,8 @@ def build_rows(rows: list[Row], *, name: str, version: int, issued_ms: int) -> b
         if len(cards) > MAX_CARDS_PER_ID:
             raise ListFormatError(f"technician {tid:014d}: more than {MAX_CARDS_PER_ID} cards")
         prev = tid
+        if len(cards) > 1:  # canonical order, so equal rows always give equal bytes
+            cards = tuple(sorted(set(cards)))
         if r & 15 == 0:
             ckp.append(k)
         words.append(tid << _TID_SHIFT | st << _ST_SHIFT | (lvl - 1) << _LV_SHIFT | len(cards))

@@ -66,12 +66,20 @@ def publish_all(client: mqtt.Client, messages: Iterable[Message], *, window: int
     cond = threading.Condition()
     acked: dict[int, ReasonCode] = {}
     inflight: dict[int, str] = {}
-    old = client.on_publish
+    closed: list[Any] = []
+    old, old_disconnect = client.on_publish, client.on_disconnect
 
     def on_publish(_c: mqtt.Client, _u: Any, mid: int, rc: ReasonCode, _p: Any) -> None:
         with cond:
             acked[mid] = rc
             cond.notify_all()
+
+    def on_disconnect(c: mqtt.Client, u: Any, f: Any, rc: ReasonCode, p: Any) -> None:
+        with cond:  # e.g. 149 packet too large: Mosquitto drops the connection, no PUBACK
+            closed.append(rc)
+            cond.notify_all()
+        if old_disconnect is not None:
+            old_disconnect(c, u, f, rc, p)
 
     def drain(limit: int) -> None:
         deadline = time.monotonic() + timeout
@@ -82,12 +90,15 @@ def publish_all(client: mqtt.Client, messages: Iterable[Message], *, window: int
                     raise PublishError(f"broker refused {topic}: {rc} ({rc.value})")
             if len(inflight) <= limit:
                 return
+            if closed:
+                raise PublishError(f"broker closed the connection ({closed[0]}) with "
+                                   f"{len(inflight)} messages unacknowledged")
             left = deadline - time.monotonic()
             if left <= 0:
                 raise PublishError(f"no PUBACK within {timeout}s for {len(inflight)} messages")
             cond.wait(left)
 
-    client.on_publish = on_publish
+    client.on_publish, client.on_disconnect = on_publish, on_disconnect
     count = 0
     try:
         for m in messages:
@@ -103,7 +114,7 @@ def publish_all(client: mqtt.Client, messages: Iterable[Message], *, window: int
         with cond:
             drain(0)
     finally:
-        client.on_publish = old
+        client.on_publish, client.on_disconnect = old, old_disconnect
     return count
 
 
