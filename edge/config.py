@@ -49,20 +49,33 @@ class IdListConfig:
 @dataclass
 class ReaderConfig:
     name: str
-    path: str                     # nfcpy device path: usb:054c:06c3, tty:USB0:pn532, udp:127.0.0.1:50001
-    backend: str = "nfcpy"
+    # nfcpy: usb:054c:06c3, tty:USB0:pn532, udp:127.0.0.1:50001;
+    # pcsc: pcsc: (first reader) or pcsc:NAME (first reader whose name contains NAME)
+    path: str
+    backend: str = "nfcpy"        # nfcpy | pcsc
     direction: str = "in"         # gate readers: "in" (entry) or "out" (exit)
     targets: list[str] = field(default_factory=lambda: ["212F", "106A", "106B"])
     profile: str = "uid"          # name of a [profiles.X] table, or "uid" (identifier mapping)
     retap_window_s: float = 2.0   # the same card again within this is the same tap
+    feedback: str = "reader"      # reader (LED/buzzer where it has one, and the hook) | hook | none
 
 
 @dataclass
 class ProfileConfig:
-    kind: str = "uid"             # uid | felica
+    kind: str = "uid"             # uid | felica | iso_dep
+    # felica: the card must answer polling for system_code; blocks block..block+block_count-1
+    # of service_code are read (without encryption) and the ID decoded from them
     system_code: int = 0x8008
     service_code: int = 0x100B
     block: int = 0
+    block_count: int = 1          # 1..15
+    # iso_dep (Type 4A/4B): SELECT aid, SELECT file_id (EF, skipped when empty), READ BINARY
+    # read_length bytes at read_offset, then the ID is decoded from what was read
+    aid: str = ""                 # hex, 5..16 bytes
+    file_id: str = ""             # hex, 2 bytes, or "" for none
+    read_offset: int = 0
+    read_length: int = 16         # 1..255
+    # the ID inside the data read (both kinds): bytes offset.., ascii (length digits) or bcd
     offset: int = 0
     length: int = 14
     encoding: str = "ascii"       # ascii | bcd
@@ -127,18 +140,43 @@ def _check(cfg: AgentConfig) -> None:
         names.add(r.name)
         if r.direction not in ("in", "out"):
             raise ConfigError(f"readers[{i}].direction: 'in' or 'out'")
-        if r.backend != "nfcpy":
-            raise ConfigError(f"readers[{i}].backend: unknown backend {r.backend!r}")
+        if r.backend not in ("nfcpy", "pcsc"):
+            raise ConfigError(f"readers[{i}].backend: 'nfcpy' or 'pcsc', not {r.backend!r}")
+        if r.backend == "pcsc" and not r.path.startswith("pcsc:"):
+            raise ConfigError(f"readers[{i}].path: a pcsc reader path starts with 'pcsc:'")
+        if r.feedback not in ("reader", "hook", "none"):
+            raise ConfigError(f"readers[{i}].feedback: 'reader', 'hook' or 'none'")
         if r.profile != "uid" and r.profile not in cfg.profiles:
             raise ConfigError(f"readers[{i}].profile: no [profiles.{r.profile}] table")
         bad = [t for t in r.targets if t not in ("212F", "424F", "106A", "106B")]
         if bad or not r.targets:
             raise ConfigError(f"readers[{i}].targets: choose from 212F, 424F, 106A, 106B")
     for name, p in cfg.profiles.items():
-        if p.kind not in ("uid", "felica"):
-            raise ConfigError(f"profiles.{name}.kind: 'uid' or 'felica'")
-        if p.encoding not in ("ascii", "bcd"):
-            raise ConfigError(f"profiles.{name}.encoding: 'ascii' or 'bcd'")
+        _check_profile(f"profiles.{name}", p)
+
+
+def _check_profile(where: str, p: ProfileConfig) -> None:
+    if p.kind not in ("uid", "felica", "iso_dep"):
+        raise ConfigError(f"{where}.kind: 'uid', 'felica' or 'iso_dep'")
+    if p.encoding not in ("ascii", "bcd"):
+        raise ConfigError(f"{where}.encoding: 'ascii' or 'bcd'")
+    if not 0 <= p.system_code <= 0xFFFF or not 0 <= p.service_code <= 0xFFFF:
+        raise ConfigError(f"{where}: system_code and service_code are 16-bit")
+    if not 1 <= p.block_count <= 15 or not 0 <= p.block <= 0xFFFF:
+        raise ConfigError(f"{where}.block_count: 1..15 blocks")
+    if p.offset < 0 or not 1 <= p.length <= 64:
+        raise ConfigError(f"{where}.length: 1..64, offset >= 0")
+    if p.kind == "iso_dep":
+        try:
+            aid, fid = bytes.fromhex(p.aid), bytes.fromhex(p.file_id)
+        except ValueError:
+            raise ConfigError(f"{where}.aid/file_id: hex digits") from None
+        if not 5 <= len(aid) <= 16:
+            raise ConfigError(f"{where}.aid: 5..16 bytes of hex")
+        if len(fid) not in (0, 2):
+            raise ConfigError(f"{where}.file_id: 2 bytes of hex, or empty")
+        if not 0 <= p.read_offset <= 0x7FFF or not 1 <= p.read_length <= 255:
+            raise ConfigError(f"{where}.read_length: 1..255, read_offset 0..32767")
 
 
 def _build(cls: type, raw: Any, where: str) -> Any:

@@ -17,3 +17,11 @@ class Reason(StrEnum):
     ANTI_PASSBACK = "anti_passback"      # gate: same direction twice
     REGISTERED = "registered"            # training: counted, technician known
     UNREGISTERED = "unregistered"        # training: counted, technician not in the list
+    # card reading (edge/reader): each bad input has its own code; docs/readers.md lists them
+    TRUNCATED_READ = "truncated_read"    # the card sent fewer bytes than the profile reads
+    WRONG_SERVICE = "wrong_service"      # FeliCa: the card has no such service (or no access)
+    WRONG_TECHNOLOGY = "wrong_technology"  # e.g. an ISO 14443 card on a FeliCa profile
+    FOREIGN_APPLICATION = "foreign_application"  # ISO-DEP: the AID is not on the card (My Number, ...)
+    FILE_NOT_FOUND = "file_not_found"    # ISO-DEP: the application has no such file
+    ACCESS_DENIED = "access_denied"      # ISO-DEP: security status not satisfied (PIN, key)
+    BAD_RESPONSE = "bad_response"        # a malformed or unexpected FeliCa frame or APDU response
