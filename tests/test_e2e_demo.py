@@ -1,0 +1,69 @@
+"""The demo's path end to end: real Mosquitto, the sink as a process on SQLite, nfcpy's udp
+reader reading emulated FeliCa cards, and the production agent. Asserts the exact rows."""
+
+from pathlib import Path
+
+import pytest
+
+from cloud_sink.store import SqliteStore
+from cloud_sink.workday import local_time
+from edge.demo import SITE, DemoRun, site_day
+from edge.reasons import Reason
+from edge.touch import Decision
+
+# (technician, entry, exit) for 2026-11-26, Asia/Tokyo; technician 12 forgot to tap out.
+EXPECTED = [
+    ("10000000000001", "07:32", "17:08"),
+    ("10000000000002", "07:34", "17:11"),
+    ("10000000000003", "07:36", "17:14"),
+    ("10000000000004", "07:38", "17:17"),
+    ("10000000000005", "07:40", "17:20"),
+    ("10000000000006", "07:42", "17:23"),
+    ("10000000000007", "07:44", "17:26"),
+    ("10000000000008", "07:46", "17:29"),
+    ("10000000000009", "07:48", "17:32"),
+    ("10000000000010", "07:50", "17:35"),
+    ("10000000000011", "07:52", "17:38"),
+    ("10000000000012", "07:54", None),
+]
+
+
+@pytest.mark.e2e
+def test_site_day_end_to_end(tmp_path: Path) -> None:
+    day = site_day()
+    run = DemoRun(tmp_path / "demo")
+    try:
+        run.start(day)
+        results = [run.tap(t) for t in day.taps]
+        counts = run.wait_delivered()
+        agent = run.agent
+        assert agent is not None
+        agent_counts = dict(agent.counts)
+    finally:
+        run.stop()
+
+    # every process the demo started is gone
+    for proc in (run.sink, run.emulator, run.broker.proc if run.broker else None):
+        assert proc is not None and proc.poll() is not None
+
+    assert len(day.taps) == 25
+    assert agent_counts == {"taps": 24, "suppressed": 1, "allowed": 23, "denied": 1}
+    assert counts == {"touches": 24, "allowed": 23, "denied": 1, "dead_letters": 0}
+
+    made = [t for t in results if t is not None]
+    assert [t.seq for t in made] == list(range(1, 25))  # seq per device starts at 1, no gaps
+    repeat = day.taps.index(next(t for t in day.taps if t.note.startswith("repeat")))
+    assert results[repeat] is None
+    denied = [t for t in made if t.decision is Decision.DENY]
+    assert [(t.reason, t.tid, t.card.hex()) for t in denied] == [
+        (Reason.UNKNOWN_CARD, None, "0139ab0000c0ffee")]
+
+    store = SqliteStore(run.store_path)
+    rows = store.work_history()
+    store.close()
+    got = [(r.tid, local_time(r.first_in_ms) if r.first_in_ms else None,
+            local_time(r.last_out_ms) if r.last_out_ms else None) for r in rows]
+    assert got == EXPECTED
+    assert {(r.site, r.work_day) for r in rows} == {(SITE, "2026-11-26")}
+    assert [r.taps for r in rows] == [2] * 11 + [1]
+    assert [r.exit_missing for r in rows] == [False] * 11 + [True]
