@@ -3,10 +3,12 @@
 import getpass
 import logging
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,8 @@ class PrivateBroker:
     """
 
     def __init__(self, data_dir: str | Path | None = None, *, port: int | None = None,
-                 persistence: bool = False, template: str = "dev.conf") -> None:
+                 persistence: bool = False, template: str = "dev.conf",
+                 values: Mapping[str, object] | None = None) -> None:
         self._tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="ccus-broker-")
         self.data_dir = Path(data_dir or self._tmp.name)  # type: ignore[union-attr]
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -54,6 +57,7 @@ class PrivateBroker:
         self.host = "127.0.0.1"
         self.persistence = persistence
         self.template = template
+        self.values = dict(values or {})  # extra template values (TLS files, ACL, bridge)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -65,11 +69,18 @@ class PrivateBroker:
         return self.data_dir / "mosquitto.log"
 
     def write_config(self) -> Path:
-        self.conf_path.write_text(render(
-            self.template, port=self.port, user=getpass.getuser(),
-            persistence="true" if self.persistence else "false",
-            data_dir=self.data_dir, log_file=self.log_path))
+        values: dict[str, object] = {
+            "port": self.port, "user": getpass.getuser(),
+            "persistence": "true" if self.persistence else "false",
+            "data_dir": self.data_dir, "log_file": self.log_path,
+            "listener": f"{self.port} {self.host}", "log_dest": f"file {self.log_path}"}
+        self.conf_path.write_text(render(self.template, **{**values, **self.values}))
         return self.conf_path
+
+    def reload(self) -> None:
+        """SIGHUP: Mosquitto rereads its ACL file (not its TLS files; restart for a new CRL)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGHUP)
 
     def start(self, timeout: float = 10.0) -> "PrivateBroker":
         self.write_config()

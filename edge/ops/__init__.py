@@ -1,0 +1,1 @@
+"""Operator tooling: PKI, broker ACLs and configs, signed config push, fleet view (`ccus ops`)."""
