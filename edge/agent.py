@@ -4,13 +4,15 @@ One lock serialises taps from all readers, so seq order is decision order. A tap
 durable (outbox) before the person at the gate is answered.
 """
 
+import dataclasses
 import logging
+import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from edge import __version__
+from edge import __version__, config_apply
 from edge.clock import Clock, SystemClock
 from edge.config import AgentConfig, ProfileConfig, ReaderConfig
 from edge.decision import AntiPassback, CardRead, Debouncer, Verdict, decide_gate
@@ -39,14 +41,25 @@ def load_idlist(cfg: AgentConfig) -> IdList | None:
 class Agent:
     def __init__(self, cfg: AgentConfig, *, clock: Clock | None = None,
                  idlist: IdList | None = None,
-                 on_touch: Callable[[Touch], None] | None = None) -> None:
+                 on_touch: Callable[[Touch], None] | None = None,
+                 config_keys: list[Any] | None = None) -> None:
+        # signed config: the file config with the saved operator overlays on top
+        keys = config_keys if config_keys is not None else config_apply.load_keys(
+            os.environ.get("CCUS_KEYS_DIR", config_apply.KEYS_DIR))
+        base = cfg
+        cfg, applied = config_apply.boot_config(base, keys)
         self.cfg = cfg
+        self.restart_requested = threading.Event()  # an applied config needing a restart
         self.clock = clock or SystemClock(assume_synced=cfg.clock.assume_synced)
         self.idlist = idlist if idlist is not None else load_idlist(cfg)
         self.role = Role(cfg.device.role)
         self.on_touch = on_touch
         self.outbox = Outbox(cfg.data_dir / "outbox.sqlite")
         self.link = Link(cfg.mqtt, cfg.device.site, cfg.device.id, self.outbox, self.state)
+        self.config = config_apply.ConfigApplier(base, keys, applied, self.link.publish,
+                                                 self._config_applied)
+        for t in self.config.subscriptions:
+            self.link.subscribe(t, self.config.submit)
         self.readers = [NfcpyReader(r, self._profile(r), self.handle_read, self._on_health)
                         for r in cfg.readers]
         self._debounce = {r.name: Debouncer(r.retap_window_s) for r in cfg.readers}
@@ -58,6 +71,7 @@ class Agent:
         return UID_PROFILE if r.profile == "uid" else self.cfg.profiles[r.profile]
 
     def start(self) -> None:
+        self.config.start()
         self.link.start()
         for r in self.readers:
             r.start()
@@ -69,6 +83,7 @@ class Agent:
         for r in self.readers:
             r.stop()
         self.link.stop()
+        self.config.stop()
         self.outbox.close()
 
     # -- taps -----------------------------------------------------------------------------
@@ -113,6 +128,15 @@ class Agent:
         # vending and training decisions arrive with their own issues; until then a
         # non-gate device decides by status alone, like a gate
         return decide_gate(read, self.idlist, reader.direction)
+
+    def _config_applied(self, new: AgentConfig) -> None:
+        # the version (carried by touches) changes at once; anything else takes a restart
+        old = dataclasses.replace(self.cfg, version=new.version)
+        self.cfg.version = new.version
+        if new != old:
+            log.warning("config v%d applied: restart the agent for it to take effect", new.version)
+            self.restart_requested.set()
+        self.link.publish_state()
 
     # -- state ----------------------------------------------------------------------------
     def _on_health(self, name: str, health: str) -> None:

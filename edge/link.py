@@ -48,6 +48,8 @@ class Link:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_publish = self._on_publish
+        self._client.on_message = self._on_message
+        self._handlers: dict[str, Callable[[str, bytes], None]] = {}  # filter -> handler
         self._client.max_inflight_messages_set(cfg.inflight)
         self._client.reconnect_delay_set(1, 30)
         if cfg.tls:
@@ -82,6 +84,15 @@ class Link:
         self._client.disconnect()
         self._client.loop_stop()
 
+    def subscribe(self, topic_filter: str, handler: Callable[[str, bytes], None]) -> None:
+        """Before start(): (re)subscribed on every connect; `handler` runs on paho's network
+        thread, so it must only hand the message on (e.g. ConfigApplier.submit)."""
+        self._handlers[topic_filter] = handler
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        """A QoS 1 message outside the touch stream (e.g. a config ack)."""
+        self._client.publish(topic, payload, qos=1, retain=retain)
+
     def notify(self) -> None:
         """A new touch is in the outbox."""
         self._events.put(("wake",))
@@ -97,7 +108,14 @@ class Link:
         if rc.is_failure:
             log.warning("mqtt: connect refused: %s", rc)
             return
+        for topic_filter in self._handlers:
+            client.subscribe(topic_filter, qos=1)
         self._events.put(("connected",))
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        for topic_filter, handler in self._handlers.items():
+            if mqtt.topic_matches_sub(topic_filter, msg.topic):
+                handler(msg.topic, msg.payload)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: ReasonCode,
                        props: Any) -> None:
