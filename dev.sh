@@ -66,7 +66,7 @@ setup_python() {
     local stamp=.venv/.ccus-installed
     if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
         say "installing Python packages into .venv"
-        .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+        .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
         if ! .venv/bin/python -m pip install -q -e ".[test,sink]" >.venv/pip.log 2>&1; then
             cat .venv/pip.log >&2
             die "installing the Python packages failed (log above, also in .venv/pip.log)"

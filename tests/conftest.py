@@ -1,6 +1,8 @@
 """Shared fixtures: a private Mosquitto per test module, started from the project's config."""
 
+import os
 import socket
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -20,3 +22,28 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateBroker]:
 def port_is_open(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+# The PostgreSQL server the tests use; scripts/setup-test-services.sh (run by ./dev.sh test)
+# installs it, starts it and creates this role on a fresh machine.
+PG_ADMIN_URL = os.environ.get("CCUS_TEST_PG_URL",
+                              "postgresql://ccus_test:ccus_test@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture(scope="module")
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for one test module, dropped afterwards."""
+    import psycopg
+
+    name = f"ccus_test_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True)
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {exc}; "
+                    "run scripts/setup-test-services.sh", pytrace=False)
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Services the test suite needs beyond the private Mosquitto it starts itself: a PostgreSQL
+# server on 127.0.0.1:5432 with a test role that may create databases (each test module makes
+# its own database and drops it). Installs and starts what is missing; idempotent.
+set -euo pipefail
+
+say() { printf '\033[1m[services]\033[0m %s\n' "$*" >&2; }
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+PG_ROLE=ccus_test
+PG_PASS=ccus_test   # a throwaway role for local tests on loopback only; not a secret
+
+if ! command -v pg_ctlcluster >/dev/null 2>&1; then
+    say "installing Debian's postgresql (the tests' production store backend)"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        postgresql >/dev/null
+fi
+
+if ! pg_isready -q -h 127.0.0.1 -p 5432; then
+    version=$(ls /etc/postgresql | sort -V | tail -n 1)
+    say "starting PostgreSQL $version"
+    as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start ||
+        as_root pg_ctlcluster "$version" main start
+    for _ in $(seq 50); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 0.2; done
+fi
+
+# The role: through loopback when it trusts us (this project's CI machines), else as the
+# postgres system user over the local socket (a fresh Debian install).
+sql="DO \$\$ BEGIN
+  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$PG_ROLE') THEN
+    CREATE ROLE $PG_ROLE LOGIN CREATEDB PASSWORD '$PG_PASS';
+  END IF;
+END \$\$;"
+if ! PGPASSWORD=$PG_PASS psql -qtA -h 127.0.0.1 -U $PG_ROLE -d postgres -c 'select 1' >/dev/null 2>&1; then
+    if psql -qtA -h 127.0.0.1 -U postgres -d postgres -w -c "$sql" >/dev/null 2>&1; then :
+    else as_root su postgres -c "psql -qtA -d postgres -c \"$sql\"" >/dev/null
+    fi
+fi
+PGPASSWORD=$PG_PASS psql -qtA -h 127.0.0.1 -U $PG_ROLE -d postgres -c 'select 1' >/dev/null ||
+    { echo "PostgreSQL test role $PG_ROLE cannot log in on 127.0.0.1:5432" >&2; exit 1; }
