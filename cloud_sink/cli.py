@@ -1,45 +1,112 @@
-"""`ccus sink ...`: run the sink, list dead letters, print the work history."""
+"""`ccus sink ...`: run the sink, import files, manage courses and devices, list dead letters."""
 
 import argparse
 import logging
 import signal
+import sys
 import threading
 from pathlib import Path
 
-from cloud_sink.store import SqliteStore
+from cloud_sink.model import DAY_MS, Policy
+from cloud_sink.store import Store, open_store
 from cloud_sink.workday import local_time
 
+Sub = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
-def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    p = sub.add_parser("sink", help="the cloud sink: ingest touches, derive work history")
+
+def add_store_args(p: argparse.ArgumentParser, *, policy: bool = False) -> None:
+    p.add_argument("--db", "--store", dest="store", required=True, metavar="URL",
+                   help="store: a path or sqlite:///path (SQLite), or postgresql://...")
+    if policy:
+        p.add_argument("--cut-hour", type=int, default=4, help="work-day cut hour, Asia/Tokyo")
+        p.add_argument("--max-future-h", type=float, default=24.0,
+                       help="flag touches stamped more than this ahead of receipt (default 24)")
+        p.add_argument("--max-past-days", type=float, default=400.0,
+                       help="flag touches stamped more than this before receipt (default 400)")
+        p.add_argument("--registered-only", action="store_true",
+                       help="dead-letter touches from devices not in the device registry")
+
+
+def policy_of(args: argparse.Namespace) -> Policy:
+    return Policy(cut_hour=args.cut_hour, max_future_ms=int(args.max_future_h * 3600_000),
+                  max_past_ms=int(args.max_past_days * DAY_MS),
+                  require_registered=args.registered_only)
+
+
+def store_of(args: argparse.Namespace) -> Store:
+    return open_store(args.store, policy_of(args) if hasattr(args, "cut_hour") else None)
+
+
+def register(sub: Sub) -> None:  # type: ignore[valid-type]
+    p = sub.add_parser("sink", help="the cloud sink: ingest touches, derive work history")  # type: ignore[attr-defined]
     s = p.add_subparsers(dest="sink_cmd", required=True, metavar="COMMAND")
 
     run = s.add_parser("run", help="subscribe to all touches and store them")
-    run.add_argument("--db", required=True, help="SQLite store file")
+    add_store_args(run, policy=True)
     run.add_argument("--broker", default="127.0.0.1:1883", metavar="HOST:PORT")
     run.add_argument("--group", default="sink", help="shared-subscription group (default: sink)")
     run.add_argument("--client-id", default="sink-1", help="MQTT client id, unique per process")
-    run.add_argument("--cut-hour", type=int, default=4, help="work-day cut hour, Asia/Tokyo")
+    run.add_argument("--batch", type=int, default=500, help="touches per transaction (max)")
     run.add_argument("--ready-file", help="touch this file once subscribed (for scripts)")
     run.set_defaults(func=_run)
 
+    imp = s.add_parser("import", help="replay touches from a JSON Lines or CBOR file")
+    add_store_args(imp, policy=True)
+    imp.add_argument("file")
+    imp.add_argument("--format", choices=["jsonl", "cbor"], help="default: by extension or content")
+    imp.add_argument("--batch", type=int, default=1000)
+    imp.add_argument("--no-progress", action="store_true")
+    imp.set_defaults(func=_import)
+
     dl = s.add_parser("dead-letters", help="list malformed touches kept with their reason")
-    dl.add_argument("--db", required=True)
+    add_store_args(dl)
     dl.add_argument("--limit", type=int, default=50)
     dl.set_defaults(func=_dead_letters)
 
+    fl = s.add_parser("flagged", help="list stored touches kept out of derived tables (clock)")
+    add_store_args(fl)
+    fl.add_argument("--limit", type=int, default=50)
+    fl.set_defaults(func=_flagged)
+
     wh = s.add_parser("work-history", help="print the derived work-history table")
-    wh.add_argument("--db", required=True)
+    add_store_args(wh)
     wh.add_argument("--site")
+    wh.add_argument("--month", help="YYYY-MM")
     wh.set_defaults(func=_work_history)
+
+    rd = s.add_parser("rederive", help="recompute every derived table from the stored touches")
+    add_store_args(rd, policy=True)
+    rd.set_defaults(func=_rederive)
+
+    co = s.add_parser("courses", help="training course definitions")
+    cs = co.add_subparsers(dest="courses_cmd", required=True, metavar="ACTION")
+    ci = cs.add_parser("import", help="add or replace courses from CSV: "
+                       "course,name,starts,ends,enrolled[,center]")
+    add_store_args(ci)
+    ci.add_argument("file")
+    ci.set_defaults(func=_courses_import)
+    cl = cs.add_parser("list", help="list course definitions")
+    add_store_args(cl)
+    cl.set_defaults(func=_courses_list)
+
+    dv = s.add_parser("devices", help="the device registry (used with --registered-only)")
+    ds = dv.add_subparsers(dest="devices_cmd", required=True, metavar="ACTION")
+    di = ds.add_parser("import", help="add or replace devices from CSV: device,site[,role]")
+    add_store_args(di)
+    di.add_argument("file")
+    di.set_defaults(func=_devices_import)
+    dls = ds.add_parser("list", help="list registered devices")
+    add_store_args(dls)
+    dls.set_defaults(func=_devices_list)
 
 
 def _run(args: argparse.Namespace) -> int:
     from cloud_sink.subscriber import Sink
 
     host, _, port = args.broker.rpartition(":")
-    store = SqliteStore(args.db, cut_hour=args.cut_hour)
-    sink = Sink(store, host or "127.0.0.1", int(port), group=args.group, client_id=args.client_id)
+    store = store_of(args)
+    sink = Sink(store, host or "127.0.0.1", int(port), group=args.group,  # type: ignore[arg-type]
+                client_id=args.client_id, batch_max=args.batch)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
@@ -58,9 +125,27 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import(args: argparse.Namespace) -> int:
+    from cloud_sink.importer import import_file
+
+    store = store_of(args)
+    try:
+        res = import_file(store, args.file, fmt=args.format, batch=args.batch,
+                          progress=not args.no_progress)
+    except OSError as exc:
+        print(f"ccus sink import: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        store.close()
+    print(f"{res.stored} stored, {res.repeated} already stored, {res.flagged} flagged (clock), "
+          f"{res.dead} dead letters")
+    return 0
+
+
 def _dead_letters(args: argparse.Namespace) -> int:
-    store = SqliteStore(args.db)
+    store = store_of(args)
     rows = store.dead_letters(args.limit)
+    store.close()
     if not rows:
         print("no dead letters")
     for id_, _received, topic, reason, detail, payload in rows:
@@ -68,9 +153,21 @@ def _dead_letters(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_work_history(store: SqliteStore, site: str | None = None) -> str:
+def _flagged(args: argparse.Namespace) -> int:
+    store = store_of(args)
+    rows = store.flagged(args.limit)
+    store.close()
+    if not rows:
+        print("no flagged touches")
+    for dev, seq, site, role, ts, received, flag in rows:
+        print(f"{dev} #{seq} {site} {role} {flag}: stamped {ts}, received {received} "
+              f"({(ts - received) / 3600_000:+.1f} h)")
+    return 0
+
+
+def format_work_history(store: Store, site: str | None = None, month: str | None = None) -> str:
     lines = [f"{'work day':<10}  {'site':<14}  {'technician':<14}  {'in':>5}  {'out':>7}  taps"]
-    for r in store.work_history(site):
+    for r in store.work_history(site, month):
         tin = local_time(r.first_in_ms) if r.first_in_ms is not None else "missing"
         tout = local_time(r.last_out_ms) if r.last_out_ms is not None else "missing"
         lines.append(f"{r.work_day:<10}  {r.site:<14}  {r.tid:<14}  {tin:>5}  {tout:>7}  {r.taps:>4}")
@@ -78,5 +175,65 @@ def format_work_history(store: SqliteStore, site: str | None = None) -> str:
 
 
 def _work_history(args: argparse.Namespace) -> int:
-    print(format_work_history(SqliteStore(args.db), args.site))
+    store = store_of(args)
+    print(format_work_history(store, args.site, args.month))
+    store.close()
+    return 0
+
+
+def _rederive(args: argparse.Namespace) -> int:
+    store = store_of(args)
+    n = store.rederive()
+    store.close()
+    print(f"derived tables recomputed: {n} work-history rows")
+    return 0
+
+
+def _csv_in(path: str) -> str:
+    return Path(path).read_text(encoding="utf-8-sig")  # Excel writes a BOM
+
+
+def _courses_import(args: argparse.Namespace) -> int:
+    from cloud_sink.courses import CsvError, parse_courses
+
+    try:
+        courses = parse_courses(_csv_in(args.file))
+    except (OSError, CsvError) as exc:
+        print(f"ccus sink courses import: {exc}", file=sys.stderr)
+        return 2
+    store = store_of(args)
+    n = store.import_courses(courses)
+    store.close()
+    print(f"{n} courses imported")
+    return 0
+
+
+def _courses_list(args: argparse.Namespace) -> int:
+    store = store_of(args)
+    for c in store.courses():
+        print(f"{c.course}  {c.name}  {c.starts}..{c.ends}  enrolled {c.enrolled}  {c.center}")
+    store.close()
+    return 0
+
+
+def _devices_import(args: argparse.Namespace) -> int:
+    from cloud_sink.courses import CsvError, parse_devices
+
+    try:
+        devices = parse_devices(_csv_in(args.file))
+    except (OSError, CsvError) as exc:
+        print(f"ccus sink devices import: {exc}", file=sys.stderr)
+        return 2
+    store = store_of(args)
+    n = store.register_devices(devices)
+    store.close()
+    print(f"{n} devices registered")
+    return 0
+
+
+def _devices_list(args: argparse.Namespace) -> int:
+    store = store_of(args)
+    for d in store.devices():
+        print(f"{d.device}  {d.site}  {d.role}")
+    store.close()
     return 0

@@ -1,0 +1,1 @@
+"""Derived tables: the pure row mapping (rows) and the shared set-based derivation SQL (sql)."""

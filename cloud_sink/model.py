@@ -1,0 +1,113 @@
+"""The sink's records (pure data): ingest policy, dead letters, derived rows, courses, devices."""
+
+from dataclasses import dataclass
+
+DAY_MS = 24 * 3600 * 1000
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What the sink accepts and how it cuts days. Part of how a store is opened."""
+
+    cut_hour: int = 4                      # work-day cut, Asia/Tokyo
+    max_future_ms: int = DAY_MS            # a touch stamped further ahead of its receipt is flagged
+    max_past_ms: int = 400 * DAY_MS        # ... or further behind it
+    require_registered: bool = False       # dead-letter touches from devices not in the registry
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.cut_hour <= 23:
+            raise ValueError("cut_hour must be 0..23")
+        if self.max_future_ms < 0 or self.max_past_ms < 0:
+            raise ValueError("skew limits must be >= 0")
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    topic: str
+    payload: bytes
+    reason: str
+    detail: str
+
+
+@dataclass
+class IngestResult:
+    stored: int = 0      # new touches
+    repeated: int = 0    # already stored (a replay): ignored
+    dead: int = 0
+    flagged: int = 0     # stored, but kept out of the derived tables (timestamp out of range)
+
+    def add(self, other: "IngestResult") -> None:
+        self.stored += other.stored
+        self.repeated += other.repeated
+        self.dead += other.dead
+        self.flagged += other.flagged
+
+
+@dataclass(frozen=True)
+class WorkDay:
+    tid: str
+    site: str
+    work_day: str
+    first_in_ms: int | None
+    last_out_ms: int | None
+    taps: int
+
+    @property
+    def exit_missing(self) -> bool:
+        return self.last_out_ms is None
+
+    @property
+    def entry_missing(self) -> bool:
+        return self.first_in_ms is None
+
+
+@dataclass(frozen=True)
+class TrainingMonth:
+    site: str          # the training center
+    month: str         # 'YYYY-MM'
+    persons: int
+    touches: int
+
+
+@dataclass(frozen=True)
+class Course:
+    """A course as the operator defines it (imported from CSV)."""
+
+    course: str
+    name: str
+    starts: str        # 'YYYY-MM-DD'
+    ends: str          # 'YYYY-MM-DD', inclusive
+    enrolled: int
+    center: str = ""   # the training center's site ID, when known
+
+
+@dataclass(frozen=True)
+class CourseStats:
+    """A course with what its touches show; definition fields are None for an undefined course."""
+
+    course: str
+    name: str | None
+    starts: str | None
+    ends: str | None
+    enrolled: int | None
+    center: str | None
+    persons: int
+    touches: int
+
+
+@dataclass(frozen=True)
+class VendingRow:
+    device: str
+    site: str
+    contractor: str    # '' when the touch did not say
+    month: str
+    dispensed: int
+    failed: int
+    indeterminate: int
+
+
+@dataclass(frozen=True)
+class Device:
+    device: str
+    site: str
+    role: str = ""

@@ -1,0 +1,1 @@
+"""Store backends behind cloud_sink.store.Store: SQLite (embedded default) and PostgreSQL."""

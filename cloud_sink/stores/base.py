@@ -1,0 +1,257 @@
+"""What both SQL backends share: the ingest transaction, the derivation calls and the read queries.
+
+A backend supplies a connection, a write transaction, the parameter style and how a batch is
+loaded into its `stage` table (executemany on SQLite, COPY on PostgreSQL).
+"""
+
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
+from typing import Any
+
+from cloud_sink.derive.rows import COLUMNS, Row, touch_row
+from cloud_sink.derive.sql import DERIVED_TABLES, FULL, INCREMENTAL
+from cloud_sink.model import (
+    Course,
+    CourseStats,
+    DeadLetter,
+    Device,
+    IngestResult,
+    Policy,
+    TrainingMonth,
+    VendingRow,
+    WorkDay,
+)
+from edge import topics
+from edge.touch import Touch, encode
+
+_COLS = ", ".join(COLUMNS)
+_FLAG = COLUMNS.index("flag")
+INSERT_FROM_STAGE = (f"INSERT INTO touches ({_COLS}) SELECT {_COLS} FROM stage WHERE true"
+                     " ON CONFLICT (device, seq) DO NOTHING")
+
+
+def month_bounds(month: str) -> tuple[str, str]:
+    """'YYYY-MM' -> the first and a last possible work day, for a range over ISO dates."""
+    if len(month) != 7 or month[4] != "-" or not (month[:4] + month[5:]).isdigit():
+        raise ValueError(f"month must be YYYY-MM, not {month!r}")
+    return f"{month}-01", f"{month}-31"
+
+
+class SqlStore:
+    """The Store protocol on a DB-API connection; subclasses fill in the dialect."""
+
+    url: str
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self._lock = threading.RLock()
+
+    # -- dialect hooks -------------------------------------------------------------------------
+    def _tx(self) -> AbstractContextManager[None]:
+        raise NotImplementedError
+
+    def _x(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        raise NotImplementedError
+
+    def _many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        raise NotImplementedError
+
+    def _load_stage(self, rows: list[Row]) -> None:
+        raise NotImplementedError
+
+    def _before_derive(self) -> None:
+        """Called in the write transaction just before the derivation statements."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    # -- writing ------------------------------------------------------------------------------
+    @property
+    def cut_hour(self) -> int:
+        return self.policy.cut_hour
+
+    def ingest(self, touches: Iterable[Touch], dead: Iterable[DeadLetter] = (), *,
+               now_ms: int | None = None) -> IngestResult:
+        """Store a batch in one transaction: touches, dead letters, derived rows. Then commit.
+
+        Touches already stored are ignored (identity is (device, seq)); a touch whose clock is
+        beyond the policy's skew is stored with a flag and kept out of the derived tables.
+        """
+        now = int(time.time() * 1000) if now_ms is None else now_ms
+        batch, letters = list(touches), list(dead)
+        res = IngestResult()
+        with self._lock, self._tx():
+            if self.policy.require_registered and batch:
+                batch = self._drop_unregistered(batch, letters)
+            if batch:
+                rows = [touch_row(t, now, self.policy) for t in batch]
+                self._x("DELETE FROM stage")
+                self._load_stage(rows)
+                res.stored = self._x(INSERT_FROM_STAGE).rowcount
+                res.repeated = len(rows) - res.stored
+                res.flagged = sum(r[_FLAG] is not None for r in rows)
+                self._before_derive()
+                for sql in INCREMENTAL:
+                    self._x(sql)
+            if letters:
+                self._many("INSERT INTO dead_letters (received_ms, topic, payload, reason, detail)"
+                           " VALUES (?,?,?,?,?)",
+                           [(now, d.topic, d.payload, d.reason, d.detail) for d in letters])
+            res.dead = len(letters)
+        return res
+
+    def _drop_unregistered(self, batch: list[Touch], letters: list[DeadLetter]) -> list[Touch]:
+        devices = sorted({t.device for t in batch})
+        marks = ",".join("?" * len(devices))
+        known = {r[0] for r in self._x(f"SELECT device FROM devices WHERE device IN ({marks})",
+                                       devices).fetchall()}
+        keep = []
+        for t in batch:
+            if t.device in known:
+                keep.append(t)
+            else:
+                letters.append(DeadLetter(topics.touch(t.site, t.device), encode(t),
+                                          "unregistered_device",
+                                          f"device {t.device} is not in the device registry"))
+        return keep
+
+    def rederive(self) -> int:
+        """Recompute every derived table from the stored touches (idempotent). Work-history rows."""
+        with self._lock, self._tx():
+            for table in DERIVED_TABLES:
+                self._x(f"DELETE FROM {table}")
+            self._before_derive()
+            for sql in FULL:
+                self._x(sql)
+            return int(self._x("SELECT COUNT(*) FROM work_history").fetchone()[0])
+
+    def import_courses(self, courses: Iterable[Course]) -> int:
+        """Add or replace course definitions (the operator's CSV). Returns how many."""
+        rows = [(c.course, c.name, c.starts, c.ends, c.enrolled, c.center) for c in courses]
+        with self._lock, self._tx():
+            self._many("INSERT INTO courses (course, name, starts, ends, enrolled, center)"
+                       " VALUES (?,?,?,?,?,?) ON CONFLICT (course) DO UPDATE SET"
+                       " name=excluded.name, starts=excluded.starts, ends=excluded.ends,"
+                       " enrolled=excluded.enrolled, center=excluded.center", rows)
+        return len(rows)
+
+    def register_devices(self, devices: Iterable[Device]) -> int:
+        rows = [(d.device, d.site, d.role) for d in devices]
+        with self._lock, self._tx():
+            self._many("INSERT INTO devices (device, site, role) VALUES (?,?,?)"
+                       " ON CONFLICT (device) DO UPDATE SET site=excluded.site, role=excluded.role",
+                       rows)
+        return len(rows)
+
+    # -- reading ------------------------------------------------------------------------------
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return [tuple(r) for r in self._x(sql, params).fetchall()]
+
+    def work_history(self, site: str | None = None, month: str | None = None) -> list[WorkDay]:
+        where, args = _where(site=site, month=month)
+        return [WorkDay(*r) for r in self._rows(
+            "SELECT tid, site, work_day, first_in_ms, last_out_ms, taps FROM work_history"
+            f"{where} ORDER BY site, work_day, tid", args)]
+
+    def days_worked(self, site: str | None = None,
+                    month: str | None = None) -> list[tuple[str, str, str, int]]:
+        """(site, month, technician, days) from the work history: the 建退共 figure."""
+        where, args = _where(site=site, month=month)
+        return [(s, m, t, int(n)) for s, m, t, n in self._rows(
+            "SELECT site, substr(work_day, 1, 7) AS m, tid, COUNT(*) FROM work_history"
+            f"{where} GROUP BY site, substr(work_day, 1, 7), tid ORDER BY site, m, tid", args)]
+
+    def training_monthly(self, site: str | None = None,
+                         month: str | None = None) -> list[TrainingMonth]:
+        cond, args = [], []
+        if site:
+            cond.append("site=?")
+            args.append(site)
+        if month:
+            month_bounds(month)
+            cond.append("month=?")
+            args.append(month)
+        where = " WHERE " + " AND ".join(cond) if cond else ""
+        return [TrainingMonth(s, m, int(p), int(n)) for s, m, p, n in self._rows(
+            f"SELECT site, month, persons, touches FROM training_monthly{where}"
+            " ORDER BY site, month", args)]
+
+    def training_courses(self) -> list[CourseStats]:
+        """Every defined course (with zero touches if none) and every touched course."""
+        rows = self._rows(
+            "SELECT c.course, c.name, c.starts, c.ends, c.enrolled, c.center,"
+            " COALESCE(t.persons, 0), COALESCE(t.touches, 0)"
+            " FROM courses c LEFT JOIN training_course t ON t.course = c.course"
+            " UNION ALL SELECT t.course, NULL, NULL, NULL, NULL, NULL, t.persons, t.touches"
+            " FROM training_course t WHERE t.course NOT IN (SELECT course FROM courses)"
+            " ORDER BY 1")
+        return [CourseStats(c, n, s, e, None if en is None else int(en), ce, int(p), int(t))
+                for c, n, s, e, en, ce, p, t in rows]
+
+    def courses(self) -> list[Course]:
+        return [Course(c, n, s, e, int(en), ce) for c, n, s, e, en, ce in self._rows(
+            "SELECT course, name, starts, ends, enrolled, center FROM courses ORDER BY course")]
+
+    def vending_ledger(self, month: str | None = None,
+                       contractor: str | None = None) -> list[VendingRow]:
+        cond, args = [], []
+        if month:
+            month_bounds(month)
+            cond.append("month=?")
+            args.append(month)
+        if contractor is not None:
+            cond.append("contractor=?")
+            args.append(contractor)
+        where = " WHERE " + " AND ".join(cond) if cond else ""
+        return [VendingRow(d, s, c, m, int(a), int(b), int(x)) for d, s, c, m, a, b, x in self._rows(
+            "SELECT device, site, contractor, month, dispensed, failed, indeterminate"
+            f" FROM vending_ledger{where} ORDER BY contractor, month, site, device", args)]
+
+    def devices(self) -> list[Device]:
+        return [Device(*r) for r in self._rows("SELECT device, site, role FROM devices ORDER BY device")]
+
+    def flagged(self, limit: int = 100) -> list[tuple[str, int, str, str, int, int, str]]:
+        """Stored touches kept out of the derived tables: (device, seq, site, role, ts, received, flag)."""
+        return self._rows("SELECT device, seq, site, role, ts_ms, received_ms, flag FROM touches"
+                          " WHERE flag IS NOT NULL ORDER BY received_ms DESC, device, seq LIMIT ?",
+                          (limit,))
+
+    def dead_letters(self, limit: int = 100) -> list[tuple[int, int, str, str, str, bytes]]:
+        return [(i, r, t, re, d, bytes(p)) for i, r, t, re, d, p in self._rows(
+            "SELECT id, received_ms, topic, reason, detail, payload FROM dead_letters"
+            " ORDER BY id DESC LIMIT ?", (limit,))]
+
+    def counts(self) -> dict[str, int]:
+        total, allowed, flagged = self._rows(
+            "SELECT COUNT(*), COUNT(CASE WHEN decision='allow' THEN 1 END),"
+            " COUNT(flag) FROM touches")[0]
+        dead = self._rows("SELECT COUNT(*) FROM dead_letters")[0][0]
+        return {"touches": int(total), "allowed": int(allowed), "denied": int(total - allowed),
+                "flagged": int(flagged), "dead_letters": int(dead)}
+
+    def table(self, name: str) -> list[tuple[Any, ...]]:
+        """Every row of a derived table in key order (for tests and checks)."""
+        if name not in DERIVED_TABLES:
+            raise ValueError(f"not a derived table: {name}")
+        return self._rows(f"SELECT * FROM {name} ORDER BY 1, 2, 3")
+
+    def __enter__(self) -> "SqlStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _where(*, site: str | None, month: str | None) -> tuple[str, list[str]]:
+    cond, args = [], []
+    if site:
+        cond.append("site=?")
+        args.append(site)
+    if month:
+        lo, hi = month_bounds(month)
+        cond.append("work_day BETWEEN ? AND ?")
+        args += [lo, hi]
+    return (" WHERE " + " AND ".join(cond) if cond else ""), args

@@ -1,0 +1,122 @@
+"""Versioned schema migrations, one list per dialect; a store applies the ones it lacks at start.
+
+Append only: a released migration is never edited, a change is a new entry. SQLite records
+the version in PRAGMA user_version, PostgreSQL in the schema_migrations table.
+"""
+
+_SQLITE_1 = """
+CREATE TABLE touches (
+    device TEXT NOT NULL, seq INTEGER NOT NULL, site TEXT NOT NULL, role TEXT NOT NULL,
+    ts_ms INTEGER NOT NULL, tq TEXT NOT NULL, card BLOB NOT NULL, card_tech TEXT NOT NULL,
+    tid TEXT, decision TEXT NOT NULL, reason TEXT NOT NULL, lv INTEGER NOT NULL,
+    cv INTEGER NOT NULL, facts TEXT NOT NULL, dir TEXT, work_day TEXT NOT NULL,
+    received_ms INTEGER NOT NULL,
+    PRIMARY KEY (device, seq)
+) WITHOUT ROWID;
+CREATE INDEX touches_by_person ON touches (tid, site, work_day);
+CREATE TABLE dead_letters (
+    id INTEGER PRIMARY KEY, received_ms INTEGER NOT NULL, topic TEXT NOT NULL,
+    payload BLOB NOT NULL, reason TEXT NOT NULL, detail TEXT NOT NULL
+);
+CREATE TABLE work_history (
+    tid TEXT NOT NULL, site TEXT NOT NULL, work_day TEXT NOT NULL,
+    first_in_ms INTEGER, last_out_ms INTEGER, taps INTEGER NOT NULL,
+    PRIMARY KEY (tid, site, work_day)
+) WITHOUT ROWID
+"""
+
+# 2: flags, role facts as columns, training and vending tables, courses, device registry
+_SQLITE_2 = """
+ALTER TABLE touches ADD COLUMN flag TEXT;
+ALTER TABLE touches ADD COLUMN month TEXT;
+ALTER TABLE touches ADD COLUMN person TEXT;
+ALTER TABLE touches ADD COLUMN course TEXT;
+ALTER TABLE touches ADD COLUMN contractor TEXT;
+ALTER TABLE touches ADD COLUMN slot TEXT;
+ALTER TABLE touches ADD COLUMN result TEXT;
+UPDATE touches SET month = substr(work_day, 1, 7),
+    person = COALESCE(tid, CASE WHEN length(card) > 0 THEN 'card:' || lower(hex(card)) END),
+    course = CASE WHEN role='training' THEN CAST(json_extract(facts, '$.course') AS TEXT) END,
+    contractor = CASE WHEN role='vending' THEN CAST(json_extract(facts, '$.contractor') AS TEXT) END,
+    slot = CASE WHEN role='vending' THEN CAST(json_extract(facts, '$.slot') AS TEXT) END,
+    result = CASE WHEN role='vending' THEN CAST(json_extract(facts, '$.result') AS TEXT) END;
+CREATE INDEX work_history_by_site ON work_history (site, work_day);
+CREATE INDEX touches_training ON touches (site, month) WHERE role='training';
+CREATE INDEX touches_course ON touches (course) WHERE course IS NOT NULL;
+CREATE INDEX touches_vending ON touches (device, month) WHERE role='vending';
+CREATE INDEX touches_flagged ON touches (received_ms) WHERE flag IS NOT NULL;
+CREATE TABLE training_monthly (
+    site TEXT NOT NULL, month TEXT NOT NULL, persons INTEGER NOT NULL, touches INTEGER NOT NULL,
+    PRIMARY KEY (site, month)
+) WITHOUT ROWID;
+CREATE TABLE training_course (
+    course TEXT NOT NULL PRIMARY KEY, persons INTEGER NOT NULL, touches INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE courses (
+    course TEXT NOT NULL PRIMARY KEY, name TEXT NOT NULL, starts TEXT NOT NULL,
+    ends TEXT NOT NULL, enrolled INTEGER NOT NULL, center TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE vending_ledger (
+    device TEXT NOT NULL, site TEXT NOT NULL, contractor TEXT NOT NULL, month TEXT NOT NULL,
+    dispensed INTEGER NOT NULL, failed INTEGER NOT NULL, indeterminate INTEGER NOT NULL,
+    PRIMARY KEY (device, site, contractor, month)
+) WITHOUT ROWID;
+CREATE TABLE devices (
+    device TEXT NOT NULL PRIMARY KEY, site TEXT NOT NULL, role TEXT NOT NULL
+) WITHOUT ROWID
+"""
+
+SQLITE = [_SQLITE_1, _SQLITE_2]
+
+_POSTGRES_1 = """
+CREATE TABLE touches (
+    device TEXT NOT NULL, seq BIGINT NOT NULL, site TEXT NOT NULL, role TEXT NOT NULL,
+    ts_ms BIGINT NOT NULL, tq TEXT NOT NULL, card BYTEA NOT NULL, card_tech TEXT NOT NULL,
+    tid TEXT, decision TEXT NOT NULL, reason TEXT NOT NULL, lv BIGINT NOT NULL,
+    cv BIGINT NOT NULL, facts TEXT NOT NULL, dir TEXT, work_day TEXT NOT NULL,
+    received_ms BIGINT NOT NULL, flag TEXT, month TEXT NOT NULL, person TEXT, course TEXT,
+    contractor TEXT, slot TEXT, result TEXT,
+    PRIMARY KEY (device, seq)
+);
+CREATE INDEX touches_by_person ON touches (tid, site, work_day);
+CREATE INDEX touches_training ON touches (site, month) WHERE role='training';
+CREATE INDEX touches_course ON touches (course) WHERE course IS NOT NULL;
+CREATE INDEX touches_vending ON touches (device, month) WHERE role='vending';
+CREATE INDEX touches_flagged ON touches (received_ms) WHERE flag IS NOT NULL;
+CREATE TABLE dead_letters (
+    id BIGSERIAL PRIMARY KEY, received_ms BIGINT NOT NULL, topic TEXT NOT NULL,
+    payload BYTEA NOT NULL, reason TEXT NOT NULL, detail TEXT NOT NULL
+);
+CREATE TABLE work_history (
+    tid TEXT NOT NULL, site TEXT NOT NULL, work_day TEXT NOT NULL,
+    first_in_ms BIGINT, last_out_ms BIGINT, taps BIGINT NOT NULL,
+    PRIMARY KEY (tid, site, work_day)
+);
+CREATE INDEX work_history_by_site ON work_history (site, work_day);
+CREATE TABLE training_monthly (
+    site TEXT NOT NULL, month TEXT NOT NULL, persons BIGINT NOT NULL, touches BIGINT NOT NULL,
+    PRIMARY KEY (site, month)
+);
+CREATE TABLE training_course (
+    course TEXT NOT NULL PRIMARY KEY, persons BIGINT NOT NULL, touches BIGINT NOT NULL
+);
+CREATE TABLE courses (
+    course TEXT NOT NULL PRIMARY KEY, name TEXT NOT NULL, starts TEXT NOT NULL,
+    ends TEXT NOT NULL, enrolled BIGINT NOT NULL, center TEXT NOT NULL
+);
+CREATE TABLE vending_ledger (
+    device TEXT NOT NULL, site TEXT NOT NULL, contractor TEXT NOT NULL, month TEXT NOT NULL,
+    dispensed BIGINT NOT NULL, failed BIGINT NOT NULL, indeterminate BIGINT NOT NULL,
+    PRIMARY KEY (device, site, contractor, month)
+);
+CREATE TABLE devices (
+    device TEXT NOT NULL PRIMARY KEY, site TEXT NOT NULL, role TEXT NOT NULL
+)
+"""
+
+POSTGRES = [_POSTGRES_1]
+
+
+def statements(script: str) -> list[str]:
+    """A migration script as single statements (no ';' inside our statements)."""
+    return [s.strip() for s in script.split(";") if s.strip()]

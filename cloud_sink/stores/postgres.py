@@ -1,0 +1,93 @@
+"""The PostgreSQL backend (psycopg 3): COPY a batch into a temp stage, insert-or-ignore from it.
+
+Several sinks may write one database: touches go in concurrently; the derivation step takes a
+transaction-level advisory lock, so each recomputation sees every touch committed before it.
+"""
+
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+
+from cloud_sink.derive.rows import COLUMNS, Row
+from cloud_sink.model import Policy
+from cloud_sink.stores import migrations
+from cloud_sink.stores.base import SqlStore
+
+_MIGRATE_LOCK = 0x63637573_0001   # 'ccus' 1: one process migrates at a time
+_DERIVE_LOCK = 0x63637573_0002    # 'ccus' 2: derivations run one at a time
+
+
+class StoreUnavailable(RuntimeError):
+    pass
+
+
+class PostgresStore(SqlStore):
+    def __init__(self, url: str, *, policy: Policy | None = None, connect_timeout: int = 10) -> None:
+        super().__init__(policy or Policy())
+        self.url = url
+        try:
+            self._db = psycopg.connect(url, autocommit=True, connect_timeout=connect_timeout)
+        except psycopg.OperationalError as exc:
+            raise StoreUnavailable(f"cannot connect to PostgreSQL at {_redact(url)}: {exc}") from exc
+        self._migrate()
+        self._db.execute("CREATE TEMP TABLE stage (LIKE touches) ON COMMIT DELETE ROWS")
+
+    def _migrate(self) -> None:
+        with self._lock:
+            self._db.execute("SELECT pg_advisory_lock(%s)", (_MIGRATE_LOCK,))
+            try:
+                self._db.execute("CREATE TABLE IF NOT EXISTS schema_migrations ("
+                                 "version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL"
+                                 " DEFAULT now())")
+                row = self._db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations"
+                                       ).fetchone()
+                version = int(row[0]) if row else 0
+                for n, script in enumerate(migrations.POSTGRES[version:], start=version + 1):
+                    with self._db.transaction():
+                        for stmt in migrations.statements(script):
+                            self._db.execute(stmt)  # type: ignore[call-overload]
+                        self._db.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (n,))
+            finally:
+                self._db.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATE_LOCK,))
+
+    @property
+    def schema_version(self) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
+            return int(row[0]) if row else 0
+
+    @contextmanager
+    def _tx(self) -> Iterator[None]:
+        with self._db.transaction():
+            yield
+
+    def _before_derive(self) -> None:
+        # held to commit: a later derivation of the same key sees this batch's touches
+        self._db.execute("SELECT pg_advisory_xact_lock(%s)", (_DERIVE_LOCK,))
+
+    def _x(self, sql: str, params: Sequence[Any] = ()) -> psycopg.Cursor[Any]:
+        return self._db.execute(sql.replace("?", "%s"), params)  # type: ignore[arg-type]
+
+    def _many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        with self._db.cursor() as cur:
+            cur.executemany(sql.replace("?", "%s"), list(rows))  # type: ignore[arg-type]
+
+    def _load_stage(self, rows: list[Row]) -> None:
+        with self._db.cursor() as cur, cur.copy(f"COPY stage ({', '.join(COLUMNS)}) FROM STDIN") as cp:
+            for r in rows:
+                cp.write_row(r)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def _redact(url: str) -> str:
+    """postgresql://user:secret@host/db -> postgresql://user:***@host/db"""
+    head, at, tail = url.rpartition("@")
+    if not at or ":" not in head.split("//", 1)[-1]:
+        return url
+    scheme, _, cred = head.partition("//")
+    return f"{scheme}//{cred.split(':', 1)[0]}:***@{tail}"

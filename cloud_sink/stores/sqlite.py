@@ -1,0 +1,81 @@
+"""The SQLite backend: one file, WAL, one writer connection; the embedded default."""
+
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from cloud_sink.derive.rows import COLUMNS, Row
+from cloud_sink.model import Policy
+from cloud_sink.stores import migrations
+from cloud_sink.stores.base import SqlStore
+
+_MARKS = ",".join("?" * len(COLUMNS))
+
+
+class SqliteStore(SqlStore):
+    def __init__(self, path: str | Path, *, cut_hour: int | None = None,
+                 policy: Policy | None = None) -> None:
+        policy = policy or Policy()
+        if cut_hour is not None and cut_hour != policy.cut_hour:
+            policy = Policy(cut_hour, policy.max_future_ms, policy.max_past_ms,
+                            policy.require_registered)
+        super().__init__(policy)
+        self.path = Path(path)
+        self.url = f"sqlite:///{self.path}"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # timeout: two sink processes on one file wait for each other's write transaction
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None,
+                                   timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._migrate()
+        self._db.execute(f"CREATE TEMP TABLE IF NOT EXISTS stage AS SELECT {', '.join(COLUMNS)}"
+                         " FROM touches WHERE 0")
+
+    def _migrate(self) -> None:
+        with self._lock:
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            for n, script in enumerate(migrations.SQLITE[version:], start=version + 1):
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    # another process may have migrated while we waited for the write lock
+                    if self._db.execute("PRAGMA user_version").fetchone()[0] >= n:
+                        self._db.execute("COMMIT")
+                        continue
+                    for stmt in migrations.statements(script):
+                        self._db.execute(stmt)
+                    self._db.execute(f"PRAGMA user_version={n}")
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+
+    @property
+    def schema_version(self) -> int:
+        with self._lock:
+            return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    @contextmanager
+    def _tx(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _x(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+        return self._db.execute(sql, params)
+
+    def _many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        self._db.executemany(sql, rows)
+
+    def _load_stage(self, rows: list[Row]) -> None:
+        self._db.executemany(f"INSERT INTO stage VALUES ({_MARKS})", rows)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
