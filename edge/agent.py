@@ -15,12 +15,21 @@ from typing import Any
 from edge import __version__, config_apply
 from edge.clock import Clock, SystemClock
 from edge.config import AgentConfig, ProfileConfig, ReaderConfig
-from edge.decision import AntiPassback, CardRead, Debouncer, Verdict, decide_gate
+from edge.decision import (
+    AntiPassback,
+    CardRead,
+    Debouncer,
+    Verdict,
+    decide_gate,
+    decide_training,
+    list_age_h,
+)
 from edge.idlist import IdList, MemoryIdList, read_technicians_csv
 from edge.link import Link
 from edge.outbox import Outbox
 from edge.reader.nfcpy_backend import NfcpyReader
 from edge.touch import Role, Touch, encode
+from edge.training import Schedule
 
 log = logging.getLogger(__name__)
 

@@ -92,6 +92,11 @@ class GateConfig:
 
 
 @dataclass
+class TrainingConfig:
+    schedule: str = ""            # course schedule (TOML); empty: touches carry no course
+
+
+@dataclass
 class AgentConfig:
     device: DeviceConfig
     mqtt: MqttConfig = field(default_factory=MqttConfig)
@@ -100,6 +105,7 @@ class AgentConfig:
     profiles: dict[str, ProfileConfig] = field(default_factory=dict)
     clock: ClockConfig = field(default_factory=ClockConfig)
     gate: GateConfig = field(default_factory=GateConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
     version: int = 0              # config version, carried by every touch
 
     @property

@@ -78,6 +78,39 @@ def decide_gate(read: CardRead, idlist: IdList | None, direction: str,
     return Verdict(decision, reason, entry.tid, version)
 
 
+# Vending: a registered, active technician with allowance left in the period gets a drink.
+# The ledger (vending/) says how many are left; this decides with that figure.
+def decide_vending(read: CardRead, idlist: IdList | None, remaining: int) -> Verdict:
+    version = idlist.version if idlist is not None else 0
+    entry, why = resolve(read, idlist)
+    if entry is None:
+        assert why is not None
+        return Verdict(Decision.DENY, why, read.tid, version)
+    decision, reason = GATE_TABLE[entry.status]
+    if decision is Decision.ALLOW and remaining <= 0:
+        return Verdict(Decision.DENY, Reason.LIMIT_REACHED, entry.tid, version)
+    return Verdict(decision, reason, entry.tid, version)
+
+
+# Training: every card is counted (a touch experience); whether the holder is registered is
+# recorded, never a reason to refuse. Unreadable cards are still denied: nothing to count.
+def decide_training(read: CardRead, idlist: IdList | None) -> Verdict:
+    version = idlist.version if idlist is not None else 0
+    if read.error is not None:
+        return Verdict(Decision.DENY, read.error, read.tid, version)
+    entry, _ = resolve(read, idlist)
+    if entry is None:
+        return Verdict(Decision.ALLOW, Reason.UNREGISTERED, read.tid, version)
+    return Verdict(Decision.ALLOW, Reason.REGISTERED, entry.tid, version)
+
+
+def list_age_h(idlist: IdList | None, now_ms: int) -> float | None:
+    """Hours since the list in force was issued; None without a list."""
+    if idlist is None or not idlist.issued_ms:
+        return None
+    return max(0.0, (now_ms - idlist.issued_ms) / 3_600_000)
+
+
 class Debouncer:
     """A card seen again on the same reader within `window_s` is the same tap.
 

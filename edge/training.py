@@ -1,0 +1,49 @@
+"""Training-center stations: the course schedule (pure) that tells which course a touch belongs to."""
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class Course:
+    id: str
+    name: str
+    start_ms: int   # inclusive, UTC ms
+    end_ms: int     # exclusive, UTC ms
+
+
+class Schedule:
+    """Courses of one station; at most one is current at any moment (overlaps are refused)."""
+
+    def __init__(self, courses: list[Course]) -> None:
+        ordered = sorted(courses, key=lambda c: c.start_ms)
+        for c in ordered:
+            if c.end_ms <= c.start_ms:
+                raise ValueError(f"course {c.id}: ends before it starts")
+        for a, b in zip(ordered, ordered[1:], strict=False):
+            if b.start_ms < a.end_ms:
+                raise ValueError(f"courses {a.id} and {b.id} overlap")
+        self.courses = ordered
+
+    def current(self, now_ms: int) -> Course | None:
+        for c in self.courses:
+            if c.start_ms <= now_ms < c.end_ms:
+                return c
+        return None
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Schedule":
+        """TOML: [[course]] id, name, start, end (TOML datetimes with offset, e.g. +09:00)."""
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+        courses = []
+        for i, c in enumerate(raw.get("course", [])):
+            try:
+                courses.append(Course(str(c["id"]), str(c["name"]),
+                                      int(c["start"].timestamp() * 1000),
+                                      int(c["end"].timestamp() * 1000)))
+            except (KeyError, AttributeError, TypeError) as exc:
+                raise ValueError(f"{path}: course[{i}]: needs id, name, start, end with a "
+                                 f"UTC offset ({exc})") from exc
+        return cls(courses)
