@@ -3,11 +3,13 @@
 A CardField owns one UDP port (the reader's device path is `udp:127.0.0.1:PORT`). A card
 is presented, read by the reader through nfcpy's own code path, and removed. FeliCa
 (Type 3) cards answer polling, Read Without Encryption, Request Response and Request
-System Code.
+System Code; Type 4A/4B cards are activated and answer APDUs (emulator_iso).
 
-The udp driver waits 1 s for a SENSF_RES before it polls again; a card presented in that
-second answers the poll already pending, as a real card entering the field answers the
-next one. Run fields in their own process (EmulatorProcess) so the reader's millisecond
+The udp driver waits 1 s for a poll answer (SENSF_RES, SENS_RES, SENSB_RES) before it polls
+again; a card presented in that second answers the poll already pending, as a real card
+entering the field answers the next one. A tap with `hold_s=None` leaves the field at the
+reader's first presence check after the read: the fastest realistic tap (the benchmark's).
+Run fields in their own process (EmulatorProcess) so the reader's millisecond
 timeouts are not at the mercy of another process's GIL.
 """
 
@@ -20,6 +22,7 @@ import time
 from binascii import hexlify, unhexlify
 
 from edge.reader.cards import FELICA_BLOCK, EmulatedCard
+from edge.reader.emulator_iso import IsoDepCardSide
 from edge.touch import CardTech
 
 PENDING_POLL_S = 0.9
@@ -34,39 +37,50 @@ class CardField:
         self.sock.bind((host, port))
         self.port = self.sock.getsockname()[1]
         self._card: EmulatedCard | None = None
+        self._iso: IsoDepCardSide | None = None
         self._lock = threading.Lock()
-        self._pending: tuple[bytes, tuple[str, int], float] | None = None
+        self._pending: tuple[str, bytes, tuple[str, int], float] | None = None
+        self._leave_on_presence = False
         self.polls_answered = 0
         self.commands = 0
         self._searching = threading.Event()  # set when the reader polls an empty field
+        self._left = threading.Event()       # set when a leave-on-presence card has left
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name=f"field-{self.port}", daemon=True)
         self._thread.start()
 
     # -- control ------------------------------------------------------------------------
-    def present(self, card: EmulatedCard) -> None:
+    def present(self, card: EmulatedCard, *, leave_on_presence: bool = False) -> None:
         with self._lock:
             self._card = card
+            self._iso = IsoDepCardSide(card) if card.tech is not CardTech.FELICA else None
+            self._leave_on_presence = leave_on_presence
+            self._left.clear()
             pending, self._pending = self._pending, None
-        if pending and time.monotonic() - pending[2] < PENDING_POLL_S:
-            self._handle(pending[0], pending[1])
+        if pending and time.monotonic() - pending[3] < PENDING_POLL_S:
+            self._handle(pending[0], pending[1], pending[2])
 
     def remove(self) -> None:
         with self._lock:
             self._card = None
+            self._iso = None
 
-    def tap(self, card: EmulatedCard, hold_s: float = 0.15, timeout_s: float = 5.0) -> bool:
+    def tap(self, card: EmulatedCard, hold_s: float | None = 0.15, timeout_s: float = 5.0) -> bool:
         """Present a card until the reader has polled it, hold it `hold_s`, remove it.
 
-        Returns False if no reader polled the card within `timeout_s`.
+        `hold_s=None`: the card leaves at the reader's first presence check. Returns False if
+        no reader polled the card within `timeout_s`.
         """
         before = self.polls_answered
-        self.present(card)
+        self._searching.clear()
+        self.present(card, leave_on_presence=hold_s is None)
         deadline = time.monotonic() + timeout_s
         while self.polls_answered == before and time.monotonic() < deadline:
-            time.sleep(0.002)
+            time.sleep(0.0005)
         seen = self.polls_answered > before
-        if seen:
+        if seen and hold_s is None:
+            self._left.wait(max(0.0, deadline - time.monotonic()))
+        elif seen:
             time.sleep(hold_s)
         self._searching.clear()
         self.remove()
@@ -96,13 +110,44 @@ class CardField:
                 data = unhexlify(hexdata)
             except ValueError:
                 continue
-            if brty in (b"212F", b"424F"):
-                self._handle(data, addr)
+            kind = brty.decode("ascii", "replace")
+            if kind in ("212F", "424F", "106A", "106B"):
+                self._handle(kind, data, addr)
 
-    def _send(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.sock.sendto(b"212F " + hexlify(data), addr)
+    def _send(self, brty: str, data: bytes, addr: tuple[str, int]) -> None:
+        self.sock.sendto(brty.encode() + b" " + hexlify(data), addr)
 
-    def _handle(self, data: bytes, addr: tuple[str, int]) -> None:
+    def _handle(self, brty: str, data: bytes, addr: tuple[str, int]) -> None:
+        if brty.endswith("F"):
+            self._handle_felica(brty, data, addr)
+        else:
+            self._handle_iso(brty, data, addr)
+
+    def _leave(self) -> None:
+        """A leave-on-presence card goes: it keeps silent from the presence check on."""
+        self._card, self._iso = None, None
+        self._left.set()
+
+    def _handle_iso(self, brty: str, data: bytes, addr: tuple[str, int]) -> None:
+        with self._lock:
+            iso = self._iso
+            if iso is None:
+                if IsoDepCardSide.is_poll(brty, data):
+                    self._pending = (brty, data, addr, time.monotonic())
+                    self._searching.set()
+                return
+            if self._leave_on_presence and iso.is_presence_check(data):
+                self._leave()
+                return
+            rsp = iso.respond(brty, data)
+            if rsp is None:
+                return
+            if IsoDepCardSide.is_poll(brty, data):
+                self.polls_answered += 1
+            self.commands += 1
+        self._send(brty, rsp, addr)
+
+    def _handle_felica(self, brty: str, data: bytes, addr: tuple[str, int]) -> None:
         if len(data) < 2 or data[0] != len(data):
             return
         with self._lock:
@@ -111,16 +156,21 @@ class CardField:
                 # A wildcard poll is the reader searching (nfcpy's SENSF_REQ); a poll for one
                 # system code is its presence check of the card just removed: not a search.
                 if data[1] == 0x00 and data[2:4] == b"\xff\xff":
-                    self._pending = (data, addr, time.monotonic())
+                    self._pending = (brty, data, addr, time.monotonic())
                     self._searching.set()
                 return
-        rsp = felica_response(card, data)
-        if rsp is None:
-            return
-        if data[1] == 0x00:
-            self.polls_answered += 1
-        self.commands += 1
-        self._send(rsp, addr)
+            # presence checks: Request Response (FeliCa Standard), polling for one system code
+            if self._leave_on_presence and (data[1] == 0x04 or (
+                    data[1] == 0x00 and data[2:4] != b"\xff\xff")):
+                self._leave()
+                return
+            rsp = felica_response(card, data)
+            if rsp is None:
+                return
+            if data[1] == 0x00:
+                self.polls_answered += 1
+            self.commands += 1
+        self._send(brty, rsp, addr)
 
 
 def felica_response(card: EmulatedCard, cmd: bytes) -> bytes | None:
@@ -202,7 +252,10 @@ def free_udp_port() -> int:
 # -- a process of fields, driven over stdin/stdout (JSON lines) ------------------------------
 
 def serve_stdio(ports: list[int]) -> None:
-    """`{"tap": {...card...}, "port": P, "hold_ms": 150}` -> `{"port": P, "seen": true}`."""
+    """`{"tap": {...card...}, "port": P, "hold_ms": 150}` -> `{"port": P, "seen": true}`.
+
+    `"hold_ms": null`: the card leaves at the reader's first presence check.
+    """
     fields = {p: CardField(p) for p in ports}
     print(json.dumps({"ready": [f.port for f in fields.values()]}), flush=True)
     for line in sys.stdin:
@@ -210,7 +263,8 @@ def serve_stdio(ports: list[int]) -> None:
             req = json.loads(line)
             field = fields[int(req["port"])]
             card = EmulatedCard.from_json(req["tap"])
-            seen = field.tap(card, hold_s=req.get("hold_ms", 150) / 1000)
+            hold = req.get("hold_ms", 150)
+            seen = field.tap(card, hold_s=None if hold is None else hold / 1000)
             print(json.dumps({"port": field.port, "seen": seen}), flush=True)
         except (ValueError, KeyError, TypeError) as exc:
             print(json.dumps({"error": str(exc)}), flush=True)
