@@ -21,7 +21,7 @@ ON CONFLICT (tid, site, work_day) DO UPDATE SET first_in_ms=excluded.first_in_ms
 """
 
 # --- training: per center and month; per course ------------------------------------------------
-_TR_WHERE = "role='training' AND flag IS NULL"
+_TR_WHERE = "role='training' AND decision='allow' AND flag IS NULL"
 _TM_SCOPE = f" AND (site, month) IN (SELECT site, month FROM stage WHERE {_TR_WHERE})"
 _TM = f"""
 INSERT INTO training_monthly (site, month, persons, touches)

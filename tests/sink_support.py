@@ -1,0 +1,65 @@
+"""Helpers for the sink and report tests: touch factories and a per-test store on either backend."""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psycopg
+
+from cloud_sink.model import Policy
+from cloud_sink.store import Store, open_store
+from cloud_sink.workday import jst_ms
+from edge.clock import TimeQuality
+from edge.reasons import Reason
+from edge.touch import CardTech, Decision, Role, Touch
+
+SITE = "13100000000001"
+SITE2 = "13100000000002"
+CENTER = "27200000000001"     # a training center's site ID
+NOW = jst_ms(2026, 11, 30, 12)  # the receive time the tests ingest at
+
+DATA_TABLES = ("touches", "dead_letters", "work_history", "training_monthly", "training_course",
+               "courses", "vending_ledger", "devices")
+
+
+def tid(i: int) -> str:
+    return f"{10000000000000 + i:014d}"
+
+
+def touch(seq: int, *, device: str = "gate-01", site: str = SITE, role: str = "gate",
+          ts: int = 0, who: int | None = 1, dir: str = "in", decision: str = "allow",
+          facts: dict[str, str | int | bool] | None = None) -> Touch:
+    r = Role(role)
+    fx: dict[str, str | int | bool] = {"dir": dir} if r is Role.GATE else {}
+    fx.update(facts or {})
+    ok = decision == "allow"
+    reason = {Role.GATE: Reason.OK, Role.VENDING: Reason.OK,
+              Role.TRAINING: Reason.REGISTERED}[r] if ok else Reason.UNKNOWN_CARD
+    return Touch(device=device, site=site, role=r, seq=seq,
+                 ts_ms=ts or jst_ms(2026, 11, 26, 8), tq=TimeQuality.SYNCED,
+                 card=bytes.fromhex(f"012E4CD3{(who or 0):08X}"), card_tech=CardTech.FELICA,
+                 tid=tid(who) if who is not None else None, decision=Decision(decision),
+                 reason=reason, list_version=3, config_version=1, facts=fx)
+
+
+@contextmanager
+def fresh_store(kind: str, tmp: Path, pg_url: str | None, policy: Policy | None = None
+                ) -> Iterator[Store]:
+    """An empty store: a new SQLite file, or the module's PostgreSQL database emptied."""
+    if kind == "sqlite":
+        n = len(list(tmp.glob("store-*.sqlite")))
+        store = open_store(tmp / f"store-{n}.sqlite", policy)
+    else:
+        assert pg_url
+        store = open_store(pg_url, policy)
+        with psycopg.connect(pg_url, autocommit=True) as db:
+            db.execute(f"TRUNCATE {', '.join(DATA_TABLES)} RESTART IDENTITY")
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def derived(store: Store) -> dict[str, list[tuple[object, ...]]]:
+    return {name: store.table(name) for name in
+            ("work_history", "training_monthly", "training_course", "vending_ledger")}
