@@ -27,8 +27,9 @@ from edge.decision import (
 from edge.idlist import IdList, MemoryIdList, read_technicians_csv
 from edge.link import Link
 from edge.outbox import Outbox
-from edge.reader.nfcpy_backend import NfcpyReader
-from edge.touch import Role, Touch, encode
+from edge.reader.backend import Feedback, make_reader
+from edge.reasons import Reason
+from edge.touch import Decision, Role, Touch, encode
 from edge.training import Schedule
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,8 @@ class Agent:
     def __init__(self, cfg: AgentConfig, *, clock: Clock | None = None,
                  idlist: IdList | None = None,
                  on_touch: Callable[[Touch], None] | None = None,
-                 config_keys: list[Any] | None = None) -> None:
+                 config_keys: list[Any] | None = None,
+                 feedback: Feedback | None = None) -> None:
         # signed config: the file config with the saved operator overlays on top
         keys = config_keys if config_keys is not None else config_apply.load_keys(
             os.environ.get("CCUS_KEYS_DIR", config_apply.KEYS_DIR))
@@ -69,8 +71,11 @@ class Agent:
                                                  self._config_applied)
         for t in self.config.subscriptions:
             self.link.subscribe(t, self.config.submit)
-        self.readers = [NfcpyReader(r, self._profile(r), self.handle_read, self._on_health)
-                        for r in cfg.readers]
+        # the backend (nfcpy, pcsc) is chosen per reader by its config; `feedback` is the
+        # controller board's beep/LED hook for readers that cannot signal themselves
+        self.feedback: Feedback | None = feedback
+        self.readers = [make_reader(r, self._profile(r), self.handle_read, self._on_health,
+                                    self._feedback) for r in cfg.readers]
         self._debounce = {r.name: Debouncer(r.retap_window_s) for r in cfg.readers}
         self._anti_passback = AntiPassback() if cfg.gate.anti_passback else None
         self._lock = threading.Lock()
@@ -148,6 +153,10 @@ class Agent:
         self.link.publish_state()
 
     # -- state ----------------------------------------------------------------------------
+    def _feedback(self, reader: str, decision: Decision, reason: Reason) -> None:
+        if self.feedback is not None:
+            self.feedback(reader, decision, reason)
+
     def _on_health(self, name: str, health: str) -> None:
         self.link.publish_state()
 
