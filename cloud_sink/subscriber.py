@@ -2,6 +2,9 @@
 
 paho's manual_ack holds each PUBACK until the batch holding the message is committed, so a
 sink killed mid-batch leaves the broker to redeliver (the session outlives the process).
+After the commit the sink also publishes, per device in the batch, the end-to-end
+acknowledgement (retained, QoS 1): the highest seq up to which that device's touches are all
+stored (cloud_sink.acks, docs/delivery.md). Only then may the device forget them.
 """
 
 import logging
@@ -17,9 +20,11 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from cloud_sink.acks import AckLedger
 from cloud_sink.store import DeadLetter, IngestResult, SqliteStore
 from cloud_sink.validate import validate
 from edge import topics
+from edge.e2e import encode_ack
 from edge.touch import Touch
 
 log = logging.getLogger(__name__)
@@ -34,6 +39,7 @@ class Sink:
         self.on_batch = on_batch
         self.totals = IngestResult()
         self.subscribed = threading.Event()
+        self.acks = AckLedger(_db_file(store))  # end-to-end acknowledgements and gaps
         self._q: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
         self._stop = threading.Event()
         self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
@@ -101,7 +107,16 @@ class Sink:
         res = self.store.ingest(good, dead)  # committed when this returns
         for m in batch:
             self._client.ack(m.mid, m.qos)
+        for a in self.acks.observe((t.site, t.device, t.seq) for t in good):
+            self._client.publish(topics.touch_ack(a.site, a.device), encode_ack(a.upto),
+                                 qos=1, retain=True)
         for k in ("stored", "repeated", "dead"):
             setattr(self.totals, k, getattr(self.totals, k) + getattr(res, k))
         if self.on_batch:
             self.on_batch(res)
+
+
+def _db_file(store: object) -> str | None:
+    """The SQLite file behind the store (the ack ledger opens its own connection), or None."""
+    path = getattr(store, "path", None)
+    return str(path) if path else None

@@ -1,0 +1,241 @@
+"""End-to-end acknowledgement, sink side: per device, the contiguous stored prefix and the gaps.
+
+Rules of this file:
+
+- SeqTracker is pure: it is fed the seqs of one device that are committed in the store, in any
+  order, with repeats, and says up to which seq *everything* is stored (``upto``) and which
+  ranges above it are missing (``gaps()``). It never moves backwards.
+- AckLedger is the adapter: it keeps a tracker per device, loads it from the store's touches
+  table the first time a device is seen (the store, not memory, is the truth), reloads it when
+  gaps persist (another sink in the shared-subscription group may have stored the missing
+  touches), keeps the open and closed gaps in the ``seq_gaps`` table, and says which devices
+  need an acknowledgement published. It is called only after the batch is committed.
+- A gap means loss somewhere or a replay in progress: it is logged and kept in seq_gaps; the
+  acknowledgement covers only the contiguous prefix, so the device keeps and replays the rest.
+"""
+
+import argparse
+import logging
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+RESYNC_S = 1.0  # with gaps open, re-read the store at most this often per device
+
+GAPS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS seq_gaps (
+    device TEXT NOT NULL, site TEXT NOT NULL,
+    first_missing INTEGER NOT NULL, last_missing INTEGER NOT NULL,
+    seen_ms INTEGER NOT NULL, closed_ms INTEGER,
+    PRIMARY KEY (device, first_missing, last_missing, seen_ms)
+)
+"""
+
+
+class SeqTracker:
+    """The contiguous prefix of a set of positive seqs, kept incrementally (pure)."""
+
+    __slots__ = ("upto", "_above")
+
+    def __init__(self, upto: int = 0, above: Iterable[int] = ()) -> None:
+        self.upto = upto
+        self._above: set[int] = {s for s in above if s > upto}
+        self._advance()
+
+    def add(self, seq: int) -> bool:
+        """Record a stored seq. Returns False when it was known already (a repeat)."""
+        if seq <= self.upto or seq in self._above:
+            return False
+        if seq == self.upto + 1:
+            self.upto = seq
+            self._advance()
+        else:
+            self._above.add(seq)
+        return True
+
+    def _advance(self) -> None:
+        above = self._above
+        while above and self.upto + 1 in above:
+            self.upto += 1
+            above.discard(self.upto)
+
+    @property
+    def max_seen(self) -> int:
+        return max(self._above) if self._above else self.upto
+
+    @property
+    def has_gaps(self) -> bool:
+        return bool(self._above)
+
+    def gaps(self) -> list[tuple[int, int]]:
+        """Missing ranges (first, last), inclusive, between upto and the highest seq seen."""
+        out: list[tuple[int, int]] = []
+        prev = self.upto
+        for s in sorted(self._above):
+            if s > prev + 1:
+                out.append((prev + 1, s - 1))
+            prev = s
+        return out
+
+
+@dataclass
+class _Device:
+    site: str
+    tracker: SeqTracker
+    published: int = -1                  # last upto this process published
+    gaps: list[tuple[int, int]] = field(default_factory=list)
+    gap_seen: dict[tuple[int, int], int] = field(default_factory=dict)
+    loaded_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class Ack:
+    site: str
+    device: str
+    upto: int
+
+
+class AckLedger:
+    """The sink's per-device acknowledgement state, on its own connection to the store file."""
+
+    def __init__(self, db_path: str | Path | None) -> None:
+        self._devices: dict[str, _Device] = {}
+        self.gaps_opened = 0
+        self.enabled = db_path is not None
+        if db_path is None:
+            # TODO(PostgreSQL): load prefixes through the store. Until then no acknowledgement
+            # is published: devices keep and replay their touches (safe, not lean).
+            log.warning("sink: end-to-end acknowledgements need the SQLite store for now; "
+                        "devices will keep their touches")
+            return
+        self._db = sqlite3.connect(str(db_path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA busy_timeout=30000")
+        self._db.execute(GAPS_SCHEMA)
+
+    def _load(self, device: str) -> SeqTracker:
+        db = self._db
+        upto = 0
+        if db.execute("SELECT 1 FROM touches WHERE device=? AND seq=1", (device,)).fetchone():
+            row = db.execute(
+                "SELECT t.seq FROM touches t WHERE t.device=? AND NOT EXISTS (SELECT 1 FROM "
+                "touches u WHERE u.device=t.device AND u.seq=t.seq+1) ORDER BY t.seq LIMIT 1",
+                (device,)).fetchone()
+            upto = int(row[0])
+        above = [int(r[0]) for r in db.execute(
+            "SELECT seq FROM touches WHERE device=? AND seq>?", (device, upto))]
+        return SeqTracker(upto, above)
+
+    def observe(self, stored: Iterable[tuple[str, str, int]]) -> list[Ack]:
+        """(site, device, seq) of every touch in a committed batch, new or repeated.
+
+        Returns the acknowledgements to publish: a device whose prefix grew, or that sent a
+        repeat (it has not heard the acknowledgement it needs: say it again).
+        """
+        if not self.enabled:
+            return []
+        now = time.monotonic()
+        touched: dict[str, bool] = {}    # device -> saw a repeat
+        for site, device, seq in stored:
+            d = self._devices.get(device)
+            if d is None:
+                d = self._devices[device] = _Device(site, self._load(device), loaded_at=now)
+            new = d.tracker.add(seq)
+            touched[device] = touched.get(device, False) or not new
+        acks: list[Ack] = []
+        for device, repeat in touched.items():
+            d = self._devices[device]
+            if d.tracker.has_gaps and now - d.loaded_at >= RESYNC_S:
+                fresh = self._load(device)  # another sink may hold what we miss
+                d.tracker = SeqTracker(max(fresh.upto, d.tracker.upto),
+                                       [*fresh._above, *d.tracker._above])
+                d.loaded_at = now
+            self._update_gaps(device, d)
+            if d.tracker.upto > d.published or repeat:
+                d.published = d.tracker.upto
+                acks.append(Ack(d.site, device, d.tracker.upto))
+        return acks
+
+    def _update_gaps(self, device: str, d: _Device) -> None:
+        gaps = d.tracker.gaps() if d.tracker.has_gaps else []
+        if gaps == d.gaps:
+            return
+        now_ms = int(time.time() * 1000)
+        old, new = set(d.gaps), set(gaps)
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for g in old - new:
+                self._db.execute(
+                    "UPDATE seq_gaps SET closed_ms=? WHERE device=? AND first_missing=? AND "
+                    "last_missing=? AND closed_ms IS NULL", (now_ms, device, g[0], g[1]))
+                log.info("sink: gap in %s seq %d..%d closed", device, *g)
+            for g in new - old:
+                # a gap that shrank keeps the time it was first seen
+                seen = min([t for (a, b), t in d.gap_seen.items() if a <= g[1] and g[0] <= b],
+                           default=now_ms)
+                d.gap_seen[g] = seen
+                self._db.execute("INSERT OR IGNORE INTO seq_gaps VALUES (?,?,?,?,?,NULL)",
+                                 (device, d.site, g[0], g[1], seen))
+                self.gaps_opened += 1
+                log.warning("sink: gap in %s: seq %d..%d missing (%d touches; a replay in "
+                            "progress or a loss): acknowledging only up to %d",
+                            device, g[0], g[1], g[1] - g[0] + 1, d.tracker.upto)
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        d.gap_seen = {g: d.gap_seen[g] for g in gaps if g in d.gap_seen}
+        d.gaps = gaps
+
+    def upto(self, device: str) -> int | None:
+        d = self._devices.get(device)
+        return d.tracker.upto if d else None
+
+    def open_gaps(self) -> int:
+        return sum(len(d.gaps) for d in self._devices.values())
+
+    def close(self) -> None:
+        if self.enabled:
+            self._db.close()
+
+
+def gap_report(db_path: str | Path, *, include_closed: bool = False) -> list[tuple]:  # type: ignore[type-arg]
+    """Rows (device, site, first_missing, last_missing, seen_ms, closed_ms) from seq_gaps."""
+    db = sqlite3.connect(str(db_path))
+    try:
+        db.execute(GAPS_SCHEMA)
+        sql = "SELECT device, site, first_missing, last_missing, seen_ms, closed_ms FROM seq_gaps"
+        if not include_closed:
+            sql += " WHERE closed_ms IS NULL"
+        return db.execute(sql + " ORDER BY device, first_missing").fetchall()
+    finally:
+        db.close()
+
+
+def format_gaps(rows: list[tuple]) -> str:  # type: ignore[type-arg]
+    if not rows:
+        return "no open gaps: every device's touches are stored contiguously"
+    now = time.time() * 1000
+    lines = [f"{'device':<16} {'site':<14} {'missing seq':>21} {'count':>7} {'age':>8}  state"]
+    for dev, site, lo, hi, seen, closed in rows:
+        age = f"{(now - seen) / 1000:.0f}s"
+        lines.append(f"{dev:<16} {site:<14} {f'{lo}..{hi}':>21} {hi - lo + 1:>7} {age:>8}  "
+                     f"{'open' if closed is None else 'closed'}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m cloud_sink.acks --db store.sqlite [--all]`: list gaps in devices' seqs."""
+    p = argparse.ArgumentParser(prog="python -m cloud_sink.acks", description=main.__doc__)
+    p.add_argument("--db", required=True)
+    p.add_argument("--all", action="store_true", help="closed gaps too")
+    args = p.parse_args(argv)
+    print(format_gaps(gap_report(args.db, include_closed=args.all)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
