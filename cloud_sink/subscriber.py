@@ -21,7 +21,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from cloud_sink.acks import AckLedger
-from cloud_sink.store import DeadLetter, IngestResult, SqliteStore
+from cloud_sink.store import DeadLetter, IngestResult, Store
 from cloud_sink.validate import validate
 from edge import topics
 from edge.e2e import encode_ack
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 class Sink:
-    def __init__(self, store: SqliteStore, host: str, port: int, *, group: str = "sink",
+    def __init__(self, store: Store, host: str, port: int, *, group: str = "sink",
                  client_id: str = "sink-1", batch_max: int = 500, batch_wait_s: float = 0.05,
                  on_batch: Callable[[IngestResult], None] | None = None) -> None:
         self.store, self.host, self.port, self.group = store, host, port, group
@@ -92,7 +92,14 @@ class Sink:
                     batch.append(self._q.get(timeout=max(0.0, deadline - time.monotonic())))
                 except queue.Empty:
                     break
-            self._commit(batch)
+            while not self._stop.is_set():
+                try:
+                    self._commit(batch)
+                    break
+                except Exception:  # noqa: BLE001 - the store is down or refused: keep the batch
+                    # unacknowledged messages stay with us (and the broker); retry, never die
+                    log.exception("sink: storing a batch of %d failed; retrying in 1 s", len(batch))
+                    self._stop.wait(1.0)
 
     def _commit(self, batch: list[mqtt.MQTTMessage]) -> None:
         good: list[Touch] = []
