@@ -1,0 +1,275 @@
+"""argparse wiring for `ccus ops ...`: hook with `register(subparsers)` from edge/cli.py."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the `ops` command group (PKI, ACLs, broker configs, config push, fleet, lists)."""
+    from edge.ops.mqttc import add_broker_args
+
+    ops = subparsers.add_parser("ops", help="operators: provisioning, broker configs, signed "
+                                            "config, fleet view, ID lists")
+    sub = ops.add_subparsers(dest="ops_cmd", required=True, metavar="OPS_COMMAND")
+
+    ca = sub.add_parser("ca", help="the certificate authority")
+    ca_sub = ca.add_subparsers(dest="ca_cmd", required=True)
+    p = ca_sub.add_parser("init", help="create the CA (once) and an empty CRL")
+    p.add_argument("--pki", required=True, help="PKI folder (keep it offline)")
+    p.add_argument("--name", default="ccus-touch CA")
+    p.add_argument("--days", type=int, default=3650)
+    p.set_defaults(func=_safe(_ca_init))
+    p = ca_sub.add_parser("crl", help="re-sign the CRL (do it monthly: it expires after 30 days)")
+    p.add_argument("--pki", required=True)
+    p.set_defaults(func=_safe(_ca_crl))
+
+    p = sub.add_parser("server", help="a server certificate for the cloud broker")
+    p.add_argument("--pki", required=True)
+    p.add_argument("--name", action="append", required=True,
+                   help="DNS name or IP the broker is reached by (repeat)")
+    p.set_defaults(func=_safe(_server))
+
+    p = sub.add_parser("identity", help="an operator or sink certificate")
+    p.add_argument("--pki", required=True)
+    p.add_argument("--kind", choices=("operator", "sink"), required=True)
+    p.add_argument("--name", required=True)
+    p.set_defaults(func=_safe(_identity))
+
+    site = sub.add_parser("site", help="sites")
+    site_sub = site.add_subparsers(dest="site_cmd", required=True)
+    p = site_sub.add_parser("add", help="bridge identity, site broker cert, device certs")
+    p.add_argument("--pki", required=True)
+    p.add_argument("--site", required=True, help="14-digit CCUS site ID")
+    p.add_argument("--device", action="append", default=[], help="device id (repeat)")
+    p.add_argument("--role", default="gate", choices=("gate", "vending", "training"))
+    p.add_argument("--broker-name", action="append", default=[],
+                   help="DNS name/IP of the site broker on the site LAN (repeat)")
+    p.set_defaults(func=_safe(_site_add))
+
+    dev = sub.add_parser("device", help="device certificates")
+    dev_sub = dev.add_subparsers(dest="device_cmd", required=True)
+    p = dev_sub.add_parser("add", help="one more device at a site")
+    p.add_argument("--pki", required=True)
+    p.add_argument("--site", required=True)
+    p.add_argument("--id", required=True)
+    p.add_argument("--role", default="gate", choices=("gate", "vending", "training"))
+    p.add_argument("--broker-name", default="site-broker.local")
+    p.set_defaults(func=_safe(_device_add))
+    p = dev_sub.add_parser("rotate", help="new key and certificate; the old one stays valid "
+                                          "until `ccus ops cert revoke`")
+    p.add_argument("--pki", required=True)
+    p.add_argument("--id", required=True)
+    p.set_defaults(func=_safe(_device_rotate))
+    p = dev_sub.add_parser("revoke", help="lost device: CRL all its certificates, drop its ACL")
+    p.add_argument("--pki", required=True)
+    p.add_argument("--id", required=True)
+    p.set_defaults(func=_safe(_device_revoke))
+
+    cert = sub.add_parser("cert", help="certificates by serial")
+    cert_sub = cert.add_subparsers(dest="cert_cmd", required=True)
+    p = cert_sub.add_parser("revoke", help="put one serial (hex) on the CRL")
+    p.add_argument("--pki", required=True)
+    p.add_argument("--serial", required=True)
+    p.set_defaults(func=_safe(_cert_revoke))
+
+    p = sub.add_parser("acl", help="write the broker ACL file from the inventory")
+    p.add_argument("--pki", required=True)
+    p.add_argument("--site", help="only this site (a site broker's ACL)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_safe(_acl))
+
+    p = sub.add_parser("broker-config", help="a broker bundle: mosquitto.conf, certs, CRL, ACL")
+    p.add_argument("--place", choices=("dev", "site", "cloud"), required=True)
+    p.add_argument("--pki", default="", help="PKI folder (site and cloud)")
+    p.add_argument("--out", required=True, help="bundle folder to create")
+    p.add_argument("--site", help="site id (site broker)")
+    p.add_argument("--cloud", default="", metavar="HOST:PORT", help="cloud broker (site broker)")
+    p.add_argument("--listener", default="8883", help="mosquitto listener: 'PORT [ADDRESS]'")
+    p.add_argument("--install-dir", default="/etc/mosquitto/ccus",
+                   help="where the bundle will live on the broker host")
+    p.set_defaults(func=_safe(_broker_config))
+
+    cfg = sub.add_parser("config", help="signed configuration")
+    cfg_sub = cfg.add_subparsers(dest="config_cmd", required=True)
+    p = cfg_sub.add_parser("push", help="TOML overlay -> signed, versioned, retained")
+    p.add_argument("--site", required=True)
+    p.add_argument("--device", help="one device (default: every device of the site)")
+    p.add_argument("--file", required=True, help="overlay TOML (a partial agent.toml)")
+    p.add_argument("--signing-key", required=True, help="operator Ed25519 key (ccus ops keygen)")
+    p.add_argument("--version", type=int, help="default: the issue time in ms")
+    p.add_argument("--wait", type=float, default=10.0, help="seconds to collect acks")
+    p.add_argument("--dry-run", action="store_true", help="check and sign, publish nothing")
+    add_broker_args(p)
+    p.set_defaults(func=_safe(_config_push))
+
+    p = sub.add_parser("devices", help="the fleet from retained state: problems first")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--site", default="+", help="one site (default: all)")
+    add_broker_args(p)
+    p.set_defaults(func=_safe(_devices))
+
+    try:  # the ID-list commands live with the ID-list code
+        from edge.idlist.cli import register as register_list
+        from edge.idlist.cli import register_keygen
+    except ImportError:  # pragma: no cover - only while that module is missing
+        pass
+    else:
+        register_list(sub)
+        register_keygen(sub)
+    return ops
+
+
+def _safe(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """A clear one-line error and exit code 2 instead of a traceback."""
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except (OSError, ValueError, RuntimeError) as exc:
+            print(f"ccus ops: {exc}", file=sys.stderr)
+            return 2
+    return run
+
+
+def _out(obj: Any) -> int:
+    print(json.dumps(obj, default=str))
+    return 0
+
+
+def _issued(i: Any) -> dict[str, Any]:
+    # paths, serial and expiry only: key material is never printed
+    return {"cn": i.cn, "serial": f"{i.serial:x}", "cert": str(i.cert), "key": str(i.key),
+            "not_after": i.not_after.isoformat()}
+
+
+def _ca_init(a: argparse.Namespace) -> int:
+    from edge.ops.pki import CA, fingerprint
+
+    ca = CA.init(a.pki, a.name, a.days)
+    return _out({"ca": str(ca.cert_path), "crl": str(ca.crl_path),
+                 "sha256": fingerprint(ca.cert_path)})
+
+
+def _ca_crl(a: argparse.Namespace) -> int:
+    from edge.ops.pki import CA
+
+    ca = CA(a.pki)
+    return _out({"crl": str(ca.write_crl()), "revoked": len(ca.revoked())})
+
+
+def _server(a: argparse.Namespace) -> int:
+    from edge.ops.pki import CA
+
+    return _out(_issued(CA(a.pki).issue_server(Path(a.pki) / "server", a.name)))
+
+
+def _identity(a: argparse.Namespace) -> int:
+    from edge.ops.provision import add_identity
+
+    return _out(_issued(add_identity(a.pki, a.kind, a.name)))
+
+
+def _site_add(a: argparse.Namespace) -> int:
+    from edge.ops.provision import add_site
+
+    return _out([_issued(i) for i in add_site(a.pki, a.site, a.device, role=a.role,
+                                              broker_names=a.broker_name)])
+
+
+def _device_add(a: argparse.Namespace) -> int:
+    from edge.ops.provision import add_device
+
+    return _out(_issued(add_device(a.pki, a.site, a.id, role=a.role, host=a.broker_name)))
+
+
+def _device_rotate(a: argparse.Namespace) -> int:
+    from edge.ops.provision import rotate_device
+
+    issued, old = rotate_device(a.pki, a.id)
+    return _out({**_issued(issued), "old_serial": f"{old:x}"})
+
+
+def _device_revoke(a: argparse.Namespace) -> int:
+    from edge.ops.provision import revoke_device
+
+    serials = revoke_device(a.pki, a.id)
+    return _out({"revoked": [f"{s:x}" for s in serials],
+                 "next": "regenerate the ACL (ccus ops acl / broker-config), copy acl and "
+                         "crl.pem to the brokers, restart them"})
+
+
+def _cert_revoke(a: argparse.Namespace) -> int:
+    from edge.ops.pki import CA
+
+    CA(a.pki).revoke(int(a.serial, 16))
+    return _out({"revoked": a.serial.lower()})
+
+
+def _acl(a: argparse.Namespace) -> int:
+    from edge.ops.acl import render_acl
+    from edge.ops.inventory import InventoryFile
+
+    Path(a.out).write_text(render_acl(InventoryFile(a.pki).inventory(), site=a.site))
+    return _out({"acl": a.out})
+
+
+def _broker_config(a: argparse.Namespace) -> int:
+    from edge.ops.brokerconf import bundle
+
+    conf = bundle(a.place, a.pki, a.out, site=a.site, cloud_address=a.cloud,
+                  listener=a.listener, install_dir=a.install_dir)
+    return _out({"config": str(conf), "install_dir": a.install_dir})
+
+
+def _config_push(a: argparse.Namespace) -> int:
+    from edge.ops.configpush import build, load_overlay, push
+    from edge.ops.mqttc import broker_opts
+    from edge.signing import load_private_key
+
+    body = load_overlay(a.file)
+    topic, version, payload = build(load_private_key(a.signing_key), a.site, a.device, body,
+                                    version=a.version)
+    if a.dry_run:
+        return _out({"topic": topic, "version": version, "bytes": len(payload),
+                     "published": False})
+    res = push(broker_opts(a), topic, version, payload, site=a.site, dev=a.device,
+               wait_s=a.wait)
+    refused = {d: k for d, k in res.acks.items() if k.get("result") != "applied"}
+    _out({"topic": topic, "version": version, "published": True,
+          "acks": {d: {"result": k.get("result"), "reason": k.get("reason"),
+                       "detail": k.get("detail")} for d, k in sorted(res.acks.items())}})
+    if refused:
+        return 3
+    return 0 if res.acks or a.wait <= 0 else 4  # 4: no device answered within --wait
+
+
+def _devices(a: argparse.Namespace) -> int:
+    from edge import topics
+    from edge.ops import fleet
+    from edge.ops.mqttc import broker_opts, snapshot
+
+    msgs = snapshot(broker_opts(a), f"{topics.PREFIX}/{a.site}/+/state")
+    now = int(time.time() * 1000)
+    rows = fleet.fleet(msgs, now)
+    if a.json:
+        return _out(fleet.as_json(rows))
+    print(fleet.render(rows, now))
+    return 1 if any(r.problems for r in rows) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone: `python -m edge.ops.cli ...` (same as `ccus ops ...`)."""
+    parser = argparse.ArgumentParser(prog="ccus")
+    register(parser.add_subparsers(dest="cmd", required=True))
+    args = parser.parse_args(["ops", *(sys.argv[1:] if argv is None else argv)])
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
