@@ -94,8 +94,15 @@ def read_binary(offset: int, length: int) -> bytes:
 
 
 def sw_reason(sw: bytes, step: str) -> Reason:
-    """The reason for a status word other than 9000 at `step` (select_aid, select_file, read)."""
+    """The reason for a status word other than 9000 at `step`.
+
+    Steps: select_aid, select_file, read (ISO-DEP); select_service (PC/SC FeliCa); get_uid.
+    """
     if sw in (b"\x6a\x82", b"\x6a\x83", b"\x6a\x86", b"\x6a\x87"):
+        if step == "select_service":
+            return Reason.WRONG_SERVICE
+        if step == "get_uid":
+            return Reason.BAD_RESPONSE
         if step == "select_aid":
             return Reason.FOREIGN_APPLICATION
         if step == "select_file":
