@@ -1,0 +1,130 @@
+"""The sink over a private Mosquitto into real SQLite and PostgreSQL: bad input never blocks good."""
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import cbor2
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from sink_support import SITE, fresh_store, touch
+
+from broker.launcher import PrivateBroker
+from cloud_sink.store import Store
+from cloud_sink.subscriber import Sink
+from edge import topics
+from edge.touch import _to_map, encode
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def publisher(broker: PrivateBroker) -> Iterator[mqtt.Client]:
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="pub-test", protocol=mqtt.MQTTv5)
+    c.connect(broker.host, broker.port)
+    c.loop_start()
+    yield c
+    c.disconnect()
+    c.loop_stop()
+
+
+def start_sinks(store: Store, broker: PrivateBroker, n: int, group: str) -> list[Sink]:
+    sinks = [Sink(store, broker.host, broker.port, group=group, client_id=f"{group}-{i}",
+                  batch_wait_s=0.01) for i in range(n)]
+    for s in sinks:
+        s.start()
+    for s in sinks:
+        assert s.subscribed.wait(10), "sink did not subscribe"
+    return sinks
+
+
+def bad_payloads() -> list[tuple[str, bytes, str]]:
+    good = _to_map(touch(99))
+    wrong_type = dict(good, seq="99")
+    missing = {k: v for k, v in good.items() if k != "ts"}
+    future_schema = dict(good, v=2)
+    return [
+        (topics.touch(SITE, "gate-01"), cbor2.dumps(wrong_type), "bad_field"),
+        (topics.touch(SITE, "gate-01"), cbor2.dumps(missing), "missing_field"),
+        (topics.touch(SITE, "gate-01"), cbor2.dumps(future_schema), "unknown_schema"),
+        (topics.touch(SITE, "gate-01"), b"\xff\xfe garbage", "malformed_cbor"),
+        (topics.touch(SITE, "gate-07"), encode(touch(5)), "topic_mismatch"),
+    ]
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_bad_input_is_dead_lettered_and_the_good_touches_behind_it_are_stored(
+        kind: str, broker: PrivateBroker, publisher: mqtt.Client, tmp_path: Path,
+        request: pytest.FixtureRequest) -> None:
+    url = request.getfixturevalue("pg_url") if kind == "postgres" else None
+    with fresh_store(kind, tmp_path, url) as store:
+        [sink] = start_sinks(store, broker, 1, f"t-{kind}")
+        try:
+            bad = bad_payloads()
+            for i in range(1, 41):
+                if i % 8 == 0:
+                    topic, payload, _ = bad[(i // 8) - 1]
+                    publisher.publish(topic, payload, qos=1)
+                publisher.publish(topics.touch(SITE, "gate-01"), encode(touch(i)), qos=1)
+            wait_for(lambda: store.counts()["touches"] >= 40 and store.counts()["dead_letters"] >= 5,
+                     15, "40 touches and 5 dead letters")
+            counts = store.counts()
+            assert (counts["touches"], counts["dead_letters"]) == (40, 5)
+            assert sorted(r[3] for r in store.dead_letters()) == sorted(b[2] for b in bad)
+            assert len(store.work_history()) == 1   # technician 1, one work day, 40 taps
+            assert store.work_history()[0].taps == 40
+        finally:
+            sink.stop()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_two_sinks_on_one_shared_subscription_split_the_load_without_loss_or_doubles(
+        kind: str, broker: PrivateBroker, publisher: mqtt.Client, tmp_path: Path,
+        request: pytest.FixtureRequest) -> None:
+    url = request.getfixturevalue("pg_url") if kind == "postgres" else None
+    with fresh_store(kind, tmp_path, url) as store:
+        sinks = start_sinks(store, broker, 2, f"pair-{kind}")
+        try:
+            n = 400
+            done = threading.Event()
+            for i in range(1, n + 1):
+                info = publisher.publish(topics.touch(SITE, "gate-02"),
+                                         encode(touch(i, device="gate-02", who=1 + i % 7)), qos=1)
+                if i == n:
+                    info.wait_for_publish(10)
+                    done.set()
+            assert done.is_set()
+            wait_for(lambda: sum(s.totals.stored for s in sinks) >= n, 20, f"{n} stored")
+            time.sleep(0.2)  # anything doubled would arrive now
+            per_sink = [s.totals.stored + s.totals.repeated for s in sinks]
+            assert sum(per_sink) == n, per_sink
+            assert min(per_sink) > 0, f"the load did not split: {per_sink}"
+            assert store.counts()["touches"] == n
+            assert sum(r.taps for r in store.work_history()) == n
+        finally:
+            for s in sinks:
+                s.stop()
+
+
+def test_future_clock_is_flagged_not_dead_lettered(broker: PrivateBroker, publisher: mqtt.Client,
+                                                   tmp_path: Path) -> None:
+    with fresh_store("sqlite", tmp_path, None) as store:
+        [sink] = start_sinks(store, broker, 1, "clock")
+        try:
+            now = int(time.time() * 1000)
+            for seq, ts in ((1, now + 3 * 24 * 3600_000), (2, now)):
+                publisher.publish(topics.touch(SITE, "gate-03"),
+                                  encode(touch(seq, device="gate-03", ts=ts)), qos=1)
+            wait_for(lambda: store.counts()["touches"] >= 2, 10, "2 touches")
+            assert [(f[1], f[6]) for f in store.flagged()] == [(1, "ts_future")]
+            assert [r.taps for r in store.work_history()] == [1]
+        finally:
+            sink.stop()
