@@ -1,0 +1,119 @@
+"""Operator tooling: ACL generation, the fleet view, config push pre-flight, the CLI walk-through."""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import cbor2
+import pytest
+
+from edge.config import ConfigError
+from edge.ops import fleet
+from edge.ops.acl import Inventory, render_acl
+from edge.ops.configpush import build
+from edge.signing import generate_key
+
+SITE = "12345678901234"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_acl_binds_each_device_to_its_site() -> None:
+    text = render_acl(Inventory(devices=[(SITE, "gate-01"), ("99999999999999", "gate-02")],
+                                operators=["alice"], sinks=["s1"], bridges=[SITE]))
+    block = text.split("user gate-01\n")[1].split("\n\n")[0].splitlines()
+    assert f"topic write ccus/v1/{SITE}/gate-01/touch" in block
+    assert f"topic read ccus/v1/{SITE}/_site/config" in block
+    assert not any("write" in r and ("config\n" in r + "\n" or "list" in r) for r in block)
+    assert all(SITE in r or "/list/" in r for r in block)
+    assert "user operator:alice" in text and "user sink:s1" in text
+    assert f"user bridge:{SITE}" in text
+    site_only = render_acl(Inventory(devices=[(SITE, "gate-01"), ("99999999999999", "gate-02")]),
+                           site=SITE)
+    assert "gate-01" in site_only and "gate-02" not in site_only
+
+
+def test_acl_refuses_one_id_at_two_sites() -> None:
+    with pytest.raises(ValueError, match="more than one site"):
+        render_acl(Inventory(devices=[(SITE, "gate-01"), ("99999999999999", "gate-01")]))
+
+
+def state(**kw: object) -> bytes:
+    m = {"v": 1, "online": True, "ts": 1_000_000, "tq": "synced", "sw": "0.1", "lv": 3, "cv": 5,
+         "backlog": 0, "oldest_ms": None, "readers": {"entry": "ok"}, "role": "gate"}
+    m.update(kw)
+    return cbor2.dumps(m)
+
+
+def test_fleet_problems_first() -> None:
+    now = 1_000_000 + 10_000
+    msgs = {
+        f"ccus/v1/{SITE}/a-ok/state": state(),
+        f"ccus/v1/{SITE}/b-off/state": state(online=False),
+        f"ccus/v1/{SITE}/c-bad/state": b"\xff\xfe",
+        f"ccus/v1/{SITE}/d-sick/state": state(readers={"entry": "down"}, tq="drifted",
+                                              backlog=500, oldest_ms=0),
+        "ccus/v1/not-a-site/x/state": state(),
+    }
+    rows = fleet.fleet(msgs, now)
+    assert [r.dev for r in rows] == ["d-sick", "c-bad", "b-off", "a-ok"]
+    assert rows[0].problems == ["backlog 500", "old backlog", "reader entry down", "clock drifted"]
+    assert rows[-1].problems == []
+    assert "state unreadable" in rows[1].problems and rows[2].problems == ["offline"]
+    table = fleet.render(rows, now)
+    assert table.splitlines()[0].startswith("SITE") and "offline" in table
+    assert json.dumps(fleet.as_json(rows))
+
+
+def test_push_preflight_catches_mistakes() -> None:
+    key = generate_key()
+    topic, version, payload = build(key, SITE, None, {"gate": {"anti_passback": True}},
+                                    issued_ms=42)
+    assert topic == f"ccus/v1/{SITE}/_site/config" and version == 42 and payload
+    with pytest.raises(ConfigError):
+        build(key, SITE, "gate-01", {"gate": {"anti_pasback": True}})  # typo
+    with pytest.raises(ConfigError):
+        build(key, SITE, "gate-01", {"device": {"id": "other"}})
+
+
+def ops(*args: str, cwd: Path) -> dict | list:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-m", "edge.ops.cli", *args], cwd=cwd, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "PRIVATE KEY" not in out.stdout + out.stderr
+    return json.loads(out.stdout)
+
+
+def test_cli_provisions_a_site(tmp_path: Path) -> None:
+    """The commands of docs/operations.md, in order."""
+    ops("ca", "init", "--pki", "pki", cwd=tmp_path)
+    ops("server", "--pki", "pki", "--name", "broker.example.jp", cwd=tmp_path)
+    ops("identity", "--pki", "pki", "--kind", "operator", "--name", "alice", cwd=tmp_path)
+    ops("identity", "--pki", "pki", "--kind", "sink", "--name", "sink-1", cwd=tmp_path)
+    made = ops("site", "add", "--pki", "pki", "--site", SITE, "--device", "gate-01",
+               "--device", "gate-02", "--broker-name", "site-gw.local", cwd=tmp_path)
+    assert [i["cn"] for i in made] == [f"bridge:{SITE}", "site-gw.local", "gate-01", "gate-02"]
+    ops("broker-config", "--place", "cloud", "--pki", "pki", "--out", "cloud", cwd=tmp_path)
+    ops("broker-config", "--place", "site", "--pki", "pki", "--site", SITE,
+        "--cloud", "broker.example.jp:8883", "--out", "site", cwd=tmp_path)
+    keys = [p for p in tmp_path.rglob("*.key")]
+    assert len(keys) >= 9 and all(stat.S_IMODE(k.stat().st_mode) == 0o600 for k in keys)
+    site_conf = (tmp_path / "site" / "mosquitto.conf").read_text()
+    assert "cleansession false" in site_conf and "address broker.example.jp:8883" in site_conf
+    assert "require_certificate true" in (tmp_path / "cloud" / "mosquitto.conf").read_text()
+    assert "user gate-02" in (tmp_path / "cloud" / "acl").read_text()
+    revoked = ops("device", "revoke", "--pki", "pki", "--id", "gate-02", cwd=tmp_path)
+    assert len(revoked["revoked"]) == 1  # type: ignore[call-overload]
+    ops("acl", "--pki", "pki", "--out", "acl", cwd=tmp_path)
+    assert "gate-02" not in (tmp_path / "acl").read_text()
+
+
+def test_cli_errors_are_one_line(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-m", "edge.ops.cli", "site", "add", "--pki", "nope",
+                          "--site", SITE, "--device", "g"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "ca init" in out.stderr
