@@ -1,0 +1,58 @@
+"""Board pin maps and timings: one small dict per board kind, chosen by sys.platform."""
+
+import sys
+
+# Pin numbers are GPIO numbers. *_active is the pin level that means "on"/"detected".
+RP2 = {
+    "name": "rp2040",
+    "uart": 0,
+    "baud": 115200,
+    "tx": 0,
+    "rx": 1,
+    "vend": (2, 3, 4, 5),  # slot 1..4 -> vend line (relay/optocoupler) pins
+    "vend_active": 1,
+    "drop": 6,  # drop (vend) sensor, optical, pulled up, low while a can falls
+    "drop_active": 0,
+    "gate": 7,  # gate relay
+    "gate_active": 1,
+    "door": 8,  # door/turnstile sensor, pulled up, low when open
+    "door_active": 0,
+    "led_green": 9,
+    "led_red": 10,
+    "buzzer": 11,
+    "debounce_ms": 5,
+    "wdt_ms": 4000,  # RP2040 allows at most 8388 ms
+    "journal": "/vend.jnl",
+    "max_timeout_ms": 30000,
+}
+
+ESP32 = {
+    "name": "esp32",
+    "uart": 2,
+    "baud": 115200,
+    "tx": 17,
+    "rx": 16,
+    "vend": (25, 26, 27, 14),
+    "vend_active": 1,
+    "drop": 34,  # input-only pin: needs an external pull-up
+    "drop_active": 0,
+    "gate": 32,
+    "gate_active": 1,
+    "door": 35,
+    "door_active": 0,
+    "led_green": 18,
+    "led_red": 19,
+    "buzzer": 23,
+    "debounce_ms": 5,
+    "wdt_ms": 4000,
+    "journal": "/vend.jnl",
+    "max_timeout_ms": 30000,
+}
+
+BOARDS = {"rp2": RP2, "esp32": ESP32}
+
+
+def for_platform(platform=None):
+    """The config for this board (a copy, so callers may override keys)."""
+    p = platform or sys.platform
+    return dict(BOARDS.get(p, RP2))

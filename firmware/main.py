@@ -1,0 +1,5 @@
+"""Board entry point: MicroPython runs main.py after boot; it starts the board application."""
+
+import app
+
+app.run()
