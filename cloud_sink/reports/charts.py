@@ -1,0 +1,122 @@
+"""PNG charts for the reports (matplotlib, Agg backend): attendance heat map, course bars, vending bars.
+
+Japanese labels need a CJK font (e.g. Debian's fonts-noto-cjk); without one, charts label by
+ID so no glyph turns into a box.
+"""
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import font_manager  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
+
+_CJK = ("Noto Sans CJK JP", "Noto Sans JP", "IPAexGothic", "IPAGothic", "TakaoGothic",
+        "VL Gothic")
+
+
+def _cjk_font() -> str | None:
+    names = {f.name for f in font_manager.fontManager.ttflist}
+    return next((n for n in _CJK if n in names), None)
+
+
+def _label(text: str, fallback: str, cjk: bool) -> str:
+    return text if text and (cjk or text.isascii()) else fallback
+
+
+def attendance_heatmap(techs: list[str], dates: list[str], cells: list[list[float | None]],
+                       title: str, path: str | Path) -> Path:
+    """Technicians down, days of the month across; colour = hours on site, hatched = exit or
+    entry missing, blank = not worked."""
+    import numpy as np
+
+    data = np.full((max(1, len(techs)), len(dates)), np.nan)
+    missing = []
+    for i, row in enumerate(cells):
+        for j, v in enumerate(row):
+            if v is None:
+                continue
+            if v == 0.0:
+                missing.append((i, j))
+            data[i, j] = v
+    height = 1.6 + 0.28 * max(1, len(techs))
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.32 * len(dates) + 3.2), height), dpi=110)
+    cmap = ListedColormap(plt.get_cmap("YlGnBu")(np.linspace(0.15, 0.95, 12))).with_extremes(
+        bad="#f4f4f4")
+    im = ax.imshow(data, aspect="auto", cmap=cmap, vmin=0, vmax=12, interpolation="nearest")
+    for i, j in missing:
+        ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor="#fdd49e",
+                                   edgecolor="#d7301f", hatch="///", linewidth=0.6))
+    ax.set_xticks(range(len(dates)), [d[-2:] for d in dates], fontsize=8)
+    ax.set_yticks(range(len(techs)), techs, fontsize=8)
+    ax.set_xlabel(f"day of {dates[0][:7]}" if dates else "day")
+    ax.set_title(title, fontsize=11, loc="left")
+    ax.set_xticks([x - 0.5 for x in range(1, len(dates))], minor=True)
+    ax.set_yticks([y - 0.5 for y in range(1, len(techs))], minor=True)
+    ax.grid(which="minor", color="white", linewidth=0.8)
+    ax.tick_params(which="minor", length=0)
+    bar = fig.colorbar(im, ax=ax, pad=0.01, fraction=0.03)
+    bar.set_label("hours on site (entry to exit)")
+    if missing:
+        ax.text(1.0, -0.9 / max(1, len(techs)) - 0.12, "hatched: entry or exit missing",
+                transform=ax.transAxes, ha="right", va="top", fontsize=8, color="#d7301f")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def course_bars(rows: list[dict[str, Any]], title: str, path: str | Path) -> Path:
+    """Per course: persons who touched against enrolled, and the card ownership rate."""
+    font = _cjk_font()
+    if font:
+        plt.rcParams["font.family"] = [font, "DejaVu Sans"]
+    labels = [_label(f"{r['course']} {r['name']}".strip(), r["course"], bool(font)) for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(rows) + 2), 4.2), dpi=110)
+    x = range(len(rows))
+    enrolled = [r["enrolled"] or 0 for r in rows]
+    persons = [r["persons"] for r in rows]
+    ax.bar([i - 0.2 for i in x], enrolled, width=0.4, label="enrolled", color="#c6dbef")
+    ax.bar([i + 0.2 for i in x], persons, width=0.4, label="touched (unique persons)",
+           color="#2171b5")
+    for i, r in enumerate(rows):
+        rate = r["card_ownership_rate_pct"]
+        ax.annotate("n/a" if rate is None else f"{rate:.1f}%", (i, max(enrolled[i], persons[i])),
+                    textcoords="offset points", xytext=(0, 4), ha="center", fontsize=9)
+    ax.set_xticks(list(x), labels, rotation=20 if len(rows) > 4 else 0, ha="right" if len(rows) > 4
+                  else "center", fontsize=9)
+    ax.set_ylabel("persons")
+    ax.set_title(title + "  (label: card ownership rate)", fontsize=11, loc="left")
+    ax.legend(frameon=False, fontsize=9)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def vending_bars(rows: list[dict[str, Any]], title: str, path: str | Path) -> Path:
+    """Per contractor and month: stacked dispensed / failed / indeterminate."""
+    labels = [f"{r['contractor']}\n{r['month']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(rows) + 2), 4.2), dpi=110)
+    bottom = [0] * len(rows)
+    for key, colour in (("dispensed", "#238b45"), ("failed", "#cb181d"),
+                        ("indeterminate", "#fd8d3c")):
+        vals = [r[key] for r in rows]
+        ax.bar(range(len(rows)), vals, bottom=bottom, label=key, color=colour)
+        bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
+    ax.set_xticks(range(len(rows)), labels, fontsize=8)
+    ax.set_ylabel("vends")
+    ax.set_title(title, fontsize=11, loc="left")
+    ax.legend(frameon=False, fontsize=9)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(p)
+    plt.close(fig)
+    return p

@@ -1,0 +1,35 @@
+"""Report writers: a table (list of flat dicts) as CSV or JSON, to a file or stdout."""
+
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+Table = list[dict[str, Any]]
+
+
+def to_csv(rows: Table, columns: list[str] | None = None) -> str:
+    cols = columns or (list(rows[0]) if rows else [])
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if v is None else str(v).lower() if isinstance(v, bool) else v)
+                    for k, v in r.items()})
+    return buf.getvalue()
+
+
+def to_json(rows: Table, meta: dict[str, Any] | None = None) -> str:
+    return json.dumps({**(meta or {}), "rows": rows}, ensure_ascii=False, indent=1) + "\n"
+
+
+def emit(rows: Table, fmt: str, out: str | None, *, columns: list[str] | None = None,
+         meta: dict[str, Any] | None = None, bom: bool = False) -> None:
+    """Write the table; CSV with a BOM (bom=True) opens cleanly in Excel with Japanese text."""
+    text = to_csv(rows, columns) if fmt == "csv" else to_json(rows, meta)
+    if out and out != "-":
+        Path(out).write_text(("\ufeff" if bom and fmt == "csv" else "") + text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
