@@ -126,7 +126,18 @@ class Agent:
                 return encode(touch)
 
             touch: Touch | None = None
-            self.outbox.append(build, created_ms=now)
+            if self.outbox.append(build, created_ms=now) is None:
+                # disk full: the decision stands and the person is answered; the touch waits in
+                # the outbox's emergency ring without a seq (seq 0 here), or is counted lost,
+                # and the state message says so (docs/delivery.md, "Disk full")
+                self.counts["disk_full"] = self.counts.get("disk_full", 0) + 1
+                touch = Touch(
+                    device=self.cfg.device.id, site=self.cfg.device.site, role=self.role,
+                    seq=0, ts_ms=now, tq=self.clock.quality(), card=read.card,
+                    card_tech=read.tech, tid=verdict.tid, decision=verdict.decision,
+                    reason=verdict.reason, list_version=verdict.list_version,
+                    config_version=self.cfg.version, facts=facts)
+                self.link.publish_state()
             assert touch is not None
             self.counts["allowed" if verdict.decision.value == "allow" else "denied"] += 1
         self.link.notify()
@@ -172,7 +183,22 @@ class Agent:
             "sw": __version__,
             "lv": self.idlist.version if self.idlist else None,
             "cv": self.cfg.version,
-            "backlog": self.outbox.depth(),
-            "oldest_ms": self.outbox.oldest_ms(),
+            **self._delivery_state(),
             "readers": {r.cfg.name: r.health for r in self.readers},
+        }
+
+    def _delivery_state(self) -> dict[str, Any]:
+        """Outbox, disk and link fields of the state message (docs/delivery.md lists them)."""
+        ob = self.outbox
+        now, oldest = self.clock.now_ms(), ob.oldest_ms()
+        return {
+            "backlog": ob.depth(),              # touches not yet acknowledged end to end
+            "oldest_ms": oldest,
+            "oldest_age_s": None if oldest is None else max(0, (now - oldest) // 1000),
+            "next_seq": ob.next_seq(),
+            "disk": ob.disk_state(),            # ok | low | reserve | full
+            "disk_free": ob.disk_free(),
+            "ring": ob.ring_depth,              # held in memory only (disk full)
+            "lost": ob.lost,                    # disk full and emergency ring full
+            "link": self.link.stats(),          # published, refused (+reason), acked_upto, ...
         }
