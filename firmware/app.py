@@ -11,17 +11,15 @@ from frame import (
     R_BAD_SLOT,
     R_BUSY,
     R_DISPENSED,
+    R_FORGOTTEN,
     R_INTERRUPTED,
     R_NO_DROP,
+    R_NOT_STARTED,
     R_SENSOR_FAULT,
 )
 from journal import Journal, JournalError
 
 FW_VERSION = 1
-
-# Query results for VEND_REQ with pulse_ms == 0 (ask, do not vend).
-R_NOT_STARTED = 6  # vend_id is newer than anything this board ever started
-R_FORGOTTEN = 7  # vend_id is older than the journal's one record
 
 _IDLE = 0
 _PULSING = 1

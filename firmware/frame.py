@@ -80,6 +80,8 @@ R_BUSY = 2  # another vend is in progress
 R_BAD_SLOT = 3
 R_SENSOR_FAULT = 4  # drop sensor already active before the pulse (jammed or wired wrong)
 R_INTERRUPTED = 5  # the board reset while this vend was in progress
+R_NOT_STARTED = 6  # query answer: newer than any vend this board started (never vended)
+R_FORGOTTEN = 7  # query answer: older than the one vend the board's journal remembers
 R_NONE = 255  # no vend recorded
 
 # BOOT.last_state
