@@ -91,7 +91,10 @@ class Rig:
     def wait_done(self, timeout: float = 90.0) -> dict:  # type: ignore[type-arg]
         assert self.agent and self.agent.stdout
         try:
-            out, _ = self.agent.communicate(timeout=timeout)
+            # wait(), then read(): communicate(timeout=) reads the raw pipe and would miss
+            # what readline() in start_agent() already buffered
+            self.agent.wait(timeout)
+            out = self.agent.stdout.read()
         except subprocess.TimeoutExpired:
             self.agent.kill()
             pytest.fail(f"agent not done in {timeout}s; log: "
