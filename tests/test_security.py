@@ -366,6 +366,39 @@ def test_signed_config_end_to_end(world: World) -> None:
         agent.stop()
 
 
+def test_ops_cli_against_the_broker(world: World, tmp_path: Path) -> None:
+    """`ccus ops devices` and `ccus ops config push` as an operator would type them."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    op = world.pki / "operators" / "alice"
+    conn = ["--broker", f"{world.broker.host}:{world.broker.port}", "--ca",
+            str(world.pki / "ca.crt"), "--cert", str(op / "operator.crt"), "--key",
+            str(op / "operator.key")]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+    def ops(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "edge.ops.cli", *args], env=env,
+                              capture_output=True, text=True, timeout=60)
+
+    out = ops("devices", "--json", *conn)
+    rows = json.loads(out.stdout)
+    assert {r["dev"] for r in rows} >= {"gate-01"} and out.returncode in (0, 1)
+    write_keypair(tmp_path / "k")
+    (tmp_path / "o.toml").write_text("[gate]\nanti_passback = true\n")
+    out = ops("config", "push", "--site", SITE, "--device", "gate-02", "--file",
+              str(tmp_path / "o.toml"), "--signing-key", str(tmp_path / "k"), "--wait", "0.5",
+              *conn)
+    assert out.returncode == 4, out.stderr  # published; gate-02 runs no agent to answer
+    assert json.loads(out.stdout)["published"] is True
+    _, got = read(world.operator, topics.config(SITE, "gate-02"), 0.3)
+    assert got and got[0].startswith(b"\xa4")  # the signed CBOR envelope, retained
+    out = ops("devices", *conn[:2])  # no certificate: a one-line refusal, no traceback
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+
+
 # -- secrets ----------------------------------------------------------------------------------------
 def test_no_secret_in_logs_or_state(world: World) -> None:
     """Runs last in this module: scans everything logged while the tests above ran."""
