@@ -5,7 +5,6 @@ import tempfile
 from pathlib import Path
 
 import cbor2
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sink_support import CENTER, NOW, SITE, derived, fresh_store, touch
@@ -156,5 +155,12 @@ def test_importing_arbitrary_bytes_never_raises(data: bytes, name: str) -> None:
         s.close()
 
 
-if __name__ == "__main__":  # pragma: no cover
-    pytest.main([__file__])
+
+
+@settings(max_examples=500)
+@given(st.integers(0, 2**42), st.integers(0, 23))
+def test_cached_work_day_equals_work_day(ts: int, cut: int) -> None:
+    from cloud_sink.derive.rows import day_of
+    from cloud_sink.workday import work_day
+
+    assert day_of(ts, cut) == work_day(ts, cut)

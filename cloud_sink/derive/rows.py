@@ -5,6 +5,7 @@ Fact keys the sink reads: gate `dir` (in|out); training `course`; vending `slot`
 """
 
 import json
+from functools import lru_cache
 
 from cloud_sink.model import Policy
 from cloud_sink.workday import work_day
@@ -28,6 +29,17 @@ def time_flag(ts_ms: int, received_ms: int, policy: Policy) -> str | None:
     return None
 
 
+@lru_cache(maxsize=4096)
+def _day_of_hour(hour: int, cut_hour: int) -> str:
+    return work_day(hour * 3600_000, cut_hour)
+
+
+def day_of(ts_ms: int, cut_hour: int) -> str:
+    """work_day(), cached per UTC hour: Asia/Tokyo is a whole-hour offset and the cut is on the
+    hour, so every moment of one UTC hour falls on the same work day."""
+    return _day_of_hour(ts_ms // 3600_000, cut_hour)
+
+
 def _fact(t: Touch, key: str) -> str | None:
     v = t.facts.get(key)
     return None if v is None else str(v)
@@ -41,7 +53,7 @@ def person(t: Touch) -> str | None:
 
 
 def touch_row(t: Touch, received_ms: int, policy: Policy) -> Row:
-    day = work_day(t.ts_ms, policy.cut_hour)
+    day = day_of(t.ts_ms, policy.cut_hour)
     role = t.role.value
     return (
         t.device, t.seq, t.site, role, t.ts_ms, t.tq.value, bytes(t.card), t.card_tech.value, t.tid,

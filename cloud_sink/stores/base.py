@@ -64,6 +64,16 @@ class SqlStore:
     def _before_derive(self) -> None:
         """Called in the write transaction just before the derivation statements."""
 
+    def _store_batch(self, rows: list[Row]) -> int:
+        """In the open write transaction: stage the rows, insert the new ones, derive. -> stored."""
+        self._x("DELETE FROM stage")
+        self._load_stage(rows)
+        stored = int(self._x(INSERT_FROM_STAGE).rowcount)
+        self._before_derive()
+        for sql in INCREMENTAL:
+            self._x(sql)
+        return stored
+
     def close(self) -> None:
         raise NotImplementedError
 
@@ -87,14 +97,9 @@ class SqlStore:
                 batch = self._drop_unregistered(batch, letters)
             if batch:
                 rows = [touch_row(t, now, self.policy) for t in batch]
-                self._x("DELETE FROM stage")
-                self._load_stage(rows)
-                res.stored = self._x(INSERT_FROM_STAGE).rowcount
+                res.stored = self._store_batch(rows)
                 res.repeated = len(rows) - res.stored
                 res.flagged = sum(r[_FLAG] is not None for r in rows)
-                self._before_derive()
-                for sql in INCREMENTAL:
-                    self._x(sql)
             if letters:
                 self._many("INSERT INTO dead_letters (received_ms, topic, payload, reason, detail)"
                            " VALUES (?,?,?,?,?)",

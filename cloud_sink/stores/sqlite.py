@@ -11,7 +11,8 @@ from cloud_sink.model import Policy
 from cloud_sink.stores import migrations
 from cloud_sink.stores.base import SqlStore
 
-_MARKS = ",".join("?" * len(COLUMNS))
+_ROW = "(" + ",".join("?" * len(COLUMNS)) + ")"
+_CHUNK = 400  # rows per INSERT: under SQLite's 32,766 variables
 
 
 class SqliteStore(SqlStore):
@@ -74,7 +75,12 @@ class SqliteStore(SqlStore):
         self._db.executemany(sql, rows)
 
     def _load_stage(self, rows: list[Row]) -> None:
-        self._db.executemany(f"INSERT INTO stage VALUES ({_MARKS})", rows)
+        # multi-row INSERTs, not executemany: sqlite3 releases the GIL around every step, and
+        # each release hands the GIL to paho's network thread for a whole switch interval
+        for i in range(0, len(rows), _CHUNK):
+            chunk = rows[i:i + _CHUNK]
+            self._db.execute(f"INSERT INTO stage VALUES {','.join([_ROW] * len(chunk))}",
+                             [v for r in chunk for v in r])
 
     def close(self) -> None:
         with self._lock:
