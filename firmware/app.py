@@ -85,7 +85,7 @@ class Board:
         self.vstate = _IDLE
         self.v_id = 0
         self.v_slot = 0
-        self.v_pin = None
+        self.v_pin = self.vend_pins[0]
         self.v_t0 = 0
         self.v_pulse = 0
         self.v_timeout = 0

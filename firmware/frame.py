@@ -18,7 +18,7 @@ try:  # MicroPython: tick counters wrap, so differences go through ticks_diff.
     from time import ticks_diff
 except ImportError:  # CPython: callers pass monotonic milliseconds.
 
-    def ticks_diff(a, b):
+    def ticks_diff(a, b):  # type: ignore[no-redef]
         return a - b
 
 
@@ -420,7 +420,7 @@ class Link:
 
     def receive(self, frame, now):
         """Handle one decoded frame; returns a list of events."""
-        events = []
+        events = []  # type: list[tuple]
         if frame.ver != VERSION:
             self._out.append(encode(NAK, frame.seq, frame.epoch, bytes((NAK_VERSION,))))
             events.append((EV_ERROR, NAK_VERSION, frame))
@@ -453,7 +453,7 @@ class Link:
 
     def poll(self, now):
         """Retransmit or give up on timeouts; returns a list of events."""
-        events = []
+        events = []  # type: list[tuple]
         while self._wire is not None and ticks_diff(now, self._sent_at) >= self.ack_timeout_ms:
             if self._tries < self.retries:
                 self._tries += 1
