@@ -22,8 +22,11 @@ from journal import Journal, JournalError
 FW_VERSION = 1
 
 _IDLE = 0
+_CLEARING = 3  # vend requested, drop sensor still active (the last can is falling)
 _PULSING = 1
 _WAITING = 2
+
+CLEAR_WAIT_MS = 500  # how long the drop sensor may stay active before a vend is refused
 
 
 class Debounced:
@@ -187,6 +190,8 @@ class Board:
     def _vend_req(self, p, now):
         vend_id, slot, pulse_ms, timeout_ms = frame.parse_vend_req(p)
         j = self.journal
+        if self.vstate != _IDLE and vend_id == self.v_id:
+            return  # a repeat of the vend in progress: its result will come
         if vend_id == j.vend_id and j.vend_id != 0:
             # A repeat (or a query) of the last vend: report, never vend twice.
             if self.vstate != _IDLE:
@@ -202,29 +207,39 @@ class Board:
         if not 1 <= slot <= len(self.vend_pins):
             self._result(vend_id, slot, R_BAD_SLOT, 0)
             return
-        self.drop.update(now)
-        if self.drop.state:
-            self._result(vend_id, slot, R_SENSOR_FAULT, 0)
-            self.send(frame.ERROR, frame.error(frame.E_SENSOR, frame.S_DROP))
-            return
-        try:
-            j.start(vend_id, slot)  # journaled before the line is driven
-        except JournalError:
-            self.send(frame.ERROR, frame.error(frame.E_JOURNAL, vend_id))
-            self._result(vend_id, slot, R_SENSOR_FAULT, 0)
-            return
         self.v_id = vend_id
         self.v_slot = slot
         self.v_pin = self.vend_pins[slot - 1]
         self.v_t0 = now
         self.v_pulse = pulse_ms
         self.v_timeout = min(max(timeout_ms, pulse_ms), self.cfg["max_timeout_ms"])
+        self.vstate = _CLEARING  # wait (briefly) for the drop sensor to be clear
+        self._vend_step(now)
+
+    def _begin_pulse(self, now):
+        try:
+            self.journal.start(self.v_id, self.v_slot)  # journaled before the line is driven
+        except JournalError:
+            self.vstate = _IDLE
+            self.send(frame.ERROR, frame.error(frame.E_JOURNAL, self.v_id))
+            self._result(self.v_id, self.v_slot, R_SENSOR_FAULT, 0)
+            return
+        self.v_t0 = now
         self.v_pin.value(self.cfg["vend_active"])
         self.vstate = _PULSING
 
     def _vend_step(self, now):
         if self.vstate == _IDLE:
             self.drop.update(now)
+            return
+        if self.vstate == _CLEARING:
+            self.drop.update(now)
+            if not self.drop.state:
+                self._begin_pulse(now)
+            elif time.ticks_diff(now, self.v_t0) >= CLEAR_WAIT_MS:
+                self.vstate = _IDLE
+                self._result(self.v_id, self.v_slot, R_SENSOR_FAULT, 0)
+                self.send(frame.ERROR, frame.error(frame.E_SENSOR, frame.S_DROP))
             return
         el = time.ticks_diff(now, self.v_t0)
         if self.vstate == _PULSING and el >= self.v_pulse:
