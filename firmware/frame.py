@@ -15,7 +15,7 @@ CRC-16/CCITT-FALSE (poly 0x1021, init 0xFFFF) over ver..payload.
 """
 
 try:  # MicroPython: tick counters wrap, so differences go through ticks_diff.
-    from time import ticks_diff
+    from time import ticks_diff  # type: ignore[attr-defined]
 except ImportError:  # CPython: callers pass monotonic milliseconds.
 
     def ticks_diff(a, b):  # type: ignore[no-redef]

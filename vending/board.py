@@ -155,7 +155,8 @@ class BoardLink:
         elif kind == frame.EV_MESSAGE:
             f = ev[1]
             if f.type == frame.BOOT:
-                b = BootNotice(*frame.parse_boot(f.payload), at=time.monotonic())
+                cause, fw, count, last, slot, state, result = frame.parse_boot(f.payload)
+                b = BootNotice(cause, fw, count, last, slot, state, result, time.monotonic())
                 self.boots.append(b)
                 if self.on_boot:
                     self.on_boot(b)

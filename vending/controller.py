@@ -167,7 +167,7 @@ class VendController:
 
     def reconcile(self) -> list[VendOutcome]:
         """Query the board about indeterminate vends; settle those its journal knows."""
-        out = []
+        out: list[VendOutcome] = []
         if self.board is None:
             return out
         for rec in self.journal.in_state(tx.INDETERMINATE):
