@@ -68,9 +68,14 @@ class Board:
         self.buzzer = machine.Pin(cfg["buzzer"], machine.Pin.OUT, value=0)
         db = cfg["debounce_ms"]
         pin_in = machine.Pin.IN
-        up = machine.Pin.PULL_UP
-        self.drop = Debounced(machine.Pin(cfg["drop"], pin_in, up), cfg["drop_active"], db, now)
-        self.door = Debounced(machine.Pin(cfg["door"], pin_in, up), cfg["door_active"], db, now)
+        if cfg.get("pull_up", True):
+            drop_pin = machine.Pin(cfg["drop"], pin_in, machine.Pin.PULL_UP)
+            door_pin = machine.Pin(cfg["door"], pin_in, machine.Pin.PULL_UP)
+        else:
+            drop_pin = machine.Pin(cfg["drop"], pin_in)
+            door_pin = machine.Pin(cfg["door"], pin_in)
+        self.drop = Debounced(drop_pin, cfg["drop_active"], db, now)
+        self.door = Debounced(door_pin, cfg["door_active"], db, now)
 
         self.journal = Journal(cfg["journal"])
         self.journal.load()

@@ -13,6 +13,7 @@ RP2 = {
     "vend_active": 1,
     "drop": 6,  # drop (vend) sensor, optical, pulled up, low while a can falls
     "drop_active": 0,
+    "pull_up": True,  # use the MCU's internal pull-ups on drop and door inputs
     "gate": 7,  # gate relay
     "gate_active": 1,
     "door": 8,  # door/turnstile sensor, pulled up, low when open
@@ -36,6 +37,7 @@ ESP32 = {
     "vend_active": 1,
     "drop": 34,  # input-only pin: needs an external pull-up
     "drop_active": 0,
+    "pull_up": False,  # GPIO 34-39 have no internal pull-ups: external resistors
     "gate": 32,
     "gate_active": 1,
     "door": 35,

@@ -157,6 +157,23 @@ def test_board_reboot_mid_vend_is_reported_and_marked_indeterminate(rig):
     assert [b.vend_id for b in ctl.billable()] == [r.vend_id]
 
 
+def test_host_timeout_is_indeterminate_until_the_late_result_settles_it(rig):
+    board, link, ctl = rig
+    board.kill()
+    board.start(links=[dict(DROP_LINK, delay_ms=1200)])
+    assert link.wait_boot(5) is not None
+    ctl.drop_timeout_ms = 3000
+    r = ctl.reserve(TECH)
+    out = ctl.vend(r, slot=2, timeout=0.4)  # the host stops waiting before the can falls
+    assert out.result == INDETERMINATE and "no result within 0.4 s" in (out.reason or "")
+    settled = []
+    deadline = time.monotonic() + 5
+    while not settled and time.monotonic() < deadline:
+        settled = ctl.poll(0.05)
+    assert [(o.vend_id, o.result) for o in settled] == [(r.vend_id, DISPENSED)]
+    assert [b.vend_id for b in ctl.billable()] == [r.vend_id]
+
+
 def test_garbage_on_the_line_is_skipped_and_vends_still_work(rig):
     board, link, ctl = rig
     rng = random.Random(6)

@@ -265,6 +265,13 @@ class BoardLink:
         """led: bit 0 green, bit 1 red; buzzer: pattern number (0 = silent)."""
         self.request(frame.FEEDBACK, frame.feedback(led, buzzer, duration_ms))
 
+    def take_results(self) -> list[VendReply]:
+        """VEND_RESULTs that arrived and nobody waited for (late answers), oldest first."""
+        late = [f for f in self._inbox if f.type == frame.VEND_RESULT]
+        for f in late:
+            self._inbox.remove(f)
+        return [VendReply(*frame.parse_vend_result(f.payload)) for f in late]
+
     def wait_boot(self, timeout: float) -> BootNotice | None:
         n = len(self.boots)
         deadline = time.monotonic() + timeout

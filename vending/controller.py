@@ -180,6 +180,25 @@ class VendController:
                 out.append(self._settle(rec.vend_id, reply))
         return out
 
+    def poll(self, wait: float = 0.0) -> list[VendOutcome]:
+        """Pump the board link; settle indeterminate vends from late VEND_RESULTs. Call it
+        from the agent's idle loop; returns the vends it settled."""
+        out: list[VendOutcome] = []
+        if self.board is None:
+            return out
+        self.board.pump(wait)
+        for reply in self.board.take_results():
+            try:
+                rec = self.journal.get(reply.vend_id)
+            except KeyError:
+                self.anomalies.append(f"board result for unknown vend {reply.vend_id}")
+                continue
+            if rec.state != tx.INDETERMINATE:
+                continue
+            if reply.result == frame.R_DISPENSED or reply.result in _NOT_DISPENSED_RESULTS:
+                out.append(self._settle(reply.vend_id, reply))
+        return out
+
     def resolve(self, vend_id: int, dispensed: bool, reason: str = "operator") -> VendOutcome:
         """An operator settles an indeterminate vend."""
         ev = tx.RESOLVE_DISPENSED if dispensed else tx.RESOLVE_NOT_DISPENSED
