@@ -85,6 +85,7 @@ class Board:
         except JournalError:
             self.journal_ok = False
         self.dropped = 0
+        self.errors = 0
         self.link = frame.Link(
             (self.journal.boot_count % 255) + 1, accept=frame.BOARD_ACCEPTS, ack_timeout_ms=200
         )
@@ -145,7 +146,11 @@ class Board:
             for f in self.decoder.feed(self.uart.read(n)):
                 for ev in self.link.receive(f, now):
                     if ev[0] == EV_MESSAGE:
-                        self.handle(ev[1], now)
+                        try:
+                            self.handle(ev[1], now)
+                        except Exception:  # report and keep serving; the WDT covers hangs
+                            self.errors += 1
+                            self.send(frame.ERROR, frame.error(frame.E_UNEXPECTED, ev[1].type))
         for ev in self.link.poll(now):
             if ev[0] == EV_FAILED:
                 pass  # host did not ack; results stay in the journal for a query

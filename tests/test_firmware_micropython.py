@@ -73,3 +73,24 @@ def test_a_failing_check_is_seen(tmp_path):
     )
     assert p.returncode == 1
     assert "FAIL test_crc" in p.stdout
+
+
+def test_stand_in_watchdog_resets_a_starved_board(tmp_path):
+    """The stand-in WDT that the e2e tests rely on really fires when not fed in time."""
+    code = (
+        "import machine, time\n"
+        "w = machine.WDT(timeout=50)\n"
+        "w.feed()\n"
+        "time.sleep_ms(120)\n"
+        "w.feed()\n"
+        "print('survived')\n"
+    )
+    p = subprocess.run(
+        [str(MICROPYTHON), "-X", "heapsize=192K", "-c", code],
+        env={"MICROPYPATH": f"{ROOT / 'tests' / 'mpy'}:.frozen"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert p.returncode == 3, p.stdout
+    assert "WDT RESET" in p.stdout and "survived" not in p.stdout
