@@ -1,5 +1,6 @@
 """Board application: vend line, drop sensor, gate relay, door sensor, watchdog, over the serial link."""
 
+import os
 import time
 
 import frame
@@ -86,8 +87,15 @@ class Board:
             self.journal_ok = False
         self.dropped = 0
         self.errors = 0
+        try:
+            first = os.urandom(1)[0] or 1
+        except (AttributeError, OSError):
+            first = 1
         self.link = frame.Link(
-            (self.journal.boot_count % 255) + 1, accept=frame.BOARD_ACCEPTS, ack_timeout_ms=200
+            (self.journal.boot_count % 255) + 1,
+            accept=frame.BOARD_ACCEPTS,
+            ack_timeout_ms=200,
+            first_seq=first,
         )
         self.decoder = frame.Decoder()
 

@@ -355,7 +355,7 @@ class Link:
     sender's boot/session, so a restarted peer is never taken for a duplicate.
     """
 
-    def __init__(self, epoch, retries=3, ack_timeout_ms=250, max_queue=8, accept=None):
+    def __init__(self, epoch, retries=3, ack_timeout_ms=250, max_queue=8, accept=None, first_seq=1):
         if not 1 <= epoch <= 255:
             raise LinkError("epoch must be 1..255")
         self.epoch = epoch
@@ -363,7 +363,7 @@ class Link:
         self.ack_timeout_ms = ack_timeout_ms
         self.max_queue = max_queue
         self.accept = accept  # message types this side takes (others get NAK_TYPE); None = all
-        self._seq = 0
+        self._seq = (first_seq - 1) & 0xFF  # a random start makes session clashes rarer
         self._queue = []  # [mtype, seq, payload]
         self._wire = None  # encoded bytes of the message in flight
         self._sent_at = 0

@@ -100,9 +100,10 @@ class BoardLink:
             self.ser = serial.Serial(port, baudrate=baudrate, timeout=0.02)
         else:
             self.ser = port
-        epoch = os.urandom(1)[0] % 255 + 1
+        rnd = os.urandom(2)
         self.link = frame.Link(
-            epoch,
+            rnd[0] % 255 + 1,
+            first_seq=rnd[1] % 255 + 1,
             retries=retries,
             ack_timeout_ms=int(ack_timeout * 1000),
             accept=frame.HOST_ACCEPTS,
