@@ -31,6 +31,7 @@ class SqliteStore(SqlStore):
                                    timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA temp_store=MEMORY")  # the per-batch stage table
         self._migrate()
         self._db.execute(f"CREATE TEMP TABLE IF NOT EXISTS stage AS SELECT {', '.join(COLUMNS)}"
                          " FROM touches WHERE 0")
