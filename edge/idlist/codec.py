@@ -6,7 +6,7 @@ Layout (little-endian; every section starts on an 8-byte boundary; see docs/idli
              header SHA-256
     REC      u64 per technician, sorted: tid << 17 | status << 15 | (level-1) << 13 | ncards
     CKP      u32 every 16 records: cards held by records before it (finds a record's cards)
-    OWN      u32 per card in record order: (len-4) << 28 | position in its card class
+    OWN      u32 per card in record order: its position in the classes laid end to end
     class L  for each card length L in 4..10: heads (u32 for L=4, else u64: the first
              min(L,8) bytes big-endian), tails (L-8 bytes for L>8), refs (u24 record index);
              sorted by card bytes
@@ -24,8 +24,9 @@ import re
 import struct
 import sys
 from array import array
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator
+from itertools import accumulate
 from pathlib import Path
 
 from edge.idlist.base import Entry, Status
@@ -146,24 +147,33 @@ def build_rows(rows: list[Row], *, name: str, version: int, issued_ms: int) -> b
         for i in range(1, len(cls)):
             if cls[i][0] == cls[i - 1][0]:
                 raise ListFormatError(f"card {cls[i][0].hex()} is mapped to two technicians")
-        tag = (length - 4) << 28
+        base = sum(counts)  # slots count through the classes laid end to end
         for pos, (_c, _r, kk) in enumerate(cls):
-            own[kk] = tag | pos
+            own[kk] = base + pos
         hw = _head_width(length)
         heads = array("I" if hw == 4 else "Q", [int.from_bytes(c[:8], "big") for c, _, _ in cls])
         sections += [heads.tobytes(), b"".join(c[8:] for c, _, _ in cls),
                      _pack_u24([r for _, r, _ in cls])]
         counts.append(len(cls))
     sections[2] = own.tobytes()
-    layout, total = _layout(len(rows), tuple(counts))
+    return assemble(sections, len(rows), tuple(counts), name=name, version=version,
+                    issued_ms=issued_ms)
+
+
+def assemble(sections: list[bytes], n_records: int, class_counts: tuple[int, ...], *,
+             name: str, version: int, issued_ms: int) -> bytes:
+    """Lay out ready sections (REC, CKP, OWN, then heads/tails/refs per class) with a header."""
+    layout, total = _layout(n_records, class_counts)
     buf = bytearray(total)
     for (off, size), data in zip(layout, sections, strict=True):
-        assert len(data) == size
+        if len(data) != size:
+            raise ListFormatError(f"section of {len(data)} bytes where {size} belong")
         buf[off:off + size] = data
     body_hash = hashlib.sha256(memoryview(buf)[HEADER_SIZE:]).digest()
     raw_name = name.encode("ascii")
-    _HDR.pack_into(buf, 0, MAGIC, FORMAT_VERSION, HEADER_SIZE, 0, version, issued_ms, len(rows),
-                   k, *counts, total - HEADER_SIZE, body_hash, len(raw_name), raw_name)
+    _HDR.pack_into(buf, 0, MAGIC, FORMAT_VERSION, HEADER_SIZE, 0, version, issued_ms, n_records,
+                   sum(class_counts), *class_counts, total - HEADER_SIZE, body_hash,
+                   len(raw_name), raw_name)
     buf[_HDR_HASH_AT:HEADER_SIZE] = hashlib.sha256(buf[:_HDR_HASH_AT]).digest()
     return bytes(buf)
 
@@ -247,6 +257,7 @@ class MmapIdList:
             self._classes.append(_CardClass(
                 length, view(base, "I" if _head_width(length) == 4 else "Q"), view(base + 1),
                 view(base + 2), count))
+        self._class_base = [0, *accumulate(counts)]  # first slot of each class
         self._n = n_rec
 
     # -- IdList protocol ---------------------------------------------------------------
@@ -301,10 +312,10 @@ class MmapIdList:
     def _cards_from(self, start: int, count: int) -> tuple[bytes, ...]:
         out = []
         for slot in self._own[start:start + count]:
-            length, pos = (slot >> 28) + 4, slot & 0x0FFFFFFF
-            if length > 10 or pos >= self._classes[length - 4].n:
+            ci = bisect_right(self._class_base, slot) - 1
+            if ci >= len(CARD_LENGTHS):
                 raise ListFormatError("card slot out of range")
-            cls = self._classes[length - 4]
+            cls, pos, length = self._classes[ci], slot - self._class_base[ci], ci + 4
             head = cls.heads[pos].to_bytes(min(length, 8), "big")
             tw = cls.tail_width
             out.append(head + bytes(cls.tails[pos * tw:(pos + 1) * tw]) if tw else head)
@@ -331,6 +342,7 @@ class MmapIdList:
         """Every row in tid order (for deltas and rebuilds); one pass, no per-row bisect."""
         slots = self._own.tolist()
         heads = [c.heads.tolist() for c in self._classes]
+        bases = self._class_base
         out: list[Row] = []
         k = 0
         for w in self._rec.tolist():
@@ -341,9 +353,10 @@ class MmapIdList:
             if nc:
                 cs = []
                 for slot in slots[k:k + nc]:
-                    length, pos = (slot >> 28) + 4, slot & 0x0FFFFFFF
-                    if length > 10 or pos >= self._classes[length - 4].n:
+                    ci = bisect_right(bases, slot) - 1
+                    if ci >= len(CARD_LENGTHS):
                         raise ListFormatError("card slot out of range")
+                    length, pos = ci + 4, slot - bases[ci]
                     b = heads[length - 4][pos].to_bytes(min(length, 8), "big")
                     if length > 8:
                         tw = length - 8
@@ -377,15 +390,27 @@ def load_list(data: bytes | bytearray | memoryview, *, verify: bool = True) -> M
 
 
 def open_list(path: str | os.PathLike[str], *, verify: bool = True) -> MmapIdList:
-    """Map a list file read-only. verify=True checks the body SHA-256 (one pass over the file);
-    the updater verifies before it installs a file, so a restart may pass verify=False."""
+    """Map a list file read-only. verify=True checks the body SHA-256 in one pass of read()s,
+    not through the mapping, so verifying does not make the whole file resident."""
     path = os.fspath(path)
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size < HEADER_SIZE:
             raise ListFormatError(f"{path}: too short for an ID list ({size} bytes)")
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    return MmapIdList(mm, verify=verify, path=path)
+        if hasattr(mmap, "MADV_RANDOM"):  # bisects jump around: no readahead, map only the
+            mm.madvise(mmap.MADV_RANDOM)  # pages a lookup touches
+        lst = MmapIdList(mm, verify=False, path=path)
+        if verify:
+            h = hashlib.sha256()
+            f.seek(HEADER_SIZE)
+            buf = bytearray(1 << 20)
+            while n := f.readinto(buf):
+                h.update(memoryview(buf)[:n])
+            if h.digest() != lst.body_hash:
+                lst.close()
+                raise ListFormatError(f"{path}: body hash mismatch (corrupt or truncated list)")
+    return lst
 
 
 def write_file_atomic(path: str | os.PathLike[str], data: bytes) -> None:
