@@ -4,6 +4,7 @@ device's ListUpdater behind the paho adapter on the other."""
 import csv
 import queue
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -50,11 +51,11 @@ def wait_applied(outcomes: "queue.Queue", version: int) -> list:
                          f"{[o for o in seen if o.kind == 'refused']}")
 
 
-def device(broker, directory, pub, name="main"):
+def device(broker, directory, pub, name="main", executor=None):
     updater = ListUpdater(directory, name, [pub])
     outcomes: queue.Queue = queue.Queue()
     client = connect(broker.host, broker.port, client_id=f"dev-{directory.name}")
-    attach_updater(client, updater, outcomes.put)
+    attach_updater(client, updater, outcomes.put, executor=executor)
     return updater, client, outcomes
 
 
@@ -92,13 +93,17 @@ def test_publish_snapshot_and_delta_through_mosquitto(broker, tmp_path):
     finally:
         stop(client)
 
-    # a device that was away catches up from the retained snapshot alone
-    late, client2, outcomes2 = device(broker, tmp_path / "dev2", pub)
-    try:
-        wait_applied(outcomes2, 2)
-        assert late.current.body_hash == updater.current.body_hash
-    finally:
-        stop(client2)
+    # a device that was away catches up from the retained snapshot alone (handled off the
+    # network thread this time)
+    with ThreadPoolExecutor(1) as pool:
+        late, client2, outcomes2 = device(broker, tmp_path / "dev2", pub, executor=pool)
+        try:
+            seen = wait_applied(outcomes2, 2)
+            assert late.current.body_hash == updater.current.body_hash
+            assert late.state()["version"] == 2 and late.state()["records"] == n + 5
+            assert not [o for o in seen if o.kind == "refused"]
+        finally:
+            stop(client2)
 
 
 def test_refused_publish_surfaces_the_reason_code(broker):

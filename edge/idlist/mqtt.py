@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Executor
 from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
@@ -120,19 +121,28 @@ def publish_all(client: mqtt.Client, messages: Iterable[Message], *, window: int
 
 def attach_updater(client: mqtt.Client, updater: ListUpdater,
                    on_outcome: Callable[[Outcome], Any] | None = None, *,
-                   subscribe: bool = True) -> str:
-    """Route `ccus/v1/list/{name}/#` into `updater.handle` (serialised; runs on paho's network
-    thread) and subscribe QoS 1. Returns the filter: subscribe it again in on_connect when the
-    session is not persistent."""
+                   subscribe: bool = True, executor: Executor | None = None) -> str:
+    """Route `ccus/v1/list/{name}/#` into `updater.handle` (serialised) and subscribe QoS 1.
+
+    Without an executor, messages are handled on paho's network thread (a big delta stalls
+    that client for its apply time); pass a single-worker ThreadPoolExecutor to keep the
+    link responsive (one worker keeps the order). Returns the filter: subscribe it again in
+    on_connect when the session is not persistent."""
     topic = subscription(updater.name)
     lock = threading.Lock()
 
-    def on_message(_c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+    def process(topic_: str, payload: bytes) -> None:
         with lock:
-            outcomes = updater.handle(msg.topic, msg.payload)
+            outcomes = updater.handle(topic_, payload)
         if on_outcome is not None:
             for o in outcomes:
                 on_outcome(o)
+
+    def on_message(_c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        if executor is None:
+            process(msg.topic, msg.payload)
+        else:
+            executor.submit(process, msg.topic, msg.payload)
 
     client.message_callback_add(topic, on_message)
     if subscribe:

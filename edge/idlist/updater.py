@@ -124,6 +124,18 @@ class ListUpdater:
         """Version being served; 0 when no list is installed yet."""
         return self.current.version if self.current is not None else 0
 
+    def state(self) -> dict[str, object]:
+        """What the agent reports in its state message about this list."""
+        cur = self.current
+        return {"name": self.name, "version": self.applied_version,
+                "issued_ms": cur.issued_ms if cur is not None else None,
+                "records": len(cur) if cur is not None else 0,
+                "body_sha256": cur.body_hash.hex()[:16] if cur is not None else None,
+                "assembling": self._assembly.manifest.version if self._assembly else None,
+                "pending_deltas": sorted((d.from_version, d.to_version)
+                                         for d in self._deltas.values()),
+                "load_error": self.load_error}
+
     # -- dispatch ------------------------------------------------------------------------
     def handle(self, topic: str, payload: bytes) -> list[Outcome]:
         """Feed one MQTT message (any topic under the list's subscription)."""
