@@ -14,7 +14,8 @@ field process (edge.reader.emulator), and three ways of reading it, each for N t
 Latency = from nfcpy's on-discover (the card answered the poll) to the end of the read /
 the verdict / the durable touch, perf_counter in the reader process. Each tap ends when the
 card leaves at the reader's first presence check, so taps come as fast as the udp driver
-allows. The first 20 taps of each way are not measured (imports, caches). Prints one JSON
+allows. The ways take turns in blocks of 50 taps; the first 20 taps of each way and the
+first 2 of each later block (a reader starting afresh) are not measured. Prints one JSON
 document; `--taps` (default 500) per technology and way.
 
     .venv/bin/python bench/bench_reader.py [--taps 500] [--out bench.json]
@@ -22,6 +23,7 @@ document; `--taps` (default 500) per technology and way.
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -82,9 +84,11 @@ def stats(samples: list[float]) -> dict[str, float]:
 
 
 WARMUP = 20   # taps before measuring: nfcpy imports its tag modules at the first activation
+BLOCK = 50    # the three ways take turns in blocks of this many taps, so drift hits all alike
 
 
-def run_raw(field: Field, target: str, card: EmulatedCard, taps: int) -> list[float]:
+def run_raw(field: Field, target: str, card: EmulatedCard, taps: int,
+            warmup: int) -> list[float]:
     samples: list[float] = []
     state = {"t0": 0.0}
     stop = threading.Event()
@@ -117,18 +121,18 @@ def run_raw(field: Field, target: str, card: EmulatedCard, taps: int) -> list[fl
     t = threading.Thread(target=loop, daemon=True)
     t.start()
     try:
-        for _ in range(WARMUP + taps):
+        for _ in range(warmup + taps):
             if not field.tap(card):
                 raise RuntimeError("raw: the reader did not read the card")
     finally:
         stop.set()
         t.join(5)
         clf.close()
-    return samples[WARMUP:]
+    return samples[warmup:]
 
 
 def run_reader(field: Field, target: str, card: EmulatedCard, profile: ProfileConfig,
-               taps: int, on_read: Any) -> list[float]:
+               taps: int, warmup: int, on_read: Any) -> list[float]:
     samples: list[float] = []
     cfg = ReaderConfig("bench", f"udp:127.0.0.1:{field.port}", targets=[target],
                        feedback="none")
@@ -143,12 +147,12 @@ def run_reader(field: Field, target: str, card: EmulatedCard, profile: ProfileCo
     reader = NfcpyReader(cfg, profile, handle)
     reader.start()
     try:
-        for _ in range(WARMUP + taps):
+        for _ in range(warmup + taps):
             if not field.tap(card):
                 raise RuntimeError("the reader did not read the card")
     finally:
         reader.stop()
-    return samples[WARMUP:]
+    return samples[warmup:]
 
 
 def main() -> int:
@@ -159,7 +163,9 @@ def main() -> int:
 
     idlist = MemoryIdList([Entry(TID, Status.ACTIVE)])
     report: dict[str, Any] = {"taps_per_way": args.taps, "python": sys.version.split()[0],
-                              "nfcpy": getattr(nfc, "__version__", "?"), "results": {}}
+                              "nfcpy": getattr(nfc, "__version__", "?"),
+                              "cpus": os.cpu_count(), "loadavg_before": os.getloadavg()[0],
+                              "results": {}}
     with tempfile.TemporaryDirectory() as tmp:
         acfg = AgentConfig(device=DeviceConfig(id="bench-01", site="13100000000001",
                                                data_dir=str(Path(tmp) / "agent")))
@@ -174,10 +180,18 @@ def main() -> int:
                         deb.is_new_tap(read.card, time.monotonic())
                         return decide_gate(read, idlist, c.direction)
 
-                    raw = run_raw(field, target, card, args.taps)
-                    decision = run_reader(field, target, card, profile, args.taps, decide)
-                    durable = run_reader(field, target, card, profile, args.taps,
-                                         _no_debounce(agent))
+                    raw: list[float] = []
+                    decision: list[float] = []
+                    durable: list[float] = []
+                    done = 0
+                    while done < args.taps:
+                        n = min(BLOCK, args.taps - done)
+                        warm = WARMUP if done == 0 else 2   # each block's reader starts afresh
+                        raw += run_raw(field, target, card, n, warm)
+                        decision += run_reader(field, target, card, profile, n, warm, decide)
+                        durable += run_reader(field, target, card, profile, n, warm,
+                                              _no_debounce(agent))
+                        done += n
                 finally:
                     field.close()
                 r, d, u = stats(raw), stats(decision), stats(durable)
@@ -189,6 +203,7 @@ def main() -> int:
                 }
         finally:
             agent.outbox.close()
+    report["loadavg_after"] = os.getloadavg()[0]
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
