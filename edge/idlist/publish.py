@@ -49,7 +49,7 @@ def plan_publish(data: bytes, key: Ed25519PrivateKey, *, prev: bytes | None = No
         delta = diff(old, new)
         clear = clear_messages(old.name, old.version, -(-len(prev) // chunk_size))
     return PublishPlan(data, manifest_for(data, chunk_size), delta,
-                       chunks + (delta_messages(delta, key, chunk_size) if delta else [])
+                       chunks + (delta_messages(delta, key, chunk_size) if delta is not None else [])
                        + [manifest_msg] + clear)
 
 
