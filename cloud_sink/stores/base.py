@@ -230,12 +230,12 @@ class SqlStore:
             " ORDER BY id DESC LIMIT ?", (limit,))]
 
     def counts(self) -> dict[str, int]:
-        total, allowed, flagged = self._rows(
-            "SELECT COUNT(*), COUNT(CASE WHEN decision='allow' THEN 1 END),"
-            " COUNT(flag) FROM touches")[0]
+        """touches, allowed, denied, dead_letters (flagged touches: see flagged())."""
+        total, allowed = self._rows(
+            "SELECT COUNT(*), COUNT(CASE WHEN decision='allow' THEN 1 END) FROM touches")[0]
         dead = self._rows("SELECT COUNT(*) FROM dead_letters")[0][0]
         return {"touches": int(total), "allowed": int(allowed), "denied": int(total - allowed),
-                "flagged": int(flagged), "dead_letters": int(dead)}
+                "dead_letters": int(dead)}
 
     def table(self, name: str) -> list[tuple[Any, ...]]:
         """Every row of a derived table in key order (for tests and checks)."""
