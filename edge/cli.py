@@ -23,6 +23,7 @@ examples:
   ccus agent --config /etc/ccus-touch/agent.toml
   ccus sink run --db store.sqlite --broker 127.0.0.1:1883
   ccus sink work-history --db store.sqlite
+  ccus ops --help                     provisioning, signed config, ID lists, the fleet
 """
 
 
@@ -42,9 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     agent.set_defaults(func=_agent)
 
     from cloud_sink.cli import register as register_sink
+    from edge.ops.cli import register as register_ops
     from edge.reader.cli import register as register_card
 
     register_sink(sub)
+    register_ops(sub)
     register_card(sub)
 
     broker = sub.add_parser("broker", help="run a private development broker in the foreground")
@@ -70,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _wait_for_signal() -> None:
-    done = threading.Event()
+def _wait_for_signal(done: threading.Event | None = None) -> None:
+    done = done or threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
     done.wait()
@@ -94,9 +97,11 @@ def _agent(args: argparse.Namespace) -> int:
         return 2
     agent = Agent(cfg)
     agent.start()
-    _wait_for_signal()
+    # A signed config that changes more than its version needs a restart: exit 3 so that
+    # systemd (Restart=always) starts the agent again with the applied config.
+    _wait_for_signal(agent.restart_requested)
     agent.stop()
-    return 0
+    return 3 if agent.restart_requested.is_set() else 0
 
 
 def _broker(args: argparse.Namespace) -> int:
