@@ -267,6 +267,7 @@ for _v in VERSIONS:
 for _a, _b in [(1, 2), (2, 3), (3, 4), (4, 5), (1, 3), (2, 5)]:
     POOL += delta(_a, _b)
 POOL += [m for m in snap(3, key=ROGUE) if "manifest" in m.topic] + delta(3, 4, key=ROGUE)
+POOL += [Message(chunk_topic("main", v, 999), b"x") for v in (2, 4)]  # outside any manifest
 
 
 @settings(max_examples=120, deadline=None,
@@ -290,3 +291,11 @@ def test_served_list_is_always_a_complete_signed_version_and_never_goes_back(pic
             last = u.applied_version
         feed(u, snap(5))  # the latest retained snapshot always catches a device up
         assert u.applied_version == 5 and u.current.body_hash == HASHES[5]
+
+
+def test_snapshot_completing_from_the_spool_with_stray_chunks_left(updater):
+    msgs = snap(1)
+    stray = Message(chunk_topic("main", 1, 999), b"x")  # sorts after the real chunks
+    out = feed(updater, msgs[:-1] + [stray, msgs[-1]])
+    assert updater.applied_version == 1
+    assert [o.kind for o in out].count("applied") == 1

@@ -187,7 +187,7 @@ class ListUpdater:
                 self._unspool(v, i)
             elif v == m.version:
                 data = self._unspool(v, i)
-                if data is not None:
+                if data is not None and self._assembly is not None:  # may complete midway
                     out += self._take_chunk(i, data)
         return out
 
