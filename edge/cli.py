@@ -23,6 +23,7 @@ examples:
   ccus agent --config /etc/ccus-touch/agent.toml
   ccus sink run --db store.sqlite --broker 127.0.0.1:1883
   ccus sink work-history --db store.sqlite
+  ccus report work-history --store store.sqlite --site 13100000000001 --month 2026-11 --png wh.png
   ccus ops --help                     provisioning, signed config, ID lists, the fleet
 """
 
@@ -43,10 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     agent.set_defaults(func=_agent)
 
     from cloud_sink.cli import register as register_sink
+    from cloud_sink.report_cli import register as register_report
     from edge.ops.cli import register as register_ops
     from edge.reader.cli import register as register_card
 
     register_sink(sub)
+    register_report(sub)
     register_ops(sub)
     register_card(sub)
 
