@@ -8,7 +8,8 @@ One run, side by side, against one private Mosquitto (the project's dev.conf):
   them; the real sink process (`ccus sink run`, SQLite store) stores them and publishes the
   end-to-end acknowledgement. Timed from Link.start() until the acknowledgement covers all N
   (the outbox is empty). touches/s = N / that time.
-- raw: plain paho publishing the same N payloads at QoS 1 with the same in-flight window,
+- raw: plain paho publishing the same N payloads at QoS 1, at most the same in-flight window
+  outstanding (a semaphore: paho slows quadratically with 100k messages queued inside it),
   timed until the last PUBACK, to a topic nobody subscribes to (the broker's best case).
 - idle: the agent process (tests/fault_agent.py --idle, the production Agent and Link, no
   readers) connected and doing nothing: resident memory and CPU over --idle-s seconds.
@@ -109,8 +110,11 @@ def bench_raw(broker: PrivateBroker, data: list[bytes], inflight: int) -> dict: 
     done = threading.Event()
     acked = [0]
 
+    window = threading.Semaphore(inflight)  # paho degrades badly with 100k queued inside it
+
     def on_publish(*_: object) -> None:
         acked[0] += 1
+        window.release()
         if acked[0] == len(data):
             done.set()
 
@@ -121,6 +125,7 @@ def bench_raw(broker: PrivateBroker, data: list[bytes], inflight: int) -> dict: 
     topic = f"bench/raw/{DEV}/touch"
     t0 = time.perf_counter()
     for p in data:
+        window.acquire()
         c.publish(topic, p, qos=1)
     done.wait(600)
     elapsed = time.perf_counter() - t0
