@@ -32,7 +32,7 @@ pytestmark = pytest.mark.e2e
 
 TECH = "12345678901234"
 TECH2 = "12345678901235"
-DROP_LINK = {"out": VEND_PIN[2], "in": DROP, "delay_ms": 120, "hold_ms": 40, "level": 0}
+DROP_LINK = {"out": VEND_PIN[2], "in": DROP, "delay_ms": 120, "hold_ms": 150, "level": 0}
 
 
 @pytest.fixture
@@ -170,7 +170,10 @@ def test_host_timeout_is_indeterminate_until_the_late_result_settles_it(rig):
     deadline = time.monotonic() + 5
     while not settled and time.monotonic() < deadline:
         settled = ctl.poll(0.05)
-    assert [(o.vend_id, o.result) for o in settled] == [(r.vend_id, DISPENSED)]
+    assert [(o.vend_id, o.result) for o in settled] == [(r.vend_id, DISPENSED)], (
+        settled,
+        board.log(),
+    )
     assert [b.vend_id for b in ctl.billable()] == [r.vend_id]
 
 
