@@ -1,7 +1,8 @@
 """Stand-in `machine` module for running the firmware under the MicroPython unix port in tests.
 
 Scripted by a JSON file named in env CCUS_SIM:
-  uart_fd      file descriptor of the "UART" (a pty end the test passes down)
+  uart_fd      file descriptor of the "UART" (a pty end the test passes down), or
+  uart_path    a path to open instead (e.g. /dev/pts/N)
   reset_cause  value machine.reset_cause() returns (default PWRON_RESET)
   inputs       {"pin": level} initial input levels (default 1: pulled up)
   links        [{"out": p, "in": q, "delay_ms": d, "hold_ms": h, "level": 0, "times": n}]
@@ -119,9 +120,9 @@ class Pin:
 
 class UART:
     def __init__(self, id, baudrate=115200, tx=None, rx=None, **kw):
-        fd = SIM.get("uart_fd")
+        fd = SIM.get("uart_fd", SIM.get("uart_path"))
         if fd is None:
-            raise OSError("CCUS_SIM has no uart_fd")
+            raise OSError("CCUS_SIM has neither uart_fd nor uart_path")
         self._f = open(fd, "r+b")  # noqa: SIM115 (lives as long as the board)
         self._poll = select.poll()
         self._poll.register(self._f, select.POLLIN)
