@@ -48,7 +48,15 @@ def register(sub: Sub) -> None:  # type: ignore[valid-type]
     run.add_argument("--client-id", default="sink-1", help="MQTT client id, unique per process")
     run.add_argument("--batch", type=int, default=500, help="touches per transaction (max)")
     run.add_argument("--ready-file", help="touch this file once subscribed (for scripts)")
+    run.add_argument("--ca", help="CA certificate (PEM): connect with TLS")
+    run.add_argument("--cert", help="the sink's client certificate (PEM), from `ccus ops identity`")
+    run.add_argument("--key", help="the sink's private key (PEM, mode 0600)")
     run.set_defaults(func=_run)
+
+    gaps = s.add_parser("gaps", help="devices whose seq has holes (a loss somewhere, or a replay)")
+    add_store_args(gaps, policy=False)
+    gaps.add_argument("--all", action="store_true", help="also closed gaps")
+    gaps.set_defaults(func=_gaps)
 
     imp = s.add_parser("import", help="replay touches from a JSON Lines or CBOR file")
     add_store_args(imp, policy=True)
@@ -101,12 +109,18 @@ def register(sub: Sub) -> None:  # type: ignore[valid-type]
 
 
 def _run(args: argparse.Namespace) -> int:
-    from cloud_sink.subscriber import Sink
+    from cloud_sink.subscriber import Sink, TlsFiles
 
     host, _, port = args.broker.rpartition(":")
     store = store_of(args)
+    tls = None
+    if args.ca or args.cert or args.key:
+        if not (args.ca and args.cert and args.key):
+            print("ccus sink run: --ca, --cert and --key go together", file=sys.stderr)
+            return 2
+        tls = TlsFiles(args.ca, args.cert, args.key)
     sink = Sink(store, host or "127.0.0.1", int(port), group=args.group,  # type: ignore[arg-type]
-                client_id=args.client_id, batch_max=args.batch)
+                client_id=args.client_id, batch_max=args.batch, tls=tls)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
@@ -236,4 +250,11 @@ def _devices_list(args: argparse.Namespace) -> int:
     for d in store.devices():
         print(f"{d.device}  {d.site}  {d.role}")
     store.close()
+    return 0
+
+
+def _gaps(args: argparse.Namespace) -> int:
+    from cloud_sink.acks import format_gaps, gap_report
+
+    print(format_gaps(gap_report(args.store, include_closed=args.all)))
     return 0

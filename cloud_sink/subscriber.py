@@ -9,9 +9,11 @@ stored (cloud_sink.acks, docs/delivery.md). Only then may the device forget them
 
 import logging
 import queue
+import ssl
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -30,10 +32,18 @@ from edge.touch import Touch
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    ca: str
+    cert: str
+    key: str
+
+
 class Sink:
     def __init__(self, store: Store, host: str, port: int, *, group: str = "sink",
                  client_id: str = "sink-1", batch_max: int = 500, batch_wait_s: float = 0.05,
-                 on_batch: Callable[[IngestResult], None] | None = None) -> None:
+                 on_batch: Callable[[IngestResult], None] | None = None,
+                 tls: "TlsFiles | None" = None) -> None:
         self.store, self.host, self.port, self.group = store, host, port, group
         self.batch_max, self.batch_wait_s = batch_max, batch_wait_s
         self.on_batch = on_batch
@@ -48,6 +58,9 @@ class Sink:
         self._client.on_message = lambda c, u, m: self._q.put(m)
         self._client.on_subscribe = self._on_subscribe
         self._client.reconnect_delay_set(1, 30)
+        if tls is not None:  # the cloud broker: TLS only, identity from the client certificate
+            self._client.tls_set(ca_certs=tls.ca, certfile=tls.cert, keyfile=tls.key,
+                                 tls_version=ssl.PROTOCOL_TLS_CLIENT)
         self._writer = threading.Thread(target=self._write_loop, name="sink-writer", daemon=True)
 
     def start(self) -> None:

@@ -78,6 +78,7 @@ class Agent:
                                     self._feedback) for r in cfg.readers]
         self._debounce = {r.name: Debouncer(r.retap_window_s) for r in cfg.readers}
         self._anti_passback = AntiPassback() if cfg.gate.anti_passback else None
+        self.schedule = Schedule.load(cfg.training.schedule) if cfg.training.schedule else None
         self._lock = threading.Lock()
         self.counts = {"taps": 0, "suppressed": 0, "allowed": 0, "denied": 0}
 
@@ -111,9 +112,7 @@ class Agent:
             self.counts["taps"] += 1
             verdict = self._decide(reader, read)
             now = self.clock.now_ms()
-            facts: dict[str, str | int | bool] = {"reader": reader.name}
-            if self.role is Role.GATE:
-                facts["dir"] = reader.direction
+            facts = self._role_facts(reader, now)
 
             def build(seq: int) -> bytes:
                 nonlocal touch
@@ -148,11 +147,22 @@ class Agent:
         return touch
 
     def _decide(self, reader: ReaderConfig, read: CardRead) -> Verdict:
+        if self.role is Role.TRAINING:
+            return decide_training(read, self.idlist)
+        # vending devices decide through the vend session (allowance, board); a bare tap on
+        # one decides by status like a gate
+        return decide_gate(read, self.idlist, reader.direction,
+                           self._anti_passback if self.role is Role.GATE else None)
+
+    def _role_facts(self, reader: ReaderConfig, now_ms: int) -> dict[str, str | int | bool]:
+        facts: dict[str, str | int | bool] = {"reader": reader.name}
         if self.role is Role.GATE:
-            return decide_gate(read, self.idlist, reader.direction, self._anti_passback)
-        # vending and training decisions arrive with their own issues; until then a
-        # non-gate device decides by status alone, like a gate
-        return decide_gate(read, self.idlist, reader.direction)
+            facts["dir"] = reader.direction
+        elif self.role is Role.TRAINING and self.schedule is not None:
+            course = self.schedule.current(now_ms)
+            if course is not None:
+                facts["course"] = course.id
+        return facts
 
     def _config_applied(self, new: AgentConfig) -> None:
         # the version (carried by touches) changes at once; anything else takes a restart
@@ -185,7 +195,14 @@ class Agent:
             "cv": self.cfg.version,
             **self._delivery_state(),
             "readers": {r.cfg.name: r.health for r in self.readers},
+            **self._list_condition(),
         }
+
+    def _list_condition(self) -> dict[str, Any]:
+        """A list older than idlist.max_age_h is a reported condition, never a silent one."""
+        age = list_age_h(self.idlist, self.clock.now_ms())
+        return {"list_age_h": None if age is None else round(age, 2),
+                "list_stale": age is None or age > self.cfg.idlist.max_age_h}
 
     def _delivery_state(self) -> dict[str, Any]:
         """Outbox, disk and link fields of the state message (docs/delivery.md lists them)."""
