@@ -24,7 +24,7 @@ def _check(out: str, rc: int) -> None:
 def test_codec_under_micropython_unix_port(tmp_path):
     assert MICROPYTHON.exists(), f"{MICROPYTHON} missing: run ./dev.sh setup"
     env = {
-        "MICROPYPATH": f"{ROOT / 'firmware'}:{ROOT / 'tests' / 'mpy'}:.frozen",
+        "MICROPYPATH": f"{ROOT / 'firmware'}:{ROOT / 'tests' / 'mpy'}:{ROOT / 'vending' / 'boardsim'}:.frozen",
         "CCUS_TMP": str(tmp_path),
         "PATH": os.environ.get("PATH", ""),
     }
@@ -87,7 +87,7 @@ def test_stand_in_watchdog_resets_a_starved_board(tmp_path):
     )
     p = subprocess.run(
         [str(MICROPYTHON), "-X", "heapsize=192K", "-c", code],
-        env={"MICROPYPATH": f"{ROOT / 'tests' / 'mpy'}:.frozen"},
+        env={"MICROPYPATH": f"{ROOT / 'vending' / 'boardsim'}:.frozen"},
         capture_output=True,
         text=True,
         timeout=60,

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import os
 import random
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -24,9 +22,7 @@ from vending import (
     VendJournal,
 )
 from vending import transaction as tx
-
-sys.path.insert(0, str(Path(__file__).resolve().parent / "mpy"))
-from harness import DOOR, DROP, GATE, VEND_PIN, BoardProcess  # noqa: E402
+from vending.boardsim import DOOR, DROP, GATE, VEND_PIN, BoardProcess
 
 pytestmark = pytest.mark.e2e
 

