@@ -51,6 +51,10 @@ _HDR_HASH_AT = HEADER_SIZE - 32
 Row = tuple[int, int, int, tuple[bytes, ...]]  # (tid, status code, level, sorted cards)
 
 
+_new_entry = object.__new__
+_set = object.__setattr__
+
+
 class ListFormatError(ValueError):
     """The bytes are not a valid v1 ID list (or a list could not be built from the rows)."""
 
@@ -283,7 +287,7 @@ class MmapIdList:
         rec = self._rec
         i = bisect_left(rec, t << _TID_SHIFT)
         if i < self._n and rec[i] >> _TID_SHIFT == t:
-            return self._entry(i)
+            return self._entry(i, tid)
         return None
 
     def by_card(self, card: bytes) -> Entry | None:
@@ -331,12 +335,22 @@ class MmapIdList:
         cards: tuple[bytes, ...] = ()
         if nc:
             j = r >> 4
-            start = self._ckp[j] + sum(x & _NC_MASK for x in self._rec[j << 4:r])
+            start = self._ckp[j]
+            if r & 15:
+                start += sum(map(_NC_MASK.__and__, self._rec[j << 4:r]))
             cards = self._cards_from(start, nc)
         return (w >> _TID_SHIFT, st, ((w >> _LV_SHIFT) & 3) + 1, cards)
 
-    def _entry(self, r: int) -> Entry:
-        return entry_of(self._row(r))
+    def _entry(self, r: int, tid: str | None = None) -> Entry:
+        t, st, lvl, cards = self._row(r)
+        # Fields come from a checked file (tid < 10**14, level from 2 bits, status checked):
+        # skip Entry's validation, which costs as much as the lookup itself.
+        e = _new_entry(Entry)
+        _set(e, "tid", tid or f"{t:014d}")
+        _set(e, "status", STATUSES[st])
+        _set(e, "level", lvl)
+        _set(e, "cards", cards)
+        return e
 
     def rows(self) -> list[Row]:
         """Every row in tid order (for deltas and rebuilds); one pass, no per-row bisect."""
