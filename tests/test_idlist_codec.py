@@ -189,3 +189,35 @@ def test_verify_false_skips_only_the_body_hash():
     with pytest.raises(ListFormatError, match="body hash"):
         load_list(bytes(buf))
     assert len(load_list(bytes(buf), verify=False)) == 100
+
+
+# Cards that share their first 8 bytes (same head, different tails), so equal heads run
+# across the TOP blocks of the two-step bisect.
+shared_prefix = st.tuples(st.sampled_from([b"\x01" * 8, b"\x02" * 8]),
+                          st.binary(min_size=1, max_size=2)).map(lambda t: t[0] + t[1])
+
+
+@st.composite
+def crowded_lists(draw):
+    ids = draw(st.lists(tids, unique=True, max_size=60))
+    pool = iter(draw(st.lists(st.one_of(cards, shared_prefix), unique=True,
+                              min_size=len(ids) * 2, max_size=len(ids) * 2)))
+    return [Entry(t, Status.ACTIVE, 1, (next(pool), next(pool))) for t in ids]
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(crowded_lists(), st.sampled_from([1, 2, 3, 5]), tids, st.one_of(cards, shared_prefix))
+def test_two_step_bisect_across_many_blocks(entries, stride, probe_tid, probe_card):
+    from unittest import mock
+
+    from edge.idlist import codec
+
+    with mock.patch.object(codec, "STRIDE", stride):  # tiny blocks: every boundary case
+        lst = load_list(build_list(entries, name="main", version=1, issued_ms=0))
+        for e in entries:
+            assert lst.by_tid(e.tid) == canonical(e)
+            for c in e.cards:
+                assert lst.by_card(c) == canonical(e)
+        known = {e.tid for e in entries}, {c for e in entries for c in e.cards}
+        assert (lst.by_tid(probe_tid) is None) == (probe_tid not in known[0])
+        assert (lst.by_card(probe_card) is None) == (probe_card not in known[1])
