@@ -79,6 +79,12 @@ class Agent:
         self._debounce = {r.name: Debouncer(r.retap_window_s) for r in cfg.readers}
         self._anti_passback = AntiPassback() if cfg.gate.anti_passback else None
         self.schedule = Schedule.load(cfg.training.schedule) if cfg.training.schedule else None
+        self.vend: Any = None  # the vending role's station (vending/station.py)
+        if self.role is Role.VENDING:
+            from vending.station import VendStation
+
+            self.vend = VendStation(cfg.vending, cfg.device.id, cfg.device.site, cfg.data_dir,
+                                    self.clock)
         self._lock = threading.Lock()
         self.counts = {"taps": 0, "suppressed": 0, "allowed": 0, "denied": 0}
 
@@ -88,6 +94,8 @@ class Agent:
     def start(self) -> None:
         self.config.start()
         self.link.start()
+        if self.vend is not None:
+            self.vend.start()  # settles what a restart left open before the first tap
         for r in self.readers:
             r.start()
         log.info("agent %s (%s) at site %s: %d reader(s), list v%s", self.cfg.device.id,
@@ -97,6 +105,8 @@ class Agent:
     def stop(self) -> None:
         for r in self.readers:
             r.stop()
+        if self.vend is not None:
+            self.vend.stop()
         self.link.stop()
         self.config.stop()
         self.outbox.close()
@@ -110,9 +120,9 @@ class Agent:
                 self.counts["suppressed"] += 1
                 return None
             self.counts["taps"] += 1
-            verdict = self._decide(reader, read)
             now = self.clock.now_ms()
-            facts = self._role_facts(reader, now)
+            verdict, role_facts = self._decide(reader, read)
+            facts = {**self._role_facts(reader, now), **role_facts}
 
             def build(seq: int) -> bytes:
                 nonlocal touch
@@ -146,13 +156,13 @@ class Agent:
             self.on_touch(touch)
         return touch
 
-    def _decide(self, reader: ReaderConfig, read: CardRead) -> Verdict:
+    def _decide(self, reader: ReaderConfig, read: CardRead) -> tuple[Verdict, dict[str, Any]]:
+        """The role's verdict, and facts only the role knows (a vend's slot and result)."""
         if self.role is Role.TRAINING:
-            return decide_training(read, self.idlist)
-        # vending devices decide through the vend session (allowance, board); a bare tap on
-        # one decides by status like a gate
-        return decide_gate(read, self.idlist, reader.direction,
-                           self._anti_passback if self.role is Role.GATE else None)
+            return decide_training(read, self.idlist), {}
+        if self.vend is not None:
+            return self.vend.serve(read, self.idlist)  # allowance, then the vend itself
+        return decide_gate(read, self.idlist, reader.direction, self._anti_passback), {}
 
     def _role_facts(self, reader: ReaderConfig, now_ms: int) -> dict[str, str | int | bool]:
         facts: dict[str, str | int | bool] = {"reader": reader.name}

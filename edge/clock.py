@@ -51,20 +51,22 @@ class SystemClock:
 
 
 class ManualClock:
-    """Wall time set by the caller (demo, tests); monotonic time stays real."""
+    """Wall time set by the caller (demo, tests). Monotonic time is real time plus every forward
+    jump of the wall clock, so timers (the re-tap window) see the simulated hours pass too."""
 
     def __init__(self, start_ms: int, quality: TimeQuality = TimeQuality.SYNCED) -> None:
         self._now = start_ms
         self._quality = quality
+        self._skipped_s = 0.0
         self._lock = threading.Lock()
 
     def set(self, ms: int) -> None:
         with self._lock:
+            self._skipped_s += max(0, ms - self._now) / 1000
             self._now = ms
 
     def advance(self, ms: int) -> None:
-        with self._lock:
-            self._now += ms
+        self.set(self.now_ms() + ms)
 
     def now_ms(self) -> int:
         with self._lock:
@@ -74,4 +76,5 @@ class ManualClock:
         return self._quality
 
     def monotonic(self) -> float:
-        return time.monotonic()
+        with self._lock:
+            return time.monotonic() + self._skipped_s

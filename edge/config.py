@@ -97,6 +97,20 @@ class TrainingConfig:
 
 
 @dataclass
+class VendingConfig:
+    serial: str = ""              # the controller board's serial port (required for role vending)
+    baud: int = 115200
+    slot: int = 1                 # the slot a free drink comes from
+    limit: int = 1                # free drinks per technician per period
+    period: str = "day"           # day | week
+    cut_hour: int = 4             # the period turns over at this hour, Asia/Tokyo
+    scope: str = "machine"        # machine | site: what the allowance is counted against
+    contractor: str = ""          # the main contractor (元請) who pays: 14-digit business ID
+    pulse_ms: int = 200           # vend-line pulse
+    drop_timeout_ms: int = 5000   # no drop sensed within this: the vend failed
+
+
+@dataclass
 class AgentConfig:
     device: DeviceConfig
     mqtt: MqttConfig = field(default_factory=MqttConfig)
@@ -106,6 +120,7 @@ class AgentConfig:
     clock: ClockConfig = field(default_factory=ClockConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    vending: VendingConfig = field(default_factory=VendingConfig)
     version: int = 0              # config version, carried by every touch
 
     @property
@@ -139,6 +154,7 @@ def _check(cfg: AgentConfig) -> None:
         raise ConfigError(f"device.role: one of {', '.join(r.value for r in Role)}")
     if not 1 <= cfg.mqtt.inflight <= 1000:
         raise ConfigError("mqtt.inflight: 1..1000")
+    _check_vending(cfg)
     names = set()
     for i, r in enumerate(cfg.readers):
         if r.name in names:
@@ -183,6 +199,22 @@ def _check_profile(where: str, p: ProfileConfig) -> None:
             raise ConfigError(f"{where}.file_id: 2 bytes of hex, or empty")
         if not 0 <= p.read_offset <= 0x7FFF or not 1 <= p.read_length <= 255:
             raise ConfigError(f"{where}.read_length: 1..255, read_offset 0..32767")
+
+
+def _check_vending(cfg: AgentConfig) -> None:
+    v = cfg.vending
+    if cfg.device.role == "vending" and not v.serial:
+        raise ConfigError("vending.serial: required for a vending machine (the board's port)")
+    if v.period not in ("day", "week"):
+        raise ConfigError("vending.period: 'day' or 'week'")
+    if v.scope not in ("machine", "site"):
+        raise ConfigError("vending.scope: 'machine' or 'site'")
+    if not 0 <= v.cut_hour <= 23:
+        raise ConfigError("vending.cut_hour: 0..23")
+    if v.limit < 1 or not 1 <= v.slot <= 4:
+        raise ConfigError("vending.limit: at least 1; vending.slot: 1..4")
+    if v.contractor and not SITE_ID.match(v.contractor):  # 事業者ID: 14 digits, like a site ID
+        raise ConfigError("vending.contractor: a business ID is 14 ASCII digits")
 
 
 def _build(cls: type, raw: Any, where: str) -> Any:

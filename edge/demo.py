@@ -25,16 +25,20 @@ from edge.idlist import Entry, Status
 from edge.reader.cards import EmulatedCard, felica_card
 from edge.reader.emulator import free_udp_port
 from edge.touch import Touch
+from vending.boardsim import DROP, VEND_PIN, BoardProcess
 
 SITE = "13100000000001"   # a 14-digit site ID (現場ID)
 DEVICE = "gate-01"
+VEND_DEVICE = "vend-01"
+CONTRACTOR = "20000000000001"  # the main contractor (元請) who pays for the drinks: 事業者ID
 DAY = (2026, 11, 26)
+READERS = {"entry": DEVICE, "exit": DEVICE, "vend": VEND_DEVICE}  # reader -> device
 
 
 @dataclass(frozen=True)
 class Tap:
     at_ms: int
-    reader: str          # "entry" | "exit"
+    reader: str          # "entry" | "exit" | "vend"
     card: EmulatedCard
     note: str = ""
 
@@ -54,7 +58,8 @@ def tid_of(i: int) -> str:
 
 
 def site_day(n: int = 12) -> SiteDay:
-    """Twelve technicians in and out; one unknown card; one double tap; one forgotten exit."""
+    """Twelve technicians in and out; one unknown card; one double tap; one forgotten exit;
+    five take their free drink at lunch, and one comes back for a second."""
     y, m, d = DAY
     techs = [Entry(tid_of(i), Status.ACTIVE, level=1 + i % 4, cards=(card_of(i).ident,))
              for i in range(1, n + 1)]
@@ -67,6 +72,9 @@ def site_day(n: int = 12) -> SiteDay:
         if i == 6:
             stranger = felica_card(bytes.fromhex("0139AB0000C0FFEE"))
             taps.append(Tap(at + 60_000, "entry", stranger, "unknown card"))
+    for i in range(1, 6):
+        taps.append(Tap(jst_ms(y, m, d, 12, 3 * i), "vend", card_of(i)))
+    taps.append(Tap(jst_ms(y, m, d, 15, 0), "vend", card_of(2), "second drink: limit reached"))
     for i in range(1, n + 1):
         if i == n:
             continue  # forgets to tap out: the work-history row shows the exit as missing
@@ -90,7 +98,7 @@ version = 1
 id = "{DEVICE}"
 site = "{SITE}"
 role = "gate"
-data_dir = "{data / 'agent'}"
+data_dir = "{data / 'gate'}"
 
 [mqtt]
 host = "127.0.0.1"
@@ -115,6 +123,40 @@ targets = ["212F"]
 """
 
 
+def vending_toml(data: Path, broker_port: int, vend_port: int, serial_port: str) -> str:
+    return f"""\
+# CCUS support vending machine for the demo: one free drink a day per technician.
+version = 1
+
+[device]
+id = "{VEND_DEVICE}"
+site = "{SITE}"
+role = "vending"
+data_dir = "{data / 'vend'}"
+
+[mqtt]
+host = "127.0.0.1"
+port = {broker_port}
+tls = false
+state_interval_s = 5
+
+[idlist]
+path = "{data / 'technicians.csv'}"
+
+[vending]
+serial = "{serial_port}"   # the controller board (here: the firmware under MicroPython on a pty)
+slot = 1
+limit = 1
+period = "day"
+contractor = "{CONTRACTOR}"
+
+[[readers]]
+name = "vend"
+path = "udp:127.0.0.1:{vend_port}"
+targets = ["212F"]
+"""
+
+
 @dataclass
 class DemoRun:
     """The running pieces of the demo; also what the end-to-end test drives."""
@@ -123,7 +165,8 @@ class DemoRun:
     broker: PrivateBroker | None = None
     sink: subprocess.Popen[bytes] | None = None
     emulator: subprocess.Popen[str] | None = None
-    agent: Agent | None = None
+    board: BoardProcess | None = None
+    agents: dict[str, Agent] = field(default_factory=dict)   # device id -> agent
     clock: ManualClock = field(default_factory=lambda: ManualClock(jst_ms(*DAY, 6)))
     ports: dict[str, int] = field(default_factory=dict)
     touches: list[Touch] = field(default_factory=list)
@@ -133,44 +176,70 @@ class DemoRun:
     def store_path(self) -> Path:
         return self.data / "store.sqlite"
 
+    @property
+    def agent(self) -> Agent | None:
+        return self.agents.get(DEVICE)
+
     def start(self, day: SiteDay) -> None:
         shutil.rmtree(self.data, ignore_errors=True)
         self.data.mkdir(parents=True)
         self.broker = PrivateBroker(self.data / "broker").start()
         ready = self.data / "sink.ready"
-        self.sink = subprocess.Popen(
-            [sys.executable, "-m", "edge.cli", "sink", "run", "--db", str(self.store_path),
-             "--broker", f"127.0.0.1:{self.broker.port}", "--ready-file", str(ready)],
-            stdout=subprocess.DEVNULL, stderr=open(self.data / "sink.log", "wb"))
-        self.ports = {"entry": free_udp_port(), "exit": free_udp_port()}
+        with open(self.data / "sink.log", "wb") as sink_log:
+            self.sink = subprocess.Popen(
+                [sys.executable, "-m", "edge.cli", "sink", "run", "--db", str(self.store_path),
+                 "--broker", f"127.0.0.1:{self.broker.port}", "--ready-file", str(ready)],
+                stdout=subprocess.DEVNULL, stderr=sink_log)
+        self.ports = {name: free_udp_port() for name in READERS}
         self.emulator = subprocess.Popen(
             [sys.executable, "-m", "edge.reader.emulator", *map(str, self.ports.values())],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.emulator.stdout is not None
         if "ready" not in json.loads(self.emulator.stdout.readline() or "{}"):
             raise RuntimeError("card emulator did not start")
+        # the vending machine's controller board: when the vend line of slot 1 pulses, the
+        # drop sensor sees a can 120 ms later
+        (self.data / "board").mkdir()
+        self.board = BoardProcess(self.data / "board", links=[
+            {"out": VEND_PIN[1], "in": DROP, "delay_ms": 120, "hold_ms": 150, "level": 0}])
+        self.board.start()
         write_idlist_csv(self.data / "technicians.csv", day.technicians)
-        conf = self.data / "agent.toml"
-        conf.write_text(agent_toml(self.data, self.broker.port, self.ports["entry"],
-                                   self.ports["exit"]))
-        cfg: AgentConfig = load(conf)
-        self.agent = Agent(cfg, clock=self.clock, on_touch=self._on_touch)
-        self.agent.start()
+        confs = {
+            DEVICE: agent_toml(self.data, self.broker.port, self.ports["entry"], self.ports["exit"]),
+            VEND_DEVICE: vending_toml(self.data, self.broker.port, self.ports["vend"],
+                                      self.board.port),
+        }
+        for device, text in confs.items():
+            conf = self.data / f"{device}.toml"
+            conf.write_text(text)
+            cfg: AgentConfig = load(conf)
+            self.agents[device] = Agent(cfg, clock=self.clock, on_touch=self._on_touch,
+                                        config_keys=[])
+            self.agents[device].start()
         _wait(lambda: ready.exists() or self.sink.poll() is not None, 15, "sink subscribed")
         if self.sink.poll() is not None:
             raise RuntimeError(f"sink exited: {(self.data / 'sink.log').read_text()[-800:]}")
-        _wait(lambda: self.agent is not None and self.agent.link.connected, 15, "agent connected")
+        _wait(lambda: all(a.link.connected for a in self.agents.values()), 15, "agents connected")
 
     def _on_touch(self, t: Touch) -> None:
         with self._changed:
             self.touches.append(t)
             self._changed.notify_all()
 
+    def counts(self) -> dict[str, int]:
+        """The agents' tap counters, added up."""
+        total: dict[str, int] = {}
+        for a in self.agents.values():
+            for k, v in a.counts.items():
+                total[k] = total.get(k, 0) + v
+        return total
+
     def tap(self, tap: Tap) -> Touch | None:
         """Set the clock, tap the card on the emulated field, wait until the agent decided."""
-        assert self.agent and self.emulator and self.emulator.stdin and self.emulator.stdout
+        assert self.emulator and self.emulator.stdin and self.emulator.stdout
+        agent = self.agents[READERS[tap.reader]]
         self.clock.set(tap.at_ms)
-        seen_before = self.agent.counts["taps"] + self.agent.counts["suppressed"]
+        seen_before = agent.counts["taps"] + agent.counts["suppressed"]
         n_before = len(self.touches)
         req = {"port": self.ports[tap.reader], "tap": tap.card.to_json(), "hold_ms": 100}
         self.emulator.stdin.write(json.dumps(req) + "\n")
@@ -178,24 +247,25 @@ class DemoRun:
         answer = json.loads(self.emulator.stdout.readline() or "{}")
         if not answer.get("seen"):
             raise RuntimeError(f"the {tap.reader} reader did not read the card: {answer}")
-        _wait(lambda: self.agent.counts["taps"] + self.agent.counts["suppressed"] > seen_before,
-              5, "the agent's decision")
+        _wait(lambda: agent.counts["taps"] + agent.counts["suppressed"] > seen_before,
+              10, "the agent's decision")
         return self.touches[-1] if len(self.touches) > n_before else None
 
     def wait_delivered(self, timeout: float = 20.0) -> dict[str, int]:
-        """Until the outbox is empty and the sink has stored every touch the agent made."""
-        assert self.agent
+        """Until every outbox is empty and the sink has stored every touch the agents made."""
         store = SqliteStore(self.store_path)
         try:
-            _wait(lambda: self.agent.outbox.depth() == 0
+            _wait(lambda: all(a.outbox.depth() == 0 for a in self.agents.values())
                   and store.counts()["touches"] >= len(self.touches), timeout, "delivery")
             return store.counts()
         finally:
             store.close()
 
     def stop(self) -> None:
-        if self.agent:
-            self.agent.stop()
+        for a in self.agents.values():
+            a.stop()
+        if self.board:
+            self.board.close()
         if self.emulator:
             if self.emulator.stdin:
                 self.emulator.stdin.close()
@@ -229,34 +299,42 @@ def run_demo(data_dir: str | Path) -> int:
     started = time.monotonic()
     day = site_day()
     run = DemoRun(Path(data_dir).resolve())
-    print(f"ccus-touch demo: site {SITE}, gate {DEVICE}, {len(day.technicians)} technicians, "
-          f"{DAY[0]}-{DAY[1]:02d}-{DAY[2]:02d}")
+    date = f"{DAY[0]}-{DAY[1]:02d}-{DAY[2]:02d}"
+    print(f"ccus-touch demo: site {SITE}, {date}: gate {DEVICE} (entry and exit readers), "
+          f"vending machine {VEND_DEVICE}, {len(day.technicians)} technicians")
     try:
         run.start(day)
-        print(f"broker 127.0.0.1:{run.broker.port if run.broker else '?'}, readers "
-              f"udp:{run.ports['entry']} (entry) and udp:{run.ports['exit']} (exit)\n")
+        print(f"broker 127.0.0.1:{run.broker.port if run.broker else '?'}; readers "
+              + ", ".join(f"{r} udp:{p}" for r, p in run.ports.items())
+              + f"; board {run.board.port if run.board else '?'}\n")
         for tap in day.taps:
             t = run.tap(tap)
             when = local_time(tap.at_ms)
             if t is None:
                 print(f"  {when}  {tap.reader:<5}  {tap.card.ident.hex()}  (same tap: not counted)")
-            else:
-                who = t.tid or "-" * 14
-                print(f"  {when}  {tap.reader:<5}  {tap.card.ident.hex()}  {who}  "
-                      f"{t.decision.value:<5} {t.reason.value}  seq {t.seq}")
+                continue
+            who = t.tid or "-" * 14
+            extra = f"  {t.facts['result']}" if "result" in t.facts else ""
+            print(f"  {when}  {tap.reader:<5}  {tap.card.ident.hex()}  {who}  "
+                  f"{t.decision.value:<5} {t.reason.value}{extra}  seq {t.seq}")
         counts = run.wait_delivered()
-        assert run.agent
-        agent_counts = dict(run.agent.counts)
+        totals = run.counts()
+        vend = run.agents[VEND_DEVICE].vend
+        drinks = vend.billable() if vend is not None else []
     finally:
         run.stop()
     store = SqliteStore(run.store_path)
     print("\nwork history (就業履歴), Asia/Tokyo:\n")
     print(format_work_history(store))
+    ledger = store.vending_ledger()
     store.close()
-    physical = len(day.taps)
-    print(f"\nsummary: {physical} taps, {agent_counts['taps']} touches "
-          f"({agent_counts['suppressed']} repeat within the re-tap window), "
-          f"{agent_counts['allowed']} allowed, {agent_counts['denied']} denied; "
+    print(f"\nbillable drinks on {date}, paid by main contractor {CONTRACTOR}: {len(drinks)} "
+          f"({', '.join(d.technician for d in drinks)})")
+    for row in ledger:
+        print(f"  sink ledger {row}")
+    print(f"\nsummary: {len(day.taps)} taps, {totals['taps']} touches "
+          f"({totals['suppressed']} repeat within the re-tap window), "
+          f"{totals['allowed']} allowed, {totals['denied']} denied; "
           f"sink stored {counts['touches']}, dead letters {counts['dead_letters']}; "
           f"{time.monotonic() - started:.1f} s")
     return 0

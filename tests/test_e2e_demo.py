@@ -7,7 +7,7 @@ import pytest
 
 from cloud_sink.store import SqliteStore
 from cloud_sink.workday import local_time
-from edge.demo import SITE, DemoRun, site_day
+from edge.demo import CONTRACTOR, DEVICE, SITE, VEND_DEVICE, DemoRun, site_day
 from edge.reasons import Reason
 from edge.touch import Decision
 
@@ -36,31 +36,46 @@ def test_site_day_end_to_end(tmp_path: Path) -> None:
         run.start(day)
         results = [run.tap(t) for t in day.taps]
         counts = run.wait_delivered()
-        agent = run.agent
-        assert agent is not None
-        agent_counts = dict(agent.counts)
+        totals = run.counts()
+        vend = run.agents[VEND_DEVICE].vend
+        assert vend is not None
+        drinks = [d.technician for d in vend.billable()]
     finally:
         run.stop()
 
     # every process the demo started is gone
-    for proc in (run.sink, run.emulator, run.broker.proc if run.broker else None):
+    board = run.board.proc if run.board else None
+    for proc in (run.sink, run.emulator, run.broker.proc if run.broker else None, board):
         assert proc is not None and proc.poll() is not None
 
-    assert len(day.taps) == 25
-    assert agent_counts == {"taps": 24, "suppressed": 1, "allowed": 23, "denied": 1}
-    assert counts == {"touches": 24, "allowed": 23, "denied": 1, "dead_letters": 0}
+    assert len(day.taps) == 31
+    assert totals == {"taps": 30, "suppressed": 1, "allowed": 28, "denied": 2}
+    assert counts == {"touches": 30, "allowed": 28, "denied": 2, "dead_letters": 0}
 
     made = [t for t in results if t is not None]
-    assert [t.seq for t in made] == list(range(1, 25))  # seq per device starts at 1, no gaps
+    for device, n in ((DEVICE, 24), (VEND_DEVICE, 6)):  # seq per device starts at 1, no gaps
+        assert [t.seq for t in made if t.device == device] == list(range(1, n + 1))
     repeat = day.taps.index(next(t for t in day.taps if t.note.startswith("repeat")))
     assert results[repeat] is None
     denied = [t for t in made if t.decision is Decision.DENY]
-    assert [(t.reason, t.tid, t.card.hex()) for t in denied] == [
-        (Reason.UNKNOWN_CARD, None, "0139ab0000c0ffee")]
+    assert [(t.device, t.reason, t.tid) for t in denied] == [
+        (DEVICE, Reason.UNKNOWN_CARD, None), (VEND_DEVICE, Reason.LIMIT_REACHED, "10000000000002")]
+
+    # the vending machine: five free drinks, the second one refused, the contractor billed
+    vends = [t for t in made if t.device == VEND_DEVICE and t.decision is Decision.ALLOW]
+    assert [(t.tid, t.facts["result"], t.facts["slot"]) for t in vends] == [
+        (f"1000000000000{i}", "dispensed", 1) for i in range(1, 6)]
+    assert drinks == [f"1000000000000{i}" for i in range(1, 6)]
+    assert board is not None and run.board is not None
+    vend_pulses = [p for p in run.board.pins() if p[0] == 2 and p[1] == 1]  # slot 1 line high
+    assert len(vend_pulses) == 5
 
     store = SqliteStore(run.store_path)
     rows = store.work_history()
+    ledger = [(r.device, r.contractor, r.month, r.dispensed, r.failed, r.indeterminate)
+              for r in store.vending_ledger()]
     store.close()
+    assert ledger == [(VEND_DEVICE, CONTRACTOR, "2026-11", 5, 0, 0)]
     got = [(r.tid, local_time(r.first_in_ms) if r.first_in_ms else None,
             local_time(r.last_out_ms) if r.last_out_ms else None) for r in rows]
     assert got == EXPECTED

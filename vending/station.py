@@ -1,0 +1,87 @@
+"""The vending role inside the agent: allowance decision, the vend itself, and the touch facts.
+
+The agent hands every tap on a vending machine here. An approved tap reserves the allowance
+(journaled before the vend line moves), drives the board and settles the transaction; the
+touch then carries slot and result. Board trouble never raises: it becomes the result.
+"""
+
+import logging
+import threading
+from pathlib import Path
+
+from edge.clock import Clock
+from edge.config import VendingConfig
+from edge.decision import CardRead, Verdict, decide_vending, resolve
+from edge.idlist import IdList
+from edge.reasons import Reason
+from edge.touch import Decision
+from vending.board import BoardLink
+from vending.controller import DISPENSED, INDETERMINATE, VendController, VendOutcome
+from vending.journal import VendJournal
+from vending.ledger import LimitReached
+from vending.period import PeriodSpec
+
+log = logging.getLogger(__name__)
+
+# Billing words on the touch: a vend the board did not complete is "failed" for the ledger.
+RESULT = {DISPENSED: "dispensed", INDETERMINATE: "indeterminate"}
+
+
+class VendStation:
+    def __init__(self, cfg: VendingConfig, device: str, site: str, data_dir: Path,
+                 clock: Clock, board: BoardLink | None = None) -> None:
+        self.cfg = cfg
+        scope = f"machine:{device}" if cfg.scope == "machine" else f"site:{site}"
+        self.board = board or BoardLink(cfg.serial, baudrate=cfg.baud)
+        self.ctl = VendController(VendJournal(str(data_dir / "vend.sqlite")), self.board, scope,
+                                  limit=cfg.limit, period=PeriodSpec(cfg.period, cut_hour=cfg.cut_hour),
+                                  pulse_ms=cfg.pulse_ms, drop_timeout_ms=cfg.drop_timeout_ms,
+                                  clock_ms=clock.now_ms)
+        # BoardLink is driven from one thread at a time: taps and the idle poll share this lock
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._poller = threading.Thread(target=self._poll, name="vend-poll", daemon=True)
+
+    def start(self) -> None:
+        with self._lock:
+            for out in self.ctl.recover():
+                log.warning("vend %d left open by a restart: %s", out.vend_id, out.result)
+        self._poller.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._poller.join(3)
+        self.board.close()
+
+    def _poll(self) -> None:
+        # late board results settle indeterminate vends (reported in the vend journal)
+        while not self._stop.wait(0.5):
+            with self._lock:
+                for out in self.ctl.poll(0.0):
+                    log.info("vend %d settled late: %s", out.vend_id, out.result)
+
+    def serve(self, read: CardRead, idlist: IdList | None) -> tuple[Verdict, dict[str, str | int | bool]]:
+        """Decide a tap; on approval vend. Returns the verdict and the touch's vending facts."""
+        entry, _ = resolve(read, idlist)
+        with self._lock:
+            remaining = self.ctl.remaining(entry.tid) if entry is not None else 0
+            verdict = decide_vending(read, idlist, remaining)
+            facts: dict[str, str | int | bool] = {"slot": self.cfg.slot}
+            if self.cfg.contractor:
+                facts["contractor"] = self.cfg.contractor
+            if verdict.decision is not Decision.ALLOW or verdict.tid is None:
+                return verdict, facts
+            try:
+                reservation = self.ctl.reserve(verdict.tid, self.cfg.slot)
+            except LimitReached:  # the journal, not the figure read above, has the last word
+                return Verdict(Decision.DENY, Reason.LIMIT_REACHED, verdict.tid,
+                               verdict.list_version), facts
+            outcome: VendOutcome = self.ctl.vend(reservation, self.cfg.slot)
+        facts.update(vend_id=outcome.vend_id, result=RESULT.get(outcome.result, "failed"))
+        if outcome.reason:
+            facts["vend_reason"] = str(outcome.reason)[:64]
+        return verdict, facts
+
+    def billable(self) -> list[VendOutcome]:
+        with self._lock:
+            return self.ctl.billable()
