@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge.idlist.codec import STATUSES, build_rows, entry_of, load_list  # noqa: E402
+from edge.idlist.codec import STATUSES, Row, build_rows, entry_of, load_list  # noqa: E402
 
 NAME = "bench"
 
@@ -46,7 +46,7 @@ def rss_delta(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
 
 # -- data ----------------------------------------------------------------------------------
 
-def generate(n: int, seed: int, cards: bool = True) -> list[tuple[int, int, int, tuple[bytes, ...]]]:
+def generate(n: int, seed: int, cards: bool = True) -> list[Row]:
     """n technicians: random 14-digit IDs, 95% active, one 8-byte IDm each, 5% also a 7-byte UID
     (cards=False: no card identifiers, as for the profiles that read the ID off the card)."""
     rnd = random.Random(seed)

@@ -40,12 +40,14 @@ def canonical(e: Entry) -> Entry:
 
 def small_list(version=1, name="main"):
     entries = [Entry(f"{10**13 + i * 7:014d}", list(Status)[i % 3], i % 4 + 1,
-                     (i.to_bytes(8, "big"),) if i % 2 else (i.to_bytes(4, "big"), bytes(9) + bytes([i])))
+                     (i.to_bytes(8, "big"),) if i % 2
+                     else (i.to_bytes(4, "big"), bytes(9) + bytes([i])))
                for i in range(100)]
     return entries, build_list(entries, name=name, version=version, issued_ms=1_700_000_000_000)
 
 
-@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(entry_lists(), st.integers(min_value=0, max_value=2**63 - 1),
        st.integers(min_value=-(2**63), max_value=2**63 - 1))
 def test_round_trip_matches_a_dict(entries, version, issued):
@@ -63,6 +65,7 @@ def test_round_trip_matches_a_dict(entries, version, issued):
     assert build_rows(lst.rows(), name="site-42_a", version=version, issued_ms=issued) == data
 
 
+@settings(deadline=None)  # the machine is shared: time is not the property
 @given(entry_lists(max_size=10), tids, cards)
 def test_absent_keys_are_none(entries, tid, card):
     lst = load_list(build_list(entries, name="main", version=1, issued_ms=0))
@@ -120,13 +123,14 @@ def test_empty_list_is_valid():
     assert len(lst) == 0 and lst.by_tid("00000000000000") is None and lst.by_card(b"abcd") is None
 
 
+@settings(deadline=None)  # the machine is shared: time is not the property
 @given(st.binary(max_size=2000))
 def test_arbitrary_bytes_raise_only_list_format_error(data):
     with pytest.raises(ListFormatError):
         load_list(data)
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(st.data())
 def test_any_corruption_of_a_valid_file_is_refused(data):
     _, good = small_list()
@@ -150,7 +154,7 @@ def _reseal(buf: bytearray) -> bytes:
     return bytes(buf)
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(st.data())
 def test_structurally_forged_bodies_fail_only_with_list_format_error(data):
     """Hashes fixed up, body garbage: lookups answer or raise ListFormatError, nothing else."""
@@ -205,8 +209,10 @@ def crowded_lists(draw):
     return [Entry(t, Status.ACTIVE, 1, (next(pool), next(pool))) for t in ids]
 
 
-@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
-@given(crowded_lists(), st.sampled_from([1, 2, 3, 5]), tids, st.one_of(cards, shared_prefix))
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(crowded_lists(), st.sampled_from([1, 2, 3, 5]), tids,
+       st.one_of(cards, shared_prefix))
 def test_two_step_bisect_across_many_blocks(entries, stride, probe_tid, probe_card):
     from unittest import mock
 

@@ -37,7 +37,8 @@ def list_pair(draw):
     return a, b
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(list_pair())
 def test_diff_then_apply_gives_the_new_file_byte_for_byte(pair):
     a_rows, b_rows = pair

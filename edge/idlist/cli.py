@@ -10,8 +10,10 @@ from collections.abc import Sequence
 
 from edge.signing import key_id, load_private_key, write_keypair
 
+Subparsers = argparse._SubParsersAction  # what add_subparsers() returns
 
-def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+
+def register(subparsers: Subparsers) -> argparse.ArgumentParser:
     """Add `list` (with `publish` and `show`) to an argparse subparsers group."""
     lst = subparsers.add_parser("list", help="build and publish signed technician ID lists")
     sub = lst.add_subparsers(dest="list_command", required=True)
@@ -41,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return lst
 
 
-def register_keygen(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+def register_keygen(subparsers: Subparsers) -> argparse.ArgumentParser:
     """Add `keygen`: a new operator key pair (private key mode 0600, never printed)."""
     k = subparsers.add_parser("keygen", help="new operator Ed25519 key pair")
     k.add_argument("--out", required=True, help="private key path (public key: OUT.pub)")

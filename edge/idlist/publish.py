@@ -48,9 +48,9 @@ def plan_publish(data: bytes, key: Ed25519PrivateKey, *, prev: bytes | None = No
         old = load_list(prev)
         delta = diff(old, new)
         clear = clear_messages(old.name, old.version, -(-len(prev) // chunk_size))
+    deltas = delta_messages(delta, key, chunk_size) if delta is not None else []
     return PublishPlan(data, manifest_for(data, chunk_size), delta,
-                       chunks + (delta_messages(delta, key, chunk_size) if delta is not None else [])
-                       + [manifest_msg] + clear)
+                       chunks + deltas + [manifest_msg] + clear)
 
 
 def build_from_csv(csv_path: str | os.PathLike[str], *, name: str, version: int,
