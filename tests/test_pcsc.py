@@ -200,3 +200,36 @@ def test_pcscd_restart_is_reported_and_recovered(pcscd: Pcscd) -> None:
     assert [g.tid for g in got] == [TID, TID]
     assert health[:3] == ["ok", "down", "ok"]
     assert not r._thread.is_alive()
+
+
+def test_pcsc_feedback_hook_and_acr122_signals(pcscd: Pcscd) -> None:
+    from types import SimpleNamespace
+
+    from edge.reader.pcsc_backend import ACR122_ALLOW, ACR122_DENY
+    from edge.reader.vpcd import PcscCardSide
+    from edge.touch import Decision
+
+    signals: list[tuple[str, Decision, Reason]] = []
+    deny = SimpleNamespace(decision=Decision.DENY, reason=Reason.UNKNOWN_CARD)
+    cfg = ReaderConfig("p", "pcsc:Virtual PCD 00 00", backend="pcsc")
+    reads = Reads()
+
+    def answer(c: ReaderConfig, read: CardRead) -> SimpleNamespace:
+        reads(c, read)
+        return deny
+
+    r = make_reader(cfg, ProfileConfig(kind="uid"), answer,
+                    feedback=lambda name, d, why: signals.append((name, d, why)))
+    r.start()
+    try:
+        tap(felica_card(IDM), reads, 1)
+    finally:
+        r.stop()
+    # the virtual reader is no ACR122: the controller board's hook signals
+    assert signals == [("p", Decision.DENY, Reason.UNKNOWN_CARD)]
+    # an ACR122U gets its LED/buzzer pseudo-APDU instead, through the card connection
+    side = PcscCardSide(felica_card(IDM))
+    r.reader_name = "ACS ACR122U PICC Interface 00 00"
+    r._feedback(deny, side.respond)
+    r._feedback(SimpleNamespace(decision=Decision.ALLOW, reason=Reason.OK), side.respond)
+    assert side.signals == [ACR122_DENY, ACR122_ALLOW] and len(signals) == 1
