@@ -85,7 +85,9 @@ def load_public_key(source: str | bytes | Path | Ed25519PublicKey) -> Ed25519Pub
         source = Path(source).read_bytes()
     if isinstance(source, str):
         source = source.encode()
-    data = bytes(source).strip()
+    data = bytes(source)
+    if len(data) != 32:  # raw keys are taken as they are: they may end in whitespace bytes
+        data = data.strip()
     if data.startswith(b"-----BEGIN"):
         key = serialization.load_pem_public_key(data)
         if not isinstance(key, Ed25519PublicKey):

@@ -37,6 +37,17 @@ def test_keygen_writes_private_key_0600_and_never_overwrites(tmp_path):
     assert path.read_bytes() == before
 
 
+def test_raw_public_keys_ending_in_whitespace_bytes_load_whole():
+    for _ in range(5000):  # ~1 key in 40 has a raw form starting or ending in b" \t\n\r\v\f"
+        pub = generate_key().public_key()
+        raw = bytes.fromhex(public_hex(pub))
+        if raw != raw.strip():
+            break
+    else:
+        pytest.fail("no key with whitespace bytes at its ends in 5000 tries")
+    assert load_public_key(raw) == pub
+
+
 def test_public_key_forms_agree():
     pub = KEY.public_key()
     raw = bytes.fromhex(public_hex(pub))
