@@ -233,3 +233,21 @@ def test_pcsc_feedback_hook_and_acr122_signals(pcscd: Pcscd) -> None:
     r._feedback(deny, side.respond)
     r._feedback(SimpleNamespace(decision=Decision.ALLOW, reason=Reason.OK), side.respond)
     assert side.signals == [ACR122_DENY, ACR122_ALLOW] and len(signals) == 1
+
+
+def test_ccus_card_emulate_pcsc(pcscd: Pcscd) -> None:
+    import subprocess as sp
+    import sys
+
+    reads = Reads()
+    r = pcsc_reader(ISO, reads)
+    r.start()
+    try:
+        out = sp.run([sys.executable, "-m", "edge.cli", "card", "emulate", "4b", "--pcsc",
+                      "--tid", TID, "--hold", "1.0"], capture_output=True, text=True, timeout=30)
+        got = reads.wait(1)
+    finally:
+        r.stop()
+    time.sleep(0.6)    # let pcscd see the slot empty before the next test
+    assert "tap 1: read by the reader" in out.stdout, out.stderr[-500:]
+    assert len(got) == 1 and got[0].tid == TID and got[0].tech is CardTech.ISO_B

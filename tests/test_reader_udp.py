@@ -227,3 +227,26 @@ def test_reader_that_cannot_open_reports_down_and_retries() -> None:
     finally:
         r.stop()
     assert healths[0] == "down" and reads.reads == []
+
+
+@pytest.mark.parametrize("kind,target,profile,tid,reason", [
+    ("4a", "106A", ISO, TID, None),
+    ("4b", "106B", ISO, TID, None),
+    ("felica", "212F", FELICA, TID, None),
+    ("transit", "212F", FELICA, None, Reason.FOREIGN_CARD),
+    ("my-number", "106B", ISO, None, Reason.FOREIGN_APPLICATION),
+])
+def test_ccus_card_emulate(port: int, kind: str, target: str, profile: ProfileConfig,
+                           tid: str | None, reason: Reason | None) -> None:
+    reads = Reads()
+    r = reader(port, target, profile, reads)
+    r.start()
+    try:
+        out = subprocess.run([sys.executable, "-m", "edge.cli", "card", "emulate", kind,
+                              "--port", str(port), "--tid", TID], capture_output=True,
+                             text=True, timeout=20)
+        got = reads.wait(1)
+    finally:
+        r.stop()
+    assert "tap 1: read by the reader" in out.stdout, out.stderr[-500:]
+    assert len(got) == 1 and got[0].tid == tid and got[0].error is reason
