@@ -76,11 +76,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _wait_for_signal(done: threading.Event | None = None) -> None:
-    done = done or threading.Event()
+def _stop_on_signal() -> threading.Event:
+    """An event that SIGTERM (systemd stop) or SIGINT (Ctrl-C) sets."""
+    done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
-    done.wait()
+    return done
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -102,9 +103,11 @@ def _agent(args: argparse.Namespace) -> int:
     agent.start()
     # A signed config that changes more than its version needs a restart: exit 3 so that
     # systemd (Restart=always) starts the agent again with the applied config.
-    _wait_for_signal(agent.restart_requested)
+    stop = _stop_on_signal()
+    while not stop.is_set() and not agent.restart_requested.wait(0.5):
+        pass
     agent.stop()
-    return 3 if agent.restart_requested.is_set() else 0
+    return 3 if agent.restart_requested.is_set() and not stop.is_set() else 0
 
 
 def _broker(args: argparse.Namespace) -> int:
@@ -113,7 +116,7 @@ def _broker(args: argparse.Namespace) -> int:
     with PrivateBroker(args.data, port=args.port or None) as b:
         print(f"mosquitto listening on {b.host}:{b.port} (config {b.conf_path}, pid {os.getpid()})",
               flush=True)
-        _wait_for_signal()
+        _stop_on_signal().wait()
     return 0
 
 
