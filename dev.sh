@@ -65,9 +65,15 @@ setup_python() {
     # Reinstall only when the dependency list changed.
     local stamp=.venv/.ccus-installed
     if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+        # pyscard (PC/SC readers) has no wheel for Linux: it compiles against pcsclite
+        if ! have swig || [ ! -f /usr/include/PCSC/winscard.h ] || ! have gcc; then
+            say "installing build tools for pyscard (swig, libpcsclite-dev, gcc, python3-dev)"
+            apt_install swig libpcsclite-dev gcc python3-dev ||
+                die "pyscard needs swig, libpcsclite-dev and gcc; install them with apt-get"
+        fi
         say "installing Python packages into .venv"
         .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-        if ! .venv/bin/python -m pip install -q -e ".[test,sink]" >.venv/pip.log 2>&1; then
+        if ! .venv/bin/python -m pip install -q -e ".[test,sink,pcsc]" >.venv/pip.log 2>&1; then
             cat .venv/pip.log >&2
             die "installing the Python packages failed (log above, also in .venv/pip.log)"
         fi

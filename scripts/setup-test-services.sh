@@ -10,6 +10,14 @@ as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 PG_ROLE=ccus_test
 PG_PASS=ccus_test   # a throwaway role for local tests on loopback only; not a secret
 
+# PC/SC: pcscd and the virtual reader (vsmartcard-vpcd) that the PC/SC tests talk through
+if ! [ -x /usr/sbin/pcscd ] || ! dpkg -s vsmartcard-vpcd >/dev/null 2>&1; then
+    say "installing Debian's pcscd and vsmartcard-vpcd (the PC/SC tests' virtual reader)"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        pcscd vsmartcard-vpcd >/dev/null
+fi
+
 if ! command -v pg_ctlcluster >/dev/null 2>&1; then
     say "installing Debian's postgresql (the tests' production store backend)"
     as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
