@@ -299,3 +299,15 @@ def test_snapshot_completing_from_the_spool_with_stray_chunks_left(updater):
     out = feed(updater, msgs[:-1] + [stray, msgs[-1]])
     assert updater.applied_version == 1
     assert [o.kind for o in out].count("applied") == 1
+
+
+def test_delta_overtaking_a_snapshot_assembly_of_the_same_version(updater):
+    feed(updater, snap(1))
+    msgs = snap(2)
+    feed(updater, [msgs[-1], msgs[0]])  # assembling version 2
+    out = feed(updater, delta(1, 2))  # ... when the delta to 2 arrives
+    assert [o.version for o in out if o.kind == "applied"] == [2]
+    late = feed(updater, msgs[1:-1])
+    assert all(o.kind == "ignored" for o in late)
+    assert open_list(updater.path).body_hash == HASHES[2] == updater.current.body_hash
+    assert not list(updater.directory.glob(".*.part"))

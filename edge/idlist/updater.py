@@ -332,7 +332,7 @@ class ListUpdater:
             data = apply_delta(cur, d)
         except DeltaError as exc:
             return [Outcome("refused", UpdateReason(exc.reason), d.to_version, str(exc))]
-        tmp = self.directory / f".{self.name}.{d.to_version}.part"
+        tmp = self.directory / f".{self.name}.{d.to_version}.delta.part"  # never the assembly's
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
