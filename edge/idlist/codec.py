@@ -102,7 +102,7 @@ def entry_of(row: Row) -> Entry:
     return Entry(f"{row[0]:014d}", STATUSES[row[1]], row[2], row[3])
 
 
-def _pack_u24(values: list[int]) -> bytes:
+def _pack_u24(values: list[int] | array) -> bytes:
     raw = array("I", values).tobytes()
     out = bytearray(len(values) * 3)
     out[0::3], out[1::3], out[2::3] = raw[0::4], raw[1::4], raw[2::4]
