@@ -89,10 +89,6 @@ def _layout(n_records: int, class_counts: tuple[int, ...]) -> tuple[list[tuple[i
     return out, off
 
 
-def tid_int(tid: str) -> int:
-    return int(tid)
-
-
 def row_of(entry: Entry) -> Row:
     cards = tuple(sorted({bytes(c) for c in entry.cards}))
     return (int(entry.tid), STATUS_CODE[Status(entry.status)], entry.level, cards)
