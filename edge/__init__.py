@@ -1,3 +1,3 @@
-"""ccus-touch edge agent: the runtime every device role shares (reader, ID list, decision, outbox, MQTT link)."""
+"""ccus-touch edge agent: the runtime every device role shares (readers, ID list, decision, MQTT)."""
 
 __version__ = "0.1.0"

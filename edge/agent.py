@@ -9,6 +9,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,9 @@ from edge.decision import (
     list_age_h,
 )
 from edge.idlist import IdList, MemoryIdList, read_technicians_csv
+from edge.idlist.codec import open_list
+from edge.idlist.dist import subscription as list_subscription
+from edge.idlist.updater import ListUpdater
 from edge.link import Link
 from edge.outbox import Outbox
 from edge.reader.backend import Feedback, make_reader
@@ -38,14 +42,17 @@ UID_PROFILE = ProfileConfig(kind="uid")
 
 
 def load_idlist(cfg: AgentConfig) -> IdList | None:
-    """The cached list named in the config, or None (every card is then denied: no_list)."""
+    """The static list named by idlist.path (a mapped .idl file, or a CSV for small sites and
+    tests), or None. A list that arrives signed over MQTT (idlist.name) replaces it."""
     path = cfg.idlist.path
     if not path:
         return None
     if not Path(path).exists():
         log.warning("id list %s does not exist yet: denying every card until one arrives", path)
         return None
-    return MemoryIdList(read_technicians_csv(path))
+    if path.endswith(".csv"):
+        return MemoryIdList(read_technicians_csv(path))
+    return open_list(path)
 
 
 class Agent:
@@ -62,7 +69,15 @@ class Agent:
         self.cfg = cfg
         self.restart_requested = threading.Event()  # an applied config needing a restart
         self.clock = clock or SystemClock(assume_synced=cfg.clock.assume_synced)
-        self.idlist = idlist if idlist is not None else load_idlist(cfg)
+        self._static_list = idlist if idlist is not None else load_idlist(cfg)
+        # signed lists over MQTT: verified, applied atomically off the link's thread (a delta
+        # at 2 million IDs takes seconds), served from the mapped file
+        self.lists: ListUpdater | None = None
+        self._list_worker: ThreadPoolExecutor | None = None
+        self.list_refusals: list[str] = []  # reported in the state message, newest last
+        if cfg.idlist.name:
+            self.lists = ListUpdater(cfg.data_dir / "idlist", cfg.idlist.name, keys)
+            self._list_worker = ThreadPoolExecutor(1, thread_name_prefix="idlist")
         self.role = Role(cfg.device.role)
         self.on_touch = on_touch
         self.outbox = Outbox(cfg.data_dir / "outbox.sqlite")
@@ -71,6 +86,8 @@ class Agent:
                                                  self._config_applied)
         for t in self.config.subscriptions:
             self.link.subscribe(t, self.config.submit)
+        if self.lists is not None:
+            self.link.subscribe(list_subscription(self.lists.name), self._list_message)
         # the backend (nfcpy, pcsc) is chosen per reader by its config; `feedback` is the
         # controller board's beep/LED hook for readers that cannot signal themselves
         self.feedback: Feedback | None = feedback
@@ -87,6 +104,34 @@ class Agent:
                                     self.clock)
         self._lock = threading.Lock()
         self.counts = {"taps": 0, "suppressed": 0, "allowed": 0, "denied": 0}
+
+    @property
+    def idlist(self) -> IdList | None:
+        """The list decisions are made with: the newest verified signed list, else the static one."""
+        signed = self.lists.current if self.lists is not None else None
+        return signed if signed is not None else self._static_list
+
+    def _list_message(self, topic: str, payload: bytes) -> None:
+        assert self._list_worker is not None
+        self._list_worker.submit(self._apply_list, topic, payload)
+
+    def _apply_list(self, topic: str, payload: bytes) -> None:
+        assert self.lists is not None
+        try:
+            outcomes = self.lists.handle(topic, payload)
+        except Exception:  # noqa: BLE001 - a bad update must never take the agent down
+            log.exception("id list: update on %s failed", topic)
+            return
+        for o in outcomes:
+            if o.kind == "applied":
+                log.info("id list %s v%s applied (%d technicians)", self.lists.name, o.version,
+                         len(self.lists.current) if self.lists.current is not None else 0)
+            elif o.kind == "refused":
+                self.list_refusals.append(f"v{o.version}: {o.reason.value if o.reason else '?'}")
+                log.warning("id list %s: refused %s: %s %s", self.lists.name, o.version,
+                            o.reason.value if o.reason else "", o.detail)
+        if any(o.kind in ("applied", "refused") for o in outcomes):
+            self.link.publish_state()
 
     def _profile(self, r: ReaderConfig) -> ProfileConfig:
         return UID_PROFILE if r.profile == "uid" else self.cfg.profiles[r.profile]
@@ -108,6 +153,8 @@ class Agent:
         if self.vend is not None:
             self.vend.stop()
         self.link.stop()
+        if self._list_worker is not None:
+            self._list_worker.shutdown(wait=True, cancel_futures=True)
         self.config.stop()
         self.outbox.close()
 
@@ -206,6 +253,9 @@ class Agent:
             **self._delivery_state(),
             "readers": {r.cfg.name: r.health for r in self.readers},
             **self._list_condition(),
+            **({"idlist": {**self.lists.state(), "refused": len(self.list_refusals),
+                           "last_refusal": self.list_refusals[-1] if self.list_refusals else None}}
+               if self.lists is not None else {}),
         }
 
     def _list_condition(self) -> dict[str, Any]:

@@ -42,7 +42,8 @@ class MqttConfig:
 
 @dataclass
 class IdListConfig:
-    path: str = ""                # the cached list; empty: no list yet, every card is denied
+    name: str = ""                # signed list to follow over MQTT (ccus/v1/list/{name}/...)
+    path: str = ""                # a static list (.idl, or .csv for small sites); empty: none
     max_age_h: float = 48.0       # older than this is a reported condition
 
 

@@ -22,8 +22,10 @@ from edge.agent import Agent
 from edge.clock import ManualClock
 from edge.config import AgentConfig, load
 from edge.idlist import Entry, Status
+from edge.idlist.publish import publish_list
 from edge.reader.cards import EmulatedCard, felica_card
 from edge.reader.emulator import free_udp_port
+from edge.signing import generate_key
 from edge.touch import Touch
 from vending.boardsim import DROP, VEND_PIN, BoardProcess
 
@@ -32,6 +34,7 @@ DEVICE = "gate-01"
 VEND_DEVICE = "vend-01"
 CONTRACTOR = "20000000000001"  # the main contractor (元請) who pays for the drinks: 事業者ID
 DAY = (2026, 11, 26)
+LIST_NAME = "ccus-demo"
 READERS = {"entry": DEVICE, "exit": DEVICE, "vend": VEND_DEVICE}  # reader -> device
 
 
@@ -107,7 +110,7 @@ tls = false                # the local dev broker only; field devices use TLS
 state_interval_s = 5
 
 [idlist]
-path = "{data / 'technicians.csv'}"
+name = "{LIST_NAME}"          # follow the operator's signed list over MQTT
 
 [[readers]]
 name = "entry"
@@ -141,7 +144,7 @@ tls = false
 state_interval_s = 5
 
 [idlist]
-path = "{data / 'technicians.csv'}"
+name = "{LIST_NAME}"
 
 [vending]
 serial = "{serial_port}"   # the controller board (here: the firmware under MicroPython on a pty)
@@ -203,7 +206,13 @@ class DemoRun:
         self.board = BoardProcess(self.data / "board", links=[
             {"out": VEND_PIN[1], "in": DROP, "delay_ms": 120, "hold_ms": 150, "level": 0}])
         self.board.start()
+        # the operator signs the technician list and publishes it, retained; the agents verify
+        # it against the operator's public key, apply it atomically and decide with it
         write_idlist_csv(self.data / "technicians.csv", day.technicians)
+        operator_key = generate_key()
+        publish_list(self.data / "technicians.csv", name=LIST_NAME, version=1, key=operator_key,
+                     broker=(self.broker.host, self.broker.port), progress=False,
+                     out_path=self.data / f"{LIST_NAME}.idl", issued_ms=self.clock.now_ms())
         confs = {
             DEVICE: agent_toml(self.data, self.broker.port, self.ports["entry"], self.ports["exit"]),
             VEND_DEVICE: vending_toml(self.data, self.broker.port, self.ports["vend"],
@@ -214,12 +223,14 @@ class DemoRun:
             conf.write_text(text)
             cfg: AgentConfig = load(conf)
             self.agents[device] = Agent(cfg, clock=self.clock, on_touch=self._on_touch,
-                                        config_keys=[])
+                                        config_keys=[operator_key.public_key()])
             self.agents[device].start()
         _wait(lambda: ready.exists() or self.sink.poll() is not None, 15, "sink subscribed")
         if self.sink.poll() is not None:
             raise RuntimeError(f"sink exited: {(self.data / 'sink.log').read_text()[-800:]}")
         _wait(lambda: all(a.link.connected for a in self.agents.values()), 15, "agents connected")
+        _wait(lambda: all(a.idlist is not None and a.idlist.version == 1
+                          for a in self.agents.values()), 15, "the signed ID list applied")
 
     def _on_touch(self, t: Touch) -> None:
         with self._changed:
@@ -306,7 +317,9 @@ def run_demo(data_dir: str | Path) -> int:
         run.start(day)
         print(f"broker 127.0.0.1:{run.broker.port if run.broker else '?'}; readers "
               + ", ".join(f"{r} udp:{p}" for r, p in run.ports.items())
-              + f"; board {run.board.port if run.board else '?'}\n")
+              + f"; board {run.board.port if run.board else '?'}")
+        print(f"signed ID list {LIST_NAME} v1 ({len(day.technicians)} technicians) applied by "
+              + " and ".join(run.agents) + "\n")
         for tap in day.taps:
             t = run.tap(tap)
             when = local_time(tap.at_ms)

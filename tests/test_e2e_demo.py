@@ -55,6 +55,7 @@ def test_site_day_end_to_end(tmp_path: Path) -> None:
     made = [t for t in results if t is not None]
     for device, n in ((DEVICE, 24), (VEND_DEVICE, 6)):  # seq per device starts at 1, no gaps
         assert [t.seq for t in made if t.device == device] == list(range(1, n + 1))
+    assert {t.list_version for t in made} == {1}  # decided with the signed list the operator sent
     repeat = day.taps.index(next(t for t in day.taps if t.note.startswith("repeat")))
     assert results[repeat] is None
     denied = [t for t in made if t.decision is Decision.DENY]

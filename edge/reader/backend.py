@@ -6,6 +6,8 @@ person feedback, and reports its health ("starting", "ok", "down", "error") thro
 `on_health` and its `health` attribute. Backends never raise out of their thread.
 """
 
+import logging
+import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -28,6 +30,40 @@ class ReaderBackend(Protocol):
 
     def start(self) -> None: ...
     def stop(self, timeout: float = 3.0) -> None: ...
+
+
+log = logging.getLogger(__name__)
+
+
+class ReaderThread:
+    """What every backend shares: one thread per reader, a stop event, and health reporting.
+    A subclass implements _run(), which loops until self._stop is set."""
+
+    def __init__(self, cfg: ReaderConfig, profile: ProfileConfig, on_read: OnRead,
+                 on_health: OnHealth | None = None, feedback: Feedback | None = None) -> None:
+        self.cfg, self.profile, self.on_read = cfg, profile, on_read
+        self.on_health = on_health or (lambda name, health: None)
+        self.feedback = feedback
+        self.health = "starting"
+        self.taps = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"reader-{cfg.name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 3.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _set_health(self, health: str) -> None:
+        if health != self.health:
+            self.health = health
+            log.info("reader %s: %s", self.cfg.name, health)
+            self.on_health(self.cfg.name, health)
+
+    def _run(self) -> None:
+        raise NotImplementedError
 
 
 def outcome(touch: Any) -> tuple[Decision, Reason] | None:

@@ -11,46 +11,22 @@ the health stays "ok" and reads resume when the field is back.
 """
 
 import logging
-import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 from edge.config import ProfileConfig, ReaderConfig
-from edge.decision import CardRead
-from edge.reader.backend import Feedback, outcome
+from edge.reader.backend import Feedback, OnHealth, OnRead, ReaderThread, outcome
 from edge.reader.profiles import read_card
 
 log = logging.getLogger(__name__)
 
 
-class NfcpyReader:
-    def __init__(self, cfg: ReaderConfig, profile: ProfileConfig,
-                 on_read: Callable[[ReaderConfig, CardRead], None],
-                 on_health: Callable[[str, str], None] | None = None,
-                 feedback: Feedback | None = None) -> None:
-        self.cfg, self.profile, self.on_read = cfg, profile, on_read
-        self.on_health = on_health or (lambda name, health: None)
-        self.feedback = feedback
-        self.health = "starting"
-        self.taps = 0
+class NfcpyReader(ReaderThread):
+    def __init__(self, cfg: ReaderConfig, profile: ProfileConfig, on_read: OnRead,
+                 on_health: OnHealth | None = None, feedback: Feedback | None = None) -> None:
+        super().__init__(cfg, profile, on_read, on_health, feedback)
         self.discovered_at = 0.0   # perf_counter() when the last card answered the poll
         self._clf: Any = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"reader-{cfg.name}", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, timeout: float = 3.0) -> None:
-        self._stop.set()
-        self._thread.join(timeout)
-
-    def _set_health(self, health: str) -> None:
-        if health != self.health:
-            self.health = health
-            log.info("reader %s: %s", self.cfg.name, health)
-            self.on_health(self.cfg.name, health)
 
     def _run(self) -> None:
         import nfc

@@ -16,12 +16,11 @@ the ACR122U LED/buzzer pseudo-APDU (FF 00 40), and the Type A/B split from the A
 
 import logging
 import struct
-import threading
 from typing import Any
 
 from edge.config import ProfileConfig, ReaderConfig
 from edge.decision import CardRead
-from edge.reader.backend import Feedback, OnHealth, OnRead, outcome
+from edge.reader.backend import Feedback, OnHealth, OnRead, ReaderThread, outcome
 from edge.reader.decode import atr_tech, check_apdu, decode_tid
 from edge.reader.profiles import LinkLost, Transmit, apply_iso_dep, result
 from edge.reasons import Reason
@@ -88,31 +87,12 @@ def read_pcsc_card(transmit: Transmit, atr: bytes, profile: ProfileConfig) -> Ca
     return CardRead(b"", tech, error=Reason.UNREADABLE)
 
 
-class PcscReader:
+class PcscReader(ReaderThread):
     def __init__(self, cfg: ReaderConfig, profile: ProfileConfig, on_read: OnRead,
                  on_health: OnHealth | None = None, feedback: Feedback | None = None) -> None:
-        self.cfg, self.profile, self.on_read = cfg, profile, on_read
-        self.on_health = on_health or (lambda name, health: None)
-        self.feedback = feedback
-        self.health = "starting"
-        self.taps = 0
+        super().__init__(cfg, profile, on_read, on_health, feedback)
         self.reader_name = ""
         self.want = cfg.path.removeprefix("pcsc:")
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"reader-{cfg.name}", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, timeout: float = 3.0) -> None:
-        self._stop.set()
-        self._thread.join(timeout)
-
-    def _set_health(self, health: str) -> None:
-        if health != self.health:
-            self.health = health
-            log.info("reader %s: %s", self.cfg.name, health)
-            self.on_health(self.cfg.name, health)
 
     def _run(self) -> None:
         from smartcard import scard
