@@ -7,7 +7,8 @@ One run, side by side, against one private Mosquitto (the project's dev.conf):
 - backlog: N real v1 touches in a device outbox; the production Link connects and replays
   them; the real sink process (`ccus sink run`, SQLite store) stores them and publishes the
   end-to-end acknowledgement. Timed from Link.start() until the acknowledgement covers all N
-  (the outbox is empty). touches/s = N / that time.
+  (the outbox is empty). touches/s = N / that time. CPU seconds of the sink (both of its
+  processes), of the device link (this process) and of the broker over that time.
 - raw: plain paho publishing the same N payloads at QoS 1, at most the same in-flight window
   outstanding (a semaphore: paho slows quadratically with 100k messages queued inside it),
   timed until the last PUBACK, to a topic nobody subscribes to (the broker's best case).
@@ -84,13 +85,20 @@ def bench_backlog(tmp: Path, broker: PrivateBroker, data: list[bytes], inflight:
     cfg = MqttConfig(host="127.0.0.1", port=broker.port, tls=False, inflight=inflight,
                      state_interval_s=60)
     link = Link(cfg, SITE, DEV, ob, lambda: {"v": 1, "dev": DEV, "online": True})
-    sink_cpu0 = _cpu_s(sink.pid)
+    time.sleep(0.5)  # the sink's writer process is up
+    sink_cpu0, broker_cpu0 = _tree_cpu_s(sink.pid), _cpu_s(broker.proc.pid)  # type: ignore[union-attr]
+    link_cpu0 = time.process_time()
     t0 = time.perf_counter()
     link.start()
-    while ob.depth() > 0:
+    # acked_upto is set right after delete_upto() committed; polling ob.depth() (a COUNT over
+    # the outbox every 10 ms) would take CPU and the outbox lock from the link being measured
+    while link.acked_upto < len(data):
         time.sleep(0.01)
     elapsed = time.perf_counter() - t0
-    sink_cpu = _cpu_s(sink.pid) - sink_cpu0
+    assert ob.depth() == 0
+    sink_cpu = _tree_cpu_s(sink.pid) - sink_cpu0
+    broker_cpu = _cpu_s(broker.proc.pid) - broker_cpu0  # type: ignore[union-attr]
+    link_cpu = time.process_time() - link_cpu0
     stats = link.stats()
     link.stop()
     ob.close()
@@ -101,7 +109,8 @@ def bench_backlog(tmp: Path, broker: PrivateBroker, data: list[bytes], inflight:
     stored = sqlite3.connect(tmp / "store.sqlite").execute("SELECT COUNT(*) FROM touches").fetchone()[0]
     return {"n": len(data), "seconds": round(elapsed, 2), "touches_per_s": round(len(data) / elapsed),
             "stored": stored, "published": stats["published"], "replays": stats["replays"],
-            "sink_cpu_s": round(sink_cpu, 1)}
+            "cpu_s": {"sink": round(sink_cpu, 1), "device_link": round(link_cpu, 1),
+                      "broker": round(broker_cpu, 1)}}
 
 
 def bench_raw(broker: PrivateBroker, data: list[bytes], inflight: int) -> dict:  # type: ignore[type-arg]
@@ -138,6 +147,15 @@ def bench_raw(broker: PrivateBroker, data: list[bytes], inflight: int) -> dict: 
 def _cpu_s(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _tree_cpu_s(pid: int) -> float:
+    """CPU seconds of a process and its children (the sink's writer process)."""
+    total = _cpu_s(pid)
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            total += _tree_cpu_s(int(child))
+    return total
 
 
 def _rss_kib(pid: int) -> int:

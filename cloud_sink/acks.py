@@ -5,8 +5,9 @@ Rules of this file:
 - SeqTracker is pure: it is fed the seqs of one device that are committed in the store, in any
   order, with repeats, and says up to which seq *everything* is stored (``upto``) and which
   ranges above it are missing (``gaps()``). It never moves backwards.
-- AckLedger is the adapter: it keeps a tracker per device, loads it from the store's touches
-  table the first time a device is seen (the store, not memory, is the truth), reloads it when
+- AckLedger is the adapter (on the store, SQLite or PostgreSQL; the sink's writer process owns
+  it): it keeps a tracker per device, loads it from the store's touches table the first time a
+  device is seen (the store, not memory, is the truth), reloads it when
   gaps persist (another sink in the shared-subscription group may have stored the missing
   touches), keeps the open and closed gaps in the ``seq_gaps`` table, and says which devices
   need an acknowledgement published. It is called only after the batch is committed.
@@ -16,24 +17,19 @@ Rules of this file:
 
 import argparse
 import logging
-import sqlite3
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cloud_sink.stores.base import SqlStore
 
 log = logging.getLogger(__name__)
 
 RESYNC_S = 1.0  # with gaps open, re-read the store at most this often per device
 
-GAPS_SCHEMA = """
-CREATE TABLE IF NOT EXISTS seq_gaps (
-    device TEXT NOT NULL, site TEXT NOT NULL,
-    first_missing INTEGER NOT NULL, last_missing INTEGER NOT NULL,
-    seen_ms INTEGER NOT NULL, closed_ms INTEGER,
-    PRIMARY KEY (device, first_missing, last_missing, seen_ms)
-)
-"""
 
 
 class SeqTracker:
@@ -100,33 +96,16 @@ class Ack:
 
 
 class AckLedger:
-    """The sink's per-device acknowledgement state, on its own connection to the store file."""
+    """The sink's per-device acknowledgement state, read from and kept in the store itself
+    (SQLite or PostgreSQL: ``device_prefix`` and ``record_gaps`` of cloud_sink.stores.base)."""
 
-    def __init__(self, db_path: str | Path | None) -> None:
+    def __init__(self, store: "SqlStore") -> None:
         self._devices: dict[str, _Device] = {}
         self.gaps_opened = 0
-        self.enabled = db_path is not None
-        if db_path is None:
-            # TODO(PostgreSQL): load prefixes through the store. Until then no acknowledgement
-            # is published: devices keep and replay their touches (safe, not lean).
-            log.warning("sink: end-to-end acknowledgements need the SQLite store for now; "
-                        "devices will keep their touches")
-            return
-        self._db = sqlite3.connect(str(db_path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA busy_timeout=30000")
-        self._db.execute(GAPS_SCHEMA)
+        self.store = store
 
     def _load(self, device: str) -> SeqTracker:
-        db = self._db
-        upto = 0
-        if db.execute("SELECT 1 FROM touches WHERE device=? AND seq=1", (device,)).fetchone():
-            row = db.execute(
-                "SELECT t.seq FROM touches t WHERE t.device=? AND NOT EXISTS (SELECT 1 FROM "
-                "touches u WHERE u.device=t.device AND u.seq=t.seq+1) ORDER BY t.seq LIMIT 1",
-                (device,)).fetchone()
-            upto = int(row[0])
-        above = [int(r[0]) for r in db.execute(
-            "SELECT seq FROM touches WHERE device=? AND seq>?", (device, upto))]
+        upto, above = self.store.device_prefix(device)
         return SeqTracker(upto, above)
 
     def observe(self, stored: Iterable[tuple[str, str, int]]) -> list[Ack]:
@@ -135,8 +114,6 @@ class AckLedger:
         Returns the acknowledgements to publish: a device whose prefix grew, or that sent a
         repeat (it has not heard the acknowledgement it needs: say it again).
         """
-        if not self.enabled:
-            return []
         now = time.monotonic()
         touched: dict[str, bool] = {}    # device -> saw a repeat
         for site, device, seq in stored:
@@ -160,33 +137,29 @@ class AckLedger:
         return acks
 
     def _update_gaps(self, device: str, d: _Device) -> None:
+        if not d.tracker.has_gaps and not d.gaps:
+            return
         gaps = d.tracker.gaps() if d.tracker.has_gaps else []
         if gaps == d.gaps:
             return
         now_ms = int(time.time() * 1000)
         old, new = set(d.gaps), set(gaps)
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            for g in old - new:
-                self._db.execute(
-                    "UPDATE seq_gaps SET closed_ms=? WHERE device=? AND first_missing=? AND "
-                    "last_missing=? AND closed_ms IS NULL", (now_ms, device, g[0], g[1]))
-                log.info("sink: gap in %s seq %d..%d closed", device, *g)
-            for g in new - old:
-                # a gap that shrank keeps the time it was first seen
-                seen = min([t for (a, b), t in d.gap_seen.items() if a <= g[1] and g[0] <= b],
-                           default=now_ms)
-                d.gap_seen[g] = seen
-                self._db.execute("INSERT OR IGNORE INTO seq_gaps VALUES (?,?,?,?,?,NULL)",
-                                 (device, d.site, g[0], g[1], seen))
-                self.gaps_opened += 1
-                log.warning("sink: gap in %s: seq %d..%d missing (%d touches; a replay in "
-                            "progress or a loss): acknowledging only up to %d",
-                            device, g[0], g[1], g[1] - g[0] + 1, d.tracker.upto)
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
+        closed = sorted(old - new)
+        opened = []
+        for g in sorted(new - old):
+            # a gap that shrank keeps the time it was first seen
+            seen = min([t for (a, b), t in d.gap_seen.items() if a <= g[1] and g[0] <= b],
+                       default=now_ms)
+            d.gap_seen[g] = seen
+            opened.append((g[0], g[1], seen))
+        self.store.record_gaps(device, d.site, closed, opened, now_ms)
+        for g in closed:
+            log.info("sink: gap in %s seq %d..%d closed", device, *g)
+        for a, b, _ in opened:
+            self.gaps_opened += 1
+            log.warning("sink: gap in %s: seq %d..%d missing (%d touches; a replay in "
+                        "progress or a loss): acknowledging only up to %d",
+                        device, a, b, b - a + 1, d.tracker.upto)
         d.gap_seen = {g: d.gap_seen[g] for g in gaps if g in d.gap_seen}
         d.gaps = gaps
 
@@ -197,22 +170,17 @@ class AckLedger:
     def open_gaps(self) -> int:
         return sum(len(d.gaps) for d in self._devices.values())
 
-    def close(self) -> None:
-        if self.enabled:
-            self._db.close()
 
+def gap_report(store_url: str | Path, *, include_closed: bool = False) -> list[tuple]:  # type: ignore[type-arg]
+    """Rows (device, site, first_missing, last_missing, seen_ms, closed_ms) from seq_gaps, of a
+    store given by path or URL (SQLite or PostgreSQL)."""
+    from cloud_sink.store import open_store
 
-def gap_report(db_path: str | Path, *, include_closed: bool = False) -> list[tuple]:  # type: ignore[type-arg]
-    """Rows (device, site, first_missing, last_missing, seen_ms, closed_ms) from seq_gaps."""
-    db = sqlite3.connect(str(db_path))
+    store = open_store(store_url)
     try:
-        db.execute(GAPS_SCHEMA)
-        sql = "SELECT device, site, first_missing, last_missing, seen_ms, closed_ms FROM seq_gaps"
-        if not include_closed:
-            sql += " WHERE closed_ms IS NULL"
-        return db.execute(sql + " ORDER BY device, first_missing").fetchall()
+        return store.gaps(include_closed=include_closed)  # type: ignore[attr-defined,no-any-return]
     finally:
-        db.close()
+        store.close()
 
 
 def format_gaps(rows: list[tuple]) -> str:  # type: ignore[type-arg]
@@ -228,7 +196,7 @@ def format_gaps(rows: list[tuple]) -> str:  # type: ignore[type-arg]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m cloud_sink.acks --db store.sqlite [--all]`: list gaps in devices' seqs."""
+    """`python -m cloud_sink.acks --db STORE [--all]`: list gaps in devices' seqs (path or URL)."""
     p = argparse.ArgumentParser(prog="python -m cloud_sink.acks", description=main.__doc__)
     p.add_argument("--db", required=True)
     p.add_argument("--all", action="store_true", help="closed gaps too")

@@ -1,15 +1,40 @@
 """The sink process: an MQTT 5 shared subscription, batched writes, acknowledge after commit.
 
-paho's manual_ack holds each PUBACK until the batch holding the message is committed, so a
-sink killed mid-batch leaves the broker to redeliver (the session outlives the process).
-After the commit the sink also publishes, per device in the batch, the end-to-end
-acknowledgement (retained, QoS 1): the highest seq up to which that device's touches are all
-stored (cloud_sink.acks, docs/delivery.md). Only then may the device forget them.
+Rules of this file:
+
+- Two processes. The receiving process runs paho and nothing else heavy: one thread, one
+  select() loop over the broker socket and a socket to the writer. The **writer process**
+  decodes, validates and writes (store.ingest, one transaction a batch) and keeps the
+  end-to-end acknowledgement ledger (cloud_sink.acks). Splitting them takes the decoding and
+  the database calls off the interpreter lock that paho's receive path needs (on one
+  interpreter the two starved each other: ~0.3 of what a bare paho subscriber drains).
+- Batches go to the writer as raw (topic, payload) lists; the writer answers with the counts
+  and the acknowledgements to publish **after** its commit. Only then does the receiving
+  process send the broker the PUBACKs of that batch (paho ``manual_ack``) and publish the
+  end-to-end acknowledgements (retained, QoS 1): a sink killed anywhere before that leaves the
+  broker to redeliver (the session outlives the process), and insert-or-ignore on
+  (device, seq) makes the redelivery harmless.
+- Up to ``PIPELINE`` batches are with the writer at once, so it never waits for the network;
+  batches are cut from whatever arrived meanwhile (at most ``batch_max``). The broker may have
+  ``receive_max`` unacknowledged messages out to us (MQTT 5 Receive Maximum; without it
+  Mosquitto sends only its max_inflight_messages, 100 in dev.conf, and every batch would wait
+  for the commit of the one before).
+- A PUBACK goes only to the connection the message came on; a batch committed after a
+  reconnect is not acknowledged (the broker redelivers it, it is stored as a repeat and
+  acknowledged then). A writer that dies is started again and given every batch not yet
+  confirmed; a store error is retried every second in the writer, never fatal.
 """
 
+import contextlib
 import logging
-import queue
+import os
+import pickle
+import select
+import socket
 import ssl
+import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -22,14 +47,15 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from cloud_sink.acks import AckLedger
-from cloud_sink.store import DeadLetter, IngestResult, Store
-from cloud_sink.validate import validate
+from cloud_sink.model import IngestResult, Policy
 from edge import topics
 from edge.e2e import encode_ack
-from edge.touch import Touch
 
 log = logging.getLogger(__name__)
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PIPELINE = 2            # batches with the writer at once
+_HEAD = struct.Struct("!I")
 
 
 @dataclass(frozen=True)
@@ -39,50 +65,122 @@ class TlsFiles:
     key: str
 
 
+@dataclass
+class _Batch:
+    gen: int                                 # the connection its messages came on
+    items: list[tuple[str, bytes]]           # (topic, payload)
+    mids: list[tuple[int, int]]              # (mid, qos)
+    frame: bytes = b""
+
+
 class Sink:
-    def __init__(self, store: Store, host: str, port: int, *, group: str = "sink",
+    def __init__(self, store: Any, host: str, port: int, *, group: str = "sink",
                  client_id: str = "sink-1", batch_max: int = 500, batch_wait_s: float = 0.05,
                  on_batch: Callable[[IngestResult], None] | None = None,
                  tls: "TlsFiles | None" = None) -> None:
         self.store, self.host, self.port, self.group = store, host, port, group
-        self.batch_max, self.batch_wait_s = batch_max, batch_wait_s
+        self.url: str = store.url
+        self.policy: Policy = store.policy
+        self.batch_max = batch_max
+        self.batch_wait_s = batch_wait_s   # kept for callers; batches now form while the writer works
+        self.receive_max = min(65_535, max(100, PIPELINE * 2 * batch_max))
         self.on_batch = on_batch
         self.totals = IngestResult()
         self.subscribed = threading.Event()
-        self.acks = AckLedger(_db_file(store))  # end-to-end acknowledgements and gaps
-        self._q: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+        self.gaps_opened = 0
+        self.batches = 0
         self._stop = threading.Event()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._gen = 0
+        self._connected = False
+        self._pending: list[tuple[str, bytes, int, int]] = []   # received, not yet with the writer
+        self._sent: dict[int, _Batch] = {}                      # with the writer, not confirmed
+        self._next_id = 0
+        self._proc: Any = None
+        self._wsock: socket.socket | None = None
+        self._out = bytearray()    # frames for the writer not yet written
+        self._in = bytearray()     # bytes from the writer not yet parsed
         self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                                    protocol=mqtt.MQTTv5, manual_ack=True)
         self._client.on_connect = self._on_connect
-        self._client.on_message = lambda c, u, m: self._q.put(m)
+        self._client.on_message = self._on_message
         self._client.on_subscribe = self._on_subscribe
-        self._client.reconnect_delay_set(1, 30)
+        self._client.on_disconnect = self._on_disconnect
+        # our select() loop writes when paho has something queued: ack()/publish() only queue
+        self._client.on_socket_register_write = lambda *_: None
         if tls is not None:  # the cloud broker: TLS only, identity from the client certificate
             self._client.tls_set(ca_certs=tls.ca, certfile=tls.cert, keyfile=tls.key,
                                  tls_version=ssl.PROTOCOL_TLS_CLIENT)
-        self._writer = threading.Thread(target=self._write_loop, name="sink-writer", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="sink-net", daemon=True)
 
+    # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = 7 * 24 * 3600  # the broker queues for us while we are down
-        self._client.connect_async(self.host, self.port, keepalive=30, clean_start=False,
-                                   properties=props)
-        self._client.loop_start()
-        self._writer.start()
+        self._start_writer()
+        self._thread.start()
 
     def stop(self) -> None:
+        """Finish the batches the writer has (their PUBACKs and acknowledgements go out), then
+        disconnect. Messages not yet handed to the writer stay unacknowledged: redelivered."""
         self._stop.set()
-        self._writer.join(5)
-        self._client.disconnect()
-        self._client.loop_stop()
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+        self._thread.join(10)
+        self._stop_writer()
+        for s in (self._wake_r, self._wake_w):
+            s.close()
 
+    # -- the writer process ---------------------------------------------------------------------
+    def _start_writer(self) -> None:
+        parent, child = socket.socketpair()
+        # a fresh interpreter (not multiprocessing: that re-imports the caller's __main__), the
+        # socket as its fd; it ends on EOF, so it never outlives this process for long
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([_ROOT, *filter(None, [env.get("PYTHONPATH")])])
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", "from cloud_sink.subscriber import _writer_entry; "
+             "_writer_entry()", str(child.fileno())], pass_fds=[child.fileno()], env=env)
+        child.close()
+        hello = pickle.dumps((self.url, self.policy, logging.getLogger().level))
+        parent.sendall(_HEAD.pack(len(hello)) + hello)
+        parent.setblocking(False)
+        self._wsock, self._out, self._in = parent, bytearray(), bytearray()
+        for b in self._sent.values():  # a restarted writer gets what the old one did not confirm
+            self._out += b.frame
+
+    def _stop_writer(self) -> None:
+        if self._wsock is not None:
+            self._wsock.close()
+            self._wsock = None
+        if self._proc is not None:
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.terminate()
+                self._proc.wait(5)
+            self._proc = None
+
+    def _writer_lost(self) -> None:
+        log.error("sink: the writer process ended (exit %s); starting it again",
+                  self._proc.poll() if self._proc is not None else "?")
+        self._stop_writer()
+        if not self._stop.is_set():
+            time.sleep(0.5)
+            self._start_writer()
+
+    # -- paho callbacks (on the sink-net thread) ------------------------------------------------
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any,
                     props: Any) -> None:
         if rc.is_failure:
             log.error("sink: connect refused: %s", rc)
             return
-        client.subscribe(topics.shared(self.group, topics.ALL_TOUCHES), options=SubscribeOptions(qos=1))
+        self._connected = True
+        client.subscribe(topics.shared(self.group, topics.ALL_TOUCHES),
+                         options=SubscribeOptions(qos=1))
+
+    def _on_disconnect(self, *_: Any) -> None:
+        self._connected = False
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, rcs: list[Any],
                       props: Any) -> None:
@@ -92,51 +190,238 @@ class Sink:
         log.info("sink: subscribed to %s", topics.shared(self.group, topics.ALL_TOUCHES))
         self.subscribed.set()
 
-    def _write_loop(self) -> None:
+    def _on_message(self, client: mqtt.Client, userdata: Any, m: mqtt.MQTTMessage) -> None:
+        self._pending.append((m._topic.decode("utf-8", "replace"), m.payload, m.mid, m.qos))
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def _run(self) -> None:
+        c = self._client
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 7 * 24 * 3600  # the broker queues for us while we are down
+        props.ReceiveMaximum = self.receive_max
+        delay, first = 1.0, True
         while not self._stop.is_set():
             try:
-                first = self._q.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            batch = [first]
-            deadline = time.monotonic() + self.batch_wait_s
-            while len(batch) < self.batch_max:
-                try:
-                    batch.append(self._q.get(timeout=max(0.0, deadline - time.monotonic())))
-                except queue.Empty:
+                if first:
+                    rc = c.connect(self.host, self.port, keepalive=30, clean_start=False,
+                                   properties=props)
+                else:
+                    rc = c.reconnect()
+            except (OSError, ssl.SSLError) as exc:
+                rc = None
+                log.warning("sink: cannot connect to %s:%d: %s", self.host, self.port, exc)
+            if rc == mqtt.MQTT_ERR_SUCCESS:
+                first = False
+                self._gen += 1
+                self._pending.clear()   # unacknowledged: the broker sends them again
+                started = time.monotonic()
+                self._serve()
+                if time.monotonic() - started > 60:
+                    delay = 1.0
+                if self._stop.is_set():
                     break
-            while not self._stop.is_set():
-                try:
-                    self._commit(batch)
-                    break
-                except Exception:  # noqa: BLE001 - the store is down or refused: keep the batch
-                    # unacknowledged messages stay with us (and the broker); retry, never die
-                    log.exception("sink: storing a batch of %d failed; retrying in 1 s", len(batch))
-                    self._stop.wait(1.0)
+                log.warning("sink: connection lost; reconnecting")
+            self._idle(delay)
+            delay = min(delay * 2, 30.0)
+        self._finish()
 
-    def _commit(self, batch: list[mqtt.MQTTMessage]) -> None:
-        good: list[Touch] = []
-        dead: list[DeadLetter] = []
-        for m in batch:
-            item = validate(m.topic, bytes(m.payload))
-            if isinstance(item, DeadLetter):
-                log.warning("sink: dead letter on %s: %s (%s)", item.topic, item.reason, item.detail)
-                dead.append(item)
-            else:
-                good.append(item)
-        res = self.store.ingest(good, dead)  # committed when this returns
-        for m in batch:
-            self._client.ack(m.mid, m.qos)
-        for a in self.acks.observe((t.site, t.device, t.seq) for t in good):
-            self._client.publish(topics.touch_ack(a.site, a.device), encode_ack(a.upto),
-                                 qos=1, retain=True)
-        for k in ("stored", "repeated", "dead"):
-            setattr(self.totals, k, getattr(self.totals, k) + getattr(res, k))
+    def _idle(self, seconds: float) -> None:
+        """Wait (for a reconnect) while still taking the writer's answers."""
+        deadline = time.monotonic() + seconds
+        while not self._stop.is_set() and (left := deadline - time.monotonic()) > 0:
+            self._pump_writer(min(left, 0.5))
+
+    def _serve(self) -> None:
+        c = self._client
+        sock = c.socket()
+        with contextlib.suppress(OSError, AttributeError):  # PUBACKs out at once, not after 40 ms
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[union-attr]
+        while not self._stop.is_set():
+            if sock is None or c.socket() is not sock:
+                return
+            rl: list[Any] = [sock, self._wake_r]
+            wl: list[Any] = [sock] if c.want_write() else []
+            if self._wsock is not None:
+                rl.append(self._wsock)
+                if self._out:
+                    wl.append(self._wsock)
+            pending_tls = isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
+            try:
+                r, w, _ = select.select(rl, wl, [], 0 if pending_tls else 1.0)
+            except (OSError, ValueError):
+                return
+            if self._wake_r in r:
+                with contextlib.suppress(OSError):
+                    self._wake_r.recv(64)
+            if (sock in r or pending_tls) and c.loop_read() != mqtt.MQTT_ERR_SUCCESS:
+                c._sock_close()  # type: ignore[attr-defined]
+                return
+            if sock in w and c.loop_write() != mqtt.MQTT_ERR_SUCCESS:
+                c._sock_close()  # type: ignore[attr-defined]
+                return
+            if c.loop_misc() != mqtt.MQTT_ERR_SUCCESS:
+                return
+            if self._wsock is not None and (self._wsock in r or self._wsock in w):
+                self._writer_io(self._wsock in r, self._wsock in w)
+            self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Hand what arrived to the writer when it has room (the batch forms meanwhile)."""
+        while self._pending and len(self._sent) < PIPELINE and self._wsock is not None:
+            take, self._pending = (self._pending[:self.batch_max],
+                                   self._pending[self.batch_max:])
+            self._next_id += 1
+            b = _Batch(self._gen, [(t, p) for t, p, _, _ in take], [(m, q) for _, _, m, q in take])
+            body = pickle.dumps((self._next_id, b.items), protocol=pickle.HIGHEST_PROTOCOL)
+            b.frame = _HEAD.pack(len(body)) + body
+            self._sent[self._next_id] = b
+            self._out += b.frame
+            self._writer_io(False, True)
+
+    def _pump_writer(self, timeout: float) -> None:
+        if self._wsock is None:
+            time.sleep(timeout)
+            return
+        wl = [self._wsock] if self._out else []
+        r, w, _ = select.select([self._wsock, self._wake_r], wl, [], timeout)
+        if self._wake_r in r:
+            with contextlib.suppress(OSError):
+                self._wake_r.recv(64)
+        if self._wsock in r or self._wsock in w:
+            self._writer_io(self._wsock in r, self._wsock in w)
+
+    def _writer_io(self, readable: bool, writable: bool) -> None:
+        ws = self._wsock
+        assert ws is not None
+        try:
+            if writable and self._out:
+                n = ws.send(self._out)
+                del self._out[:n]
+            if readable:
+                while True:
+                    chunk = ws.recv(1 << 16)
+                    if not chunk:
+                        raise ConnectionError("writer closed its socket")
+                    self._in += chunk
+                    if len(chunk) < 1 << 16:
+                        break
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            self._writer_lost()
+            return
+        while len(self._in) >= 4:
+            (n,) = _HEAD.unpack_from(self._in)
+            if len(self._in) < 4 + n:
+                break
+            reply = pickle.loads(self._in[4:4 + n])
+            del self._in[:4 + n]
+            self._committed(*reply)
+
+    def _committed(self, batch_id: int, counts: tuple[int, int, int, int],
+                   acks: list[tuple[str, str, int]], gaps_opened: int) -> None:
+        """The writer committed a batch: PUBACK it (same connection only), then the acks."""
+        b = self._sent.pop(batch_id, None)
+        if b is None:
+            return
+        c = self._client
+        if b.gen == self._gen and self._connected:
+            for mid, qos in b.mids:
+                c.ack(mid, qos)
+            for site, device, upto in acks:
+                c.publish(topics.touch_ack(site, device), encode_ack(upto), qos=1, retain=True)
+        res = IngestResult(*counts)
+        self.batches += 1
+        self.totals.add(res)
+        self.gaps_opened += gaps_opened
         if self.on_batch:
             self.on_batch(res)
 
+    def _finish(self) -> None:
+        """Stopping: let the writer finish what it has (their PUBACKs go out), disconnect."""
+        deadline = time.monotonic() + 5
+        while self._sent and self._wsock is not None and time.monotonic() < deadline:
+            wl = [self._wsock] if self._out else []
+            r, w, _ = select.select([self._wsock], wl, [], 0.2)
+            if r or w:
+                self._writer_io(bool(r), bool(w))
+        c = self._client
+        with contextlib.suppress(Exception):
+            c.disconnect()
+            end = time.monotonic() + 2
+            while c.want_write() and time.monotonic() < end and c.socket() is not None:
+                c.loop_write()
+                time.sleep(0.001)
+        with contextlib.suppress(Exception):
+            c._sock_close()  # type: ignore[attr-defined]
 
-def _db_file(store: object) -> str | None:
-    """The SQLite file behind the store (the ack ledger opens its own connection), or None."""
-    path = getattr(store, "path", None)
-    return str(path) if path else None
+
+# -- the writer process -----------------------------------------------------------------------------
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise EOFError
+        buf += chunk
+    return bytes(buf)
+
+
+def _writer_entry() -> None:
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    (n,) = _HEAD.unpack(_recv_exact(sock, 4))
+    url, policy, level = pickle.loads(_recv_exact(sock, n))
+    _writer_main(sock, url, policy, level)
+
+
+def _writer_main(sock: socket.socket, url: str, policy: Policy, level: int) -> None:
+    """Decode, validate and store batches; answer each after its commit. Ends on EOF."""
+    logging.basicConfig(level=level or logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from cloud_sink.acks import AckLedger
+    from cloud_sink.model import DeadLetter
+    from cloud_sink.store import open_store
+    from cloud_sink.validate import validate
+
+    parent = os.getppid()
+    sock.setblocking(True)
+    store = open_store(url, policy)
+    ledger = AckLedger(store)
+    try:
+        while True:
+            try:
+                (n,) = _HEAD.unpack(_recv_exact(sock, 4))
+                batch_id, items = pickle.loads(_recv_exact(sock, n))
+            except (EOFError, OSError):
+                return
+            good, dead = [], []
+            for topic, payload in items:
+                item = validate(topic, payload)
+                if isinstance(item, DeadLetter):
+                    log.warning("sink: dead letter on %s: %s (%s)", item.topic, item.reason,
+                                item.detail)
+                    dead.append(item)
+                else:
+                    good.append(item)
+            while True:
+                try:
+                    res = store.ingest(good, dead)   # committed when this returns
+                    opened = ledger.gaps_opened
+                    acks = ledger.observe((t.site, t.device, t.seq) for t in good)
+                    break
+                except Exception:  # noqa: BLE001 - the store is down or refused: keep the batch
+                    log.exception("sink: storing a batch of %d failed; retrying in 1 s",
+                                  len(items))
+                    time.sleep(1.0)
+                    if os.getppid() != parent:
+                        return  # the receiving process is gone; its broker session redelivers
+            body = pickle.dumps((batch_id, (res.stored, res.repeated, res.dead, res.flagged),
+                                 [(a.site, a.device, a.upto) for a in acks],
+                                 ledger.gaps_opened - opened), protocol=pickle.HIGHEST_PROTOCOL)
+            try:
+                sock.sendall(_HEAD.pack(len(body)) + body)
+            except OSError:
+                return
+    finally:
+        with contextlib.suppress(Exception):
+            store.close()

@@ -128,3 +128,71 @@ def test_future_clock_is_flagged_not_dead_lettered(broker: PrivateBroker, publis
             assert [r.taps for r in store.work_history()] == [1]
         finally:
             sink.stop()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_the_devices_outbox_empties_through_the_sinks_end_to_end_ack(
+        kind: str, broker: PrivateBroker, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """The production Link and Sink on either store: the sink commits, publishes the end-to-end
+    acknowledgement, and the device forgets its touches (with PostgreSQL too)."""
+    from edge.config import MqttConfig
+    from edge.link import Link
+    from edge.outbox import Outbox
+
+    url = request.getfixturevalue("pg_url") if kind == "postgres" else None
+    dev, n = f"gate-e2e-{kind[:2]}", 700
+    with fresh_store(kind, tmp_path, url) as store:
+        ob = Outbox(tmp_path / "outbox.sqlite", reserve_bytes=0)
+        for _ in range(n):
+            ob.append(lambda s: encode(touch(s, device=dev, who=1 + s % 5)), created_ms=0)
+        cfg = MqttConfig(host=broker.host, port=broker.port, tls=False, inflight=50,
+                         state_interval_s=60)
+        link = Link(cfg, SITE, dev, ob, lambda: {"v": 1, "dev": dev, "online": True},
+                    backoff_min_s=0.1, backoff_max_s=0.5)
+        [sink] = start_sinks(store, broker, 1, f"e2e-{kind}")
+        link.start()
+        try:
+            wait_for(lambda: link.acked_upto == n, 30, f"the acknowledgement to cover {n}")
+            assert ob.depth() == 0
+            assert store.counts()["touches"] == n
+            assert [g for g in store.gaps() if g[0] == dev] == []  # type: ignore[attr-defined]
+        finally:
+            link.stop()
+            sink.stop()
+            ob.close()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_a_gap_holds_the_ack_back_until_the_replay_fills_it(
+        kind: str, broker: PrivateBroker, publisher: mqtt.Client, tmp_path: Path,
+        request: pytest.FixtureRequest) -> None:
+    """The ack covers only the contiguous prefix; the gap is kept in the store (either
+    backend) and closed when the missing touch arrives."""
+    url = request.getfixturevalue("pg_url") if kind == "postgres" else None
+    dev = f"gate-gap-{kind[:2]}"
+    acks: list[int] = []
+    watcher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"acks-{kind}",
+                          protocol=mqtt.MQTTv5)
+    watcher.on_message = lambda c, u, m: acks.append(cbor2.loads(m.payload)["upto"])
+    watcher.connect(broker.host, broker.port)
+    watcher.subscribe(topics.touch_ack(SITE, dev), qos=1)
+    watcher.loop_start()
+    with fresh_store(kind, tmp_path, url) as store:
+        [sink] = start_sinks(store, broker, 1, f"gap-{kind}")
+        try:
+            for seq in (1, 2, 4, 5):
+                publisher.publish(topics.touch(SITE, dev), encode(touch(seq, device=dev)), qos=1)
+            wait_for(lambda: store.counts()["touches"] == 4 and 2 in acks, 10, "4 stored, ack 2")
+            assert max(acks) == 2
+            def gaps(closed: bool = False) -> list[tuple[object, ...]]:
+                return [(g[2], g[3], g[5] is None) for g in store.gaps(closed) if g[0] == dev]  # type: ignore[attr-defined]
+            assert gaps() == [(3, 3, True)]
+            publisher.publish(topics.touch(SITE, dev), encode(touch(3, device=dev)), qos=1)
+            wait_for(lambda: 5 in acks, 10, "the ack to jump to 5")
+            assert gaps() == []
+            assert gaps(closed=True) == [(3, 3, False)]
+        finally:
+            sink.stop()
+            watcher.loop_stop()
+            watcher.disconnect()
+            publisher.publish(topics.touch_ack(SITE, dev), b"", qos=1, retain=True)

@@ -150,6 +150,39 @@ class SqlStore:
                        rows)
         return len(rows)
 
+    # -- the end-to-end acknowledgement ledger (cloud_sink.acks) -------------------------------
+    def device_prefix(self, device: str) -> tuple[int, list[int]]:
+        """(upto, stored seqs above it): every seq 1..upto of the device is stored."""
+        with self._lock:
+            upto = 0
+            if self._x("SELECT 1 FROM touches WHERE device=? AND seq=1", (device,)).fetchone():
+                row = self._x(
+                    "SELECT t.seq FROM touches t WHERE t.device=? AND NOT EXISTS (SELECT 1 FROM"
+                    " touches u WHERE u.device=t.device AND u.seq=t.seq+1) ORDER BY t.seq LIMIT 1",
+                    (device,)).fetchone()
+                upto = int(row[0])
+            above = [int(r[0]) for r in self._x(
+                "SELECT seq FROM touches WHERE device=? AND seq>?", (device, upto)).fetchall()]
+        return upto, above
+
+    def record_gaps(self, device: str, site: str, closed: Sequence[tuple[int, int]],
+                    opened: Sequence[tuple[int, int, int]], now_ms: int) -> None:
+        """Close gaps that filled, open new ones (first, last, seen_ms); one transaction."""
+        with self._lock, self._tx():
+            for first, last in closed:
+                self._x("UPDATE seq_gaps SET closed_ms=? WHERE device=? AND first_missing=? AND"
+                        " last_missing=? AND closed_ms IS NULL", (now_ms, device, first, last))
+            for first, last, seen in opened:
+                self._x("INSERT INTO seq_gaps VALUES (?,?,?,?,?,NULL) ON CONFLICT DO NOTHING",
+                        (device, site, first, last, seen))
+
+    def gaps(self, include_closed: bool = False) -> list[tuple[Any, ...]]:
+        """(device, site, first_missing, last_missing, seen_ms, closed_ms) from seq_gaps."""
+        sql = "SELECT device, site, first_missing, last_missing, seen_ms, closed_ms FROM seq_gaps"
+        if not include_closed:
+            sql += " WHERE closed_ms IS NULL"
+        return self._rows(sql + " ORDER BY device, first_missing")
+
     # -- reading ------------------------------------------------------------------------------
     def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
