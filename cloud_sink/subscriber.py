@@ -26,6 +26,8 @@ Rules of this file:
 """
 
 import contextlib
+import io
+import json
 import logging
 import os
 import pickle
@@ -41,15 +43,29 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import cbor2
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from cloud_sink.derive.rows import Row, day_of, time_flag
 from cloud_sink.model import IngestResult, Policy
 from edge import topics
+from edge.clock import TimeQuality
 from edge.e2e import encode_ack
+from edge.reasons import Reason
+from edge.touch import (
+    FACT_KEY,
+    MAX_FACTS,
+    MAX_PAYLOAD,
+    MAX_SEQ,
+    TECHNICIAN_ID,
+    CardTech,
+    Decision,
+    Role,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +91,7 @@ class _Batch:
 
 class Sink:
     def __init__(self, store: Any, host: str, port: int, *, group: str = "sink",
-                 client_id: str = "sink-1", batch_max: int = 500, batch_wait_s: float = 0.05,
+                 client_id: str = "sink-1", batch_max: int = 1000, batch_wait_s: float = 0.05,
                  on_batch: Callable[[IngestResult], None] | None = None,
                  tls: "TlsFiles | None" = None) -> None:
         self.store, self.host, self.port, self.group = store, host, port, group
@@ -126,7 +142,8 @@ class Sink:
         self._stop.set()
         with contextlib.suppress(OSError):
             self._wake_w.send(b"x")
-        self._thread.join(10)
+        if self._thread.is_alive():
+            self._thread.join(10)
         self._stop_writer()
         for s in (self._wake_r, self._wake_w):
             s.close()
@@ -356,6 +373,79 @@ class Sink:
             c._sock_close()  # type: ignore[attr-defined]
 
 
+# -- the writer's hot path: a well-formed touch straight to its store row -----------------------------
+_ROLES = frozenset(r.value for r in Role)
+_TQS = frozenset(q.value for q in TimeQuality)
+_CTS = frozenset(c.value for c in CardTech)
+_DECS = frozenset(d.value for d in Decision)
+_RSNS = frozenset(r.value for r in Reason)
+_FACT_TYPES = (str, int, bool)
+_MIN_FACT_INT = -(2**63)
+
+
+def fast_row(topic: str, payload: bytes, received_ms: int, policy: Policy) -> Row | None:
+    """The store row of a well-formed v1 touch, without building a Touch; None for anything
+    the fast path is not sure of, which then takes the full path (cloud_sink.validate, then
+    derive.rows.touch_row) for its exact Touch or dead letter. It accepts a strict subset of
+    what edge.touch.decode accepts and gives the same row (tests/test_sink_fastpath.py checks
+    both against random and mutated payloads)."""
+    if len(payload) > MAX_PAYLOAD:
+        return None
+    where = topics.parse_device_topic(topic)
+    if where is None or where[2] != "touch":
+        return None
+    fp = io.BytesIO(payload)
+    try:
+        m = cbor2.CBORDecoder(fp).decode()
+    except Exception:  # noqa: BLE001 - the full path says which error
+        return None
+    if fp.tell() != len(payload) or type(m) is not dict:
+        return None
+    g = m.get
+    v, dev, site, role, seq, ts = g("v"), g("dev"), g("site"), g("role"), g("seq"), g("ts")
+    tq, card, ct, tid, dec, rsn = g("tq"), g("card"), g("ct"), g("tid"), g("dec"), g("rsn")
+    lv, cv, x = g("lv"), g("cv"), g("x")
+    if (type(v) is not int or v != 1 or dev != where[1] or site != where[0]
+            or type(dev) is not str or type(site) is not str
+            or type(role) is not str or role not in _ROLES
+            or type(seq) is not int or not 1 <= seq <= MAX_SEQ
+            or type(ts) is not int or not 0 <= ts <= MAX_SEQ
+            or type(tq) is not str or tq not in _TQS
+            or type(card) is not bytes or len(card) > 32
+            or type(ct) is not str or ct not in _CTS
+            or type(dec) is not str or dec not in _DECS
+            or type(rsn) is not str or rsn not in _RSNS
+            or type(lv) is not int or not 0 <= lv <= MAX_SEQ
+            or type(cv) is not int or not 0 <= cv <= MAX_SEQ
+            or type(x) is not dict or len(x) > MAX_FACTS
+            or (tid is not None and (type(tid) is not str or not TECHNICIAN_ID.match(tid)))):
+        return None
+    for k, fv in x.items():
+        if type(k) is not str or not FACT_KEY.match(k) or type(fv) not in _FACT_TYPES:
+            return None
+        if type(fv) is str:
+            if len(fv) > 64:
+                return None
+        elif type(fv) is int and not _MIN_FACT_INT <= fv <= MAX_SEQ:
+            return None
+    if role == "gate" and x.get("dir") not in ("in", "out"):
+        return None
+    day = day_of(ts, policy.cut_hour)
+    gate, vend = role == "gate", role == "vending"
+
+    def fact(key: str) -> str | None:
+        fv = x.get(key)
+        return None if fv is None else str(fv)
+
+    return (dev, seq, site, role, ts, tq, card, ct, tid, dec, rsn, lv, cv,
+            json.dumps(x, sort_keys=True), fact("dir") if gate else None, day, received_ms,
+            time_flag(ts, received_ms, policy), day[:7],
+            tid if tid else ("card:" + card.hex() if card else None),
+            fact("course") if role == "training" else None,
+            fact("contractor") if vend else None, fact("slot") if vend else None,
+            fact("result") if vend else None)
+
+
 # -- the writer process -----------------------------------------------------------------------------
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
     buf = bytearray()
@@ -379,6 +469,7 @@ def _writer_main(sock: socket.socket, url: str, policy: Policy, level: int) -> N
     logging.basicConfig(level=level or logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from cloud_sink.acks import AckLedger
+    from cloud_sink.derive.rows import touch_row
     from cloud_sink.model import DeadLetter
     from cloud_sink.store import open_store
     from cloud_sink.validate import validate
@@ -387,6 +478,7 @@ def _writer_main(sock: socket.socket, url: str, policy: Policy, level: int) -> N
     sock.setblocking(True)
     store = open_store(url, policy)
     ledger = AckLedger(store)
+    slow = policy.require_registered or not hasattr(store, "ingest_rows")
     try:
         while True:
             try:
@@ -394,20 +486,34 @@ def _writer_main(sock: socket.socket, url: str, policy: Policy, level: int) -> N
                 batch_id, items = pickle.loads(_recv_exact(sock, n))
             except (EOFError, OSError):
                 return
-            good, dead = [], []
+            now = int(time.time() * 1000)
+            rows: list[Row] = []
+            dead: list[DeadLetter] = []
             for topic, payload in items:
+                row = None if slow else fast_row(topic, payload, now, policy)
+                if row is not None:
+                    rows.append(row)
+                    continue
                 item = validate(topic, payload)
                 if isinstance(item, DeadLetter):
                     log.warning("sink: dead letter on %s: %s (%s)", item.topic, item.reason,
                                 item.detail)
                     dead.append(item)
+                elif slow:
+                    rows.append(item)  # type: ignore[arg-type]  # Touches: store.ingest maps them
                 else:
-                    good.append(item)
+                    rows.append(touch_row(item, now, policy))
             while True:
                 try:
-                    res = store.ingest(good, dead)   # committed when this returns
+                    if slow:  # --registered-only dead-letters Touches of unknown devices
+                        res = store.ingest(rows, dead, now_ms=now)  # type: ignore[arg-type]
+                        keys = [(t.site, t.device, t.seq) for t in rows]  # type: ignore[attr-defined]
+                    else:
+                        res = store.ingest_rows(rows, dead, now)
+                        keys = [(r[2], r[0], r[1]) for r in rows]  # type: ignore[misc]
+                    # committed when ingest returns
                     opened = ledger.gaps_opened
-                    acks = ledger.observe((t.site, t.device, t.seq) for t in good)
+                    acks = ledger.observe(keys)  # type: ignore[arg-type]
                     break
                 except Exception:  # noqa: BLE001 - the store is down or refused: keep the batch
                     log.exception("sink: storing a batch of %d failed; retrying in 1 s",

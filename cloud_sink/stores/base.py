@@ -91,20 +91,31 @@ class SqlStore:
         """
         now = int(time.time() * 1000) if now_ms is None else now_ms
         batch, letters = list(touches), list(dead)
-        res = IngestResult()
         with self._lock, self._tx():
             if self.policy.require_registered and batch:
                 batch = self._drop_unregistered(batch, letters)
-            if batch:
-                rows = [touch_row(t, now, self.policy) for t in batch]
-                res.stored = self._store_batch(rows)
-                res.repeated = len(rows) - res.stored
-                res.flagged = sum(r[_FLAG] is not None for r in rows)
-            if letters:
-                self._many("INSERT INTO dead_letters (received_ms, topic, payload, reason, detail)"
-                           " VALUES (?,?,?,?,?)",
-                           [(now, d.topic, d.payload, d.reason, d.detail) for d in letters])
-            res.dead = len(letters)
+            return self._ingest_rows([touch_row(t, now, self.policy) for t in batch], letters,
+                                     now)
+
+    def ingest_rows(self, rows: list[Row], dead: Iterable[DeadLetter], now_ms: int) -> IngestResult:
+        """ingest() for touches already mapped to rows (derive.rows.touch_row, or the sink's
+        fast path) with received_ms = now_ms. Not for a policy that requires registration."""
+        if self.policy.require_registered:
+            raise ValueError("ingest_rows: the registered-only policy needs ingest()")
+        with self._lock, self._tx():
+            return self._ingest_rows(rows, list(dead), now_ms)
+
+    def _ingest_rows(self, rows: list[Row], letters: list[DeadLetter], now: int) -> IngestResult:
+        res = IngestResult()
+        if rows:
+            res.stored = self._store_batch(rows)
+            res.repeated = len(rows) - res.stored
+            res.flagged = sum(r[_FLAG] is not None for r in rows)
+        if letters:
+            self._many("INSERT INTO dead_letters (received_ms, topic, payload, reason, detail)"
+                       " VALUES (?,?,?,?,?)",
+                       [(now, d.topic, d.payload, d.reason, d.detail) for d in letters])
+        res.dead = len(letters)
         return res
 
     def _drop_unregistered(self, batch: list[Touch], letters: list[DeadLetter]) -> list[Touch]:
