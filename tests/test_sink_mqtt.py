@@ -196,3 +196,23 @@ def test_a_gap_holds_the_ack_back_until_the_replay_fills_it(
             watcher.loop_stop()
             watcher.disconnect()
             publisher.publish(topics.touch_ack(SITE, dev), b"", qos=1, retain=True)
+
+
+def test_a_killed_writer_process_is_started_again_and_nothing_is_lost(
+        broker: PrivateBroker, publisher: mqtt.Client, tmp_path: Path) -> None:
+    import os
+    import signal
+
+    dev = "gate-writer-kill"
+    with fresh_store("sqlite", tmp_path, None) as store:
+        [sink] = start_sinks(store, broker, 1, "writer-kill")
+        try:
+            for seq in range(1, 201):
+                publisher.publish(topics.touch(SITE, dev), encode(touch(seq, device=dev)), qos=1)
+                if seq == 100:
+                    wait_for(lambda: store.counts()["touches"] >= 50, 10, "50 stored")
+                    os.kill(sink._proc.pid, signal.SIGKILL)  # type: ignore[union-attr]
+            wait_for(lambda: store.counts()["touches"] == 200, 20, "all 200 stored")
+            assert sink.totals.stored <= 200
+        finally:
+            sink.stop()
