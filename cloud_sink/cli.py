@@ -46,7 +46,7 @@ def register(sub: Sub) -> None:  # type: ignore[valid-type]
     run.add_argument("--broker", default="127.0.0.1:1883", metavar="HOST:PORT")
     run.add_argument("--group", default="sink", help="shared-subscription group (default: sink)")
     run.add_argument("--client-id", default="sink-1", help="MQTT client id, unique per process")
-    run.add_argument("--batch", type=int, default=500, help="touches per transaction (max)")
+    run.add_argument("--batch", type=int, default=1000, help="touches per transaction (max)")
     run.add_argument("--ready-file", help="touch this file once subscribed (for scripts)")
     run.add_argument("--ca", help="CA certificate (PEM): connect with TLS")
     run.add_argument("--cert", help="the sink's client certificate (PEM), from `ccus ops identity`")

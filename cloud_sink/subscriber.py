@@ -91,14 +91,13 @@ class _Batch:
 
 class Sink:
     def __init__(self, store: Any, host: str, port: int, *, group: str = "sink",
-                 client_id: str = "sink-1", batch_max: int = 1000, batch_wait_s: float = 0.05,
+                 client_id: str = "sink-1", batch_max: int = 1000,
                  on_batch: Callable[[IngestResult], None] | None = None,
                  tls: "TlsFiles | None" = None) -> None:
         self.store, self.host, self.port, self.group = store, host, port, group
         self.url: str = store.url
         self.policy: Policy = store.policy
         self.batch_max = batch_max
-        self.batch_wait_s = batch_wait_s   # kept for callers; batches now form while the writer works
         self.receive_max = min(65_535, max(100, PIPELINE * 2 * batch_max))
         self.on_batch = on_batch
         self.totals = IngestResult()

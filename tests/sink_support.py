@@ -19,7 +19,7 @@ CENTER = "27200000000001"     # a training center's site ID
 NOW = jst_ms(2026, 11, 30, 12)  # the receive time the tests ingest at
 
 DATA_TABLES = ("touches", "dead_letters", "work_history", "training_monthly", "training_course",
-               "courses", "vending_ledger", "devices")
+               "courses", "vending_ledger", "devices", "seq_gaps")
 
 
 def tid(i: int) -> str:

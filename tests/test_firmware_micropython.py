@@ -24,7 +24,8 @@ def _check(out: str, rc: int) -> None:
 def test_codec_under_micropython_unix_port(tmp_path):
     assert MICROPYTHON.exists(), f"{MICROPYTHON} missing: run ./dev.sh setup"
     env = {
-        "MICROPYPATH": f"{ROOT / 'firmware'}:{ROOT / 'tests' / 'mpy'}:{ROOT / 'vending' / 'boardsim'}:.frozen",
+        "MICROPYPATH": ":".join(map(str, (ROOT / "firmware", ROOT / "tests" / "mpy",
+                                          ROOT / "vending" / "boardsim", ".frozen"))),
         "CCUS_TMP": str(tmp_path),
         "PATH": os.environ.get("PATH", ""),
     }

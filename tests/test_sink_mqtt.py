@@ -37,8 +37,8 @@ def publisher(broker: PrivateBroker) -> Iterator[mqtt.Client]:
 
 
 def start_sinks(store: Store, broker: PrivateBroker, n: int, group: str) -> list[Sink]:
-    sinks = [Sink(store, broker.host, broker.port, group=group, client_id=f"{group}-{i}",
-                  batch_wait_s=0.01) for i in range(n)]
+    sinks = [Sink(store, broker.host, broker.port, group=group, client_id=f"{group}-{i}")
+             for i in range(n)]
     for s in sinks:
         s.start()
     for s in sinks:
