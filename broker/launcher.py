@@ -11,6 +11,8 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from edge.procs import stop_process
+
 log = logging.getLogger(__name__)
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -114,13 +116,7 @@ class PrivateBroker:
             self.proc.wait(5)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
         if self.proc and self.proc.stderr:
             self.proc.stderr.close()
 

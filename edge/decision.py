@@ -63,33 +63,34 @@ class AntiPassback:
         self._last[tid] = direction
 
 
-def decide_gate(read: CardRead, idlist: IdList | None, direction: str,
-                anti_passback: AntiPassback | None = None) -> Verdict:
+def by_status(read: CardRead, idlist: IdList | None) -> tuple[Verdict, Entry | None]:
+    """The verdict the technician's status alone gives (gate table); the entry if resolved."""
     version = idlist.version if idlist is not None else 0
     entry, why = resolve(read, idlist)
     if entry is None:
         assert why is not None
-        return Verdict(Decision.DENY, why, read.tid, version)
+        return Verdict(Decision.DENY, why, read.tid, version), None
     decision, reason = GATE_TABLE[entry.status]
-    if decision is Decision.ALLOW and anti_passback is not None:
+    return Verdict(decision, reason, entry.tid, version), entry
+
+
+def decide_gate(read: CardRead, idlist: IdList | None, direction: str,
+                anti_passback: AntiPassback | None = None) -> Verdict:
+    verdict, entry = by_status(read, idlist)
+    if entry is not None and verdict.decision is Decision.ALLOW and anti_passback is not None:
         if anti_passback.violates(entry.tid, direction):
-            return Verdict(Decision.DENY, Reason.ANTI_PASSBACK, entry.tid, version)
+            return Verdict(Decision.DENY, Reason.ANTI_PASSBACK, entry.tid, verdict.list_version)
         anti_passback.record(entry.tid, direction)
-    return Verdict(decision, reason, entry.tid, version)
+    return verdict
 
 
 # Vending: a registered, active technician with allowance left in the period gets a drink.
 # The ledger (vending/) says how many are left; this decides with that figure.
 def decide_vending(read: CardRead, idlist: IdList | None, remaining: int) -> Verdict:
-    version = idlist.version if idlist is not None else 0
-    entry, why = resolve(read, idlist)
-    if entry is None:
-        assert why is not None
-        return Verdict(Decision.DENY, why, read.tid, version)
-    decision, reason = GATE_TABLE[entry.status]
-    if decision is Decision.ALLOW and remaining <= 0:
-        return Verdict(Decision.DENY, Reason.LIMIT_REACHED, entry.tid, version)
-    return Verdict(decision, reason, entry.tid, version)
+    verdict, _ = by_status(read, idlist)
+    if verdict.decision is Decision.ALLOW and remaining <= 0:
+        return Verdict(Decision.DENY, Reason.LIMIT_REACHED, verdict.tid, verdict.list_version)
+    return verdict
 
 
 # Training: every card is counted (a touch experience); whether the holder is registered is

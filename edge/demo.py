@@ -23,6 +23,7 @@ from edge.clock import ManualClock
 from edge.config import AgentConfig, load
 from edge.idlist import Entry, Status
 from edge.idlist.publish import publish_list
+from edge.procs import stop_process, wait_until
 from edge.reader.cards import EmulatedCard, felica_card
 from edge.reader.emulator import free_udp_port
 from edge.signing import generate_key
@@ -225,11 +226,11 @@ class DemoRun:
             self.agents[device] = Agent(cfg, clock=self.clock, on_touch=self._on_touch,
                                         config_keys=[operator_key.public_key()])
             self.agents[device].start()
-        _wait(lambda: ready.exists() or self.sink.poll() is not None, 15, "sink subscribed")
+        wait_until(lambda: ready.exists() or self.sink.poll() is not None, 15, "sink subscribed")
         if self.sink.poll() is not None:
             raise RuntimeError(f"sink exited: {(self.data / 'sink.log').read_text()[-800:]}")
-        _wait(lambda: all(a.link.connected for a in self.agents.values()), 15, "agents connected")
-        _wait(lambda: all(a.idlist is not None and a.idlist.version == 1
+        wait_until(lambda: all(a.link.connected for a in self.agents.values()), 15, "agents connected")
+        wait_until(lambda: all(a.idlist is not None and a.idlist.version == 1
                           for a in self.agents.values()), 15, "the signed ID list applied")
 
     def _on_touch(self, t: Touch) -> None:
@@ -258,7 +259,7 @@ class DemoRun:
         answer = json.loads(self.emulator.stdout.readline() or "{}")
         if not answer.get("seen"):
             raise RuntimeError(f"the {tap.reader} reader did not read the card: {answer}")
-        _wait(lambda: agent.counts["taps"] + agent.counts["suppressed"] > seen_before,
+        wait_until(lambda: agent.counts["taps"] + agent.counts["suppressed"] > seen_before,
               10, "the agent's decision")
         return self.touches[-1] if len(self.touches) > n_before else None
 
@@ -266,7 +267,7 @@ class DemoRun:
         """Until every outbox is empty and the sink has stored every touch the agents made."""
         store = SqliteStore(self.store_path)
         try:
-            _wait(lambda: all(a.outbox.depth() == 0 for a in self.agents.values())
+            wait_until(lambda: all(a.outbox.depth() == 0 for a in self.agents.values())
                   and store.counts()["touches"] >= len(self.touches), timeout, "delivery")
             return store.counts()
         finally:
@@ -280,28 +281,10 @@ class DemoRun:
         if self.emulator:
             if self.emulator.stdin:
                 self.emulator.stdin.close()
-            _end(self.emulator)
-        if self.sink:
-            self.sink.terminate()
-            _end(self.sink)
+            stop_process(self.emulator, terminate=False)  # stdin closed: it exits by itself
+        stop_process(self.sink)
         if self.broker:
             self.broker.close()
-
-
-def _end(proc: subprocess.Popen) -> None:  # type: ignore[type-arg]
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
-
-
-def _wait(cond, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.01)
 
 
 def run_demo(data_dir: str | Path) -> int:

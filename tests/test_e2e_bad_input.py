@@ -1,7 +1,6 @@
 """Bad input end to end: garbage on a touch topic is dead-lettered and the good touches after it
 are stored; unreadable cards become denial touches with a reason code."""
 
-import time
 from pathlib import Path
 
 import cbor2
@@ -17,6 +16,7 @@ from edge.agent import Agent
 from edge.clock import TimeQuality
 from edge.config import from_dict
 from edge.idlist import Entry, MemoryIdList, Status
+from edge.procs import wait_until
 from edge.reader.cards import EmulatedCard, felica_card
 from edge.reader.emulator import CardField, free_udp_port
 from edge.reasons import Reason
@@ -26,10 +26,7 @@ SITE = "13100000000001"
 
 
 def wait(cond, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
+    wait_until(cond, timeout, "the condition")
 
 
 def touch(seq: int, device: str = "gate-01") -> Touch:

@@ -2,7 +2,6 @@
 operator key is applied and decides taps; a forged one is refused and the old list still
 serves; a newer delta is applied on top."""
 
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from edge.decision import CardRead
 from edge.demo import card_of, write_idlist_csv
 from edge.idlist import Entry, Status
 from edge.idlist.publish import publish_list
+from edge.procs import wait_until
 from edge.reader.emulator import free_udp_port
 from edge.reasons import Reason
 from edge.signing import generate_key
@@ -25,10 +25,7 @@ SITE = "13100000000003"
 
 
 def wait(cond, timeout: float = 15.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
+    wait_until(cond, timeout, "the condition")
 
 
 @pytest.mark.e2e

@@ -19,6 +19,7 @@ import pytest
 
 from edge.config import ProfileConfig, ReaderConfig
 from edge.decision import CardRead
+from edge.procs import stop_process
 from edge.reader.backend import make_reader
 from edge.reader.cards import EmulatedCard, felica_card, my_number_card, type4_card
 from edge.reader.vpcd import VPCD_PORT, VpcdCard
@@ -72,13 +73,7 @@ class Pcscd:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
         deadline = time.monotonic() + 5
         while _port_open(VPCD_PORT) and time.monotonic() < deadline:
             time.sleep(0.05)
