@@ -326,8 +326,10 @@ def run_demo(data_dir: str | Path) -> int:
     store.close()
     print(f"\nbillable drinks on {date}, paid by main contractor {CONTRACTOR}: {len(drinks)} "
           f"({', '.join(d.technician for d in drinks)})")
-    for row in ledger:
-        print(f"  sink ledger {row}")
+    for r in ledger:
+        print(f"  the sink's vending ledger, {r.month}: {r.device} at site {r.site}, contractor "
+              f"{r.contractor}: {r.dispensed} dispensed, {r.failed} failed, "
+              f"{r.indeterminate} indeterminate")
     print(f"\nsummary: {len(day.taps)} taps, {totals['taps']} touches "
           f"({totals['suppressed']} repeat within the re-tap window), "
           f"{totals['allowed']} allowed, {totals['denied']} denied; "
