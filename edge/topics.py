@@ -27,7 +27,6 @@ def touch_ack(site: str, device: str) -> str:
 
 
 ALL_TOUCHES = f"{PREFIX}/+/+/touch"
-ALL_STATES = f"{PREFIX}/+/+/state"
 
 
 def shared(group: str, topic_filter: str) -> str:

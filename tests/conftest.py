@@ -1,7 +1,6 @@
 """Shared fixtures: a private Mosquitto per test module, started from the project's config."""
 
 import os
-import socket
 import uuid
 from collections.abc import Iterator
 
@@ -17,11 +16,6 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateBroker]:
         yield b
     finally:
         b.close()
-
-
-def port_is_open(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 # The PostgreSQL server the tests use; scripts/setup-test-services.sh (run by ./dev.sh test)

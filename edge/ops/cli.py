@@ -254,7 +254,7 @@ def _devices(a: argparse.Namespace) -> int:
     from edge.ops import fleet
     from edge.ops.mqttc import broker_opts, snapshot
 
-    msgs = snapshot(broker_opts(a), f"{topics.PREFIX}/{a.site}/+/state")
+    msgs = snapshot(broker_opts(a), topics.state(a.site, "+"))
     now = int(time.time() * 1000)
     rows = fleet.fleet(msgs, now)
     if a.json:
