@@ -58,9 +58,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def payloads(n: int, devices: int = 100, seq0: int = 0) -> list[tuple[str, bytes]]:
     now = int(time.time() * 1000)
     out = []
+    # about three taps per technician and work day, as at a site gate (in, out, one more);
+    # a fixed pool would pile hundreds of taps onto one person-day as n grows, and every
+    # batch recomputes the days it touches
+    pool = max(2000, n // 3)
     for i in range(n):
         dev, seq = f"gate-{i % devices:03d}", seq0 + i // devices + 1
-        who = 10000000000000 + (i * 7919) % 2000
+        who = 10000000000000 + (i * 7919) % pool
         t = Touch(dev, SITE, Role.GATE, seq, now - (n - i) * 10, TimeQuality.SYNCED,
                   (who).to_bytes(8, "big"), CardTech.FELICA, f"{who:014d}", Decision.ALLOW,
                   Reason.OK, 3, 1, {"dir": "in" if seq % 2 else "out"})
