@@ -5,7 +5,9 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from cloud_sink.model import DAY_MS, Policy
 from cloud_sink.store import Store, open_store
@@ -207,19 +209,28 @@ def _csv_in(path: str) -> str:
     return Path(path).read_text(encoding="utf-8-sig")  # Excel writes a BOM
 
 
-def _courses_import(args: argparse.Namespace) -> int:
-    from cloud_sink.courses import CsvError, parse_courses
+def _import_csv(args: argparse.Namespace, command: str, parse: Any,
+                load: Callable[[Any, Any], int], done: str) -> int:
+    """Read an operator's CSV, load it into the store, say how many rows were taken."""
+    from cloud_sink.courses import CsvError
 
     try:
-        courses = parse_courses(_csv_in(args.file))
+        items = parse(_csv_in(args.file))
     except (OSError, CsvError) as exc:
-        print(f"ccus sink courses import: {exc}", file=sys.stderr)
+        print(f"ccus sink {command}: {exc}", file=sys.stderr)
         return 2
     store = store_of(args)
-    n = store.import_courses(courses)
+    n = load(store, items)
     store.close()
-    print(f"{n} courses imported")
+    print(f"{n} {done}")
     return 0
+
+
+def _courses_import(args: argparse.Namespace) -> int:
+    from cloud_sink.courses import parse_courses
+
+    return _import_csv(args, "courses import", parse_courses,
+                       lambda store, items: store.import_courses(items), "courses imported")
 
 
 def _courses_list(args: argparse.Namespace) -> int:
@@ -231,18 +242,10 @@ def _courses_list(args: argparse.Namespace) -> int:
 
 
 def _devices_import(args: argparse.Namespace) -> int:
-    from cloud_sink.courses import CsvError, parse_devices
+    from cloud_sink.courses import parse_devices
 
-    try:
-        devices = parse_devices(_csv_in(args.file))
-    except (OSError, CsvError) as exc:
-        print(f"ccus sink devices import: {exc}", file=sys.stderr)
-        return 2
-    store = store_of(args)
-    n = store.register_devices(devices)
-    store.close()
-    print(f"{n} devices registered")
-    return 0
+    return _import_csv(args, "devices import", parse_devices,
+                       lambda store, items: store.register_devices(items), "devices registered")
 
 
 def _devices_list(args: argparse.Namespace) -> int:
