@@ -54,18 +54,12 @@ class IdList(Protocol):
     def __len__(self) -> int: ...
 
 
-class MemoryIdList:
-    """A dict-backed list: fine for tests, the demo and small sites."""
+class ListIdentity:
+    """The name, version and issue time every list implementation reports (set by __init__)."""
 
-    def __init__(self, entries: Iterable[Entry], *, name: str = "default", version: int = 0,
-                 issued_ms: int = 0) -> None:
-        self._name, self._version, self._issued_ms = name, version, issued_ms
-        self._by_tid: dict[str, Entry] = {}
-        self._by_card: dict[bytes, Entry] = {}
-        for e in entries:
-            self._by_tid[e.tid] = e
-            for c in e.cards:
-                self._by_card[bytes(c)] = e
+    _name: str
+    _version: int
+    _issued_ms: int
 
     @property
     def name(self) -> str:
@@ -79,6 +73,19 @@ class MemoryIdList:
     def issued_ms(self) -> int:
         return self._issued_ms
 
+
+class MemoryIdList(ListIdentity):
+    """A dict-backed list: fine for tests, the demo and small sites."""
+
+    def __init__(self, entries: Iterable[Entry], *, name: str = "default", version: int = 0,
+                 issued_ms: int = 0) -> None:
+        self._name, self._version, self._issued_ms = name, version, issued_ms
+        self._by_tid: dict[str, Entry] = {}
+        self._by_card: dict[bytes, Entry] = {}
+        for e in entries:
+            self._by_tid[e.tid] = e
+            for c in e.cards:
+                self._by_card[bytes(c)] = e
     def by_tid(self, tid: str) -> Entry | None:
         return self._by_tid.get(tid)
 

@@ -30,7 +30,7 @@ from collections.abc import Iterable, Iterator
 from itertools import accumulate
 from pathlib import Path
 
-from edge.idlist.base import Entry, Status
+from edge.idlist.base import Entry, ListIdentity, Status
 
 MAGIC = b"CCUSIDL\x00"
 FORMAT_VERSION = 1
@@ -202,7 +202,7 @@ class _CardClass:
         self.top: list[int] = []
 
 
-class MmapIdList:
+class MmapIdList(ListIdentity):
     """A v1 list served straight from a buffer (an mmap of the file, or bytes in tests).
 
     Loading parses the 256-byte header only (plus, with verify=True, one SHA-256 over the
@@ -280,19 +280,7 @@ class MmapIdList:
             cls.top = view(25 + i, "I" if _head_width(cls.length) == 4 else "Q").tolist()
         self._n = n_rec
 
-    # -- IdList protocol ---------------------------------------------------------------
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def version(self) -> int:
-        return self._version
-
-    @property
-    def issued_ms(self) -> int:
-        return self._issued_ms
-
+    # -- IdList protocol (name, version, issued_ms: ListIdentity) ------------------------
     def __len__(self) -> int:
         return self._n
 
