@@ -1,24 +1,37 @@
 """The derivation, as set-based SQL both backends run (SQLite >= 3.24 and PostgreSQL >= 9.5).
 
-Every derived row is a recomputation from the stored touches of its key, never an increment,
-so running it again, in any order, after any replay, gives the same rows. Incremental ingest
-scopes each statement to the keys present in the batch's `stage` table; a full rederive
-runs the same statements unscoped. Flagged touches (clock out of range) never count.
+On ingest the batch's `stage` table holds only the touches this transaction newly stored
+(repeats are removed before anything counts), so:
+- work history is folded in: MIN entry, MAX exit and taps added to the day's row. Each touch is
+  new exactly once, so replaying, reordering or re-batching gives the same rows, and a batch
+  writes only today's rows instead of re-reading every touch of each day it names;
+- the training and vending tables (COUNT DISTINCT persons cannot be folded) are recomputed from
+  the stored touches for the keys the new touches name.
+A full rederive empties the derived tables and recomputes every row from all stored touches
+(`FULL`); the property tests hold both paths to the same rows. Flagged touches (clock out of
+range) never count.
 """
 
 # --- work history: gate, allowed, known technician -------------------------------------------
 _WH_WHERE = "role='gate' AND decision='allow' AND flag IS NULL AND tid IS NOT NULL"
-_WH_SCOPE = (f" AND (tid, site, work_day) IN (SELECT tid, site, work_day FROM stage"
-             f" WHERE {_WH_WHERE})")
 _WH = f"""
 INSERT INTO work_history (tid, site, work_day, first_in_ms, last_out_ms, taps)
 SELECT tid, site, work_day, MIN(CASE WHEN dir='in' THEN ts_ms END),
        MAX(CASE WHEN dir='out' THEN ts_ms END), COUNT(*)
-FROM touches WHERE {_WH_WHERE}{{scope}}
-GROUP BY tid, site, work_day
-ON CONFLICT (tid, site, work_day) DO UPDATE SET first_in_ms=excluded.first_in_ms,
-    last_out_ms=excluded.last_out_ms, taps=excluded.taps
+FROM {{source}} WHERE {_WH_WHERE}
+GROUP BY site, work_day, tid
+ON CONFLICT (site, work_day, tid) DO UPDATE SET {{merge}}
 """
+# full recomputation: the row is replaced
+_WH_REPLACE = "first_in_ms=excluded.first_in_ms, last_out_ms=excluded.last_out_ms, taps=excluded.taps"
+# folding new touches in; a NULL on either side (no entry, no exit yet) keeps the other side
+_WH_FOLD = """first_in_ms=CASE WHEN work_history.first_in_ms IS NULL
+        OR excluded.first_in_ms < work_history.first_in_ms
+        THEN excluded.first_in_ms ELSE work_history.first_in_ms END,
+    last_out_ms=CASE WHEN work_history.last_out_ms IS NULL
+        OR excluded.last_out_ms > work_history.last_out_ms
+        THEN excluded.last_out_ms ELSE work_history.last_out_ms END,
+    taps=work_history.taps + excluded.taps"""
 
 # --- training: per center and month; per course ------------------------------------------------
 _TR_WHERE = "role='training' AND decision='allow' AND flag IS NULL"
@@ -56,11 +69,13 @@ ON CONFLICT (device, site, contractor, month) DO UPDATE SET dispensed=excluded.d
     failed=excluded.failed, indeterminate=excluded.indeterminate
 """
 
-_ALL = ((_WH, _WH_SCOPE), (_TM, _TM_SCOPE), (_TC, _TC_SCOPE), (_VL, _VL_SCOPE))
+_RECOMPUTED = ((_TM, _TM_SCOPE), (_TC, _TC_SCOPE), (_VL, _VL_SCOPE))
 
 DERIVED_TABLES = ("work_history", "training_monthly", "training_course", "vending_ledger")
 
-# Scoped to the batch in `stage`: run after the batch's touches are inserted.
-INCREMENTAL = tuple(sql.format(scope=scope) for sql, scope in _ALL)
+# `stage` holds only the batch's newly stored touches: run after they are inserted.
+INCREMENTAL = (_WH.format(source="stage", merge=_WH_FOLD),
+               *(sql.format(scope=scope) for sql, scope in _RECOMPUTED))
 # Over every stored touch: run after emptying DERIVED_TABLES.
-FULL = tuple(sql.format(scope="") for sql, _ in _ALL)
+FULL = (_WH.format(source="touches", merge=_WH_REPLACE),
+        *(sql.format(scope="") for sql, _ in _RECOMPUTED))

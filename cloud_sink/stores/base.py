@@ -30,6 +30,21 @@ _COLS = ", ".join(COLUMNS)
 _FLAG = COLUMNS.index("flag")
 INSERT_FROM_STAGE = (f"INSERT INTO touches ({_COLS}) SELECT {_COLS} FROM stage WHERE true"
                      " ON CONFLICT (device, seq) DO NOTHING")
+# leaves in `stage` only touches not stored yet (the writer holds the database's write lock)
+DROP_STORED_FROM_STAGE = ("DELETE FROM stage WHERE EXISTS (SELECT 1 FROM touches t"
+                          " WHERE t.device = stage.device AND t.seq = stage.seq)")
+
+
+def first_of_each(rows: list[Row]) -> list[Row]:
+    """The batch with one row per (device, seq), the first one; a repeat inside a batch must
+    not count twice in the folded work history."""
+    keys = {(r[0], r[1]) for r in rows}
+    if len(keys) == len(rows):
+        return rows
+    first: dict[tuple[object, object], Row] = {}
+    for r in rows:
+        first.setdefault((r[0], r[1]), r)
+    return list(first.values())
 
 
 def month_bounds(month: str) -> tuple[str, str]:
@@ -65,9 +80,11 @@ class SqlStore:
         """Called in the write transaction just before the derivation statements."""
 
     def _store_batch(self, rows: list[Row]) -> int:
-        """In the open write transaction: stage the rows, insert the new ones, derive. -> stored."""
+        """In the open write transaction: stage the rows (one per key), keep only the ones not
+        stored yet, insert them, derive from them. -> stored."""
         self._x("DELETE FROM stage")
         self._load_stage(rows)
+        self._x(DROP_STORED_FROM_STAGE)
         stored = int(self._x(INSERT_FROM_STAGE).rowcount)
         self._before_derive()
         for sql in INCREMENTAL:
@@ -108,7 +125,7 @@ class SqlStore:
     def _ingest_rows(self, rows: list[Row], letters: list[DeadLetter], now: int) -> IngestResult:
         res = IngestResult()
         if rows:
-            res.stored = self._store_batch(rows)
+            res.stored = self._store_batch(first_of_each(rows))
             res.repeated = len(rows) - res.stored
             res.flagged = sum(r[_FLAG] is not None for r in rows)
         if letters:

@@ -82,7 +82,25 @@ CREATE INDEX touches_work_history ON touches (tid, site, work_day, role, decisio
 DROP INDEX touches_by_person
 """
 
-SQLITE = [_SQLITE_1, _SQLITE_2, _SQLITE_3]
+# 4: work history is folded in from each batch's new touches (derive.sql), so nothing reads
+# touches by technician any more: the covering index goes (one random-key B-tree less per
+# write). work_history is keyed by site and day first, so a day's upserts land on a few
+# adjacent pages instead of one page per technician; that key also serves the site-month
+# reports, so work_history_by_site goes with the old table.
+_SQLITE_4 = """
+DROP INDEX touches_work_history;
+CREATE TABLE work_history_4 (
+    tid TEXT NOT NULL, site TEXT NOT NULL, work_day TEXT NOT NULL,
+    first_in_ms INTEGER, last_out_ms INTEGER, taps INTEGER NOT NULL,
+    PRIMARY KEY (site, work_day, tid)
+) WITHOUT ROWID;
+INSERT INTO work_history_4 SELECT tid, site, work_day, first_in_ms, last_out_ms, taps
+    FROM work_history;
+DROP TABLE work_history;
+ALTER TABLE work_history_4 RENAME TO work_history
+"""
+
+SQLITE = [_SQLITE_1, _SQLITE_2, _SQLITE_3, _SQLITE_4]
 
 _POSTGRES_1 = """
 CREATE TABLE touches (
@@ -143,7 +161,15 @@ CREATE INDEX touches_work_history ON touches (tid, site, work_day, role, decisio
 DROP INDEX touches_by_person
 """
 
-POSTGRES = [_POSTGRES_1, _POSTGRES_2]
+# 3: as SQLite 4: no covering index, work history keyed by site and day first
+_POSTGRES_3 = """
+DROP INDEX touches_work_history;
+ALTER TABLE work_history DROP CONSTRAINT work_history_pkey;
+ALTER TABLE work_history ADD PRIMARY KEY (site, work_day, tid);
+DROP INDEX work_history_by_site
+"""
+
+POSTGRES = [_POSTGRES_1, _POSTGRES_2, _POSTGRES_3]
 
 
 def statements(script: str) -> list[str]:

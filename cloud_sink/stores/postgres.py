@@ -41,8 +41,12 @@ class PostgresStore(SqlStore):
             CREATE FUNCTION pg_temp.ccus_ingest_stage() RETURNS bigint LANGUAGE plpgsql AS $fn$
             DECLARE _stored bigint;
             BEGIN
-                {INSERT_FROM_STAGE};
-                GET DIAGNOSTICS _stored = ROW_COUNT;
+                -- another sink may store the same touch concurrently: what this transaction
+                -- inserted (RETURNING) is what it folds in, so each touch counts once
+                WITH ins AS ({INSERT_FROM_STAGE} RETURNING device, seq)
+                DELETE FROM stage s WHERE NOT EXISTS
+                    (SELECT 1 FROM ins WHERE ins.device = s.device AND ins.seq = s.seq);
+                SELECT count(*) INTO _stored FROM stage;
                 PERFORM pg_advisory_xact_lock({_DERIVE_LOCK});
                 {body};
                 RETURN _stored;
