@@ -42,6 +42,7 @@ from paho.mqtt.properties import Properties  # noqa: E402
 from paho.mqtt.subscribeoptions import SubscribeOptions  # noqa: E402
 
 from broker.launcher import PrivateBroker  # noqa: E402
+from cloud_sink.model import BATCH_MAX as SINK_BATCH  # noqa: E402
 from cloud_sink.model import IngestResult  # noqa: E402
 from cloud_sink.store import open_store  # noqa: E402
 from edge import topics  # noqa: E402
@@ -59,8 +60,7 @@ def payloads(n: int, devices: int = 100, seq0: int = 0) -> list[tuple[str, bytes
     now = int(time.time() * 1000)
     out = []
     # about three taps per technician and work day, as at a site gate (in, out, one more);
-    # a fixed pool would pile hundreds of taps onto one person-day as n grows, and every
-    # batch recomputes the days it touches
+    # a fixed pool would pile hundreds of taps onto one person-day as n grows
     pool = max(2000, n // 3)
     for i in range(n):
         dev, seq = f"gate-{i % devices:03d}", seq0 + i // devices + 1
@@ -126,14 +126,14 @@ class Bare:
 
 
 class SinkConsumer:
-    def __init__(self, port: int, group: str, n: int, url: str) -> None:
+    def __init__(self, port: int, group: str, n: int, url: str, batch: int = SINK_BATCH) -> None:
         from cloud_sink.subscriber import Sink
 
         self.n, self.res = n, IngestResult()
         self.done = threading.Event()
         self.store = open_store(url)
         self.sink = Sink(self.store, "127.0.0.1", port, group=group, client_id=f"sink-{group}",
-                         on_batch=self._on_batch)
+                         on_batch=self._on_batch, batch_max=batch)
         self.subscribed = self.sink.subscribed
 
     def _on_batch(self, r: IngestResult) -> None:
@@ -195,7 +195,7 @@ def drop_database(handle: object) -> None:
     admin.close()
 
 
-def bench_ingest(n: int, rounds: int, tmp: Path) -> dict[str, object]:
+def bench_ingest(n: int, rounds: int, tmp: Path, batch: int) -> dict[str, object]:
     """Each sink round writes a fresh store, devices' seqs from 1 (the steady state: no gaps)."""
     results: dict[str, list[dict[str, float]]] = {"bare": [], "sqlite": [], "postgres": []}
     handles = []
@@ -215,14 +215,14 @@ def bench_ingest(n: int, rounds: int, tmp: Path) -> dict[str, object]:
                             handles.append(handle)
 
                         def make(g: str, url: str = url) -> SinkConsumer:  # type: ignore[misc]
-                            return SinkConsumer(broker.port, g, n, url)
+                            return SinkConsumer(broker.port, g, n, url, batch)
                     results[name].append(drain_rate(broker, make, n, group, 0))
     finally:
         for handle in handles:
             drop_database(handle)
     best = {k: max(v, key=lambda x: x["per_s"]) for k, v in results.items()}
     bare = best["bare"]["per_s"]
-    return {"touches_per_round": n, "rounds": rounds,
+    return {"touches_per_round": n, "rounds": rounds, "batch_max": batch,
             "best_per_s": {k: v["per_s"] for k, v in best.items()},
             "ratio_to_bare": {k: round(v["per_s"] / bare, 3) for k, v in best.items()},
             "target_ratio": 0.8, "all_rounds": results}
@@ -374,10 +374,12 @@ def build_big_store(path: Path, target: int) -> dict[str, object]:
 
 def bench_report(target: int, samples: int = 30) -> dict[str, object]:
     from cloud_sink.reports import output, shape
+    from cloud_sink.stores import migrations
 
     cache = Path(tempfile.gettempdir()) / "ccus-bench"
     cache.mkdir(exist_ok=True)
-    path = cache / f"store-{target}-v2.sqlite"
+    # named by schema version: a store built for an older schema is rebuilt, not migrated
+    path = cache / f"store-{target}-s{len(migrations.SQLITE)}.sqlite"
     built = None
     if not path.exists():
         partial = path.with_suffix(".building")
@@ -415,6 +417,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--touches", type=int, default=30_000)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=SINK_BATCH,
+                    help="the sink's touches per transaction (default: `ccus sink run`'s)")
     ap.add_argument("--shared-touches", type=int, default=20_000)
     ap.add_argument("--big", type=int, default=10_000_000, help="touches in the report store")
     ap.add_argument("--only", default="ingest,shared,report")
@@ -423,7 +427,7 @@ def main() -> int:
     out: dict[str, object] = {"python": sys.version.split()[0], "cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory(prefix="ccus-bench-") as tmp:
         if "ingest" in only:
-            out["ingest"] = bench_ingest(args.touches, args.rounds, Path(tmp))
+            out["ingest"] = bench_ingest(args.touches, args.rounds, Path(tmp), args.batch)
         if "shared" in only:
             out["shared"] = [bench_shared(args.shared_touches, Path(tmp), b)
                              for b in ("sqlite", "postgres")]

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cloud_sink.model import DAY_MS, Policy
+from cloud_sink.model import BATCH_MAX, DAY_MS, Policy
 from cloud_sink.store import Store, open_store
 from cloud_sink.workday import local_time
 
@@ -48,7 +48,8 @@ def register(sub: Sub) -> None:  # type: ignore[valid-type]
     run.add_argument("--broker", default="127.0.0.1:1883", metavar="HOST:PORT")
     run.add_argument("--group", default="sink", help="shared-subscription group (default: sink)")
     run.add_argument("--client-id", default="sink-1", help="MQTT client id, unique per process")
-    run.add_argument("--batch", type=int, default=1000, help="touches per transaction (max)")
+    run.add_argument("--batch", type=int, default=BATCH_MAX,
+                     help=f"touches per transaction at most (default {BATCH_MAX})")
     run.add_argument("--ready-file", help="touch this file once subscribed (for scripts)")
     run.add_argument("--ca", help="CA certificate (PEM): connect with TLS")
     run.add_argument("--cert", help="the sink's client certificate (PEM), from `ccus ops identity`")
@@ -64,7 +65,8 @@ def register(sub: Sub) -> None:  # type: ignore[valid-type]
     add_store_args(imp, policy=True)
     imp.add_argument("file")
     imp.add_argument("--format", choices=["jsonl", "cbor"], help="default: by extension or content")
-    imp.add_argument("--batch", type=int, default=1000)
+    imp.add_argument("--batch", type=int, default=BATCH_MAX,
+                     help=f"touches per transaction (default {BATCH_MAX})")
     imp.add_argument("--no-progress", action="store_true")
     imp.set_defaults(func=_import)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import cbor2
 
-from cloud_sink.model import DeadLetter, IngestResult
+from cloud_sink.model import BATCH_MAX, DeadLetter, IngestResult
 from cloud_sink.store import Store
 from edge.touch import Touch, TouchError, _to_map, decode
 
@@ -96,7 +96,7 @@ def sniff(path: Path, data: bytes) -> str:
     return "jsonl" if data.lstrip()[:1] == b"{" else "cbor"
 
 
-def import_file(store: Store, path: str | Path, *, fmt: str | None = None, batch: int = 1000,
+def import_file(store: Store, path: str | Path, *, fmt: str | None = None, batch: int = BATCH_MAX,
                 progress: bool = True, now_ms: int | None = None,
                 on_dead: Callable[[DeadLetter], None] | None = None) -> IngestResult:
     """Replay a file into the store in batches (each one transaction). Returns the totals."""

@@ -50,8 +50,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from cloud_sink.derive.rows import Row, day_of, time_flag
-from cloud_sink.model import IngestResult, Policy
+from cloud_sink.derive.rows import Row, day_of, time_flag, touch_row
+from cloud_sink.model import BATCH_MAX, DeadLetter, IngestResult, Policy
+from cloud_sink.validate import validate
 from edge import topics
 from edge.clock import TimeQuality
 from edge.e2e import encode_ack
@@ -61,6 +62,7 @@ from edge.touch import (
     MAX_FACTS,
     MAX_PAYLOAD,
     MAX_SEQ,
+    MAX_TS_MS,
     TECHNICIAN_ID,
     CardTech,
     Decision,
@@ -91,7 +93,7 @@ class _Batch:
 
 class Sink:
     def __init__(self, store: Any, host: str, port: int, *, group: str = "sink",
-                 client_id: str = "sink-1", batch_max: int = 1000,
+                 client_id: str = "sink-1", batch_max: int = BATCH_MAX,
                  on_batch: Callable[[IngestResult], None] | None = None,
                  tls: "TlsFiles | None" = None) -> None:
         self.store, self.host, self.port, self.group = store, host, port, group
@@ -408,7 +410,7 @@ def fast_row(topic: str, payload: bytes, received_ms: int, policy: Policy) -> Ro
             or type(dev) is not str or type(site) is not str
             or type(role) is not str or role not in _ROLES
             or type(seq) is not int or not 1 <= seq <= MAX_SEQ
-            or type(ts) is not int or not 0 <= ts <= MAX_SEQ
+            or type(ts) is not int or not 0 <= ts <= MAX_TS_MS
             or type(tq) is not str or tq not in _TQS
             or type(card) is not bytes or len(card) > 32
             or type(ct) is not str or ct not in _CTS
@@ -463,15 +465,38 @@ def _writer_entry() -> None:
     _writer_main(sock, url, policy, level)
 
 
+def map_items(items: list[tuple[str, bytes]], now: int, policy: Policy,
+              slow: bool) -> tuple[list[Row], list[DeadLetter]]:
+    """(topic, payload)s -> store rows (Touches when `slow`: store.ingest maps them) and dead
+    letters. A message that fails in an unforeseen way is dead-lettered as `internal_error`
+    with its bytes: one bad touch must never hold back the batch behind it."""
+    rows: list[Row] = []
+    dead: list[DeadLetter] = []
+    for topic, payload in items:
+        try:
+            row = None if slow else fast_row(topic, payload, now, policy)
+            if row is not None:
+                rows.append(row)
+                continue
+            item = validate(topic, payload)
+            if isinstance(item, DeadLetter):
+                log.warning("sink: dead letter on %s: %s (%s)", item.topic, item.reason,
+                            item.detail)
+                dead.append(item)
+            else:
+                rows.append(item if slow else touch_row(item, now, policy))  # type: ignore[arg-type]
+        except Exception as exc:  # noqa: BLE001 - a bug in mapping one message
+            log.exception("sink: could not map a message on %s; dead-lettered", topic)
+            dead.append(DeadLetter(topic, payload, "internal_error", f"{type(exc).__name__}: {exc}"))
+    return rows, dead
+
+
 def _writer_main(sock: socket.socket, url: str, policy: Policy, level: int) -> None:
     """Decode, validate and store batches; answer each after its commit. Ends on EOF."""
     logging.basicConfig(level=level or logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from cloud_sink.acks import AckLedger
-    from cloud_sink.derive.rows import touch_row
-    from cloud_sink.model import DeadLetter
     from cloud_sink.store import open_store
-    from cloud_sink.validate import validate
 
     parent = os.getppid()
     sock.setblocking(True)
@@ -486,22 +511,7 @@ def _writer_main(sock: socket.socket, url: str, policy: Policy, level: int) -> N
             except (EOFError, OSError):
                 return
             now = int(time.time() * 1000)
-            rows: list[Row] = []
-            dead: list[DeadLetter] = []
-            for topic, payload in items:
-                row = None if slow else fast_row(topic, payload, now, policy)
-                if row is not None:
-                    rows.append(row)
-                    continue
-                item = validate(topic, payload)
-                if isinstance(item, DeadLetter):
-                    log.warning("sink: dead letter on %s: %s (%s)", item.topic, item.reason,
-                                item.detail)
-                    dead.append(item)
-                elif slow:
-                    rows.append(item)  # type: ignore[arg-type]  # Touches: store.ingest maps them
-                else:
-                    rows.append(touch_row(item, now, policy))
+            rows, dead = map_items(items, now, policy, slow)
             while True:
                 try:
                     if slow:  # --registered-only dead-letters Touches of unknown devices

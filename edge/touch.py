@@ -19,6 +19,8 @@ from edge.reasons import Reason
 SCHEMA_VERSION = 1
 MAX_PAYLOAD = 4096          # a v1 touch is ~150 bytes; anything this large is not a touch
 MAX_SEQ = 2**63 - 1
+# 9999-12-31 23:59:59.999 Asia/Tokyo: beyond it a clock has no calendar date, so no work day
+MAX_TS_MS = 253_402_268_399_999
 MAX_FACTS = 16
 
 DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
@@ -192,7 +194,7 @@ def _validate(m: Any) -> Touch:
         site=_str_match(m, "site", SITE_ID),
         role=role,
         seq=_int_in(m, "seq", 1, MAX_SEQ),
-        ts_ms=_int_in(m, "ts", 0, MAX_SEQ),
+        ts_ms=_int_in(m, "ts", 0, MAX_TS_MS),
         tq=_enum(m, "tq", TimeQuality),
         card=bytes(card),
         card_tech=_enum(m, "ct", CardTech),

@@ -3,6 +3,7 @@
 full path accepts too, with the very same store row."""
 
 import cbor2
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sink_support import NOW, SITE, touch
@@ -12,7 +13,7 @@ from cloud_sink.model import DeadLetter, Policy
 from cloud_sink.subscriber import fast_row
 from cloud_sink.validate import validate
 from edge import topics
-from edge.touch import _to_map
+from edge.touch import MAX_TS_MS, _to_map, encode
 
 POLICY = Policy()
 KEYS = ["v", "dev", "site", "role", "seq", "ts", "tq", "card", "ct", "tid", "dec", "rsn", "lv",
@@ -97,7 +98,8 @@ BOUNDARY_EDITS: list[tuple[str, object]] = [
     ("tid", "1" * 14), ("tid", "1" * 13), ("tid", "1" * 15), ("tid", "１" * 14), ("tid", None),
     ("tid", 10000000000001), ("tid", ""),
     ("seq", 0), ("seq", 1), ("seq", 2**63 - 1), ("seq", 2**63), ("seq", True), ("seq", 1.0),
-    ("ts", -1), ("ts", 0), ("ts", 2**63), ("lv", -1), ("lv", True), ("cv", 2**63),
+    ("ts", -1), ("ts", 0), ("ts", MAX_TS_MS), ("ts", MAX_TS_MS + 1), ("ts", 2**63),
+    ("lv", -1), ("lv", True), ("cv", 2**63),
     ("v", True), ("v", 1.0), ("v", 2), ("role", "GATE"), ("role", "gate"), ("role", "training"),
     ("tq", "Synced"), ("ct", "felica "), ("dec", "ALLOW"), ("rsn", "nope"),
     ("dev", "gate-02"), ("site", "13100000000009"), ("dev", b"gate-01"),
@@ -128,3 +130,25 @@ def test_boundaries_the_fast_path_declines_or_agrees() -> None:
             else:
                 assert isinstance(full, DeadLetter), (key, val, "declined a valid touch")
     assert accepted > 50
+
+
+def test_a_message_that_fails_unforeseen_is_dead_lettered_and_the_rest_are_mapped(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer's guard: a bug met by one message (here: touch_row raising for seq 8) makes
+    that message an `internal_error` dead letter with its bytes; the batch goes on."""
+    import cloud_sink.subscriber as sub
+
+    real = sub.touch_row
+
+    def fails_on_8(t, *a):  # type: ignore[no-untyped-def]
+        if t.seq == 8:
+            raise OverflowError("date value out of range")
+        return real(t, *a)
+
+    monkeypatch.setattr(sub, "touch_row", fails_on_8)
+    items = [(topics.touch(SITE, "gate-01"), encode(touch(seq))) for seq in (7, 8, 9)]
+    monkeypatch.setattr(sub, "fast_row", lambda *a: None)  # take the full path for every item
+    rows, dead = sub.map_items(items, NOW, POLICY, slow=False)
+    assert [r[1] for r in rows] == [7, 9]
+    assert [(d.reason, d.payload) for d in dead] == [("internal_error", items[1][1])]
+    assert "OverflowError" in dead[0].detail

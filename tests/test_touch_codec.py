@@ -9,6 +9,7 @@ from edge.clock import TimeQuality
 from edge.reasons import Reason
 from edge.touch import (
     MAX_PAYLOAD,
+    MAX_TS_MS,
     CardTech,
     Decision,
     Role,
@@ -34,7 +35,7 @@ def touches(draw: st.DrawFn) -> Touch:
         site=draw(digits14),
         role=role,
         seq=draw(st.integers(1, 2**63 - 1)),
-        ts_ms=draw(st.integers(0, 2**63 - 1)),
+        ts_ms=draw(st.integers(0, MAX_TS_MS)),
         tq=draw(st.sampled_from(TimeQuality)),
         card=draw(st.binary(max_size=32)),
         card_tech=draw(st.sampled_from(CardTech)),
@@ -100,6 +101,7 @@ def _sample() -> Touch:
     (lambda m: m.update(seq=0), "bad_field"),
     (lambda m: m.update(seq=True), "bad_field"),        # a bool is not a number
     (lambda m: m.update(ts="yesterday"), "bad_field"),
+    (lambda m: m.update(ts=MAX_TS_MS + 1), "bad_field"),  # no calendar date: no work day
     (lambda m: m.update(tid="1234"), "bad_field"),
     (lambda m: m.update(site="ABCDEFGHIJKLMN"), "bad_field"),
     (lambda m: m.update(rsn="because"), "bad_field"),
