@@ -35,3 +35,18 @@ def test_big_store_generator_at_small_scale(tmp_path: Path) -> None:
     s.rederive()  # the generator's work history is what the sink would derive
     assert s.table("work_history") == generated
     s.close()
+
+
+def test_store_batch_profile_runs_and_accounts_for_every_phase() -> None:
+    import json
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "profile_store_batch.py"
+    out = subprocess.run([sys.executable, str(script), "--touches", "3000", "--batch", "500",
+                          "--last", "2"], capture_output=True, text=True, check=True, timeout=120)
+    prof = json.loads(out.stdout)
+    assert prof["touches_before"] == 2000 and prof["batch"] == 500
+    assert set(prof["ms_per_batch"]) == {"begin", "stage", "drop_stored", "insert",
+                                         "fold_work_history", "training_monthly",
+                                         "training_course", "vending_ledger", "commit"}
+    assert prof["wal_frames_next_batch"] > 0
