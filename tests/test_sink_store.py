@@ -11,6 +11,7 @@ from cloud_sink.model import DAY_MS, Course, DeadLetter, Device, Policy
 from cloud_sink.store import Store, open_store
 from cloud_sink.stores import migrations
 from cloud_sink.workday import jst_ms
+from edge.touch import Touch
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -199,3 +200,38 @@ def test_a_version_1_sqlite_store_is_migrated_and_rederived(tmp_path: Path) -> N
     assert [(r.tid, r.exit_missing) for r in s.work_history()] == [(tid(1), True)]
     assert [(r.contractor, r.dispensed) for r in s.vending_ledger()] == [("20000000000001", 1)]
     s.close()
+
+
+def test_two_postgres_writers_storing_the_same_touches_at_once_count_each_once(
+        tmp_path: Path, pg_url: str) -> None:
+    """Two sinks given overlapping batches (a redelivery after a reconnect): each touch is
+    stored and folded into the work history once, whoever wins its insert."""
+    import threading
+
+    days = [jst_ms(2026, 11, d, 7) for d in (24, 25, 26)]
+    touches = [touch(seq, who=seq % 9 + 1, ts=days[seq % 3] + seq * 60_000,
+                     dir="in" if seq % 2 else "out") for seq in range(1, 601)]
+    errors: list[BaseException] = []
+    with fresh_store("postgres", tmp_path, pg_url) as a, open_store(pg_url) as b:
+        start = threading.Barrier(2)
+
+        def write(store: Store, order: list[Touch], size: int) -> None:
+            try:
+                start.wait()
+                for i in range(0, len(order), size):
+                    store.ingest(order[i:i + size], now_ms=NOW)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=write, args=(a, touches, 50)),
+                   threading.Thread(target=write, args=(b, touches[::-1], 37))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors
+        assert a.counts()["touches"] == 600
+        folded = a.table("work_history")
+        assert sum(r[5] for r in folded) == 600
+        a.rederive()
+        assert a.table("work_history") == folded

@@ -28,8 +28,12 @@ from edge.touch import Touch, encode
 
 _COLS = ", ".join(COLUMNS)
 _FLAG = COLUMNS.index("flag")
-INSERT_FROM_STAGE = (f"INSERT INTO touches ({_COLS}) SELECT {_COLS} FROM stage WHERE true"
-                     " ON CONFLICT (device, seq) DO NOTHING")
+_INSERT = (f"INSERT INTO touches ({_COLS}) SELECT {_COLS} FROM stage WHERE true{{order}}"
+           " ON CONFLICT (device, seq) DO NOTHING")
+INSERT_FROM_STAGE = _INSERT.format(order="")
+# PostgreSQL: in key order, so two writers storing overlapping batches take the key locks in
+# one order and neither can wait on the other in a cycle (a deadlock: one batch retried)
+INSERT_FROM_STAGE_IN_KEY_ORDER = _INSERT.format(order=" ORDER BY device, seq")
 # leaves in `stage` only touches not stored yet (the writer holds the database's write lock)
 DROP_STORED_FROM_STAGE = ("DELETE FROM stage WHERE EXISTS (SELECT 1 FROM touches t"
                           " WHERE t.device = stage.device AND t.seq = stage.seq)")

@@ -14,7 +14,7 @@ from cloud_sink.derive.rows import COLUMNS, Row
 from cloud_sink.derive.sql import INCREMENTAL
 from cloud_sink.model import Policy
 from cloud_sink.stores import migrations
-from cloud_sink.stores.base import INSERT_FROM_STAGE, SqlStore
+from cloud_sink.stores.base import INSERT_FROM_STAGE_IN_KEY_ORDER, SqlStore
 
 _MIGRATE_LOCK = 0x63637573_0001   # 'ccus' 1: one process migrates at a time
 _DERIVE_LOCK = 0x63637573_0002    # 'ccus' 2: derivations run one at a time
@@ -43,7 +43,7 @@ class PostgresStore(SqlStore):
             BEGIN
                 -- another sink may store the same touch concurrently: what this transaction
                 -- inserted (RETURNING) is what it folds in, so each touch counts once
-                WITH ins AS ({INSERT_FROM_STAGE} RETURNING device, seq)
+                WITH ins AS ({INSERT_FROM_STAGE_IN_KEY_ORDER} RETURNING device, seq)
                 DELETE FROM stage s WHERE NOT EXISTS
                     (SELECT 1 FROM ins WHERE ins.device = s.device AND ins.seq = s.seq);
                 SELECT count(*) INTO _stored FROM stage;
