@@ -59,6 +59,7 @@ from edge.e2e import encode_ack
 from edge.reasons import Reason
 from edge.touch import (
     FACT_KEY,
+    MAX_FACT_TEXT,
     MAX_FACTS,
     MAX_PAYLOAD,
     MAX_SEQ,
@@ -425,7 +426,7 @@ def fast_row(topic: str, payload: bytes, received_ms: int, policy: Policy) -> Ro
         if type(k) is not str or not FACT_KEY.match(k) or type(fv) not in _FACT_TYPES:
             return None
         if type(fv) is str:
-            if len(fv) > 64:
+            if len(fv) > MAX_FACT_TEXT or "\x00" in fv:
                 return None
         elif type(fv) is int and not _MIN_FACT_INT <= fv <= MAX_SEQ:
             return None

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge.touch import DEVICE_ID, SITE_ID, Role
+from edge.touch import DEVICE_ID, SITE_ID, Role, fact_text_ok
 
 
 class ConfigError(ValueError):
@@ -160,6 +160,9 @@ def _check(cfg: AgentConfig) -> None:
     for i, r in enumerate(cfg.readers):
         if r.name in names:
             raise ConfigError(f"readers[{i}].name: {r.name!r} is used twice")
+        if not r.name or not fact_text_ok(r.name):
+            # every touch carries it as its `reader` fact
+            raise ConfigError(f"readers[{i}].name: 1..64 characters, no NUL")
         names.add(r.name)
         if r.direction not in ("in", "out"):
             raise ConfigError(f"readers[{i}].direction: 'in' or 'out'")

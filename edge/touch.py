@@ -22,6 +22,7 @@ MAX_SEQ = 2**63 - 1
 # 9999-12-31 23:59:59.999 Asia/Tokyo: beyond it a clock has no calendar date, so no work day
 MAX_TS_MS = 253_402_268_399_999
 MAX_FACTS = 16
+MAX_FACT_TEXT = 64
 
 DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
 SITE_ID = re.compile(r"[0-9]{14}\Z")      # 現場ID: 14 ASCII digits
@@ -79,6 +80,12 @@ class Touch:
     @property
     def key(self) -> tuple[str, int]:
         return (self.device, self.seq)
+
+
+def fact_text_ok(s: str) -> bool:
+    """A fact's text: at most 64 characters and no NUL, which no fact needs and which a
+    PostgreSQL text column refuses (the sink's store would refuse the whole batch)."""
+    return len(s) <= MAX_FACT_TEXT and "\x00" not in s
 
 
 def encode(t: Touch) -> bytes:
@@ -182,8 +189,8 @@ def _validate(m: Any) -> Touch:
     for k, fv in facts.items():
         if not isinstance(k, str) or not FACT_KEY.match(k):
             raise TouchError("bad_field", f"x: bad fact key {k!r:.40}")
-        if not isinstance(fv, str | int | bool) or (isinstance(fv, str) and len(fv) > 64):
-            raise TouchError("bad_field", f"x.{k}: facts are short strings, ints or bools")
+        if not isinstance(fv, str | int | bool) or (isinstance(fv, str) and not fact_text_ok(fv)):
+            raise TouchError("bad_field", f"x.{k}: facts are strings (<= 64, no NUL), ints or bools")
         if isinstance(fv, int) and not isinstance(fv, bool) and not -(2**63) <= fv <= MAX_SEQ:
             raise TouchError("bad_field", f"x.{k}: integer out of range")
     role = _enum(m, "role", Role)

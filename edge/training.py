@@ -4,6 +4,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge.touch import fact_text_ok
+
 
 @dataclass(frozen=True, slots=True)
 class Course:
@@ -46,4 +48,7 @@ class Schedule:
             except (KeyError, AttributeError, TypeError) as exc:
                 raise ValueError(f"{path}: course[{i}]: needs id, name, start, end with a "
                                  f"UTC offset ({exc})") from exc
+        for i, c in enumerate(courses):
+            if not c.id or not fact_text_ok(c.id):  # touches carry it as their `course` fact
+                raise ValueError(f"{path}: course[{i}].id: 1..64 characters, no NUL")
         return cls(courses)

@@ -39,6 +39,10 @@ def test_reader_defaults() -> None:
     ({**MINIMAL, "readers": [{"name": "a", "path": "x", "profile": "ccus"}]}, "readers[0].profile"),
     ({**MINIMAL, "readers": [{"name": "a", "path": "x", "targets": ["999Z"]}]}, "readers[0].targets"),
     ({**MINIMAL, "profiles": {"ccus": {"encoding": "ebcdic"}}}, "profiles.ccus.encoding"),
+    # a reader's name rides on every touch as its `reader` fact: the touch codec's text rule
+    ({**MINIMAL, "readers": [{"name": "r" * 65, "path": "x"}]}, "readers[0].name: 1..64"),
+    ({**MINIMAL, "readers": [{"name": "a\x00", "path": "x"}]}, "readers[0].name: 1..64"),
+    ({**MINIMAL, "readers": [{"name": "", "path": "x"}]}, "readers[0].name: 1..64"),
 ])
 def test_errors_name_the_key(raw: dict, key: str) -> None:  # type: ignore[type-arg]
     with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
@@ -52,3 +56,15 @@ def test_load_reports_toml_errors_and_missing_files(tmp_path: Path) -> None:
         load(bad)
     with pytest.raises(ConfigError, match="cannot read config"):
         load(tmp_path / "absent.toml")
+
+
+def test_a_course_id_no_touch_could_carry_is_refused_at_load(tmp_path: Path) -> None:
+    from edge.training import Schedule
+
+    f = tmp_path / "courses.toml"
+    f.write_text('[[course]]\nid = "K\\u0000101"\nname = "x"\n'
+                 'start = 2026-12-01T09:00:00+09:00\nend = 2026-12-03T17:00:00+09:00\n')
+    with pytest.raises(ValueError, match=r"course\[0\]\.id: 1\.\.64 characters, no NUL"):
+        Schedule.load(f)
+    f.write_text(f.read_text().replace("K\\u0000101", "K-101"))
+    assert [c.id for c in Schedule.load(f).courses] == ["K-101"]

@@ -21,7 +21,8 @@ from edge.touch import (
 
 digits14 = st.text("0123456789", min_size=14, max_size=14)
 fact_keys = st.from_regex(r"[a-z][a-z0-9_]{0,31}", fullmatch=True)
-fact_values = st.one_of(st.text(max_size=64), st.integers(-(2**63), 2**63 - 1), st.booleans())
+fact_values = st.one_of(st.text(st.characters(exclude_characters="\x00"), max_size=64),
+                        st.integers(-(2**63), 2**63 - 1), st.booleans())
 
 
 @st.composite
@@ -102,6 +103,7 @@ def _sample() -> Touch:
     (lambda m: m.update(seq=True), "bad_field"),        # a bool is not a number
     (lambda m: m.update(ts="yesterday"), "bad_field"),
     (lambda m: m.update(ts=MAX_TS_MS + 1), "bad_field"),  # no calendar date: no work day
+    (lambda m: m.update(x={"dir": "in", "reader": "a\x00b"}), "bad_field"),  # PostgreSQL text
     (lambda m: m.update(tid="1234"), "bad_field"),
     (lambda m: m.update(site="ABCDEFGHIJKLMN"), "bad_field"),
     (lambda m: m.update(rsn="because"), "bad_field"),
