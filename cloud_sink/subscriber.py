@@ -51,6 +51,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from cloud_sink.derive.rows import Row, day_of, time_flag, touch_row
+from cloud_sink.isolate import write_isolating
 from cloud_sink.model import BATCH_MAX, DeadLetter, IngestResult, Policy
 from cloud_sink.validate import validate
 from edge import topics
@@ -466,30 +467,33 @@ def _writer_entry() -> None:
     _writer_main(sock, url, policy, level)
 
 
-def map_items(items: list[tuple[str, bytes]], now: int, policy: Policy,
-              slow: bool) -> tuple[list[Row], list[DeadLetter]]:
-    """(topic, payload)s -> store rows (Touches when `slow`: store.ingest maps them) and dead
-    letters. A message that fails in an unforeseen way is dead-lettered as `internal_error`
-    with its bytes: one bad touch must never hold back the batch behind it."""
+def map_items(items: list[tuple[str, bytes]], now: int, policy: Policy, slow: bool
+              ) -> tuple[list[Row], list[tuple[str, bytes]], list[DeadLetter]]:
+    """(topic, payload)s -> store rows (Touches when `slow`: store.ingest maps them), the
+    (topic, payload) of each row, and dead letters. A message that fails in an unforeseen way
+    is dead-lettered as `internal_error` with its bytes: one bad touch must never hold back
+    the batch behind it."""
     rows: list[Row] = []
+    sources: list[tuple[str, bytes]] = []
     dead: list[DeadLetter] = []
     for topic, payload in items:
         try:
             row = None if slow else fast_row(topic, payload, now, policy)
-            if row is not None:
-                rows.append(row)
-                continue
-            item = validate(topic, payload)
-            if isinstance(item, DeadLetter):
-                log.warning("sink: dead letter on %s: %s (%s)", item.topic, item.reason,
-                            item.detail)
-                dead.append(item)
-            else:
-                rows.append(item if slow else touch_row(item, now, policy))  # type: ignore[arg-type]
+            if row is None:
+                item = validate(topic, payload)
+                if isinstance(item, DeadLetter):
+                    log.warning("sink: dead letter on %s: %s (%s)", item.topic, item.reason,
+                                item.detail)
+                    dead.append(item)
+                    continue
+                row = item if slow else touch_row(item, now, policy)  # type: ignore[assignment]
         except Exception as exc:  # noqa: BLE001 - a bug in mapping one message
             log.exception("sink: could not map a message on %s; dead-lettered", topic)
             dead.append(DeadLetter(topic, payload, "internal_error", f"{type(exc).__name__}: {exc}"))
-    return rows, dead
+            continue
+        rows.append(row)
+        sources.append((topic, payload))
+    return rows, sources, dead
 
 
 def _writer_main(sock: socket.socket, url: str, policy: Policy, level: int) -> None:
@@ -512,15 +516,19 @@ def _writer_main(sock: socket.socket, url: str, policy: Policy, level: int) -> N
             except (EOFError, OSError):
                 return
             now = int(time.time() * 1000)
-            rows, dead = map_items(items, now, policy, slow)
+            rows, sources, dead = map_items(items, now, policy, slow)
             while True:
                 try:
+                    # only what was written is acknowledged; a touch the store refuses stays a
+                    # gap in its device's seqs (`ccus sink gaps`) beside its dead letter
                     if slow:  # --registered-only dead-letters Touches of unknown devices
-                        res = store.ingest(rows, dead, now_ms=now)  # type: ignore[arg-type]
-                        keys = [(t.site, t.device, t.seq) for t in rows]  # type: ignore[attr-defined]
+                        res, kept = write_isolating(
+                            lambda r, d, now=now: store.ingest(r, d, now_ms=now), rows, sources, dead)
+                        keys = [(t.site, t.device, t.seq) for t in kept]  # type: ignore[attr-defined]
                     else:
-                        res = store.ingest_rows(rows, dead, now)
-                        keys = [(r[2], r[0], r[1]) for r in rows]  # type: ignore[misc]
+                        res, kept = write_isolating(
+                            lambda r, d, now=now: store.ingest_rows(r, d, now), rows, sources, dead)
+                        keys = [(r[2], r[0], r[1]) for r in kept]  # type: ignore[misc]
                     # committed when ingest returns
                     opened = ledger.gaps_opened
                     acks = ledger.observe(keys)  # type: ignore[arg-type]

@@ -149,7 +149,8 @@ def test_a_message_that_fails_unforeseen_is_dead_lettered_and_the_rest_are_mappe
     monkeypatch.setattr(sub, "touch_row", fails_on_8)
     items = [(topics.touch(SITE, "gate-01"), encode(touch(seq))) for seq in (7, 8, 9)]
     monkeypatch.setattr(sub, "fast_row", lambda *a: None)  # take the full path for every item
-    rows, dead = sub.map_items(items, NOW, POLICY, slow=False)
+    rows, sources, dead = sub.map_items(items, NOW, POLICY, slow=False)
     assert [r[1] for r in rows] == [7, 9]
+    assert sources == [items[0], items[2]]
     assert [(d.reason, d.payload) for d in dead] == [("internal_error", items[1][1])]
     assert "OverflowError" in dead[0].detail
