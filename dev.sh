@@ -44,6 +44,11 @@ setup_system() {
         apt_install mosquitto ||
             die "mosquitto is missing and could not be installed; install it with 'sudo apt-get install mosquitto'"
     fi
+    # a Japanese font for report charts (course names); without one they label by ID
+    if ! dpkg -s fonts-ipafont-gothic >/dev/null 2>&1 && ! dpkg -s fonts-noto-cjk >/dev/null 2>&1; then
+        say "installing Debian's fonts-ipafont-gothic (Japanese labels in report charts)"
+        apt_install fonts-ipafont-gothic || say "could not install fonts-ipafont-gothic; charts will label courses by ID"
+    fi
     if [ "${1:-}" = test ]; then
         [ -x scripts/setup-test-services.sh ] && scripts/setup-test-services.sh
     fi

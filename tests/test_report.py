@@ -133,3 +133,19 @@ def test_attendance_matrix_marks_missing_and_absent() -> None:
     techs, dates, cells = shape.attendance(days, "2026-02")
     assert techs == [tid(1), tid(2)] and len(dates) == 28
     assert cells[0][2] == 9.0 and cells[1][27] == 0.0 and cells[0][0] is None
+
+
+def test_course_chart_draws_japanese_course_names(tmp_path: Path) -> None:
+    """Training-center staff read course names in Japanese: with the CJK font ./dev.sh installs
+    they are drawn, not boxes (matplotlib warns 'Glyph ... missing' for a box)."""
+    import warnings
+
+    from cloud_sink.reports import charts
+
+    assert charts._cjk_font(), "no CJK font: install fonts-ipafont-gothic (./dev.sh does)"
+    rows = [{"course": "K-101", "name": "職長・安全衛生責任者教育", "enrolled": 20, "persons": 17,
+             "card_ownership_rate_pct": 85.0}]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*Glyph.*missing")
+        png = charts.course_bars(rows, "研修センター 2026-12", tmp_path / "courses.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

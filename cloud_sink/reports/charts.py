@@ -1,7 +1,7 @@
 """PNG charts for the reports (matplotlib, Agg backend): attendance heat map, course bars, vending bars.
 
-Japanese labels need a CJK font (e.g. Debian's fonts-noto-cjk); without one, charts label by
-ID so no glyph turns into a box.
+Japanese labels need a CJK font (Debian's fonts-ipafont-gothic, which ./dev.sh installs, or
+fonts-noto-cjk); without one, charts label by ID so no glyph turns into a box.
 """
 
 from pathlib import Path
@@ -19,9 +19,20 @@ _CJK = ("Noto Sans CJK JP", "Noto Sans JP", "IPAexGothic", "IPAGothic", "TakaoGo
         "VL Gothic")
 
 
+# file names of those fonts, for one installed after matplotlib cached its font list
+_CJK_FILES = ("ipag", "ipaexg", "notosanscjk", "notosansjp", "takaogothic", "vl-gothic")
+
+
 def _cjk_font() -> str | None:
     names = {f.name for f in font_manager.fontManager.ttflist}
-    return next((n for n in _CJK if n in names), None)
+    found = next((n for n in _CJK if n in names), None)
+    if found is None:
+        for path in font_manager.findSystemFonts():
+            if Path(path).name.lower().startswith(_CJK_FILES):
+                font_manager.fontManager.addfont(path)
+        names = {f.name for f in font_manager.fontManager.ttflist}
+        found = next((n for n in _CJK if n in names), None)
+    return found
 
 
 def _label(text: str, fallback: str, cjk: bool) -> str:
