@@ -51,6 +51,8 @@ class PcscCardSide:
 
     def respond(self, apdu: bytes) -> bytes:
         if apdu[:2] == b"\xff\xca":                              # GET DATA: UID / IDm
+            if len(apdu) < 4:
+                return b"\x67\x00"                               # wrong length
             return self.card.ident + b"\x90\x00" if apdu[2] == 0 else b"\x6a\x81"
         if apdu[:3] == b"\xff\x00\x40":                          # ACR122U LED and buzzer
             self.signals.append(bytes(apdu))
