@@ -34,15 +34,16 @@ REFUSED = _refused_errors()
 
 def write_isolating(write: Callable[[list[T], list[DeadLetter]], IngestResult], items: list[T],
                     sources: list[tuple[str, bytes]], dead: list[DeadLetter]
-                    ) -> tuple[IngestResult, list[T]]:
+                    ) -> tuple[IngestResult, list[T], list[DeadLetter]]:
     """write(items, dead) in one transaction; if the store refuses the batch's data, store its
-    halves apart, down to single touches. -> (counts, the items written: stored or repeated).
+    halves apart, down to single touches.
+    -> (counts, the items written: stored or repeated, the `store_refused` dead letters).
 
     `sources[i]` is the (topic, payload) items[i] came from, kept in its dead letter. Any other
     error (the store is down) goes to the caller, which keeps the whole batch for a retry.
     """
     try:
-        return write(items, dead), items
+        return write(items, dead), items, []
     except REFUSED as exc:
         if not items:
             raise  # the dead letters alone: nothing of the batch's to set apart
@@ -50,11 +51,11 @@ def write_isolating(write: Callable[[list[T], list[DeadLetter]], IngestResult], 
             topic, payload = sources[0]
             log.warning("sink: the store refuses a touch on %s; dead-lettered: %s", topic, exc)
             letter = DeadLetter(topic, payload, "store_refused", f"{type(exc).__name__}: {exc}"[:300])
-            return write([], [*dead, letter]), []
+            return write([], [*dead, letter]), [], [letter]
         log.warning("sink: the store refuses a batch of %d (%s); storing its halves apart",
                     len(items), type(exc).__name__)
     mid = len(items) // 2
-    res, kept = write_isolating(write, items[:mid], sources[:mid], dead)
-    rest, kept_rest = write_isolating(write, items[mid:], sources[mid:], [])
+    res, kept, refused = write_isolating(write, items[:mid], sources[:mid], dead)
+    rest, kept_rest, refused_rest = write_isolating(write, items[mid:], sources[mid:], [])
     res.add(rest)
-    return res, kept + kept_rest
+    return res, kept + kept_rest, refused + refused_rest

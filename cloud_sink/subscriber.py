@@ -500,7 +500,7 @@ def _writer_main(sock: socket.socket, url: str, policy: Policy, level: int) -> N
     """Decode, validate and store batches; answer each after its commit. Ends on EOF."""
     logging.basicConfig(level=level or logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from cloud_sink.acks import AckLedger
+    from cloud_sink.acks import AckLedger, dead_letter_key
     from cloud_sink.store import open_store
 
     parent = os.getppid()
@@ -519,16 +519,17 @@ def _writer_main(sock: socket.socket, url: str, policy: Policy, level: int) -> N
             rows, sources, dead = map_items(items, now, policy, slow)
             while True:
                 try:
-                    # only what was written is acknowledged; a touch the store refuses stays a
-                    # gap in its device's seqs (`ccus sink gaps`) beside its dead letter
+                    # acknowledged: what was written, and the device's touches kept as dead
+                    # letters (cloud_sink.acks.dead_letter_key)
                     if slow:  # --registered-only dead-letters Touches of unknown devices
-                        res, kept = write_isolating(
+                        res, kept, refused = write_isolating(
                             lambda r, d, now=now: store.ingest(r, d, now_ms=now), rows, sources, dead)
                         keys = [(t.site, t.device, t.seq) for t in kept]  # type: ignore[attr-defined]
                     else:
-                        res, kept = write_isolating(
+                        res, kept, refused = write_isolating(
                             lambda r, d, now=now: store.ingest_rows(r, d, now), rows, sources, dead)
                         keys = [(r[2], r[0], r[1]) for r in kept]  # type: ignore[misc]
+                    keys += {k for d in [*dead, *refused] if (k := dead_letter_key(d))} - set(keys)
                     # committed when ingest returns
                     opened = ledger.gaps_opened
                     acks = ledger.observe(keys)  # type: ignore[arg-type]

@@ -1,6 +1,6 @@
 """Validation of one MQTT message on a touch topic (pure): a Touch, or a DeadLetter with a reason."""
 
-from cloud_sink.store import DeadLetter
+from cloud_sink.model import DeadLetter
 from edge import topics
 from edge.touch import Touch, TouchError, decode
 

@@ -30,9 +30,10 @@ def test_postgres_refusing_one_touch_stores_the_rest_and_keeps_it_as_a_dead_lett
     touches[4] = dataclasses.replace(touch(5, role="training"), facts={"course": "K\x00101"})
     rows, sources = _rows(touches)
     with fresh_store("postgres", tmp_path, pg_url) as s:
-        res, kept = write_isolating(lambda r, d: s.ingest_rows(r, d, NOW), rows, sources, [])
+        res, kept, refused = write_isolating(lambda r, d: s.ingest_rows(r, d, NOW), rows, sources, [])
         assert (res.stored, res.dead) == (11, 1)
         assert [r[1] for r in kept] == [1, 2, 3, 4, 6, 7, 8, 9, 10, 11, 12]
+        assert [d.payload for d in refused] == [b"payload-5"]
         [(_, _, topic, reason, detail, payload)] = s.dead_letters()
         assert (topic, reason, payload) == (sources[4][0], "store_refused", b"payload-5")
         assert "DataError" in detail and "NUL" in detail
@@ -46,9 +47,10 @@ def test_sqlite_refusing_one_touch_stores_the_rest_and_keeps_it_as_a_dead_letter
     broken[COLUMNS.index("tq")] = None   # NOT NULL: an IntegrityError
     rows[6] = tuple(broken)
     with fresh_store("sqlite", tmp_path, None) as s:
-        res, kept = write_isolating(lambda r, d: s.ingest_rows(r, d, NOW), rows, sources, [])
+        res, kept, refused = write_isolating(lambda r, d: s.ingest_rows(r, d, NOW), rows, sources, [])
         assert (res.stored, res.dead) == (7, 1)
         assert [r[1] for r in kept] == [1, 2, 3, 4, 5, 6, 8]
+        assert [d.reason for d in refused] == ["store_refused"]
         assert [(r[3], r[5]) for r in s.dead_letters()] == [("store_refused", b"payload-7")]
 
 
@@ -76,10 +78,11 @@ def test_halving_sets_apart_exactly_the_refused_items_and_writes_each_other_once
     items = list(range(len(bad)))
     sources = [("t", bytes([i])) for i in items]
     given_dead = [DeadLetter("t", b"x", "bad_field", "") for _ in range(letters)]
-    res, kept = write_isolating(write, items, sources, given_dead)
+    res, kept, refused = write_isolating(write, items, sources, given_dead)
     goods = [i for i in items if not bad[i]]
     assert kept == goods and sorted(written) == goods
-    refused = [d for d in dead_written if d.reason == "store_refused"]
+    written_refused = [d for d in dead_written if d.reason == "store_refused"]
+    assert written_refused == refused
     assert [d.payload for d in refused] == [bytes([i]) for i in items if bad[i]]
     assert sum(d.reason == "bad_field" for d in dead_written) == letters   # once each
     assert (res.stored, res.dead) == (len(goods), letters + sum(bad))

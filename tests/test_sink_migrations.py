@@ -1,4 +1,5 @@
-"""A store written at the previous schema opens, migrates and folds new touches into its old rows.
+"""A store written before the folded work history (SQLite 3, PostgreSQL 2) opens, migrates and
+folds new touches into its old rows.
 
 Real SQLite and real PostgreSQL (this module's own database, so its schema starts empty)."""
 
@@ -37,10 +38,10 @@ def _fold_and_check(store: Store) -> None:
     assert store.table("work_history") == folded
 
 
-def test_sqlite_store_at_the_previous_schema_keeps_and_extends_its_work_history(tmp_path: Path) -> None:
+def test_sqlite_store_at_schema_3_keeps_and_extends_its_work_history(tmp_path: Path) -> None:
     path = tmp_path / "v3.sqlite"
     db = sqlite3.connect(path)
-    for n, script in enumerate(migrations.SQLITE[:-1], start=1):
+    for n, script in enumerate(migrations.SQLITE[:3], start=1):
         db.executescript(script + f";PRAGMA user_version={n};")
     touch_values, day = _old_rows()
     db.execute(_INSERT, touch_values)
@@ -57,11 +58,11 @@ def test_sqlite_store_at_the_previous_schema_keeps_and_extends_its_work_history(
     assert "touches_work_history" not in indexes and "work_history_by_site" not in indexes
 
 
-def test_postgres_store_at_the_previous_schema_keeps_and_extends_its_work_history(pg_url: str) -> None:
+def test_postgres_store_at_schema_2_keeps_and_extends_its_work_history(pg_url: str) -> None:
     with psycopg.connect(pg_url, autocommit=True) as db:
         db.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY,"
                    " applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
-        for n, script in enumerate(migrations.POSTGRES[:-1], start=1):
+        for n, script in enumerate(migrations.POSTGRES[:2], start=1):
             for stmt in migrations.statements(script):
                 db.execute(stmt)  # type: ignore[call-overload]
             db.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (n,))

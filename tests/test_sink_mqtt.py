@@ -12,10 +12,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 from sink_support import SITE, fresh_store, touch
 
 from broker.launcher import PrivateBroker
+from cloud_sink.acks import SeqTracker
 from cloud_sink.store import Store
 from cloud_sink.subscriber import Sink
 from edge import topics
-from edge.touch import _to_map, encode
+from edge.touch import MAX_TS_MS, _to_map, encode
 
 
 def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
@@ -216,3 +217,47 @@ def test_a_killed_writer_process_is_started_again_and_nothing_is_lost(
             assert sink.totals.stored <= 200
         finally:
             sink.stop()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_a_touch_kept_as_a_dead_letter_does_not_hold_the_devices_ack_back(
+        kind: str, broker: PrivateBroker, publisher: mqtt.Client, tmp_path: Path,
+        request: pytest.FixtureRequest) -> None:
+    """Seq 2 breaks a rule (a clock past 9999): it is dead-lettered with its bytes and counts
+    as accounted for, so the ack reaches 3 and the device can forget everything. A touch of a
+    newer schema (seq 4) is not: the device keeps it for a sink that can store it. A sink
+    started afresh reads the same from the store."""
+    url = request.getfixturevalue("pg_url") if kind == "postgres" else None
+    dev = f"gate-dl-{kind[:2]}"
+    acks: list[int] = []
+    watcher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"dl-acks-{kind}",
+                          protocol=mqtt.MQTTv5)
+    watcher.on_message = lambda c, u, m: acks.append(cbor2.loads(m.payload)["upto"])
+    watcher.connect(broker.host, broker.port)
+    watcher.subscribe(topics.touch_ack(SITE, dev), qos=1)
+    watcher.loop_start()
+    far = cbor2.dumps(dict(_to_map(touch(2, device=dev)), ts=MAX_TS_MS + 1))
+    newer = cbor2.dumps(dict(_to_map(touch(4, device=dev)), v=2))
+    try:
+        with fresh_store(kind, tmp_path, url) as store:
+            [sink] = start_sinks(store, broker, 1, f"dl-{kind}")
+            try:
+                for payload in (encode(touch(1, device=dev)), far, encode(touch(3, device=dev)),
+                                newer, encode(touch(5, device=dev))):
+                    publisher.publish(topics.touch(SITE, dev), payload, qos=1)
+                wait_for(lambda: store.counts()["touches"] == 3 and store.counts()["dead_letters"] == 2,
+                         10, "3 stored, 2 dead letters")
+                wait_for(lambda: 3 in acks, 10, "the ack to pass the dead-lettered seq 2")
+                time.sleep(0.3)
+                assert max(acks) == 3   # seq 4 (schema v2) stays on the device
+                assert sorted((r[3], r[5]) for r in store.dead_letters()) == [
+                    ("bad_field", far), ("unknown_schema", newer)]
+            finally:
+                sink.stop()
+            # what a sink started afresh loads: touches and accounting dead letters alike
+            upto, above = store.device_prefix(dev)  # type: ignore[attr-defined]
+            assert SeqTracker(upto, above).upto == 3
+    finally:
+        watcher.loop_stop()
+        watcher.disconnect()
+        publisher.publish(topics.touch_ack(SITE, dev), b"", qos=1, retain=True)

@@ -193,3 +193,32 @@ def test_cached_work_day_equals_work_day_for_every_clock_a_touch_may_carry(ts: i
     from cloud_sink.workday import work_day
 
     assert day_of(ts, cut) == work_day(ts, cut)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=300), wire_maps.map(cbor2.dumps)),
+       st.sampled_from([TOPIC, "ccus/v1/13100000000001/gate-02/touch", "x/y"]),
+       st.sampled_from(["bad_field", "internal_error", "store_refused", "unknown_schema"]))
+def test_a_dead_letter_accounts_at_most_for_its_own_devices_seq_and_never_raises(
+        payload: bytes, topic: str, reason: str) -> None:
+    from cloud_sink.acks import dead_letter_key
+
+    key = dead_letter_key(DeadLetter(topic, payload, reason, ""))
+    if key is not None:
+        m = cbor2.loads(payload)
+        assert topic == f"ccus/v1/{key[0]}/{key[1]}/touch" and m["seq"] == key[2] >= 1
+        assert reason != "unknown_schema"
+
+
+@given(touch_sets(), st.sampled_from(["bad_field", "internal_error", "store_refused"]))
+def test_a_devices_own_touch_kept_as_a_dead_letter_accounts_for_its_seq(
+        ts: list[Touch], reason: str) -> None:
+    from cloud_sink.acks import dead_letter_key
+    from edge import topics
+    from edge.touch import encode
+
+    for t in ts:
+        own, other = topics.touch(t.site, t.device), topics.touch(t.site, t.device + "x")
+        assert dead_letter_key(DeadLetter(own, encode(t), reason, "")) == (t.site, t.device, t.seq)
+        assert dead_letter_key(DeadLetter(other, encode(t), reason, "")) is None
+        assert dead_letter_key(DeadLetter(own, encode(t), "unregistered_device", "")) is None

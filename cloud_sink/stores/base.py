@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
+from cloud_sink.acks import dead_letter_key
 from cloud_sink.derive.rows import COLUMNS, Row, touch_row
 from cloud_sink.derive.sql import DERIVED_TABLES, FULL, INCREMENTAL
 from cloud_sink.model import (
@@ -133,9 +134,11 @@ class SqlStore:
             res.repeated = len(rows) - res.stored
             res.flagged = sum(r[_FLAG] is not None for r in rows)
         if letters:
-            self._many("INSERT INTO dead_letters (received_ms, topic, payload, reason, detail)"
-                       " VALUES (?,?,?,?,?)",
-                       [(now, d.topic, d.payload, d.reason, d.detail) for d in letters])
+            keys = [dead_letter_key(d) for d in letters]
+            self._many("INSERT INTO dead_letters (received_ms, topic, payload, reason, detail,"
+                       " device, seq) VALUES (?,?,?,?,?,?,?)",
+                       [(now, d.topic, d.payload, d.reason, d.detail, k and k[1], k and k[2])
+                        for d, k in zip(letters, keys, strict=True)])
         res.dead = len(letters)
         return res
 
@@ -184,7 +187,8 @@ class SqlStore:
 
     # -- the end-to-end acknowledgement ledger (cloud_sink.acks) -------------------------------
     def device_prefix(self, device: str) -> tuple[int, list[int]]:
-        """(upto, stored seqs above it): every seq 1..upto of the device is stored."""
+        """(upto, seqs above it): every seq 1..upto of the device is stored, or kept as a dead
+        letter that accounts for it; the seqs above may repeat and fill gaps between them."""
         with self._lock:
             upto = 0
             if self._x("SELECT 1 FROM touches WHERE device=? AND seq=1", (device,)).fetchone():
@@ -195,6 +199,9 @@ class SqlStore:
                 upto = int(row[0])
             above = [int(r[0]) for r in self._x(
                 "SELECT seq FROM touches WHERE device=? AND seq>?", (device, upto)).fetchall()]
+            # the device's touches kept as dead letters count too (cloud_sink.acks)
+            above += [int(r[0]) for r in self._x(
+                "SELECT seq FROM dead_letters WHERE device=? AND seq>?", (device, upto)).fetchall()]
         return upto, above
 
     def record_gaps(self, device: str, site: str, closed: Sequence[tuple[int, int]],

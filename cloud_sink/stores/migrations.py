@@ -100,7 +100,16 @@ DROP TABLE work_history;
 ALTER TABLE work_history_4 RENAME TO work_history
 """
 
-SQLITE = [_SQLITE_1, _SQLITE_2, _SQLITE_3, _SQLITE_4]
+# 5: a dead letter of a device's own touch names its device and seq, which then count as
+# accounted for in the end-to-end acknowledgement (cloud_sink.acks.dead_letter_key); older
+# dead letters keep NULL there, as before
+_SQLITE_5 = """
+ALTER TABLE dead_letters ADD COLUMN device TEXT;
+ALTER TABLE dead_letters ADD COLUMN seq INTEGER;
+CREATE INDEX dead_letters_by_device ON dead_letters (device, seq) WHERE seq IS NOT NULL
+"""
+
+SQLITE = [_SQLITE_1, _SQLITE_2, _SQLITE_3, _SQLITE_4, _SQLITE_5]
 
 _POSTGRES_1 = """
 CREATE TABLE touches (
@@ -169,7 +178,14 @@ ALTER TABLE work_history ADD PRIMARY KEY (site, work_day, tid);
 DROP INDEX work_history_by_site
 """
 
-POSTGRES = [_POSTGRES_1, _POSTGRES_2, _POSTGRES_3]
+# 4: as SQLite 5: dead letters name the device and seq they account for
+_POSTGRES_4 = """
+ALTER TABLE dead_letters ADD COLUMN device TEXT;
+ALTER TABLE dead_letters ADD COLUMN seq BIGINT;
+CREATE INDEX dead_letters_by_device ON dead_letters (device, seq) WHERE seq IS NOT NULL
+"""
+
+POSTGRES = [_POSTGRES_1, _POSTGRES_2, _POSTGRES_3, _POSTGRES_4]
 
 
 def statements(script: str) -> list[str]:
