@@ -47,6 +47,18 @@ def start_sinks(store: Store, broker: PrivateBroker, n: int, group: str) -> list
     return sinks
 
 
+def watch_acks(broker: PrivateBroker, dev: str) -> tuple[mqtt.Client, list[int]]:
+    """A client collecting every end-to-end ack `upto` the sink publishes for `dev`."""
+    acks: list[int] = []
+    watcher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"acks-{dev}",
+                          protocol=mqtt.MQTTv5)
+    watcher.on_message = lambda c, u, m: acks.append(cbor2.loads(m.payload)["upto"])
+    watcher.connect(broker.host, broker.port)
+    watcher.subscribe(topics.touch_ack(SITE, dev), qos=1)
+    watcher.loop_start()
+    return watcher, acks
+
+
 def bad_payloads() -> list[tuple[str, bytes, str]]:
     good = _to_map(touch(99))
     wrong_type = dict(good, seq="99")
@@ -171,13 +183,7 @@ def test_a_gap_holds_the_ack_back_until_the_replay_fills_it(
     backend) and closed when the missing touch arrives."""
     url = request.getfixturevalue("pg_url") if kind == "postgres" else None
     dev = f"gate-gap-{kind[:2]}"
-    acks: list[int] = []
-    watcher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"acks-{kind}",
-                          protocol=mqtt.MQTTv5)
-    watcher.on_message = lambda c, u, m: acks.append(cbor2.loads(m.payload)["upto"])
-    watcher.connect(broker.host, broker.port)
-    watcher.subscribe(topics.touch_ack(SITE, dev), qos=1)
-    watcher.loop_start()
+    watcher, acks = watch_acks(broker, dev)
     with fresh_store(kind, tmp_path, url) as store:
         [sink] = start_sinks(store, broker, 1, f"gap-{kind}")
         try:
@@ -229,13 +235,7 @@ def test_a_touch_kept_as_a_dead_letter_does_not_hold_the_devices_ack_back(
     started afresh reads the same from the store."""
     url = request.getfixturevalue("pg_url") if kind == "postgres" else None
     dev = f"gate-dl-{kind[:2]}"
-    acks: list[int] = []
-    watcher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"dl-acks-{kind}",
-                          protocol=mqtt.MQTTv5)
-    watcher.on_message = lambda c, u, m: acks.append(cbor2.loads(m.payload)["upto"])
-    watcher.connect(broker.host, broker.port)
-    watcher.subscribe(topics.touch_ack(SITE, dev), qos=1)
-    watcher.loop_start()
+    watcher, acks = watch_acks(broker, dev)
     far = cbor2.dumps(dict(_to_map(touch(2, device=dev)), ts=MAX_TS_MS + 1))
     newer = cbor2.dumps(dict(_to_map(touch(4, device=dev)), v=2))
     try:
