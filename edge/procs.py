@@ -19,10 +19,17 @@ def stop_process(proc: "subprocess.Popen[bytes] | subprocess.Popen[str] | None",
         proc.wait(timeout)
 
 
-def wait_until(cond: Callable[[], object], timeout: float, what: str, poll_s: float = 0.01) -> None:
-    """Poll `cond` until it is true; TimeoutError naming `what` after `timeout` seconds."""
+def poll_until(cond: Callable[[], object], timeout: float, poll_s: float = 0.01) -> bool:
+    """Poll `cond` until it is true (-> True) or `timeout` seconds pass (-> False)."""
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+            return False
         time.sleep(poll_s)
+    return True
+
+
+def wait_until(cond: Callable[[], object], timeout: float, what: str, poll_s: float = 0.01) -> None:
+    """Poll `cond` until it is true; TimeoutError naming `what` after `timeout` seconds."""
+    if not poll_until(cond, timeout, poll_s):
+        raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")

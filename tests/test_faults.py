@@ -32,6 +32,7 @@ import pytest
 from broker.launcher import PrivateBroker
 from cloud_sink.acks import gap_report
 from cloud_sink.store import SqliteStore
+from edge.procs import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -65,7 +66,7 @@ class Rig:
              "--broker", f"127.0.0.1:{self.broker.port}", "--client-id", "sink-f",
              "--ready-file", str(ready)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
         log.close()
-        _wait(lambda: ready.exists() or self.sink.poll() is not None, 20, "sink subscribed")
+        wait_until(lambda: ready.exists() or self.sink.poll() is not None, 20, "sink subscribed")
         assert self.sink.poll() is None, (self.tmp / "sink.log").read_text()[-2000:]
 
     def kill_sink(self) -> None:
@@ -113,14 +114,6 @@ class Rig:
                     p.kill()
                     p.wait(5)
         self.broker.close()
-
-
-def _wait(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.02)
 
 
 def made_by_agent(agent_data: Path) -> int:

@@ -27,6 +27,7 @@ from edge.config import MqttConfig
 from edge.e2e import AckError, decode_ack, encode_ack
 from edge.link import Link
 from edge.outbox import Outbox
+from edge.procs import poll_until
 
 SITE, DEV = "13100000000001", "gate-l1"
 
@@ -74,15 +75,6 @@ def test_ack_decode_refuses(bad: bytes) -> None:
 
 
 # -- against a real broker ------------------------------------------------------------------
-def _wait(cond: Any, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def _client(cid: str, port: int, *, session: bool = False) -> mqtt.Client:
     c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv5)
     props = Properties(PacketTypes.CONNECT)
@@ -113,18 +105,18 @@ def test_puback_frees_the_window_only_the_sinks_ack_forgets(broker: PrivateBroke
         for _ in range(30):
             ob.append(lambda s: cbor2.dumps({"seq": s}), created_ms=0)
             link.notify()
-        assert _wait(lambda: link.published == 30)
+        assert poll_until(lambda: link.published == 30, 10.0)
         assert sorted(set(got)) == list(range(1, 31))
         time.sleep(0.3)
         assert ob.depth() == 30  # PUBACKed, but nobody has said it is stored
         # the sink says: everything up to 17 is committed
         sub.publish(topics.touch_ack(SITE, DEV), encode_ack(17), qos=1, retain=True)
-        assert _wait(lambda: ob.depth() == 13)
+        assert poll_until(lambda: ob.depth() == 13, 10.0)
         assert [s for s, _ in ob.pending(0, 100)] == list(range(18, 31))
         assert link.acked_upto == 17
         # an ack beyond what this device ever made is refused loudly and deletes nothing more
         sub.publish(topics.touch_ack(SITE, DEV), encode_ack(500), qos=1, retain=True)
-        assert _wait(lambda: link.ack_ahead == 500)
+        assert poll_until(lambda: link.ack_ahead == 500, 10.0)
         assert ob.depth() == 0 and link.acked_upto == 30
     finally:
         link.stop()
@@ -147,7 +139,7 @@ def test_replay_after_e2e_timeout_without_a_reconnect(broker: PrivateBroker, tmp
             ob.append(lambda s: cbor2.dumps({"seq": s}), created_ms=0)
         link.notify()
         # nobody acknowledges end to end: the link sends the same touches again, in order
-        assert _wait(lambda: got.count(1) >= 2, 8)
+        assert poll_until(lambda: got.count(1) >= 2, 8)
         assert link.replays >= 1
         assert got[:5] == [1, 2, 3, 4, 5] and got[5:10] == [1, 2, 3, 4, 5]
     finally:
@@ -187,7 +179,7 @@ def test_acl_refusal_is_counted_reported_and_not_a_spin(tmp_path: Path) -> None:
             for _ in range(3):
                 ob.append(lambda s: cbor2.dumps({"seq": s}), created_ms=0)
             link.notify()
-            assert _wait(lambda: link.refused >= 1)
+            assert poll_until(lambda: link.refused >= 1, 10.0)
             assert "135" in link.last_refusal or "authori" in link.last_refusal.lower()
             time.sleep(2.0)
             # hold-off: a handful of attempts in 2 s, not thousands; the touches are kept

@@ -19,7 +19,7 @@ import pytest
 
 from edge.config import ProfileConfig, ReaderConfig
 from edge.decision import CardRead
-from edge.procs import stop_process
+from edge.procs import poll_until, stop_process
 from edge.reader.backend import make_reader
 from edge.reader.cards import EmulatedCard, felica_card, my_number_card, type4_card
 from edge.reader.vpcd import VPCD_PORT, VpcdCard
@@ -105,15 +105,6 @@ class Reads:
             return list(self.reads)
 
 
-def wait_for(cond: Any, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
 def tap(card: EmulatedCard, reads: Reads, n: int, hold_s: float = 0.1) -> list[CardRead]:
     """Insert, wait for the n-th read, hold, remove, and let pcscd see the slot empty."""
     vc = VpcdCard(card)
@@ -181,12 +172,12 @@ def test_pcscd_restart_is_reported_and_recovered(pcscd: Pcscd) -> None:
     r.start()
     card = felica_card(IDM, tid=TID)
     try:
-        assert wait_for(lambda: r.health == "ok", 5)
+        assert poll_until(lambda: r.health == "ok", 5)
         tap(card, reads, 1)
         pcscd.stop()
-        assert wait_for(lambda: r.health == "down", 5), "pcscd stopped: the reader is down"
+        assert poll_until(lambda: r.health == "down", 5), "pcscd stopped: the reader is down"
         pcscd.start()
-        assert wait_for(lambda: r.health == "ok", 15), "pcscd back: the reader recovers"
+        assert poll_until(lambda: r.health == "ok", 15), "pcscd back: the reader recovers"
         got = tap(card, reads, 2)
     finally:
         r.stop()

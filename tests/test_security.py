@@ -29,6 +29,7 @@ from edge.ops.configpush import build, push
 from edge.ops.inventory import InventoryFile
 from edge.ops.mqttc import BrokerOpts, MqttError, connect, publish, snapshot
 from edge.ops.pki import CA
+from edge.procs import poll_until
 from edge.signing import generate_key, load_private_key, write_keypair
 
 SITE, SITE2 = "12345678901234", "22222222222222"
@@ -271,15 +272,6 @@ def test_acl_removal_takes_effect_on_reload(world: World, tmp_path: Path) -> Non
 
 
 # -- signed config, end to end through a real agent -------------------------------------------------
-def wait_for(pred, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def live_acks(world: World, dev: str) -> tuple[object, list[dict]]:
     """Subscribe to a device's acks; keep only new ones (not the retained last one)."""
     got: list[dict] = []
@@ -311,20 +303,20 @@ def test_signed_config_end_to_end(world: World) -> None:
     agent.start()
     acks_client, acks = live_acks(world, "gate-01")
     try:
-        assert wait_for(lambda: agent.link.connected)
+        assert poll_until(lambda: agent.link.connected, 10.0)
         # 1. a signed device config is applied, persisted, acknowledged
         topic, version, payload = build(key, SITE, "gate-01", {"gate": {"anti_passback": True}},
                                         version=100)
         res = push(world.operator, topic, version, payload, site=SITE, dev="gate-01", wait_s=10)
         assert res.acks["gate-01"]["result"] == "applied", res.acks
-        assert wait_for(lambda: agent.cfg.version == 100)
+        assert poll_until(lambda: agent.cfg.version == 100, 10.0)
         saved = (world.root / "agent" / "config" / "device.cbor").read_bytes()
         assert saved == payload and agent.restart_requested.is_set()
 
         def refused(p: bytes, topic: str = topic) -> dict:
             acks.clear()
             op_publish(world, topic, p)
-            assert wait_for(lambda: any(a["result"] == "refused" for a in acks)), acks
+            assert poll_until(lambda: any(a["result"] == "refused" for a in acks), 10.0), acks
             return next(a for a in acks if a["result"] == "refused")
 
         # 2. forged (signed by a key the device does not trust), unsigned, replayed (older)
@@ -349,7 +341,7 @@ def test_signed_config_end_to_end(world: World) -> None:
                                         version=150)
         res = push(world.operator, topic, version, payload, site=SITE, dev=None, wait_s=3)
         assert res.acks.get("gate-01", {}).get("result") == "applied", res.acks
-        assert wait_for(lambda: agent.cfg.version == 150)
+        assert poll_until(lambda: agent.cfg.version == 150, 10.0)
 
         # 4. the fleet view sees the agent, online, with that config version
         agent.link.publish_state()
@@ -357,7 +349,7 @@ def test_signed_config_end_to_end(world: World) -> None:
             rows = fleet.fleet(snapshot(world.operator, f"ccus/v1/{SITE}/+/state"),
                                int(time.time() * 1000))
             return next((r for r in rows if r.dev == "gate-01" and r.cv == 150), None)
-        assert wait_for(lambda: row() is not None, 10)
+        assert poll_until(lambda: row() is not None, 10)
         r = row()
         assert r and r.online and r.backlog == 0
     finally:

@@ -20,18 +20,10 @@ from edge.ops.acl import render_acl
 from edge.ops.inventory import InventoryFile
 from edge.ops.mqttc import BrokerOpts, MqttError, connect, publish
 from edge.ops.pki import CA
+from edge.procs import poll_until
 
 SITE = "12345678901234"
 pytestmark = pytest.mark.e2e
-
-
-def wait_for(pred, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @pytest.fixture
@@ -102,7 +94,7 @@ def test_bridge_carries_touches_and_config_and_queues_while_down(places) -> None
             publish(dev, topics.touch(SITE, "gate-01"), f"probe-{n}".encode())
             time.sleep(0.2)
             return any(p.startswith(b"probe-") for p in got)
-        assert wait_for(delivered), "bridge never delivered a touch to the cloud"
+        assert poll_until(delivered, 15.0), "bridge never delivered a touch to the cloud"
 
         # down: config pushed in the cloud comes down through the bridge
         op = pki / "operators" / "alice"
@@ -111,7 +103,7 @@ def test_bridge_carries_touches_and_config_and_queues_while_down(places) -> None
         publish(opc, topics.config(SITE, "gate-01"), b"signed-config", retain=True)
         opc.disconnect()
         opc.loop_stop()
-        assert wait_for(lambda: b"signed-config" in configs)
+        assert poll_until(lambda: b"signed-config" in configs, 15.0)
 
         # the uplink goes away: the site broker still acknowledges and keeps the touches
         cloud.stop()
@@ -120,7 +112,7 @@ def test_bridge_carries_touches_and_config_and_queues_while_down(places) -> None
         assert not any(p.startswith(b"queued-") for p in got)
         cloud.start()
         want = {f"queued-{i}".encode() for i in range(5)}
-        assert wait_for(lambda: want <= set(got), 45), "queued touches did not arrive"
+        assert poll_until(lambda: want <= set(got), 45), "queued touches did not arrive"
     finally:
         dev.disconnect()
         dev.loop_stop()

@@ -2,7 +2,7 @@
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import cbor2
@@ -16,15 +16,8 @@ from cloud_sink.acks import SeqTracker
 from cloud_sink.store import Store
 from cloud_sink.subscriber import Sink
 from edge import topics
+from edge.procs import wait_until
 from edge.touch import MAX_TS_MS, _to_map, encode
-
-
-def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 @pytest.fixture
@@ -87,7 +80,7 @@ def test_bad_input_is_dead_lettered_and_the_good_touches_behind_it_are_stored(
                     topic, payload, _ = bad[(i // 8) - 1]
                     publisher.publish(topic, payload, qos=1)
                 publisher.publish(topics.touch(SITE, "gate-01"), encode(touch(i)), qos=1)
-            wait_for(lambda: store.counts()["touches"] >= 40 and store.counts()["dead_letters"] >= 5,
+            wait_until(lambda: store.counts()["touches"] >= 40 and store.counts()["dead_letters"] >= 5,
                      15, "40 touches and 5 dead letters")
             counts = store.counts()
             assert (counts["touches"], counts["dead_letters"]) == (40, 5)
@@ -115,7 +108,7 @@ def test_two_sinks_on_one_shared_subscription_split_the_load_without_loss_or_dou
                     info.wait_for_publish(10)
                     done.set()
             assert done.is_set()
-            wait_for(lambda: sum(s.totals.stored for s in sinks) >= n, 20, f"{n} stored")
+            wait_until(lambda: sum(s.totals.stored for s in sinks) >= n, 20, f"{n} stored")
             time.sleep(0.2)  # anything doubled would arrive now
             per_sink = [s.totals.stored + s.totals.repeated for s in sinks]
             assert sum(per_sink) == n, per_sink
@@ -136,7 +129,7 @@ def test_future_clock_is_flagged_not_dead_lettered(broker: PrivateBroker, publis
             for seq, ts in ((1, now + 3 * 24 * 3600_000), (2, now)):
                 publisher.publish(topics.touch(SITE, "gate-03"),
                                   encode(touch(seq, device="gate-03", ts=ts)), qos=1)
-            wait_for(lambda: store.counts()["touches"] >= 2, 10, "2 touches")
+            wait_until(lambda: store.counts()["touches"] >= 2, 10, "2 touches")
             assert [(f[1], f[6]) for f in store.flagged()] == [(1, "ts_future")]
             assert [r.taps for r in store.work_history()] == [1]
         finally:
@@ -165,7 +158,7 @@ def test_the_devices_outbox_empties_through_the_sinks_end_to_end_ack(
         [sink] = start_sinks(store, broker, 1, f"e2e-{kind}")
         link.start()
         try:
-            wait_for(lambda: link.acked_upto == n, 30, f"the acknowledgement to cover {n}")
+            wait_until(lambda: link.acked_upto == n, 30, f"the acknowledgement to cover {n}")
             assert ob.depth() == 0
             assert store.counts()["touches"] == n
             assert [g for g in store.gaps() if g[0] == dev] == []  # type: ignore[attr-defined]
@@ -189,13 +182,13 @@ def test_a_gap_holds_the_ack_back_until_the_replay_fills_it(
         try:
             for seq in (1, 2, 4, 5):
                 publisher.publish(topics.touch(SITE, dev), encode(touch(seq, device=dev)), qos=1)
-            wait_for(lambda: store.counts()["touches"] == 4 and 2 in acks, 10, "4 stored, ack 2")
+            wait_until(lambda: store.counts()["touches"] == 4 and 2 in acks, 10, "4 stored, ack 2")
             assert max(acks) == 2
             def gaps(closed: bool = False) -> list[tuple[object, ...]]:
                 return [(g[2], g[3], g[5] is None) for g in store.gaps(closed) if g[0] == dev]  # type: ignore[attr-defined]
             assert gaps() == [(3, 3, True)]
             publisher.publish(topics.touch(SITE, dev), encode(touch(3, device=dev)), qos=1)
-            wait_for(lambda: 5 in acks, 10, "the ack to jump to 5")
+            wait_until(lambda: 5 in acks, 10, "the ack to jump to 5")
             assert gaps() == []
             assert gaps(closed=True) == [(3, 3, False)]
         finally:
@@ -217,9 +210,9 @@ def test_a_killed_writer_process_is_started_again_and_nothing_is_lost(
             for seq in range(1, 201):
                 publisher.publish(topics.touch(SITE, dev), encode(touch(seq, device=dev)), qos=1)
                 if seq == 100:
-                    wait_for(lambda: store.counts()["touches"] >= 50, 10, "50 stored")
+                    wait_until(lambda: store.counts()["touches"] >= 50, 10, "50 stored")
                     os.kill(sink._proc.pid, signal.SIGKILL)  # type: ignore[union-attr]
-            wait_for(lambda: store.counts()["touches"] == 200, 20, "all 200 stored")
+            wait_until(lambda: store.counts()["touches"] == 200, 20, "all 200 stored")
             assert sink.totals.stored <= 200
         finally:
             sink.stop()
@@ -245,9 +238,9 @@ def test_a_touch_kept_as_a_dead_letter_does_not_hold_the_devices_ack_back(
                 for payload in (encode(touch(1, device=dev)), far, encode(touch(3, device=dev)),
                                 newer, encode(touch(5, device=dev))):
                     publisher.publish(topics.touch(SITE, dev), payload, qos=1)
-                wait_for(lambda: store.counts()["touches"] == 3 and store.counts()["dead_letters"] == 2,
+                wait_until(lambda: store.counts()["touches"] == 3 and store.counts()["dead_letters"] == 2,
                          10, "3 stored, 2 dead letters")
-                wait_for(lambda: 3 in acks, 10, "the ack to pass the dead-lettered seq 2")
+                wait_until(lambda: 3 in acks, 10, "the ack to pass the dead-lettered seq 2")
                 time.sleep(0.3)
                 assert max(acks) == 3   # seq 4 (schema v2) stays on the device
                 assert sorted((r[3], r[5]) for r in store.dead_letters()) == [
