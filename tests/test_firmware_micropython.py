@@ -13,6 +13,13 @@ SCRIPT = ROOT / "tests" / "mpy" / "test_frame_mpy.py"
 N_TESTS = 9
 
 
+def _micropython(args: list[str], env: dict[str, str], timeout: float = 120
+                 ) -> subprocess.CompletedProcess[str]:
+    """The unix port with the tight heap a small board has."""
+    return subprocess.run([str(MICROPYTHON), "-X", "heapsize=192K", *args], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
 def _check(out: str, rc: int) -> None:
     assert rc == 0, out
     assert "Traceback" not in out, out
@@ -29,13 +36,7 @@ def test_codec_under_micropython_unix_port(tmp_path):
         "CCUS_TMP": str(tmp_path),
         "PATH": os.environ.get("PATH", ""),
     }
-    p = subprocess.run(
-        [str(MICROPYTHON), "-X", "heapsize=192K", str(SCRIPT)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    p = _micropython([str(SCRIPT)], env)
     out = p.stdout + p.stderr
     ver = subprocess.run(
         [str(MICROPYTHON), "-c", "import sys; print(sys.implementation.name)"],
@@ -64,14 +65,7 @@ def test_a_failing_check_is_seen(tmp_path):
         )
     )
     (bad / "journal.py").write_text((ROOT / "firmware" / "journal.py").read_text())
-    env = {"MICROPYPATH": f"{bad}:.frozen", "CCUS_TMP": str(tmp_path)}
-    p = subprocess.run(
-        [str(MICROPYTHON), "-X", "heapsize=192K", str(SCRIPT)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    p = _micropython([str(SCRIPT)], {"MICROPYPATH": f"{bad}:.frozen", "CCUS_TMP": str(tmp_path)})
     assert p.returncode == 1
     assert "FAIL test_crc" in p.stdout
 
@@ -86,12 +80,7 @@ def test_stand_in_watchdog_resets_a_starved_board(tmp_path):
         "w.feed()\n"
         "print('survived')\n"
     )
-    p = subprocess.run(
-        [str(MICROPYTHON), "-X", "heapsize=192K", "-c", code],
-        env={"MICROPYPATH": f"{ROOT / 'vending' / 'boardsim'}:.frozen"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    p = _micropython(["-c", code], {"MICROPYPATH": f"{ROOT / 'vending' / 'boardsim'}:.frozen"},
+                     timeout=60)
     assert p.returncode == 3, p.stdout
     assert "WDT RESET" in p.stdout and "survived" not in p.stdout
