@@ -60,7 +60,6 @@ from edge.e2e import encode_ack
 from edge.reasons import Reason
 from edge.touch import (
     FACT_KEY,
-    MAX_FACT_TEXT,
     MAX_FACTS,
     MAX_PAYLOAD,
     MAX_SEQ,
@@ -69,6 +68,7 @@ from edge.touch import (
     CardTech,
     Decision,
     Role,
+    fact_text_ok,
 )
 
 log = logging.getLogger(__name__)
@@ -427,7 +427,7 @@ def fast_row(topic: str, payload: bytes, received_ms: int, policy: Policy) -> Ro
         if type(k) is not str or not FACT_KEY.match(k) or type(fv) not in _FACT_TYPES:
             return None
         if type(fv) is str:
-            if len(fv) > MAX_FACT_TEXT or "\x00" in fv:
+            if not fact_text_ok(fv):
                 return None
         elif type(fv) is int and not _MIN_FACT_INT <= fv <= MAX_SEQ:
             return None
@@ -529,7 +529,8 @@ def _writer_main(sock: socket.socket, url: str, policy: Policy, level: int) -> N
                         res, kept, refused = write_isolating(
                             lambda r, d, now=now: store.ingest_rows(r, d, now), rows, sources, dead)
                         keys = [(r[2], r[0], r[1]) for r in kept]  # type: ignore[misc]
-                    keys += {k for d in [*dead, *refused] if (k := dead_letter_key(d))} - set(keys)
+                    if dead or refused:  # rare: no set of the batch's keys on the common path
+                        keys += {k for d in [*dead, *refused] if (k := dead_letter_key(d))} - set(keys)
                     # committed when ingest returns
                     opened = ledger.gaps_opened
                     acks = ledger.observe(keys)  # type: ignore[arg-type]
