@@ -64,7 +64,6 @@ def dead_letter_key(letter: DeadLetter) -> tuple[str, str, int] | None:
     return (site, device, seq) if type(seq) is int and 1 <= seq <= MAX_SEQ else None
 
 
-
 class SeqTracker:
     """The contiguous prefix of a set of positive seqs, kept incrementally (pure)."""
 
