@@ -35,12 +35,12 @@ import paho.mqtt.client as mqtt  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
 from broker.launcher import PrivateBroker  # noqa: E402
-from edge.clock import TimeQuality  # noqa: E402
 from edge.config import MqttConfig  # noqa: E402
 from edge.link import Link  # noqa: E402
 from edge.outbox import Outbox  # noqa: E402
-from edge.reasons import Reason  # noqa: E402
-from edge.touch import CardTech, Decision, Role, Touch, encode  # noqa: E402
+from protocol.reasons import Reason  # noqa: E402
+from protocol.timequality import TimeQuality  # noqa: E402
+from protocol.touch import CardTech, Decision, Role, Touch, encode  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SITE, DEV = "13100000000001", "gate-b1"
@@ -74,7 +74,7 @@ def bench_backlog(tmp: Path, broker: PrivateBroker, data: list[bytes], inflight:
     ob = fill_outbox(tmp / "outbox.sqlite", data)
     ready = tmp / "sink.ready"
     sink = subprocess.Popen(
-        [sys.executable, "-m", "edge.cli", "sink", "run", "--db", str(tmp / "store.sqlite"),
+        [sys.executable, "-m", "ccus.cli", "sink", "run", "--db", str(tmp / "store.sqlite"),
          "--broker", f"127.0.0.1:{broker.port}", "--client-id", "sink-bench",
          "--ready-file", str(ready)], cwd=ROOT, stdout=subprocess.DEVNULL,
         stderr=open(tmp / "sink.log", "wb"))  # noqa: SIM115

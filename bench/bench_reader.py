@@ -1,7 +1,7 @@
 """Tap-to-decision latency through nfcpy's udp path, beside the raw nfcpy read of the same card.
 
 For each technology (FeliCa, Type 4A, Type 4B), in one run, one emulated card in a separate
-field process (edge.reader.emulator), and three ways of reading it, each for N taps:
+field process (sim.nfc_card), and three ways of reading it, each for N taps:
 
 - raw:      nfcpy's ContactlessFrontend.connect with an on-connect that does the bare read
             (FeliCa: tag.read_without_encryption; Type 4: tag.send_apdu SELECT, SELECT,
@@ -40,10 +40,10 @@ from edge.agent import Agent
 from edge.config import AgentConfig, DeviceConfig, ProfileConfig, ReaderConfig
 from edge.decision import CardRead, Debouncer, decide_gate
 from edge.idlist import Entry, MemoryIdList, Status
-from edge.reader.cards import DEMO_AID, DEMO_FILE, EmulatedCard, felica_card, type4_card
-from edge.reader.emulator import free_udp_port
 from edge.reader.nfcpy_backend import NfcpyReader
-from edge.touch import CardTech
+from protocol.touch import CardTech
+from sim.cards import DEMO_AID, DEMO_FILE, EmulatedCard, felica_card, type4_card
+from sim.nfc_card import free_udp_port
 
 TID = "12345678901234"
 TECHS: dict[str, tuple[str, EmulatedCard, ProfileConfig]] = {
@@ -59,7 +59,7 @@ TECHS: dict[str, tuple[str, EmulatedCard, ProfileConfig]] = {
 class Field:
     def __init__(self, port: int) -> None:
         self.port = port
-        self.proc = subprocess.Popen([sys.executable, "-m", "edge.reader.emulator", str(port)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "sim.nfc_card", str(port)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout and "ready" in json.loads(self.proc.stdout.readline())
 

@@ -68,7 +68,7 @@ def codec_micropython(n: int) -> tuple[float, float]:
 def round_trips(rounds: int) -> dict[str, list[float]]:
     from harness import DROP, VEND_PIN, BoardProcess
 
-    from vending import BoardLink
+    from edge.board import BoardLink
 
     res: dict[str, list[float]] = {"status": [], "vend": []}
     with tempfile.TemporaryDirectory() as d:

@@ -45,10 +45,10 @@ from broker.launcher import PrivateBroker  # noqa: E402
 from cloud_sink.model import BATCH_MAX as SINK_BATCH  # noqa: E402
 from cloud_sink.model import IngestResult  # noqa: E402
 from cloud_sink.store import open_store  # noqa: E402
-from edge import topics  # noqa: E402
-from edge.clock import TimeQuality  # noqa: E402
-from edge.reasons import Reason  # noqa: E402
-from edge.touch import CardTech, Decision, Role, Touch, encode  # noqa: E402
+from protocol import topics  # noqa: E402
+from protocol.reasons import Reason  # noqa: E402
+from protocol.timequality import TimeQuality  # noqa: E402
+from protocol.touch import CardTech, Decision, Role, Touch, encode  # noqa: E402
 
 SITE = "13100000000001"
 PG_ADMIN = os.environ.get("CCUS_TEST_PG_URL",
@@ -237,7 +237,7 @@ def _start_sinks(url: str, port: int, tmp: Path, tag: str) -> tuple[list[subproc
         logs.append(log)
         with open(log, "wb") as err:
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "edge.cli", "sink", "run", "--store", url,
+                [sys.executable, "-m", "ccus.cli", "sink", "run", "--store", url,
                  "--broker", f"127.0.0.1:{port}", "--client-id", f"bench-sink-{i}",
                  "--ready-file", str(ready)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err))
         deadline = time.monotonic() + 30

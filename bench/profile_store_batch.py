@@ -26,7 +26,7 @@ from cloud_sink.derive.rows import Row, touch_row  # noqa: E402
 from cloud_sink.model import Policy  # noqa: E402
 from cloud_sink.stores import base  # noqa: E402
 from cloud_sink.stores.sqlite import SqliteStore  # noqa: E402
-from edge.touch import decode  # noqa: E402
+from protocol.touch import decode  # noqa: E402
 
 DERIVE_STEPS = ("fold_work_history", "training_monthly", "training_course", "vending_ledger")
 

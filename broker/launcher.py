@@ -11,7 +11,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from edge.procs import stop_process
+from broker.procs import stop_process
 
 log = logging.getLogger(__name__)
 

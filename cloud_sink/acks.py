@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING
 import cbor2
 
 from cloud_sink.model import DeadLetter
-from edge import topics
-from edge.touch import MAX_PAYLOAD, MAX_SEQ
+from protocol import topics
+from protocol.touch import MAX_PAYLOAD, MAX_SEQ
 
 if TYPE_CHECKING:
     from cloud_sink.stores.base import SqlStore

@@ -8,7 +8,7 @@ import io
 from datetime import date
 
 from cloud_sink.model import Course, Device
-from edge.touch import DEVICE_ID, SITE_ID
+from protocol.touch import DEVICE_ID, SITE_ID
 
 REQUIRED = ("course", "name", "starts", "ends", "enrolled")
 

@@ -16,7 +16,7 @@ import cbor2
 
 from cloud_sink.model import BATCH_MAX, DeadLetter, IngestResult
 from cloud_sink.store import Store
-from edge.touch import Touch, TouchError, _to_map, decode
+from protocol.touch import Touch, TouchError, _to_map, decode
 
 Item = Touch | DeadLetter
 

@@ -140,7 +140,7 @@ def _vending(args: argparse.Namespace, store: Store) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m cloud_sink.report_cli ...` until `ccus report` is hooked into edge/cli.py."""
+    """`python -m cloud_sink.report_cli ...` until `ccus report` is hooked into ccus/cli.py."""
     p = argparse.ArgumentParser(prog="ccus")
     register(p.add_subparsers(dest="cmd", required=True))
     args = p.parse_args(argv)

@@ -21,7 +21,7 @@ from cloud_sink.model import (
     WorkDay,
 )
 from cloud_sink.stores.sqlite import SqliteStore
-from edge.touch import Touch
+from protocol.touch import Touch
 
 __all__ = ["DeadLetter", "IngestResult", "Policy", "SqliteStore", "Store", "WorkDay", "open_store"]
 

@@ -54,11 +54,11 @@ from cloud_sink.derive.rows import Row, day_of, time_flag, touch_row
 from cloud_sink.isolate import write_isolating
 from cloud_sink.model import BATCH_MAX, DeadLetter, IngestResult, Policy
 from cloud_sink.validate import validate
-from edge import topics
-from edge.clock import TimeQuality
-from edge.e2e import encode_ack
-from edge.reasons import Reason
-from edge.touch import (
+from protocol import topics
+from protocol.ack import encode_ack
+from protocol.reasons import Reason
+from protocol.timequality import TimeQuality
+from protocol.touch import (
     FACT_KEY,
     MAX_FACTS,
     MAX_PAYLOAD,
@@ -390,7 +390,7 @@ def fast_row(topic: str, payload: bytes, received_ms: int, policy: Policy) -> Ro
     """The store row of a well-formed v1 touch, without building a Touch; None for anything
     the fast path is not sure of, which then takes the full path (cloud_sink.validate, then
     derive.rows.touch_row) for its exact Touch or dead letter. It accepts a strict subset of
-    what edge.touch.decode accepts and gives the same row (tests/test_sink_fastpath.py checks
+    what protocol.touch.decode accepts and gives the same row (tests/test_sink_fastpath.py checks
     both against random and mutated payloads)."""
     if len(payload) > MAX_PAYLOAD:
         return None

@@ -1,8 +1,8 @@
 """Validation of one MQTT message on a touch topic (pure): a Touch, or a DeadLetter with a reason."""
 
 from cloud_sink.model import DeadLetter
-from edge import topics
-from edge.touch import Touch, TouchError, decode
+from protocol import topics
+from protocol.touch import Touch, TouchError, decode
 
 
 def validate(topic: str, payload: bytes) -> Touch | DeadLetter:

@@ -32,9 +32,9 @@ from edge.idlist.updater import ListUpdater
 from edge.link import Link
 from edge.outbox import Outbox
 from edge.reader.backend import Feedback, make_reader
-from edge.reasons import Reason
-from edge.touch import Decision, Role, Touch, encode
-from edge.training import Schedule
+from edge.roles.training import Schedule
+from protocol.reasons import Reason
+from protocol.touch import Decision, Role, Touch, encode
 
 log = logging.getLogger(__name__)
 

@@ -6,14 +6,9 @@ runs in seconds through the same agent code.
 
 import threading
 import time
-from enum import StrEnum
 from typing import Protocol
 
-
-class TimeQuality(StrEnum):
-    NEVER_SYNCED = "never_synced"  # the device has never had a trustworthy time source
-    SYNCED = "synced"
-    DRIFTED = "drifted"            # was synced, but too long ago or a jump was seen
+from protocol.timequality import TimeQuality
 
 
 class Clock(Protocol):

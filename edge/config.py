@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge.touch import DEVICE_ID, SITE_ID, Role, fact_text_ok
+from protocol.touch import DEVICE_ID, SITE_ID, Role, fact_text_ok
 
 
 class ConfigError(ValueError):

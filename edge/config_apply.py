@@ -34,15 +34,15 @@ from typing import Any
 import cbor2
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from edge import topics
 from edge.config import AgentConfig, ConfigError, from_dict
 from edge.signing import SignatureError, load_public_key, open_sealed, seal
-from edge.touch import DEVICE_ID, SITE_ID
+from protocol import topics
+from protocol.topics import SITE_LEVEL
+from protocol.touch import DEVICE_ID, SITE_ID
 
 log = logging.getLogger(__name__)
 
 PURPOSE = "config"
-SITE_LEVEL = "_site"
 PROTECTED = (("device", "id"), ("device", "site"), ("device", "data_dir"), ("version",))
 KEYS_DIR = "/etc/ccus-touch/keys"   # trusted operator public keys (*.pub), read-only on the device
 

@@ -7,8 +7,8 @@ role then has its own table. Nothing here does I/O or reads a clock.
 from dataclasses import dataclass
 
 from edge.idlist import Entry, IdList, Status
-from edge.reasons import Reason
-from edge.touch import CardTech, Decision
+from protocol.reasons import Reason
+from protocol.touch import CardTech, Decision
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,10 +44,10 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from edge import topics
 from edge.config import MqttConfig
-from edge.e2e import AckError, decode_ack
 from edge.outbox import Outbox
+from protocol import topics
+from protocol.ack import AckError, decode_ack
 
 log = logging.getLogger(__name__)
 

@@ -22,11 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cloud_sink.workday import jst_ms  # noqa: E402
 from edge.agent import Agent  # noqa: E402
-from edge.clock import ManualClock, TimeQuality  # noqa: E402
+from edge.clock import ManualClock
 from edge.config import from_dict  # noqa: E402
 from edge.decision import CardRead  # noqa: E402
 from edge.idlist import Entry, MemoryIdList, Status  # noqa: E402
-from edge.touch import CardTech  # noqa: E402
+from protocol.timequality import TimeQuality  # noqa: E402
+from protocol.touch import CardTech  # noqa: E402
 
 SITE = "13100000000001"
 DEVICE = "gate-f1"

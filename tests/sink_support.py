@@ -9,9 +9,9 @@ import psycopg
 from cloud_sink.model import Policy
 from cloud_sink.store import Store, open_store
 from cloud_sink.workday import jst_ms
-from edge.clock import TimeQuality
-from edge.reasons import Reason
-from edge.touch import CardTech, Decision, Role, Touch
+from protocol.reasons import Reason
+from protocol.timequality import TimeQuality
+from protocol.touch import CardTech, Decision, Role, Touch
 
 SITE = "13100000000001"
 SITE2 = "13100000000002"

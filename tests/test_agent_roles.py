@@ -9,8 +9,8 @@ from edge.clock import ManualClock
 from edge.config import from_dict
 from edge.decision import CardRead
 from edge.idlist import Entry, MemoryIdList, Status
-from edge.reasons import Reason
-from edge.touch import CardTech, Decision, Role, decode
+from protocol.reasons import Reason
+from protocol.touch import CardTech, Decision, Role, decode
 
 SCHEDULE = """
 [[course]]

@@ -3,8 +3,9 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edge.clock import ManualClock, SystemClock, TimeQuality
+from edge.clock import ManualClock, SystemClock
 from edge.decision import Debouncer
+from protocol.timequality import TimeQuality
 
 
 @given(st.lists(st.integers(-10_000, 10_000_000), max_size=20))

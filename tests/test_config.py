@@ -59,7 +59,7 @@ def test_load_reports_toml_errors_and_missing_files(tmp_path: Path) -> None:
 
 
 def test_a_course_id_no_touch_could_carry_is_refused_at_load(tmp_path: Path) -> None:
-    from edge.training import Schedule
+    from edge.roles.training import Schedule
 
     f = tmp_path / "courses.toml"
     f.write_text('[[course]]\nid = "K\\u0000101"\nname = "x"\n'

@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge import config_apply as ca
-from edge import topics
 from edge.config import from_dict
 from edge.signing import generate_key, seal
+from protocol import topics
 
 SITE, DEV = "12345678901234", "gate-01"
 KEY = generate_key()

@@ -5,8 +5,8 @@ from hypothesis import strategies as st
 
 from edge.decision import AntiPassback, CardRead, Debouncer, decide_gate
 from edge.idlist import Entry, MemoryIdList, Status
-from edge.reasons import Reason
-from edge.touch import CardTech, Decision
+from protocol.reasons import Reason
+from protocol.touch import CardTech, Decision
 
 digits14 = st.text("0123456789", min_size=14, max_size=14)
 cards = st.binary(min_size=4, max_size=10)

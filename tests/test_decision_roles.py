@@ -8,9 +8,9 @@ from hypothesis import strategies as st
 
 from edge.decision import CardRead, decide_training, decide_vending, list_age_h
 from edge.idlist import Entry, MemoryIdList, Status
-from edge.reasons import Reason
-from edge.touch import CardTech, Decision
-from edge.training import Course, Schedule
+from edge.roles.training import Course, Schedule
+from protocol.reasons import Reason
+from protocol.touch import CardTech, Decision
 
 ACTIVE = Entry("10000000000001", Status.ACTIVE, cards=(b"\x01",))
 SUSPENDED = Entry("10000000000002", Status.SUSPENDED, cards=(b"\x02",))

@@ -16,10 +16,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 from broker.launcher import PrivateBroker
 from cloud_sink.store import SqliteStore
 from cloud_sink.subscriber import Sink
-from edge import topics
-from edge.demo import card_of, write_idlist_csv
+from demo.site_day import card_of, write_idlist_csv
 from edge.idlist import Entry, Status
-from edge.reader.emulator import CardField, free_udp_port
+from protocol import topics
+from sim.nfc_card import CardField, free_udp_port
 
 SITE = "13100000000002"
 
@@ -66,7 +66,7 @@ targets = ["212F"]
     sink = Sink(store, broker.host, broker.port, client_id="sink-proc")
     sink.start()
     field = CardField(port)
-    proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "agent", "--config", str(conf)],
+    proc = subprocess.Popen([sys.executable, "-m", "ccus.cli", "agent", "--config", str(conf)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         assert sink.subscribed.wait(10)
@@ -97,7 +97,7 @@ targets = ["212F"]
 def test_agent_refuses_a_bad_config_naming_the_key(tmp_path: Path) -> None:
     conf = tmp_path / "agent.toml"
     conf.write_text('[device]\nid = "gate-1"\nsite = "123"\n')
-    r = subprocess.run([sys.executable, "-m", "edge.cli", "agent", "--config", str(conf)],
+    r = subprocess.run([sys.executable, "-m", "ccus.cli", "agent", "--config", str(conf)],
                        capture_output=True, text=True, timeout=30, env={**os.environ})
     assert r.returncode == 2
     assert "device.site" in r.stderr

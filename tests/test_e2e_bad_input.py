@@ -9,18 +9,18 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from broker.launcher import PrivateBroker
+from broker.procs import wait_until
 from cloud_sink.store import SqliteStore
 from cloud_sink.subscriber import Sink
-from edge import topics
 from edge.agent import Agent
-from edge.clock import TimeQuality
 from edge.config import from_dict
 from edge.idlist import Entry, MemoryIdList, Status
-from edge.procs import wait_until
-from edge.reader.cards import EmulatedCard, felica_card
-from edge.reader.emulator import CardField, free_udp_port
-from edge.reasons import Reason
-from edge.touch import CardTech, Decision, Role, Touch, encode
+from protocol import topics
+from protocol.reasons import Reason
+from protocol.timequality import TimeQuality
+from protocol.touch import CardTech, Decision, Role, Touch, encode
+from sim.cards import EmulatedCard, felica_card
+from sim.nfc_card import CardField, free_udp_port
 
 SITE = "13100000000001"
 

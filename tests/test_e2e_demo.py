@@ -7,9 +7,9 @@ import pytest
 
 from cloud_sink.store import SqliteStore
 from cloud_sink.workday import local_time
-from edge.demo import CONTRACTOR, DEVICE, SITE, VEND_DEVICE, DemoRun, site_day
-from edge.reasons import Reason
-from edge.touch import Decision
+from demo.site_day import CONTRACTOR, DEVICE, SITE, VEND_DEVICE, DemoRun, site_day
+from protocol.reasons import Reason
+from protocol.touch import Decision
 
 # (technician, entry, exit) for 2026-11-26, Asia/Tokyo; technician 12 forgot to tap out.
 EXPECTED = [

@@ -7,19 +7,19 @@ from pathlib import Path
 import pytest
 
 from broker.launcher import PrivateBroker
+from broker.procs import wait_until
 from cloud_sink.workday import jst_ms
+from demo.site_day import card_of, write_idlist_csv
 from edge.agent import Agent
 from edge.clock import ManualClock
 from edge.config import from_dict
 from edge.decision import CardRead
-from edge.demo import card_of, write_idlist_csv
 from edge.idlist import Entry, Status
-from edge.idlist.publish import publish_list
-from edge.procs import wait_until
-from edge.reader.emulator import free_udp_port
-from edge.reasons import Reason
 from edge.signing import generate_key
-from edge.touch import CardTech, Decision
+from ops.list_publish import publish_list
+from protocol.reasons import Reason
+from protocol.touch import CardTech, Decision
+from sim.nfc_card import free_udp_port
 
 SITE = "13100000000003"
 

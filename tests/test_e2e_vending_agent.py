@@ -11,9 +11,9 @@ from edge.clock import ManualClock
 from edge.config import from_dict
 from edge.decision import CardRead
 from edge.idlist import Entry, MemoryIdList, Status
-from edge.reasons import Reason
-from edge.touch import CardTech, Decision
-from vending.boardsim import DROP, VEND_PIN, BoardProcess
+from protocol.reasons import Reason
+from protocol.touch import CardTech, Decision
+from sim.board import DROP, VEND_PIN, BoardProcess
 
 CARD = b"\x01\x2e\x4c\xd3\x00\x00\x00\x01"
 

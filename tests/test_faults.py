@@ -30,9 +30,9 @@ from pathlib import Path
 import pytest
 
 from broker.launcher import PrivateBroker
+from broker.procs import wait_until
 from cloud_sink.acks import gap_report
 from cloud_sink.store import SqliteStore
-from edge.procs import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -62,7 +62,7 @@ class Rig:
         self.sink_starts += 1
         log = open(self.tmp / "sink.log", "ab")  # noqa: SIM115 - the process owns it
         self.sink = subprocess.Popen(
-            [sys.executable, "-m", "edge.cli", "sink", "run", "--db", str(self.store),
+            [sys.executable, "-m", "ccus.cli", "sink", "run", "--db", str(self.store),
              "--broker", f"127.0.0.1:{self.broker.port}", "--client-id", "sink-f",
              "--ready-file", str(ready)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
         log.close()

@@ -32,7 +32,7 @@ def test_codec_under_micropython_unix_port(tmp_path):
     assert MICROPYTHON.exists(), f"{MICROPYTHON} missing: run ./dev.sh setup"
     env = {
         "MICROPYPATH": ":".join(map(str, (ROOT / "firmware", ROOT / "tests" / "mpy",
-                                          ROOT / "vending" / "boardsim", ".frozen"))),
+                                          ROOT / "sim" / "board", ".frozen"))),
         "CCUS_TMP": str(tmp_path),
         "PATH": os.environ.get("PATH", ""),
     }
@@ -80,7 +80,7 @@ def test_stand_in_watchdog_resets_a_starved_board(tmp_path):
         "w.feed()\n"
         "print('survived')\n"
     )
-    p = _micropython(["-c", code], {"MICROPYPATH": f"{ROOT / 'vending' / 'boardsim'}:.frozen"},
+    p = _micropython(["-c", code], {"MICROPYPATH": f"{ROOT / 'sim' / 'board'}:.frozen"},
                      timeout=60)
     assert p.returncode == 3, p.stdout
     assert "WDT RESET" in p.stdout and "survived" not in p.stdout

@@ -4,10 +4,10 @@ import argparse
 import json
 
 from edge.idlist import Status, open_list
-from edge.idlist.cli import main, register, register_keygen
 from edge.idlist.dist import open_delta, open_manifest
-from edge.idlist.publish import plan_publish
 from edge.signing import load_private_key, load_public_key
+from ops.list_cli import main, register, register_keygen
+from ops.list_publish import plan_publish
 
 CSV = "tid,status,level,cards\n12345678901234,active,2,0102030405060708\n" \
       "22345678901234,suspended,1,a1b2c3d4;0011223344556677\n"
@@ -48,7 +48,7 @@ def test_plan_orders_chunks_deltas_manifest_then_clears(tmp_path):
     key = load_private_key(tmp_path / "k")
     pub = load_public_key(tmp_path / "k.pub")
     (tmp_path / "t.csv").write_text(CSV)
-    from edge.idlist.publish import build_from_csv
+    from ops.list_publish import build_from_csv
 
     v1 = build_from_csv(tmp_path / "t.csv", name="main", version=1, issued_ms=1)
     v2 = build_from_csv(tmp_path / "t.csv", name="main", version=2, issued_ms=2)

@@ -10,10 +10,10 @@ import pytest
 
 from broker.launcher import PrivateBroker
 from edge.idlist import ListUpdater, Status
-from edge.idlist.cli import main as ops_main
 from edge.idlist.dist import Message
-from edge.idlist.mqtt import PublishError, attach_updater, connect, publish_all
 from edge.signing import load_public_key
+from ops.list_cli import main as ops_main
+from ops.list_mqtt import PublishError, attach_updater, connect, publish_all
 
 pytestmark = pytest.mark.e2e
 WAIT = 30.0  # seconds: upper bound for any delivery in these tests

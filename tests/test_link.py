@@ -21,13 +21,13 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from broker.launcher import TEMPLATES, PrivateBroker
+from broker.procs import poll_until
 from cloud_sink.acks import SeqTracker
-from edge import topics
 from edge.config import MqttConfig
-from edge.e2e import AckError, decode_ack, encode_ack
 from edge.link import Link
 from edge.outbox import Outbox
-from edge.procs import poll_until
+from protocol import topics
+from protocol.ack import AckError, decode_ack, encode_ack
 
 SITE, DEV = "13100000000001", "gate-l1"
 

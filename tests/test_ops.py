@@ -11,10 +11,10 @@ import cbor2
 import pytest
 
 from edge.config import ConfigError
-from edge.ops import fleet
-from edge.ops.acl import Inventory, render_acl
-from edge.ops.configpush import build
 from edge.signing import generate_key
+from ops import fleet
+from ops.acl import Inventory, render_acl
+from ops.configpush import build
 
 SITE = "12345678901234"
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +80,7 @@ def test_push_preflight_catches_mistakes() -> None:
 
 def ops(*args: str, cwd: Path) -> dict | list:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-m", "edge.ops.cli", *args], cwd=cwd, env=env,
+    out = subprocess.run([sys.executable, "-m", "ops.cli", *args], cwd=cwd, env=env,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "PRIVATE KEY" not in out.stdout + out.stderr
@@ -113,7 +113,7 @@ def test_cli_provisions_a_site(tmp_path: Path) -> None:
 
 def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-m", "edge.ops.cli", "site", "add", "--pki", "nope",
+    out = subprocess.run([sys.executable, "-m", "ops.cli", "site", "add", "--pki", "nope",
                           "--site", SITE, "--device", "g"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "Traceback" not in out.stderr and "ca init" in out.stderr

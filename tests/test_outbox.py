@@ -192,7 +192,7 @@ def test_agent_keeps_serving_when_the_disk_is_full(small_fs: Path) -> None:
     from edge.clock import ManualClock
     from edge.config import from_dict
     from edge.decision import CardRead
-    from edge.touch import CardTech
+    from protocol.touch import CardTech
 
     cfg = from_dict(fa.config(small_fs / "agent", 1))
     agent = Agent(cfg, clock=ManualClock(fa.DAY0_MS), idlist=fa.idlist(), config_keys=[])

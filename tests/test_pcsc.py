@@ -2,7 +2,7 @@
 
 The fixture installs Debian's pcscd and vsmartcard-vpcd if they are missing (root, apt-get),
 starts `pcscd --foreground` for this module and kills it afterwards. The card side is
-edge.reader.vpcd (the vpcd socket protocol on localhost:35963).
+sim.vpcd (the vpcd socket protocol on localhost:35963).
 """
 
 import os
@@ -17,14 +17,14 @@ from typing import Any
 
 import pytest
 
+from broker.procs import poll_until, stop_process
 from edge.config import ProfileConfig, ReaderConfig
 from edge.decision import CardRead
-from edge.procs import poll_until, stop_process
 from edge.reader.backend import make_reader
-from edge.reader.cards import EmulatedCard, felica_card, my_number_card, type4_card
-from edge.reader.vpcd import VPCD_PORT, VpcdCard
-from edge.reasons import Reason
-from edge.touch import CardTech
+from protocol.reasons import Reason
+from protocol.touch import CardTech
+from sim.cards import EmulatedCard, felica_card, my_number_card, type4_card
+from sim.vpcd import VPCD_PORT, VpcdCard
 
 try:
     import smartcard  # noqa: F401 - pyscard: only its presence is checked here
@@ -190,8 +190,8 @@ def test_pcsc_feedback_hook_and_acr122_signals(pcscd: Pcscd) -> None:
     from types import SimpleNamespace
 
     from edge.reader.pcsc_backend import ACR122_ALLOW, ACR122_DENY
-    from edge.reader.vpcd import PcscCardSide
-    from edge.touch import Decision
+    from protocol.touch import Decision
+    from sim.vpcd import PcscCardSide
 
     signals: list[tuple[str, Decision, Reason]] = []
     deny = SimpleNamespace(decision=Decision.DENY, reason=Reason.UNKNOWN_CARD)
@@ -227,7 +227,7 @@ def test_ccus_card_emulate_pcsc(pcscd: Pcscd) -> None:
     r = pcsc_reader(ISO, reads)
     r.start()
     try:
-        out = sp.run([sys.executable, "-m", "edge.cli", "card", "emulate", "4b", "--pcsc",
+        out = sp.run([sys.executable, "-m", "ccus.cli", "card", "emulate", "4b", "--pcsc",
                       "--tid", TID, "--hold", "1.0"], capture_output=True, text=True, timeout=30)
         got = reads.wait(1)
     finally:

@@ -8,9 +8,9 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from edge.ops import provision
-from edge.ops.inventory import InventoryFile
-from edge.ops.pki import CA, PkiError, serial_of
+from ops import provision
+from ops.inventory import InventoryFile
+from ops.pki import CA, PkiError, serial_of
 
 SITE = "12345678901234"
 

@@ -6,7 +6,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge.config import ProfileConfig
-from edge.reader.cards import EmulatedCard, Iso7816Card, type4_card
 from edge.reader.decode import (
     atr_tech,
     check_apdu,
@@ -14,13 +13,14 @@ from edge.reader.decode import (
     decode_tid,
     felica_read_command,
 )
-from edge.reader.emulator import felica_response
-from edge.reader.emulator_iso import IsoDepCardSide
 from edge.reader.pcsc_backend import read_pcsc_card
 from edge.reader.profiles import apply_iso_dep
-from edge.reader.vpcd import PcscCardSide, atr_for
-from edge.reasons import Reason
-from edge.touch import TECHNICIAN_ID, CardTech
+from protocol.reasons import Reason
+from protocol.touch import TECHNICIAN_ID, CardTech
+from sim.cards import EmulatedCard, Iso7816Card, type4_card
+from sim.iso_dep import IsoDepCardSide
+from sim.nfc_card import felica_response
+from sim.vpcd import PcscCardSide, atr_for
 
 IDM = bytes.fromhex("0102030405060708")
 ASCII = ProfileConfig(kind="felica")

@@ -14,10 +14,10 @@ import pytest
 from edge.config import ProfileConfig, ReaderConfig
 from edge.decision import CardRead
 from edge.reader.backend import make_reader
-from edge.reader.cards import EmulatedCard, felica_card, my_number_card, type4_card
-from edge.reader.emulator import free_udp_port
-from edge.reasons import Reason
-from edge.touch import CardTech, Decision
+from protocol.reasons import Reason
+from protocol.touch import CardTech, Decision
+from sim.cards import EmulatedCard, felica_card, my_number_card, type4_card
+from sim.nfc_card import free_udp_port
 
 TID = "12345678901234"
 FELICA = ProfileConfig(kind="felica")
@@ -26,11 +26,11 @@ IDM = bytes.fromhex("012E4CD300000001")
 
 
 class Emulator:
-    """A card-field process (python -m edge.reader.emulator PORT), driven over JSON lines."""
+    """A card-field process (python -m sim.nfc_card PORT), driven over JSON lines."""
 
     def __init__(self, port: int) -> None:
         self.port = port
-        self.proc = subprocess.Popen([sys.executable, "-m", "edge.reader.emulator", str(port)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "sim.nfc_card", str(port)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         assert "ready" in json.loads(self.proc.stdout.readline() or "{}")
@@ -242,7 +242,7 @@ def test_ccus_card_emulate(port: int, kind: str, target: str, profile: ProfileCo
     r = reader(port, target, profile, reads)
     r.start()
     try:
-        out = subprocess.run([sys.executable, "-m", "edge.cli", "card", "emulate", kind,
+        out = subprocess.run([sys.executable, "-m", "ccus.cli", "card", "emulate", kind,
                               "--port", str(port), "--tid", TID], capture_output=True,
                              text=True, timeout=20)
         got = reads.wait(1)

@@ -20,17 +20,17 @@ import pytest
 from paho.mqtt.reasoncodes import ReasonCode
 
 from broker.launcher import PrivateBroker
-from edge import topics
+from broker.procs import poll_until
 from edge.agent import Agent
 from edge.config import from_dict
-from edge.ops import fleet, provision
-from edge.ops.acl import render_acl
-from edge.ops.configpush import build, push
-from edge.ops.inventory import InventoryFile
-from edge.ops.mqttc import BrokerOpts, MqttError, connect, publish, snapshot
-from edge.ops.pki import CA
-from edge.procs import poll_until
 from edge.signing import generate_key, load_private_key, write_keypair
+from ops import fleet, provision
+from ops.acl import render_acl
+from ops.configpush import build, push
+from ops.inventory import InventoryFile
+from ops.mqttc import BrokerOpts, MqttError, connect, publish, snapshot
+from ops.pki import CA
+from protocol import topics
 
 SITE, SITE2 = "12345678901234", "22222222222222"
 NOT_AUTHORIZED = 135
@@ -372,7 +372,7 @@ def test_ops_cli_against_the_broker(world: World, tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
     def ops(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "edge.ops.cli", *args], env=env,
+        return subprocess.run([sys.executable, "-m", "ops.cli", *args], env=env,
                               capture_output=True, text=True, timeout=60)
 
     out = ops("devices", "--json", *conn)

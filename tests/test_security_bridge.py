@@ -14,13 +14,13 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from broker.launcher import PrivateBroker
-from edge import topics
-from edge.ops import provision
-from edge.ops.acl import render_acl
-from edge.ops.inventory import InventoryFile
-from edge.ops.mqttc import BrokerOpts, MqttError, connect, publish
-from edge.ops.pki import CA
-from edge.procs import poll_until
+from broker.procs import poll_until
+from ops import provision
+from ops.acl import render_acl
+from ops.inventory import InventoryFile
+from ops.mqttc import BrokerOpts, MqttError, connect, publish
+from ops.pki import CA
+from protocol import topics
 
 SITE = "12345678901234"
 pytestmark = pytest.mark.e2e

@@ -12,8 +12,8 @@ from cloud_sink.derive.rows import touch_row
 from cloud_sink.model import DeadLetter, Policy
 from cloud_sink.subscriber import fast_row
 from cloud_sink.validate import validate
-from edge import topics
-from edge.touch import MAX_TS_MS, _to_map, encode
+from protocol import topics
+from protocol.touch import MAX_TS_MS, _to_map, encode
 
 POLICY = Policy()
 KEYS = ["v", "dev", "site", "role", "seq", "ts", "tq", "card", "ct", "tid", "dec", "rsn", "lv",

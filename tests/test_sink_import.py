@@ -6,11 +6,11 @@ import cbor2
 import pytest
 from sink_support import CENTER, NOW, SITE, tid, touch
 
+from ccus.cli import main
 from cloud_sink.courses import CsvError, parse_courses
 from cloud_sink.importer import import_file, touch_json
 from cloud_sink.store import open_store
-from edge.cli import main
-from edge.touch import _to_map, encode
+from protocol.touch import _to_map, encode
 
 
 def good(n: int) -> list:  # type: ignore[type-arg]

@@ -13,8 +13,8 @@ from sink_support import NOW, fresh_store, touch
 from cloud_sink.derive.rows import COLUMNS, Row, touch_row
 from cloud_sink.isolate import REFUSED, write_isolating
 from cloud_sink.model import DeadLetter, IngestResult, Policy
-from edge import topics
-from edge.touch import Touch
+from protocol import topics
+from protocol.touch import Touch
 
 
 def _rows(touches: list[Touch]) -> tuple[list[Row], list[tuple[str, bytes]]]:

@@ -12,12 +12,12 @@ from paho.mqtt.enums import CallbackAPIVersion
 from sink_support import SITE, fresh_store, touch
 
 from broker.launcher import PrivateBroker
+from broker.procs import wait_until
 from cloud_sink.acks import SeqTracker
 from cloud_sink.store import Store
 from cloud_sink.subscriber import Sink
-from edge import topics
-from edge.procs import wait_until
-from edge.touch import MAX_TS_MS, _to_map, encode
+from protocol import topics
+from protocol.touch import MAX_TS_MS, _to_map, encode
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from cloud_sink.model import DAY_MS, DeadLetter
 from cloud_sink.store import open_store
 from cloud_sink.validate import validate
 from cloud_sink.workday import jst_ms
-from edge.touch import MAX_TS_MS, Decision, Touch
+from protocol.touch import MAX_TS_MS, Decision, Touch
 
 DEVICES = {"gate-01": ("gate", SITE), "gate-02": ("gate", SITE), "train-01": ("training", CENTER),
            "vend-01": ("vending", SITE)}
@@ -214,8 +214,8 @@ def test_a_dead_letter_accounts_at_most_for_its_own_devices_seq_and_never_raises
 def test_a_devices_own_touch_kept_as_a_dead_letter_accounts_for_its_seq(
         ts: list[Touch], reason: str) -> None:
     from cloud_sink.acks import dead_letter_key
-    from edge import topics
-    from edge.touch import encode
+    from protocol import topics
+    from protocol.touch import encode
 
     for t in ts:
         own, other = topics.touch(t.site, t.device), topics.touch(t.site, t.device + "x")

@@ -11,7 +11,7 @@ from cloud_sink.model import DAY_MS, Course, DeadLetter, Device, Policy
 from cloud_sink.store import Store, open_store
 from cloud_sink.stores import migrations
 from cloud_sink.workday import jst_ms
-from edge.touch import Touch
+from protocol.touch import Touch
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

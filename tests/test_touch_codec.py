@@ -5,9 +5,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge.clock import TimeQuality
-from edge.reasons import Reason
-from edge.touch import (
+from protocol.reasons import Reason
+from protocol.timequality import TimeQuality
+from protocol.touch import (
     MAX_PAYLOAD,
     MAX_TS_MS,
     CardTech,

@@ -9,20 +9,19 @@ import time
 
 import pytest
 
+from edge.board import BoardLink, BoardSilent
 from firmware import frame
+from sim.board import DOOR, DROP, GATE, VEND_PIN, BoardProcess
 from vending import (
     DISPENSED,
     INDETERMINATE,
     NOT_DISPENSED,
-    BoardLink,
-    BoardSilent,
     LimitReached,
     PeriodSpec,
     VendController,
     VendJournal,
 )
 from vending import transaction as tx
-from vending.boardsim import DOOR, DROP, GATE, VEND_PIN, BoardProcess
 
 pytestmark = pytest.mark.e2e
 

@@ -1,24 +1,15 @@
-"""Vending machines: allowance ledger, vend transaction state machine, journal, board link, controller.
+"""Vending machines: allowance ledger, vend transaction table, journal, controller.
+
+The board link the controller drives is edge/board.py (the gate role uses it too).
 
 Public API (what the agent calls):
     VendController   reserve() / vend() / cancel() / recover() / reconcile() / resolve()
     VendJournal      SQLite journal (WAL, synchronous=FULL); the ledger lives in its rows
-    BoardLink        pyserial link to the controller board (firmware/frame.py protocol)
     PeriodSpec       day or week, cut at an hour in Asia/Tokyo
     LimitReached     raised by reserve() when the allowance is used up
     VendOutcome      the result of a vend (a touch's vend facts)
 """
 
-from .board import (
-    BoardError,
-    BoardLink,
-    BoardRefused,
-    BoardSilent,
-    BoardStatus,
-    BoardTimeout,
-    BootNotice,
-    VendReply,
-)
 from .controller import DISPENSED, INDETERMINATE, NOT_DISPENSED, VendController, VendOutcome
 from .journal import VendJournal, VendRecord
 from .ledger import AllowanceKey, Ledger, LimitReached, Usage
@@ -30,13 +21,6 @@ __all__ = [
     "INDETERMINATE",
     "NOT_DISPENSED",
     "AllowanceKey",
-    "BoardError",
-    "BoardLink",
-    "BoardRefused",
-    "BoardSilent",
-    "BoardStatus",
-    "BoardTimeout",
-    "BootNotice",
     "InvalidTransition",
     "Ledger",
     "LimitReached",
@@ -47,6 +31,5 @@ __all__ = [
     "VendJournal",
     "VendOutcome",
     "VendRecord",
-    "VendReply",
     "transition",
 ]

@@ -6,10 +6,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from edge.board import BoardError, BoardLink, BoardSilent, BoardTimeout, BootNotice, VendReply
 from firmware import frame
 
 from . import transaction as tx
-from .board import BoardError, BoardLink, BoardSilent, BoardTimeout, BootNotice, VendReply
 from .journal import Applied, VendJournal, VendRecord
 from .ledger import AllowanceKey, Usage
 from .period import PeriodSpec

@@ -9,13 +9,13 @@ import logging
 import threading
 from pathlib import Path
 
+from edge.board import BoardLink
 from edge.clock import Clock
 from edge.config import VendingConfig
 from edge.decision import CardRead, Verdict, decide_vending, resolve
 from edge.idlist import IdList
-from edge.reasons import Reason
-from edge.touch import Decision
-from vending.board import BoardLink
+from protocol.reasons import Reason
+from protocol.touch import Decision
 from vending.controller import DISPENSED, INDETERMINATE, VendController, VendOutcome
 from vending.journal import VendJournal
 from vending.ledger import LimitReached

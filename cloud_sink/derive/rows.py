@@ -9,7 +9,7 @@ from functools import lru_cache
 
 from cloud_sink.model import Policy
 from cloud_sink.workday import work_day
-from edge.touch import Touch
+from protocol.touch import Touch
 
 COLUMNS = ("device", "seq", "site", "role", "ts_ms", "tq", "card", "card_tech", "tid", "decision",
            "reason", "lv", "cv", "facts", "dir", "work_day", "received_ms",

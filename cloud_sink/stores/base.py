@@ -24,8 +24,8 @@ from cloud_sink.model import (
     VendingRow,
     WorkDay,
 )
-from edge import topics
-from edge.touch import Touch, encode
+from protocol import topics
+from protocol.touch import Touch, encode
 
 _COLS = ", ".join(COLUMNS)
 _FLAG = COLUMNS.index("flag")

@@ -24,8 +24,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from edge.idlist.codec import HEADER_SIZE, NAME, MmapIdList, load_list
 from edge.idlist.delta import Delta, DeltaError
 from edge.signing import SignatureError, open_sealed, seal
+from protocol import topics
 
-ROOT = "ccus/v1/list"
+ROOT = topics.LIST_ROOT
 MANIFEST_PURPOSE = "idlist-manifest"
 DELTA_PURPOSE = "idlist-delta"
 DEFAULT_CHUNK_SIZE = 60 * 1024  # under Mosquitto message_size_limit 65536 with room to spare
@@ -34,22 +35,11 @@ MAX_CHUNKS = 65536
 MAX_DELTA_PARTS = 4096
 
 
-def subscription(name: str) -> str:
-    """The one filter a device subscribes to for list `name`."""
-    return f"{ROOT}/{name}/#"
-
-
-def manifest_topic(name: str) -> str:
-    return f"{ROOT}/{name}/snapshot/manifest"
-
-
-def chunk_topic(name: str, version: int, index: int) -> str:
-    return f"{ROOT}/{name}/snapshot/{version}/{index}"
-
-
-def delta_topic(name: str, from_version: int, to_version: int, count: int = 1,
-                index: int = 0) -> str:
-    return f"{ROOT}/{name}/delta/{from_version}-{to_version}/{count}/{index}"
+# the topic builders live with the rest of the tree in protocol/topics.py
+subscription = topics.list_subscription
+manifest_topic = topics.list_manifest
+chunk_topic = topics.list_chunk
+delta_topic = topics.list_delta
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,8 +13,8 @@ from typing import Any, Protocol
 
 from edge.config import ProfileConfig, ReaderConfig
 from edge.decision import CardRead
-from edge.reasons import Reason
-from edge.touch import Decision
+from protocol.reasons import Reason
+from protocol.touch import Decision
 
 OnRead = Callable[[ReaderConfig, CardRead], Any]
 OnHealth = Callable[[str, str], None]

@@ -8,8 +8,8 @@ import re
 import struct
 
 from edge.config import ProfileConfig
-from edge.reasons import Reason
-from edge.touch import CardTech
+from protocol.reasons import Reason
+from protocol.touch import CardTech
 
 DIGITS = re.compile(rb"[0-9]+\Z")
 FELICA_BLOCK = 16

@@ -23,8 +23,8 @@ from edge.decision import CardRead
 from edge.reader.backend import Feedback, OnHealth, OnRead, ReaderThread, outcome
 from edge.reader.decode import atr_tech, check_apdu, decode_tid
 from edge.reader.profiles import LinkLost, Transmit, apply_iso_dep, result
-from edge.reasons import Reason
-from edge.touch import CardTech, Decision
+from protocol.reasons import Reason
+from protocol.touch import CardTech, Decision
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from edge.reader.decode import (
     select_aid,
     select_file,
 )
-from edge.reasons import Reason
-from edge.touch import CardTech
+from protocol.reasons import Reason
+from protocol.touch import CardTech
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass, field
 
-from edge.touch import CardTech
+from protocol.touch import CardTech
 
 # A FeliCa Standard PMm (IC code 0x01, RC-S915 family). Bytes 3 and 5 set the maximum
 # response times nfcpy allows for Request Response (~10 ms, the presence check) and for a

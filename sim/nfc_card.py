@@ -21,9 +21,9 @@ import threading
 import time
 from binascii import hexlify, unhexlify
 
-from edge.reader.cards import FELICA_BLOCK, EmulatedCard
-from edge.reader.emulator_iso import IsoDepCardSide
-from edge.touch import CardTech
+from protocol.touch import CardTech
+from sim.cards import FELICA_BLOCK, EmulatedCard
+from sim.iso_dep import IsoDepCardSide
 
 PENDING_POLL_S = 0.9
 DYNAMIC_PORTS = range(49152, 65536)  # a SENSF_REQ younger than this is still being waited for by the reader

@@ -13,8 +13,16 @@ from typing import Any
 
 import cbor2
 
-from edge.clock import TimeQuality
-from edge.reasons import Reason
+from protocol.fields import (  # noqa: F401 - re-exported: the touch's field rules
+    DEVICE_ID,
+    FACT_KEY,
+    MAX_FACT_TEXT,
+    SITE_ID,
+    TECHNICIAN_ID,
+    fact_text_ok,
+)
+from protocol.reasons import Reason
+from protocol.timequality import TimeQuality
 
 SCHEMA_VERSION = 1
 MAX_PAYLOAD = 4096          # a v1 touch is ~150 bytes; anything this large is not a touch
@@ -22,12 +30,6 @@ MAX_SEQ = 2**63 - 1
 # 9999-12-31 23:59:59.999 Asia/Tokyo: beyond it a clock has no calendar date, so no work day
 MAX_TS_MS = 253_402_268_399_999
 MAX_FACTS = 16
-MAX_FACT_TEXT = 64
-
-DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
-SITE_ID = re.compile(r"[0-9]{14}\Z")      # 現場ID: 14 ASCII digits
-TECHNICIAN_ID = re.compile(r"[0-9]{14}\Z")  # 技能者ID: 14 ASCII digits
-FACT_KEY = re.compile(r"[a-z][a-z0-9_]{0,31}\Z")
 
 
 class Role(StrEnum):
@@ -80,12 +82,6 @@ class Touch:
     @property
     def key(self) -> tuple[str, int]:
         return (self.device, self.seq)
-
-
-def fact_text_ok(s: str) -> bool:
-    """A fact's text: at most 64 characters and no NUL, which no fact needs and which a
-    PostgreSQL text column refuses (the sink's store would refuse the whole batch)."""
-    return len(s) <= MAX_FACT_TEXT and "\x00" not in s
 
 
 def encode(t: Touch) -> bytes:

@@ -13,7 +13,7 @@ from typing import Any
 
 import cbor2
 
-from edge import topics
+from protocol import topics
 
 STALE_S = 300          # no state for 5 state intervals (60 s each): something is wrong
 BACKLOG_MAX = 100      # touches waiting in the outbox

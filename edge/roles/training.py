@@ -4,7 +4,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge.touch import fact_text_ok
+from protocol.touch import fact_text_ok
 
 
 @dataclass(frozen=True, slots=True)

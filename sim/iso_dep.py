@@ -10,8 +10,8 @@ S(DESELECT) is echoed. Chaining and WTX are not emulated: the APDUs here are sho
 from functools import reduce
 from operator import xor
 
-from edge.reader.cards import EmulatedCard, Iso7816Card
-from edge.touch import CardTech
+from protocol.touch import CardTech
+from sim.cards import EmulatedCard, Iso7816Card
 
 # FWI 7: frame waiting time 4096/13.56 MHz * 2^7 = 38.7 ms. Generous for an emulated card in
 # another process, and a removed card is noticed in about that, as with a real one.

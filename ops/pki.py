@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from edge.touch import DEVICE_ID, SITE_ID
+from protocol.touch import DEVICE_ID, SITE_ID
 
 KINDS = ("operator", "sink", "bridge")
 NAME = DEVICE_ID  # operator/sink names follow the device-id rule too: short and shell-safe

@@ -53,8 +53,8 @@ def register_keygen(subparsers: Subparsers) -> argparse.ArgumentParser:
 
 def _publish(args: argparse.Namespace) -> int:
     from edge.idlist.dist import DEFAULT_CHUNK_SIZE
-    from edge.idlist.mqtt import parse_broker
-    from edge.idlist.publish import publish_list
+    from ops.list_mqtt import parse_broker
+    from ops.list_publish import publish_list
 
     plan = publish_list(
         args.csv, name=args.name, version=args.version, key=load_private_key(args.key),
@@ -91,7 +91,7 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Standalone entry: `python -m edge.idlist.cli list publish ...` / `... keygen --out K`."""
+    """Standalone entry: `python -m ops.list_cli list publish ...` / `... keygen --out K`."""
     parser = argparse.ArgumentParser(prog="ccus ops")
     sub = parser.add_subparsers(dest="command", required=True)
     register(sub)

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from edge.ops.acl import Inventory
+from ops.acl import Inventory
 
 
 class InventoryFile:

@@ -16,19 +16,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from broker.launcher import PrivateBroker
+from broker.procs import stop_process, wait_until
 from cloud_sink.store import SqliteStore
 from cloud_sink.workday import jst_ms, local_time
 from edge.agent import Agent
 from edge.clock import ManualClock
 from edge.config import AgentConfig, load
 from edge.idlist import Entry, Status
-from edge.idlist.publish import publish_list
-from edge.procs import stop_process, wait_until
-from edge.reader.cards import EmulatedCard, felica_card
-from edge.reader.emulator import free_udp_port
 from edge.signing import generate_key
-from edge.touch import Touch
-from vending.boardsim import DROP, VEND_PIN, BoardProcess
+from ops.list_publish import publish_list
+from protocol.touch import Touch
+from sim.board import DROP, VEND_PIN, BoardProcess
+from sim.cards import EmulatedCard, felica_card
+from sim.nfc_card import free_udp_port
 
 SITE = "13100000000001"   # a 14-digit site ID (現場ID)
 DEVICE = "gate-01"
@@ -191,12 +191,12 @@ class DemoRun:
         ready = self.data / "sink.ready"
         with open(self.data / "sink.log", "wb") as sink_log:
             self.sink = subprocess.Popen(
-                [sys.executable, "-m", "edge.cli", "sink", "run", "--db", str(self.store_path),
+                [sys.executable, "-m", "ccus.cli", "sink", "run", "--db", str(self.store_path),
                  "--broker", f"127.0.0.1:{self.broker.port}", "--ready-file", str(ready)],
                 stdout=subprocess.DEVNULL, stderr=sink_log)
         self.ports = {name: free_udp_port() for name in READERS}
         self.emulator = subprocess.Popen(
-            [sys.executable, "-m", "edge.reader.emulator", *map(str, self.ports.values())],
+            [sys.executable, "-m", "sim.nfc_card", *map(str, self.ports.values())],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.emulator.stdout is not None
         if "ready" not in json.loads(self.emulator.stdout.readline() or "{}"):

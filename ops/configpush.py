@@ -17,9 +17,10 @@ import cbor2
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edge import config_apply, topics
+from edge import config_apply
 from edge.config import ConfigError, from_dict
-from edge.ops.mqttc import BrokerOpts, connect, publish
+from ops.mqttc import BrokerOpts, connect, publish
+from protocol import topics
 
 PLACEHOLDER_DEV = "preflight"
 

@@ -17,8 +17,8 @@ import struct
 import threading
 import time
 
-from edge.reader.cards import FELICA_BLOCK, EmulatedCard, Iso7816Card
-from edge.touch import CardTech
+from protocol.touch import CardTech
+from sim.cards import FELICA_BLOCK, EmulatedCard, Iso7816Card
 
 VPCD_PORT = 35963
 

@@ -1,6 +1,6 @@
 """Mosquitto ACL files from the inventory, pure: what each identity may publish and read.
 
-The broker takes the username from the certificate CN (see edge/ops/pki.py). Rules are written
+The broker takes the username from the certificate CN (see ops/pki.py). Rules are written
 per identity (not `pattern ... %u`) because a device's site is not in its username: an
 explicit block binds each device to its own site.
 
@@ -21,8 +21,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-PREFIX = "ccus/v1"
-SITE_LEVEL = "_site"  # site-wide config lives at ccus/v1/{site}/_site/config; no device id starts with '_'
+from protocol import topics as t
+from protocol.topics import PREFIX, SITE_LEVEL  # noqa: F401 - re-exported for the ops tools
 
 
 @dataclass
@@ -35,15 +35,14 @@ class Inventory:
 
 
 def device_rules(site: str, dev: str) -> list[tuple[str, str]]:
-    base = f"{PREFIX}/{site}/{dev}"
     return [
-        ("write", f"{base}/touch"),
-        ("write", f"{base}/state"),
-        ("write", f"{base}/config/ack"),
-        ("read", f"{base}/config"),
-        ("read", f"{PREFIX}/{site}/{SITE_LEVEL}/config"),
-        ("read", f"{base}/ack"),
-        ("read", f"{PREFIX}/list/#"),
+        ("write", t.touch(site, dev)),
+        ("write", t.state(site, dev)),
+        ("write", t.config_ack(site, dev)),
+        ("read", t.config(site, dev)),
+        ("read", t.site_config(site)),
+        ("read", t.touch_ack(site, dev)),
+        ("read", t.ALL_LISTS),
     ]
 
 
@@ -53,17 +52,17 @@ def bridge_rules(site: str) -> list[tuple[str, str]]:
 
 
 OPERATOR_RULES = [
-    ("readwrite", f"{PREFIX}/+/+/config"),
-    ("readwrite", f"{PREFIX}/list/#"),
-    ("read", f"{PREFIX}/+/+/state"),
-    ("read", f"{PREFIX}/+/+/config/ack"),
+    ("readwrite", t.every(t.CONFIG)),
+    ("readwrite", t.ALL_LISTS),
+    ("read", t.every(t.STATE)),
+    ("read", t.every(t.CONFIG_ACK)),
 ]
 
 SINK_RULES = [
-    ("read", f"{PREFIX}/+/+/touch"),
-    ("read", f"{PREFIX}/+/+/state"),
-    ("read", f"{PREFIX}/+/+/config/ack"),
-    ("write", f"{PREFIX}/+/+/ack"),
+    ("read", t.every(t.TOUCH)),
+    ("read", t.every(t.STATE)),
+    ("read", t.every(t.CONFIG_ACK)),
+    ("write", t.every(t.ACK)),
 ]
 
 

@@ -12,10 +12,10 @@ import shutil
 from pathlib import Path
 
 from broker.launcher import render
-from edge.ops.acl import render_acl
-from edge.ops.inventory import InventoryFile
-from edge.ops.pki import PkiError
-from edge.ops.provision import copy_secret
+from ops.acl import render_acl
+from ops.inventory import InventoryFile
+from ops.pki import PkiError
+from ops.provision import copy_secret
 
 PLACES = ("dev", "site", "cloud")
 

@@ -3,8 +3,8 @@
 import argparse
 import time
 
-from edge.reader.cards import DEMO_AID, DEMO_FILE, EmulatedCard, felica_card, my_number_card, type4_card
-from edge.touch import CardTech
+from protocol.touch import CardTech
+from sim.cards import DEMO_AID, DEMO_FILE, EmulatedCard, felica_card, my_number_card, type4_card
 
 KINDS = ("felica", "transit", "4a", "4b", "my-number")
 
@@ -48,7 +48,7 @@ def _emulate(args: argparse.Namespace) -> int:
     card = card_of(args.kind, args.ident, args.tid)
     if args.pcsc:
         return _emulate_pcsc(card, args)
-    from edge.reader.emulator import CardField
+    from sim.nfc_card import CardField
 
     field = CardField(args.port)
     try:
@@ -63,7 +63,7 @@ def _emulate(args: argparse.Namespace) -> int:
 
 
 def _emulate_pcsc(card: EmulatedCard, args: argparse.Namespace) -> int:
-    from edge.reader.vpcd import VpcdCard
+    from sim.vpcd import VpcdCard
 
     for i in range(args.taps):
         vc = VpcdCard(card)

@@ -45,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from cloud_sink.cli import register as register_sink
     from cloud_sink.report_cli import register as register_report
-    from edge.ops.cli import register as register_ops
-    from edge.reader.cli import register as register_card
+    from ops.cli import register as register_ops
+    from sim.cli import register as register_card
 
     register_sink(sub)
     register_report(sub)
@@ -85,7 +85,7 @@ def _stop_on_signal() -> threading.Event:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from edge.demo import run_demo
+    from demo.site_day import run_demo
 
     return run_demo(args.data)
 

@@ -1,6 +1,6 @@
 """The end-to-end acknowledgement message (pure): sink -> device, retained, QoS 1.
 
-Topic ``ccus/v1/{site}/{dev}/ack`` (edge.topics.touch_ack). Payload: CBOR map
+Topic ``ccus/v1/{site}/{dev}/ack`` (protocol.topics.touch_ack). Payload: CBOR map
 ``{"v": 1, "upto": N}``: every touch of that device with seq <= N is committed in the store.
 N only grows; N = 0 means nothing is covered yet. docs/delivery.md is the normative text.
 decode_ack() returns N or raises AckError; it never raises anything else, whatever the bytes.

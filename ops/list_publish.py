@@ -81,7 +81,7 @@ def publish_list(csv_path: str | os.PathLike[str], *, name: str, version: int,
         return plan
     from tqdm import tqdm
 
-    from edge.idlist.mqtt import connect, publish_all
+    from ops.list_mqtt import connect, publish_all
 
     client = connect(*broker, client_id=f"ccus-ops-list-{os.getpid()}")
     try:

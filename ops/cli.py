@@ -1,4 +1,4 @@
-"""argparse wiring for `ccus ops ...`: hook with `register(subparsers)` from edge/cli.py."""
+"""argparse wiring for `ccus ops ...`: hook with `register(subparsers)` from ccus/cli.py."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the `ops` command group (PKI, ACLs, broker configs, config push, fleet, lists)."""
-    from edge.ops.mqttc import add_broker_args
+    from ops.mqttc import add_broker_args
 
     ops = subparsers.add_parser("ops", help="operators: provisioning, broker configs, signed "
                                             "config, fleet view, ID lists")
@@ -116,8 +116,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.set_defaults(func=_safe(_devices))
 
     try:  # the ID-list commands live with the ID-list code
-        from edge.idlist.cli import register as register_list
-        from edge.idlist.cli import register_keygen
+        from ops.list_cli import register as register_list
+        from ops.list_cli import register_keygen
     except ImportError:  # pragma: no cover - only while that module is missing
         pass
     else:
@@ -149,7 +149,7 @@ def _issued(i: Any) -> dict[str, Any]:
 
 
 def _ca_init(a: argparse.Namespace) -> int:
-    from edge.ops.pki import CA, fingerprint
+    from ops.pki import CA, fingerprint
 
     ca = CA.init(a.pki, a.name, a.days)
     return _out({"ca": str(ca.cert_path), "crl": str(ca.crl_path),
@@ -157,46 +157,46 @@ def _ca_init(a: argparse.Namespace) -> int:
 
 
 def _ca_crl(a: argparse.Namespace) -> int:
-    from edge.ops.pki import CA
+    from ops.pki import CA
 
     ca = CA(a.pki)
     return _out({"crl": str(ca.write_crl()), "revoked": len(ca.revoked())})
 
 
 def _server(a: argparse.Namespace) -> int:
-    from edge.ops.pki import CA
+    from ops.pki import CA
 
     return _out(_issued(CA(a.pki).issue_server(Path(a.pki) / "server", a.name)))
 
 
 def _identity(a: argparse.Namespace) -> int:
-    from edge.ops.provision import add_identity
+    from ops.provision import add_identity
 
     return _out(_issued(add_identity(a.pki, a.kind, a.name)))
 
 
 def _site_add(a: argparse.Namespace) -> int:
-    from edge.ops.provision import add_site
+    from ops.provision import add_site
 
     return _out([_issued(i) for i in add_site(a.pki, a.site, a.device, role=a.role,
                                               broker_names=a.broker_name)])
 
 
 def _device_add(a: argparse.Namespace) -> int:
-    from edge.ops.provision import add_device
+    from ops.provision import add_device
 
     return _out(_issued(add_device(a.pki, a.site, a.id, role=a.role, host=a.broker_name)))
 
 
 def _device_rotate(a: argparse.Namespace) -> int:
-    from edge.ops.provision import rotate_device
+    from ops.provision import rotate_device
 
     issued, old = rotate_device(a.pki, a.id)
     return _out({**_issued(issued), "old_serial": f"{old:x}"})
 
 
 def _device_revoke(a: argparse.Namespace) -> int:
-    from edge.ops.provision import revoke_device
+    from ops.provision import revoke_device
 
     serials = revoke_device(a.pki, a.id)
     return _out({"revoked": [f"{s:x}" for s in serials],
@@ -205,22 +205,22 @@ def _device_revoke(a: argparse.Namespace) -> int:
 
 
 def _cert_revoke(a: argparse.Namespace) -> int:
-    from edge.ops.pki import CA
+    from ops.pki import CA
 
     CA(a.pki).revoke(int(a.serial, 16))
     return _out({"revoked": a.serial.lower()})
 
 
 def _acl(a: argparse.Namespace) -> int:
-    from edge.ops.acl import render_acl
-    from edge.ops.inventory import InventoryFile
+    from ops.acl import render_acl
+    from ops.inventory import InventoryFile
 
     Path(a.out).write_text(render_acl(InventoryFile(a.pki).inventory(), site=a.site))
     return _out({"acl": a.out})
 
 
 def _broker_config(a: argparse.Namespace) -> int:
-    from edge.ops.brokerconf import bundle
+    from ops.brokerconf import bundle
 
     conf = bundle(a.place, a.pki, a.out, site=a.site, cloud_address=a.cloud,
                   listener=a.listener, install_dir=a.install_dir)
@@ -228,9 +228,9 @@ def _broker_config(a: argparse.Namespace) -> int:
 
 
 def _config_push(a: argparse.Namespace) -> int:
-    from edge.ops.configpush import build, load_overlay, push
-    from edge.ops.mqttc import broker_opts
     from edge.signing import load_private_key
+    from ops.configpush import build, load_overlay, push
+    from ops.mqttc import broker_opts
 
     body = load_overlay(a.file)
     topic, version, payload = build(load_private_key(a.signing_key), a.site, a.device, body,
@@ -250,9 +250,9 @@ def _config_push(a: argparse.Namespace) -> int:
 
 
 def _devices(a: argparse.Namespace) -> int:
-    from edge import topics
-    from edge.ops import fleet
-    from edge.ops.mqttc import broker_opts, snapshot
+    from ops import fleet
+    from ops.mqttc import broker_opts, snapshot
+    from protocol import topics
 
     msgs = snapshot(broker_opts(a), topics.state(a.site, "+"))
     now = int(time.time() * 1000)
@@ -264,7 +264,7 @@ def _devices(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone: `python -m edge.ops.cli ...` (same as `ccus ops ...`)."""
+    """Standalone: `python -m ops.cli ...` (same as `ccus ops ...`)."""
     parser = argparse.ArgumentParser(prog="ccus")
     register(parser.add_subparsers(dest="cmd", required=True))
     args = parser.parse_args(["ops", *(sys.argv[1:] if argv is None else argv)])
