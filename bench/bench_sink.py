@@ -127,7 +127,7 @@ class Bare:
 
 class SinkConsumer:
     def __init__(self, port: int, group: str, n: int, url: str, batch: int = SINK_BATCH) -> None:
-        from cloud_sink.subscriber import Sink
+        from cloud_sink.ingest import Sink
 
         self.n, self.res = n, IngestResult()
         self.done = threading.Event()

@@ -13,26 +13,17 @@ Rules of this file:
   need an acknowledgement published. It is called only after the batch is committed.
 - A gap means loss somewhere or a replay in progress: it is logged and kept in seq_gaps; the
   acknowledgement covers only the contiguous prefix, so the device keeps and replays the rest.
-- A dead letter of a device's own touch (on its own topic: the broker's ACL lets no one else
-  publish there) is kept with its bytes, so its seq counts as accounted for
-  (``dead_letter_key``): one refused touch must not stop the device forgetting every touch
-  after it. Not so for reasons a later sink may store (a newer schema, a device registered
-  later): the device keeps those and sends them again.
+- A dead letter of a device's own touch counts as accounted for (the store keeps its seq:
+  cloud_sink.deadletters.dead_letter_key); the ledger reads that from the store like a touch.
+- It imports no store module: the store (or what to read gaps from) is passed in, so the
+  store backends may import what they share with it without a cycle.
 """
 
-import argparse
 import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
-
-import cbor2
-
-from cloud_sink.model import DeadLetter
-from protocol import topics
-from protocol.touch import MAX_PAYLOAD, MAX_SEQ
 
 if TYPE_CHECKING:
     from cloud_sink.stores.base import SqlStore
@@ -40,28 +31,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RESYNC_S = 1.0  # with gaps open, re-read the store at most this often per device
-
-# dead letters the device keeps and sends again: a later sink may store them
-KEEP_ON_DEVICE = frozenset({"unknown_schema", "unregistered_device"})
-
-
-def dead_letter_key(letter: DeadLetter) -> tuple[str, str, int] | None:
-    """(site, device, seq) a dead letter accounts for in its device's acknowledgement, or None:
-    the topic is the device's touch topic and the payload a CBOR map naming that device and
-    site with a valid seq (pure; never raises)."""
-    where = topics.parse_device_topic(letter.topic)
-    if (letter.reason in KEEP_ON_DEVICE or where is None or where[2] != "touch"
-            or len(letter.payload) > MAX_PAYLOAD):
-        return None
-    try:
-        m = cbor2.loads(letter.payload)
-    except Exception:  # noqa: BLE001 - any undecodable payload names no seq
-        return None
-    site, device, _ = where
-    if type(m) is not dict or m.get("dev") != device or m.get("site") != site:
-        return None
-    seq = m.get("seq")
-    return (site, device, seq) if type(seq) is int and 1 <= seq <= MAX_SEQ else None
 
 
 class SeqTracker:
@@ -203,16 +172,10 @@ class AckLedger:
         return sum(len(d.gaps) for d in self._devices.values())
 
 
-def gap_report(store_url: str | Path, *, include_closed: bool = False) -> list[tuple]:  # type: ignore[type-arg]
-    """Rows (device, site, first_missing, last_missing, seen_ms, closed_ms) from seq_gaps, of a
-    store given by path or URL (SQLite or PostgreSQL)."""
-    from cloud_sink.store import open_store
-
-    store = open_store(store_url)
-    try:
-        return store.gaps(include_closed=include_closed)  # type: ignore[attr-defined,no-any-return]
-    finally:
-        store.close()
+def gap_report(store: "SqlStore", *, include_closed: bool = False) -> list[tuple]:  # type: ignore[type-arg]
+    """Rows (device, site, first_missing, last_missing, seen_ms, closed_ms) from seq_gaps of an
+    open store (SQLite or PostgreSQL); the caller opens and closes it."""
+    return store.gaps(include_closed=include_closed)
 
 
 def format_gaps(rows: list[tuple]) -> str:  # type: ignore[type-arg]
@@ -225,17 +188,3 @@ def format_gaps(rows: list[tuple]) -> str:  # type: ignore[type-arg]
         lines.append(f"{dev:<16} {site:<14} {f'{lo}..{hi}':>21} {hi - lo + 1:>7} {age:>8}  "
                      f"{'open' if closed is None else 'closed'}")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m cloud_sink.acks --db STORE [--all]`: list gaps in devices' seqs (path or URL)."""
-    p = argparse.ArgumentParser(prog="python -m cloud_sink.acks", description=main.__doc__)
-    p.add_argument("--db", required=True)
-    p.add_argument("--all", action="store_true", help="closed gaps too")
-    args = p.parse_args(argv)
-    print(format_gaps(gap_report(args.db, include_closed=args.all)))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -113,7 +113,7 @@ def register(sub: Sub) -> None:  # type: ignore[valid-type]
 
 
 def _run(args: argparse.Namespace) -> int:
-    from cloud_sink.subscriber import Sink, TlsFiles
+    from cloud_sink.ingest import Sink, TlsFiles
 
     host, _, port = args.broker.rpartition(":")
     store = store_of(args)
@@ -261,5 +261,9 @@ def _devices_list(args: argparse.Namespace) -> int:
 def _gaps(args: argparse.Namespace) -> int:
     from cloud_sink.acks import format_gaps, gap_report
 
-    print(format_gaps(gap_report(args.store, include_closed=args.all)))
+    store = store_of(args)
+    try:
+        print(format_gaps(gap_report(store, include_closed=args.all)))
+    finally:
+        store.close()
     return 0

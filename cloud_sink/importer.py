@@ -16,14 +16,14 @@ import cbor2
 
 from cloud_sink.model import BATCH_MAX, DeadLetter, IngestResult
 from cloud_sink.store import Store
-from protocol.touch import Touch, TouchError, _to_map, decode
+from protocol.touch import Touch, TouchError, decode, to_map
 
 Item = Touch | DeadLetter
 
 
 def touch_json(t: Touch) -> str:
     """A touch as one JSON line (the import format)."""
-    m = _to_map(t)
+    m = to_map(t)
     m["card"] = t.card.hex()
     return json.dumps(m, sort_keys=True, ensure_ascii=False)
 

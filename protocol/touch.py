@@ -86,7 +86,7 @@ class Touch:
 
 def encode(t: Touch) -> bytes:
     """Touch -> CBOR bytes. Validates first, so nothing invalid ever leaves a device."""
-    m = _to_map(t)
+    m = to_map(t)
     _validate(m)
     return cbor2.dumps(m)
 
@@ -107,7 +107,8 @@ def decode(payload: bytes) -> Touch:
     return _validate(m)
 
 
-def _to_map(t: Touch) -> dict[str, Any]:
+def to_map(t: Touch) -> dict[str, Any]:
+    """Touch -> its wire map (the CBOR map encode() writes), not validated."""
     return {
         "v": SCHEMA_VERSION,
         "dev": t.device,

@@ -14,8 +14,8 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from broker.launcher import PrivateBroker
+from cloud_sink.ingest import Sink
 from cloud_sink.store import SqliteStore
-from cloud_sink.subscriber import Sink
 from demo.site_day import card_of, write_idlist_csv
 from edge.idlist import Entry, Status
 from protocol import topics

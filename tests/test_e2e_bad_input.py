@@ -10,8 +10,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from broker.launcher import PrivateBroker
 from broker.procs import wait_until
+from cloud_sink.ingest import Sink
 from cloud_sink.store import SqliteStore
-from cloud_sink.subscriber import Sink
 from edge.agent import Agent
 from edge.config import from_dict
 from edge.idlist import Entry, MemoryIdList, Status

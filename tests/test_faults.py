@@ -233,6 +233,10 @@ def test_fault(kind: str, round_: int, reference: tuple,  # type: ignore[type-ar
     assert len(seqs) == len(set(seqs)) == n  # none twice
     assert rows == ref_rows                    # the same touches, field by field
     assert wh == ref_wh                        # the same work history
-    assert gap_report(tmp_path / "store.sqlite") == []
+    store = SqliteStore(tmp_path / "store.sqlite")
+    try:
+        assert gap_report(store) == []
+    finally:
+        store.close()
     print(f"fault {kind} round {round_} seed {seed}: {n} touches, link {done['link']}, "
           f"{time.monotonic() - started:.1f} s")

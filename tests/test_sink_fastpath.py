@@ -1,4 +1,4 @@
-"""The sink writer's fast path (cloud_sink.subscriber.fast_row) against the full path
+"""The sink writer's fast path (cloud_sink.ingest.fastpath.fast_row) against the full path
 (cloud_sink.validate + derive.rows.touch_row): it may decline anything, but what it accepts the
 full path accepts too, with the very same store row."""
 
@@ -9,11 +9,11 @@ from hypothesis import strategies as st
 from sink_support import NOW, SITE, touch
 
 from cloud_sink.derive.rows import touch_row
+from cloud_sink.ingest.fastpath import fast_row
 from cloud_sink.model import DeadLetter, Policy
-from cloud_sink.subscriber import fast_row
 from cloud_sink.validate import validate
 from protocol import topics
-from protocol.touch import MAX_TS_MS, _to_map, encode
+from protocol.touch import MAX_TS_MS, encode, to_map
 
 POLICY = Policy()
 KEYS = ["v", "dev", "site", "role", "seq", "ts", "tq", "card", "ct", "tid", "dec", "rsn", "lv",
@@ -34,9 +34,9 @@ values = st.one_of(scalars, st.lists(scalars, max_size=3),
 
 
 def base_maps() -> list[dict[str, object]]:
-    return [_to_map(touch(7)), _to_map(touch(8, dir="out", who=None)),
-            _to_map(touch(9, role="training", facts={"course": "C-12"})),
-            _to_map(touch(10, role="vending", decision="deny",
+    return [to_map(touch(7)), to_map(touch(8, dir="out", who=None)),
+            to_map(touch(9, role="training", facts={"course": "C-12"})),
+            to_map(touch(10, role="vending", decision="deny",
                           facts={"slot": 3, "result": "dispensed", "contractor": "20000000000001",
                                  "paid": True}))]
 
@@ -137,7 +137,7 @@ def test_a_message_that_fails_unforeseen_is_dead_lettered_and_the_rest_are_mappe
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The writer's guard: a bug met by one message (here: touch_row raising for seq 8) makes
     that message an `internal_error` dead letter with its bytes; the batch goes on."""
-    import cloud_sink.subscriber as sub
+    import cloud_sink.ingest.writer as sub
 
     real = sub.touch_row
 

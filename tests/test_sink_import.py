@@ -10,7 +10,7 @@ from ccus.cli import main
 from cloud_sink.courses import CsvError, parse_courses
 from cloud_sink.importer import import_file, touch_json
 from cloud_sink.store import open_store
-from protocol.touch import _to_map, encode
+from protocol.touch import encode, to_map
 
 
 def good(n: int) -> list:  # type: ignore[type-arg]
@@ -40,7 +40,7 @@ def test_cbor_sequence_and_cbor_array_give_the_same_store(tmp_path: Path) -> Non
     seq = tmp_path / "seq.cbor"
     seq.write_bytes(b"".join(encode(t) for t in ts) + cbor2.dumps({"v": 7}))
     arr = tmp_path / "arr.cbor"
-    arr.write_bytes(cbor2.dumps([_to_map(t) for t in ts] + ["junk"]))
+    arr.write_bytes(cbor2.dumps([to_map(t) for t in ts] + ["junk"]))
     tables = []
     for f in (seq, arr):
         s = open_store(tmp_path / f"{f.stem}.sqlite")

@@ -201,7 +201,7 @@ def test_cached_work_day_equals_work_day_for_every_clock_a_touch_may_carry(ts: i
        st.sampled_from(["bad_field", "internal_error", "store_refused", "unknown_schema"]))
 def test_a_dead_letter_accounts_at_most_for_its_own_devices_seq_and_never_raises(
         payload: bytes, topic: str, reason: str) -> None:
-    from cloud_sink.acks import dead_letter_key
+    from cloud_sink.deadletters import dead_letter_key
 
     key = dead_letter_key(DeadLetter(topic, payload, reason, ""))
     if key is not None:
@@ -213,7 +213,7 @@ def test_a_dead_letter_accounts_at_most_for_its_own_devices_seq_and_never_raises
 @given(touch_sets(), st.sampled_from(["bad_field", "internal_error", "store_refused"]))
 def test_a_devices_own_touch_kept_as_a_dead_letter_accounts_for_its_seq(
         ts: list[Touch], reason: str) -> None:
-    from cloud_sink.acks import dead_letter_key
+    from cloud_sink.deadletters import dead_letter_key
     from protocol import topics
     from protocol.touch import encode
 

@@ -5,6 +5,7 @@ Fact keys the sink reads: gate `dir` (in|out); training `course`; vending `slot`
 """
 
 import json
+from collections.abc import Mapping
 from functools import lru_cache
 
 from cloud_sink.model import Policy
@@ -40,28 +41,42 @@ def day_of(ts_ms: int, cut_hour: int) -> str:
     return _day_of_hour(ts_ms // 3600_000, cut_hour)
 
 
-def _fact(t: Touch, key: str) -> str | None:
-    v = t.facts.get(key)
-    return None if v is None else str(v)
+def person_of(tid: str | None, card: bytes) -> str | None:
+    """Who touched: the technician ID, else the card's identifier (an unlisted card holder)."""
+    if tid:
+        return tid
+    return "card:" + card.hex() if card else None
 
 
 def person(t: Touch) -> str | None:
-    """Who touched: the technician ID, else the card's identifier (an unlisted card holder)."""
-    if t.tid:
-        return t.tid
-    return "card:" + t.card.hex() if t.card else None
+    return person_of(t.tid, t.card)
+
+
+def _text(facts: Mapping[str, object], key: str) -> str | None:
+    v = facts.get(key)
+    return None if v is None else str(v)
+
+
+def row_of(device: str, seq: int, site: str, role: str, ts_ms: int, tq: str, card: bytes,
+           card_tech: str, tid: str | None, decision: str, reason: str, lv: int, cv: int,
+           facts: Mapping[str, object], received_ms: int, policy: Policy) -> Row:
+    """THE row builder: a touch's wire values (enums as their strings) -> its store row, in
+    COLUMNS order. touch_row() and the sink's fast path (cloud_sink.ingest.fastpath) both
+    build their rows here, so the two cannot drift apart."""
+    day = day_of(ts_ms, policy.cut_hour)
+    vend = role == "vending"
+    return (
+        device, seq, site, role, ts_ms, tq, card, card_tech, tid, decision, reason, lv, cv,
+        json.dumps(facts, sort_keys=True), _text(facts, "dir") if role == "gate" else None, day,
+        received_ms, time_flag(ts_ms, received_ms, policy), day[:7], person_of(tid, card),
+        _text(facts, "course") if role == "training" else None,
+        _text(facts, "contractor") if vend else None,
+        _text(facts, "slot") if vend else None,
+        _text(facts, "result") if vend else None,
+    )
 
 
 def touch_row(t: Touch, received_ms: int, policy: Policy) -> Row:
-    day = day_of(t.ts_ms, policy.cut_hour)
-    role = t.role.value
-    return (
-        t.device, t.seq, t.site, role, t.ts_ms, t.tq.value, bytes(t.card), t.card_tech.value, t.tid,
-        t.decision.value, t.reason.value, t.list_version, t.config_version,
-        json.dumps(t.facts, sort_keys=True), _fact(t, "dir") if role == "gate" else None, day,
-        received_ms, time_flag(t.ts_ms, received_ms, policy), day[:7], person(t),
-        _fact(t, "course") if role == "training" else None,
-        _fact(t, "contractor") if role == "vending" else None,
-        _fact(t, "slot") if role == "vending" else None,
-        _fact(t, "result") if role == "vending" else None,
-    )
+    return row_of(t.device, t.seq, t.site, t.role.value, t.ts_ms, t.tq.value, bytes(t.card),
+                  t.card_tech.value, t.tid, t.decision.value, t.reason.value, t.list_version,
+                  t.config_version, t.facts, received_ms, policy)

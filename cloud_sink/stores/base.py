@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
-from cloud_sink.acks import dead_letter_key
+from cloud_sink.deadletters import dead_letter_key
 from cloud_sink.derive.rows import COLUMNS, Row, touch_row
 from cloud_sink.derive.sql import DERIVED_TABLES, FULL, INCREMENTAL
 from cloud_sink.model import (

@@ -101,7 +101,7 @@ ALTER TABLE work_history_4 RENAME TO work_history
 """
 
 # 5: a dead letter of a device's own touch names its device and seq, which then count as
-# accounted for in the end-to-end acknowledgement (cloud_sink.acks.dead_letter_key); older
+# accounted for in the end-to-end acknowledgement (cloud_sink.deadletters.dead_letter_key); older
 # dead letters keep NULL there, as before
 _SQLITE_5 = """
 ALTER TABLE dead_letters ADD COLUMN device TEXT;

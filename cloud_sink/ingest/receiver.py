@@ -1,11 +1,12 @@
-"""The sink process: an MQTT 5 shared subscription, batched writes, acknowledge after commit.
+"""The sink's receiving process: an MQTT 5 shared subscription, PUBACK only after the commit.
 
 Rules of this file:
 
-- Two processes. The receiving process runs paho and nothing else heavy: one thread, one
-  select() loop over the broker socket and a socket to the writer. The **writer process**
-  decodes, validates and writes (store.ingest, one transaction a batch) and keeps the
-  end-to-end acknowledgement ledger (cloud_sink.acks). Splitting them takes the decoding and
+- Two processes. The receiving process (this file) runs paho and nothing else heavy: one
+  thread, one select() loop over the broker socket and a socket to the writer. The **writer
+  process** (cloud_sink.ingest.writer) decodes, validates and writes (one transaction a batch)
+  and keeps the end-to-end acknowledgement ledger (cloud_sink.acks); the two speak framed
+  pickles over a socketpair (cloud_sink.ingest.pipe). Splitting them takes the decoding and
   the database calls off the interpreter lock that paho's receive path needs (on one
   interpreter the two starved each other: ~0.3 of what a bare paho subscriber drains).
 - Batches go to the writer as raw (topic, payload) lists; the writer answers with the counts
@@ -26,15 +27,11 @@ Rules of this file:
 """
 
 import contextlib
-import io
-import json
 import logging
 import os
-import pickle
 import select
 import socket
 import ssl
-import struct
 import subprocess
 import sys
 import threading
@@ -43,39 +40,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import cbor2
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from cloud_sink.derive.rows import Row, day_of, time_flag, touch_row
-from cloud_sink.isolate import write_isolating
-from cloud_sink.model import BATCH_MAX, DeadLetter, IngestResult, Policy
-from cloud_sink.validate import validate
+from cloud_sink.ingest.pipe import frame, take_frames
+from cloud_sink.model import BATCH_MAX, IngestResult, Policy
 from protocol import topics
 from protocol.ack import encode_ack
-from protocol.reasons import Reason
-from protocol.timequality import TimeQuality
-from protocol.touch import (
-    FACT_KEY,
-    MAX_FACTS,
-    MAX_PAYLOAD,
-    MAX_SEQ,
-    MAX_TS_MS,
-    TECHNICIAN_ID,
-    CardTech,
-    Decision,
-    Role,
-    fact_text_ok,
-)
 
 log = logging.getLogger(__name__)
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PIPELINE = 2            # batches with the writer at once
-_HEAD = struct.Struct("!I")
 
 
 @dataclass(frozen=True)
@@ -159,11 +138,10 @@ class Sink:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([_ROOT, *filter(None, [env.get("PYTHONPATH")])])
         self._proc = subprocess.Popen(
-            [sys.executable, "-c", "from cloud_sink.subscriber import _writer_entry; "
-             "_writer_entry()", str(child.fileno())], pass_fds=[child.fileno()], env=env)
+            [sys.executable, "-c", "from cloud_sink.ingest.writer import main; main()",
+             str(child.fileno())], pass_fds=[child.fileno()], env=env)
         child.close()
-        hello = pickle.dumps((self.url, self.policy, logging.getLogger().level))
-        parent.sendall(_HEAD.pack(len(hello)) + hello)
+        parent.sendall(frame((self.url, self.policy, logging.getLogger().level)))
         parent.setblocking(False)
         self._wsock, self._out, self._in = parent, bytearray(), bytearray()
         for b in self._sent.values():  # a restarted writer gets what the old one did not confirm
@@ -292,8 +270,7 @@ class Sink:
                                    self._pending[self.batch_max:])
             self._next_id += 1
             b = _Batch(self._gen, [(t, p) for t, p, _, _ in take], [(m, q) for _, _, m, q in take])
-            body = pickle.dumps((self._next_id, b.items), protocol=pickle.HIGHEST_PROTOCOL)
-            b.frame = _HEAD.pack(len(body)) + body
+            b.frame = frame((self._next_id, b.items))
             self._sent[self._next_id] = b
             self._out += b.frame
             self._writer_io(False, True)
@@ -330,12 +307,7 @@ class Sink:
         except OSError:
             self._writer_lost()
             return
-        while len(self._in) >= 4:
-            (n,) = _HEAD.unpack_from(self._in)
-            if len(self._in) < 4 + n:
-                break
-            reply = pickle.loads(self._in[4:4 + n])
-            del self._in[:4 + n]
+        for reply in take_frames(self._in):
             self._committed(*reply)
 
     def _committed(self, batch_id: int, counts: tuple[int, int, int, int],
@@ -374,180 +346,3 @@ class Sink:
                 time.sleep(0.001)
         with contextlib.suppress(Exception):
             c._sock_close()  # type: ignore[attr-defined]
-
-
-# -- the writer's hot path: a well-formed touch straight to its store row -----------------------------
-_ROLES = frozenset(r.value for r in Role)
-_TQS = frozenset(q.value for q in TimeQuality)
-_CTS = frozenset(c.value for c in CardTech)
-_DECS = frozenset(d.value for d in Decision)
-_RSNS = frozenset(r.value for r in Reason)
-_FACT_TYPES = (str, int, bool)
-_MIN_FACT_INT = -(2**63)
-
-
-def fast_row(topic: str, payload: bytes, received_ms: int, policy: Policy) -> Row | None:
-    """The store row of a well-formed v1 touch, without building a Touch; None for anything
-    the fast path is not sure of, which then takes the full path (cloud_sink.validate, then
-    derive.rows.touch_row) for its exact Touch or dead letter. It accepts a strict subset of
-    what protocol.touch.decode accepts and gives the same row (tests/test_sink_fastpath.py checks
-    both against random and mutated payloads)."""
-    if len(payload) > MAX_PAYLOAD:
-        return None
-    where = topics.parse_device_topic(topic)
-    if where is None or where[2] != "touch":
-        return None
-    fp = io.BytesIO(payload)
-    try:
-        m = cbor2.CBORDecoder(fp).decode()
-    except Exception:  # noqa: BLE001 - the full path says which error
-        return None
-    if fp.tell() != len(payload) or type(m) is not dict:
-        return None
-    g = m.get
-    v, dev, site, role, seq, ts = g("v"), g("dev"), g("site"), g("role"), g("seq"), g("ts")
-    tq, card, ct, tid, dec, rsn = g("tq"), g("card"), g("ct"), g("tid"), g("dec"), g("rsn")
-    lv, cv, x = g("lv"), g("cv"), g("x")
-    if (type(v) is not int or v != 1 or dev != where[1] or site != where[0]
-            or type(dev) is not str or type(site) is not str
-            or type(role) is not str or role not in _ROLES
-            or type(seq) is not int or not 1 <= seq <= MAX_SEQ
-            or type(ts) is not int or not 0 <= ts <= MAX_TS_MS
-            or type(tq) is not str or tq not in _TQS
-            or type(card) is not bytes or len(card) > 32
-            or type(ct) is not str or ct not in _CTS
-            or type(dec) is not str or dec not in _DECS
-            or type(rsn) is not str or rsn not in _RSNS
-            or type(lv) is not int or not 0 <= lv <= MAX_SEQ
-            or type(cv) is not int or not 0 <= cv <= MAX_SEQ
-            or type(x) is not dict or len(x) > MAX_FACTS
-            or (tid is not None and (type(tid) is not str or not TECHNICIAN_ID.match(tid)))):
-        return None
-    for k, fv in x.items():
-        if type(k) is not str or not FACT_KEY.match(k) or type(fv) not in _FACT_TYPES:
-            return None
-        if type(fv) is str:
-            if not fact_text_ok(fv):
-                return None
-        elif type(fv) is int and not _MIN_FACT_INT <= fv <= MAX_SEQ:
-            return None
-    if role == "gate" and x.get("dir") not in ("in", "out"):
-        return None
-    day = day_of(ts, policy.cut_hour)
-    gate, vend = role == "gate", role == "vending"
-
-    def fact(key: str) -> str | None:
-        fv = x.get(key)
-        return None if fv is None else str(fv)
-
-    return (dev, seq, site, role, ts, tq, card, ct, tid, dec, rsn, lv, cv,
-            json.dumps(x, sort_keys=True), fact("dir") if gate else None, day, received_ms,
-            time_flag(ts, received_ms, policy), day[:7],
-            tid if tid else ("card:" + card.hex() if card else None),
-            fact("course") if role == "training" else None,
-            fact("contractor") if vend else None, fact("slot") if vend else None,
-            fact("result") if vend else None)
-
-
-# -- the writer process -----------------------------------------------------------------------------
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise EOFError
-        buf += chunk
-    return bytes(buf)
-
-
-def _writer_entry() -> None:
-    sock = socket.socket(fileno=int(sys.argv[1]))
-    (n,) = _HEAD.unpack(_recv_exact(sock, 4))
-    url, policy, level = pickle.loads(_recv_exact(sock, n))
-    _writer_main(sock, url, policy, level)
-
-
-def map_items(items: list[tuple[str, bytes]], now: int, policy: Policy, slow: bool
-              ) -> tuple[list[Row], list[tuple[str, bytes]], list[DeadLetter]]:
-    """(topic, payload)s -> store rows (Touches when `slow`: store.ingest maps them), the
-    (topic, payload) of each row, and dead letters. A message that fails in an unforeseen way
-    is dead-lettered as `internal_error` with its bytes: one bad touch must never hold back
-    the batch behind it."""
-    rows: list[Row] = []
-    sources: list[tuple[str, bytes]] = []
-    dead: list[DeadLetter] = []
-    for topic, payload in items:
-        try:
-            row = None if slow else fast_row(topic, payload, now, policy)
-            if row is None:
-                item = validate(topic, payload)
-                if isinstance(item, DeadLetter):
-                    log.warning("sink: dead letter on %s: %s (%s)", item.topic, item.reason,
-                                item.detail)
-                    dead.append(item)
-                    continue
-                row = item if slow else touch_row(item, now, policy)  # type: ignore[assignment]
-        except Exception as exc:  # noqa: BLE001 - a bug in mapping one message
-            log.exception("sink: could not map a message on %s; dead-lettered", topic)
-            dead.append(DeadLetter(topic, payload, "internal_error", f"{type(exc).__name__}: {exc}"))
-            continue
-        rows.append(row)
-        sources.append((topic, payload))
-    return rows, sources, dead
-
-
-def _writer_main(sock: socket.socket, url: str, policy: Policy, level: int) -> None:
-    """Decode, validate and store batches; answer each after its commit. Ends on EOF."""
-    logging.basicConfig(level=level or logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from cloud_sink.acks import AckLedger, dead_letter_key
-    from cloud_sink.store import open_store
-
-    parent = os.getppid()
-    sock.setblocking(True)
-    store = open_store(url, policy)
-    ledger = AckLedger(store)
-    slow = policy.require_registered or not hasattr(store, "ingest_rows")
-    try:
-        while True:
-            try:
-                (n,) = _HEAD.unpack(_recv_exact(sock, 4))
-                batch_id, items = pickle.loads(_recv_exact(sock, n))
-            except (EOFError, OSError):
-                return
-            now = int(time.time() * 1000)
-            rows, sources, dead = map_items(items, now, policy, slow)
-            while True:
-                try:
-                    # acknowledged: what was written, and the device's touches kept as dead
-                    # letters (cloud_sink.acks.dead_letter_key)
-                    if slow:  # --registered-only dead-letters Touches of unknown devices
-                        res, kept, refused = write_isolating(
-                            lambda r, d, now=now: store.ingest(r, d, now_ms=now), rows, sources, dead)
-                        keys = [(t.site, t.device, t.seq) for t in kept]  # type: ignore[attr-defined]
-                    else:
-                        res, kept, refused = write_isolating(
-                            lambda r, d, now=now: store.ingest_rows(r, d, now), rows, sources, dead)
-                        keys = [(r[2], r[0], r[1]) for r in kept]  # type: ignore[misc]
-                    if dead or refused:  # rare: no set of the batch's keys on the common path
-                        keys += {k for d in [*dead, *refused] if (k := dead_letter_key(d))} - set(keys)
-                    # committed when ingest returns
-                    opened = ledger.gaps_opened
-                    acks = ledger.observe(keys)  # type: ignore[arg-type]
-                    break
-                except Exception:  # noqa: BLE001 - the store is down or refused: keep the batch
-                    log.exception("sink: storing a batch of %d failed; retrying in 1 s",
-                                  len(items))
-                    time.sleep(1.0)
-                    if os.getppid() != parent:
-                        return  # the receiving process is gone; its broker session redelivers
-            body = pickle.dumps((batch_id, (res.stored, res.repeated, res.dead, res.flagged),
-                                 [(a.site, a.device, a.upto) for a in acks],
-                                 ledger.gaps_opened - opened), protocol=pickle.HIGHEST_PROTOCOL)
-            try:
-                sock.sendall(_HEAD.pack(len(body)) + body)
-            except OSError:
-                return
-    finally:
-        with contextlib.suppress(Exception):
-            store.close()
