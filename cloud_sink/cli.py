@@ -263,7 +263,7 @@ def _gaps(args: argparse.Namespace) -> int:
 
     store = store_of(args)
     try:
-        print(format_gaps(gap_report(store, include_closed=args.all)))
+        print(format_gaps(gap_report(store, include_closed=args.all)))  # type: ignore[arg-type]
     finally:
         store.close()
     return 0

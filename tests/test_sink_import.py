@@ -106,3 +106,21 @@ def test_registry_cli_and_registered_only_import(tmp_path: Path,
     assert "1 stored, 0 already stored, 0 flagged (clock), 1 dead letters" in capsys.readouterr().out
     assert main(["sink", "work-history", "--db", db]) == 0
     assert tid(1) in capsys.readouterr().out
+
+
+def test_sink_gaps_lists_open_gaps_of_a_store_it_opens_and_closes(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`ccus sink gaps` opens the store, reads seq_gaps (cloud_sink.acks.gap_report) and
+    closes it; an open gap shows with its range, `--all` adds the closed ones."""
+    db = str(tmp_path / "s.sqlite")
+    assert main(["sink", "gaps", "--db", db]) == 0
+    assert "no open gaps" in capsys.readouterr().out
+    store = open_store(db)
+    store.record_gaps("gate-01", SITE, [], [(3, 4, NOW), (9, 9, NOW)], NOW)  # type: ignore[attr-defined]
+    store.record_gaps("gate-01", SITE, [(9, 9)], [], NOW)  # type: ignore[attr-defined]
+    store.close()
+    assert main(["sink", "gaps", "--db", db]) == 0
+    out = capsys.readouterr().out
+    assert "3..4" in out and "open" in out and "9..9" not in out
+    assert main(["sink", "gaps", "--db", db, "--all"]) == 0
+    assert "9..9" in capsys.readouterr().out
