@@ -1,6 +1,8 @@
-"""Start and stop a private Mosquitto from the project's own config, on a free loopback port."""
+"""Start and stop a private Mosquitto from the project's own config, on a free loopback port;
+the pieces of config every template shares (host settings, per-client limits)."""
 
 import getpass
+import glob
 import logging
 import shutil
 import signal
@@ -9,6 +11,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from broker.procs import stop_process
@@ -17,6 +20,10 @@ log = logging.getLogger(__name__)
 
 TEMPLATES = Path(__file__).parent / "templates"
 SEARCH = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
+# Debian/Ubuntu/Raspberry Pi OS put the plugin under the multiarch folder; a source build
+# under /usr/local/lib
+DYNSEC_GLOBS = ("/usr/lib/*/mosquitto_dynamic_security.so", "/usr/lib/mosquitto_dynamic_security.so",
+                "/usr/local/lib/mosquitto_dynamic_security.so")
 
 
 class BrokerError(RuntimeError):
@@ -29,6 +36,57 @@ def find_mosquitto() -> str:
         raise BrokerError("mosquitto is not installed: run ./dev.sh setup "
                           "(or 'sudo apt-get install mosquitto')")
     return path
+
+
+def find_dynsec_plugin() -> str:
+    """The dynamic-security plugin Mosquitto 2.0 ships (package mosquitto), or BrokerError."""
+    for pattern in DYNSEC_GLOBS:
+        found = sorted(glob.glob(pattern))
+        if found:
+            return found[0]
+    raise BrokerError("mosquitto_dynamic_security.so not found (it ships with mosquitto 2.0): "
+                      "install mosquitto 2.0 or pass its path (--dynsec-plugin)")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-client caps. Mosquitto 2.0 has no per-listener or per-user queue limits: these hold
+    for every client, sized for the biggest honest one (a sink down for a while, a site whose
+    uplink is down). Each identity has one session (client id = CN), so the total is bounded
+    by the inventory; a queue over its cap drops, and the end-to-end acks make the devices
+    resend what was dropped."""
+    max_queued_messages: int = 100_000            # ~20 MB of touches at ~200 B each
+    max_queued_bytes: int = 64 * 1024 * 1024
+    max_inflight_messages: int = 100
+    # the whole packet (payload, topic, properties): a 60 KiB ID-list chunk fits with room;
+    # replaces message_size_limit, deprecated in 2.0 (the broker warns at every start)
+    max_packet_size: int = 65536
+    # a session (of an MQTT 3 or 5 client) not resumed within this is dropped with its queue;
+    # Mosquitto's units: h d w m y
+    session_expiry: str = "14d"
+
+    def render(self) -> str:
+        return "\n".join([
+            f"max_queued_messages {self.max_queued_messages}",
+            f"max_queued_bytes {self.max_queued_bytes}",
+            f"max_inflight_messages {self.max_inflight_messages}",
+            f"max_packet_size {self.max_packet_size}",
+            f"persistent_client_expiration {self.session_expiry}"])
+
+
+def host_settings(user: str = "", data_dir: str | Path = "", log_dest: str = "") -> str:
+    """The lines that depend on the host, each left out when empty: `user`,
+    `persistence_location`, `log_dest`. Left out, the including config (Debian's stock
+    /etc/mosquitto/mosquitto.conf sets persistence_location and log_dest) or Mosquitto's
+    default decides; set twice, Mosquitto refuses to start (`Duplicate persistence_location`)."""
+    lines = []
+    if user:
+        lines.append(f"user {user}")
+    if str(data_dir):
+        lines.append(f"persistence_location {str(data_dir).rstrip('/')}/")
+    if log_dest:
+        lines.append(f"log_dest {log_dest}")
+    return "\n".join(lines)
 
 
 def free_port() -> int:
@@ -51,7 +109,8 @@ class PrivateBroker:
 
     def __init__(self, data_dir: str | Path | None = None, *, port: int | None = None,
                  persistence: bool = False, template: str = "dev.conf",
-                 values: Mapping[str, object] | None = None) -> None:
+                 values: Mapping[str, object] | None = None,
+                 conf_file: str | Path | None = None) -> None:
         self._tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="ccus-broker-")
         self.data_dir = Path(data_dir or self._tmp.name)  # type: ignore[union-attr]
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -60,11 +119,13 @@ class PrivateBroker:
         self.persistence = persistence
         self.template = template
         self.values = dict(values or {})  # extra template values (TLS files, ACL, bridge)
+        # a config written elsewhere (a `ccus ops broker-config` bundle): used as it is
+        self.conf_file = Path(conf_file) if conf_file else None
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def conf_path(self) -> Path:
-        return self.data_dir / "mosquitto.conf"
+        return self.conf_file or self.data_dir / "mosquitto.conf"
 
     @property
     def log_path(self) -> Path:
@@ -75,17 +136,24 @@ class PrivateBroker:
             "port": self.port, "user": getpass.getuser(),
             "persistence": "true" if self.persistence else "false",
             "data_dir": self.data_dir, "log_file": self.log_path,
-            "listener": f"{self.port} {self.host}", "log_dest": f"file {self.log_path}"}
+            "listener": f"{self.port} {self.host}", "log_dest": f"file {self.log_path}",
+            "host_settings": host_settings(getpass.getuser(), self.data_dir,
+                                           f"file {self.log_path}"),
+            "limits": Limits().render()}
+        if self.template == "cloud.conf" and "dynsec_plugin" not in self.values:
+            values["dynsec_plugin"] = find_dynsec_plugin()
         self.conf_path.write_text(render(self.template, **{**values, **self.values}))
         return self.conf_path
 
     def reload(self) -> None:
-        """SIGHUP: Mosquitto rereads its ACL file (not its TLS files; restart for a new CRL)."""
+        """SIGHUP: Mosquitto 2.0 rereads its ACL file and its CRL (not the dynamic-security
+        plugin's file: restart for that)."""
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGHUP)
 
     def start(self, timeout: float = 10.0) -> "PrivateBroker":
-        self.write_config()
+        if self.conf_file is None:
+            self.write_config()
         self.proc = subprocess.Popen([find_mosquitto(), "-c", str(self.conf_path)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout

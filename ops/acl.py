@@ -1,4 +1,5 @@
-"""Mosquitto ACL files from the inventory, pure: what each identity may publish and read.
+"""Mosquitto ACL files from the inventory, pure: what each identity may publish and read, and
+(render_dynsec) who may join a shared subscription.
 
 The broker takes the username from the certificate CN (see ops/pki.py). Rules are written
 per identity (not `pattern ... %u`) because a device's site is not in its username: an
@@ -14,10 +15,18 @@ explicit block binds each device to its own site.
     bridge    what every device of its site may do, for all of them (ccus/v1/{site}/+/...)
 
 Anything not listed is denied; a certificate whose CN is in no block can connect but do nothing.
+
+Mosquitto 2.0's acl_file never checks SUBSCRIBE (security_default.c: "FIXME - implement ACL
+subscription strings"): a device may join `$share/sink/...` and take its share of the touches,
+which the read check then drops. The dynamic-security plugin does check SUBSCRIBE, so the cloud
+broker loads it with a file from render_dynsec: every identity refused `$share/...`, sinks
+allowed `$share/sink/...`, and no other rule, so that every publish and read falls through
+(the plugin defers) to acl_file, which stays the one place topic rights live.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -90,3 +99,43 @@ def render_acl(inv: Inventory, *, site: str | None = None) -> str:
         if site is None or s == site:
             lines += _block(f"bridge:{s}", bridge_rules(s))
     return "\n".join(lines)
+
+
+SHARE_GROUP = "sink"   # cloud_sink subscribes as $share/sink/...
+
+# dynamic-security roles (Mosquitto 2.0 JSON). Rules match topic *filters* at SUBSCRIBE;
+# higher priority first. Defaults deny, which for this plugin means "defer to acl_file".
+DYNSEC_ROLES = [
+    {"rolename": "no-shared", "textdescription": "may join no shared subscription",
+     "acls": [{"acltype": "subscribePattern", "topic": "$share/#", "allow": False}]},
+    {"rolename": "sink", "textdescription": f"may join $share/{SHARE_GROUP}/... only",
+     "acls": [{"acltype": "subscribePattern", "topic": f"$share/{SHARE_GROUP}/#",
+               "allow": True, "priority": 10},
+              {"acltype": "subscribePattern", "topic": "$share/#", "allow": False,
+               "priority": 0}]},
+]
+
+
+def identities(inv: Inventory, *, site: str | None = None) -> list[tuple[str, str]]:
+    """(username, kind) of every identity the inventory names, as the broker sees them."""
+    out = [(dev, "device") for s, dev in sorted(set(inv.devices)) if site is None or s == site]
+    out += [(f"operator:{n}", "operator") for n in sorted(set(inv.operators))]
+    out += [(f"sink:{n}", "sink") for n in sorted(set(inv.sinks))]
+    out += [(f"bridge:{s}", "bridge") for s in sorted(set(inv.bridges))
+            if site is None or s == site]
+    return out
+
+
+def render_dynsec(inv: Inventory) -> str:
+    """The dynamic-security plugin's config file (plugin_opt_config_file) for the cloud broker.
+
+    The plugin reads it at start only (SIGHUP does not): restart the broker after adding an
+    identity. No passwords: with use_identity_as_username Mosquitto skips password checks."""
+    render_acl(inv)  # the same checks (one device id at one site)
+    clients = [{"username": user, "textname": kind,
+                "roles": [{"rolename": "sink" if kind == "sink" else "no-shared"}]}
+               for user, kind in identities(inv)]
+    doc = {"defaultACLAccess": {"publishClientSend": False, "publishClientReceive": False,
+                                "subscribe": False, "unsubscribe": True},
+           "clients": clients, "groups": [], "roles": DYNSEC_ROLES}
+    return json.dumps(doc, indent=1) + "\n"

@@ -26,14 +26,20 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--name", default="ccus-touch CA")
     p.add_argument("--days", type=int, default=3650)
     p.set_defaults(func=_safe(_ca_init))
-    p = ca_sub.add_parser("crl", help="re-sign the CRL (do it monthly: it expires after 30 days)")
+    p = ca_sub.add_parser("crl", help="re-sign the CRL, renewing its expiry (do it monthly: "
+                                      "it lapses after --days)")
     p.add_argument("--pki", required=True)
+    p.add_argument("--days", type=int, default=30, help="validity of the new CRL (default 30)")
+    _crl_apply_args(p)
     p.set_defaults(func=_safe(_ca_crl))
 
-    p = sub.add_parser("server", help="a server certificate for the cloud broker")
+    p = sub.add_parser("server", help="a server certificate for the cloud (or a site) broker")
     p.add_argument("--pki", required=True)
     p.add_argument("--name", action="append", required=True,
                    help="DNS name or IP the broker is reached by (repeat)")
+    p.add_argument("--site", help="for this site's broker (pki/sites/SITE/server)")
+    p.add_argument("--force", action="store_true",
+                   help="re-issue: the old pair moves aside as server.old.*")
     p.set_defaults(func=_safe(_server))
 
     p = sub.add_parser("identity", help="an operator or sink certificate")
@@ -72,12 +78,22 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--id", required=True)
     p.set_defaults(func=_safe(_device_revoke))
 
-    cert = sub.add_parser("cert", help="certificates by serial")
+    cert = sub.add_parser("cert", help="certificates: revocation and the CRL")
     cert_sub = cert.add_subparsers(dest="cert_cmd", required=True)
-    p = cert_sub.add_parser("revoke", help="put one serial (hex) on the CRL")
+    p = cert_sub.add_parser("revoke", help="put an identity's certificates (or serials) on the "
+                                           "CRL; with --bundle/--pid-file the broker applies it")
+    p.add_argument("name", nargs="?", help="device id, operator:NAME, sink:NAME or bridge:SITE "
+                                           "(every certificate it was issued)")
     p.add_argument("--pki", required=True)
-    p.add_argument("--serial", required=True)
+    p.add_argument("--serial", action="append", default=[], help="one serial, hex (repeat)")
+    _crl_apply_args(p)
     p.set_defaults(func=_safe(_cert_revoke))
+    p = cert_sub.add_parser("status", help="the CRL's expiry: exit 1 when it lapses within "
+                                           "--warn-days")
+    p.add_argument("--pki", help="PKI folder (its crl.pem)")
+    p.add_argument("--crl", help="a crl.pem elsewhere (a broker's bundle)")
+    p.add_argument("--warn-days", type=float, default=7.0)
+    p.set_defaults(func=_safe(_cert_status))
 
     p = sub.add_parser("acl", help="write the broker ACL file from the inventory")
     p.add_argument("--pki", required=True)
@@ -94,6 +110,19 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--listener", default="8883", help="mosquitto listener: 'PORT [ADDRESS]'")
     p.add_argument("--install-dir", default="/etc/mosquitto/ccus",
                    help="where the bundle will live on the broker host")
+    p.add_argument("--user", default="mosquitto", help="user the broker drops to ('' = none)")
+    p.add_argument("--data-dir", default="/var/lib/mosquitto", help="persistence_location")
+    p.add_argument("--log-dest", default="syslog",
+                   help="Mosquitto log_dest, e.g. 'file /var/log/mosquitto/ccus.log'")
+    p.add_argument("--stock-include", action="store_true",
+                   help="to be included from Debian's stock mosquitto.conf (conf.d): leave "
+                        "persistence_location and log_dest to it")
+    p.add_argument("--dynsec-plugin", default="",
+                   help="path of mosquitto_dynamic_security.so (default: found on this host)")
+    p.add_argument("--max-queued-messages", type=int, default=None)
+    p.add_argument("--max-queued-bytes", type=int, default=None)
+    p.add_argument("--session-expiry", default=None,
+                   help="persistent_client_expiration, e.g. 14d (units h d w m y)")
     p.set_defaults(func=_safe(_broker_config))
 
     cfg = sub.add_parser("config", help="signed configuration")
@@ -156,17 +185,46 @@ def _ca_init(a: argparse.Namespace) -> int:
                  "sha256": fingerprint(ca.cert_path)})
 
 
+def _crl_apply_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bundle", action="append", default=[], metavar="DIR",
+                   help="copy the new crl.pem into this broker bundle folder (repeat)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--pid-file", help="SIGHUP the broker whose pid is in this file "
+                                      "(Debian: /run/mosquitto/mosquitto.pid)")
+    g.add_argument("--pid", type=int, help="SIGHUP this broker process")
+
+
+def _crl_apply(a: argparse.Namespace, crl: Path) -> dict[str, Any]:
+    """Copy the CRL into the bundles and SIGHUP the broker: Mosquitto 2.0 rereads crlfile."""
+    from ops.pki import crl_status, hup_broker, install_crl
+
+    st = crl_status(crl)
+    done: dict[str, Any] = {"crl": str(crl), "next_update": st.next_update.isoformat(),
+                            "installed": [str(x) for x in install_crl(crl, a.bundle)]}
+    pid = a.pid
+    if a.pid_file:
+        pid = int(Path(a.pid_file).read_text().split()[0])
+    if pid:
+        hup_broker(pid)
+        done["hup"] = pid
+    else:
+        done["next"] = ("copy crl.pem to every broker's bundle and reload it "
+                        "(systemctl reload mosquitto: SIGHUP)")
+    return done
+
+
 def _ca_crl(a: argparse.Namespace) -> int:
     from ops.pki import CA
 
     ca = CA(a.pki)
-    return _out({"crl": str(ca.write_crl()), "revoked": len(ca.revoked())})
+    return _out({**_crl_apply(a, ca.write_crl(days=a.days)), "revoked": len(ca.revoked())})
 
 
 def _server(a: argparse.Namespace) -> int:
     from ops.pki import CA
 
-    return _out(_issued(CA(a.pki).issue_server(Path(a.pki) / "server", a.name)))
+    out = Path(a.pki) / ("server" if not a.site else f"sites/{a.site}/server")
+    return _out(_issued(CA(a.pki).issue_server(out, a.name, force=a.force)))
 
 
 def _identity(a: argparse.Namespace) -> int:
@@ -204,11 +262,44 @@ def _device_revoke(a: argparse.Namespace) -> int:
                          "crl.pem to the brokers, restart them"})
 
 
-def _cert_revoke(a: argparse.Namespace) -> int:
-    from ops.pki import CA
+def _serials_of(pki: str, name: str) -> list[int]:
+    from ops.inventory import InventoryFile
+    from ops.pki import PkiError
 
-    CA(a.pki).revoke(int(a.serial, 16))
-    return _out({"revoked": a.serial.lower()})
+    data = InventoryFile(pki).data
+    kind, _, rest = name.partition(":")
+    entry = data[kind + "s"].get(rest) if rest and kind + "s" in data else \
+        data["devices"].get(name)
+    if not entry:
+        raise PkiError(f"no identity {name!r} in the inventory (a device id, operator:NAME, "
+                       "sink:NAME or bridge:SITE)")
+    return [int(s, 16) for s in entry["serials"]]
+
+
+def _cert_revoke(a: argparse.Namespace) -> int:
+    from ops.pki import CA, PkiError
+
+    serials = [int(s, 16) for s in a.serial] + (_serials_of(a.pki, a.name) if a.name else [])
+    if not serials:
+        raise PkiError("give an identity NAME or --serial")
+    ca = CA(a.pki)
+    for s in serials:
+        ca.revoke(s)
+    return _out({"revoked": [f"{s:x}" for s in serials], **_crl_apply(a, ca.crl_path)})
+
+
+def _cert_status(a: argparse.Namespace) -> int:
+    from ops.pki import PkiError, crl_status
+
+    if not (a.pki or a.crl):
+        raise PkiError("give --pki or --crl")
+    st = crl_status(a.crl or Path(a.pki) / "crl.pem", warn_days=a.warn_days)
+    _out({"crl": str(st.path), "next_update": st.next_update.isoformat(),
+          "days_left": round(st.days_left, 2), "revoked": st.revoked, "problem": st.problem})
+    if st.problem:
+        print(f"ccus ops: {st.problem}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _acl(a: argparse.Namespace) -> int:
@@ -220,10 +311,18 @@ def _acl(a: argparse.Namespace) -> int:
 
 
 def _broker_config(a: argparse.Namespace) -> int:
-    from ops.brokerconf import bundle
+    import dataclasses
 
+    from broker.launcher import Limits
+    from ops.brokerconf import HostOpts, bundle
+
+    given = {"max_queued_messages": a.max_queued_messages,
+             "max_queued_bytes": a.max_queued_bytes, "session_expiry": a.session_expiry}
+    limits = dataclasses.replace(Limits(), **{k: v for k, v in given.items() if v is not None})
+    host = HostOpts(user=a.user, data_dir=a.data_dir, log_dest=a.log_dest,
+                    stock_include=a.stock_include, dynsec_plugin=a.dynsec_plugin, limits=limits)
     conf = bundle(a.place, a.pki, a.out, site=a.site, cloud_address=a.cloud,
-                  listener=a.listener, install_dir=a.install_dir)
+                  listener=a.listener, install_dir=a.install_dir, host=host)
     return _out({"config": str(conf), "install_dir": a.install_dir})
 
 

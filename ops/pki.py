@@ -18,6 +18,8 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import shutil
+import signal
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +34,7 @@ from protocol.touch import DEVICE_ID, SITE_ID
 KINDS = ("operator", "sink", "bridge")
 NAME = DEVICE_ID  # operator/sink names follow the device-id rule too: short and shell-safe
 CRL_DAYS = 30     # a CRL past nextUpdate makes the broker refuse everyone: reissue it monthly
+CRL_WARN_DAYS = 7  # `ccus ops cert status` (and the fleet view) warn this long before it lapses
 
 
 class PkiError(ValueError):
@@ -132,16 +135,23 @@ class CA:
     def issue(self, out_dir: str | Path, stem: str, subject: x509.Name, *,
               san: Sequence[x509.GeneralName] = (), server: bool = False, days: int = 825,
               not_before: dt.datetime | None = None, not_after: dt.datetime | None = None,
-              ) -> Issued:
+              force: bool = False) -> Issued:
         """A leaf cert and its new key as {out_dir}/{stem}.crt/.key (+ ca.crt beside them).
 
-        `not_before`/`not_after` exist so tests can make an expired certificate.
+        An existing pair is kept unless `force`: then it moves aside as {stem}.old.crt/.key
+        (replacing an older .old pair) and stays valid until revoked. `not_before`/`not_after`
+        exist so tests can make an expired certificate.
         """
         ca_key, ca_cert = self._load()
         out = Path(out_dir)
         key_path, cert_path = out / f"{stem}.key", out / f"{stem}.crt"
         if key_path.exists():
-            raise PkiError(f"{key_path} exists: rotate with a new stem, or remove it first")
+            if not force:
+                raise PkiError(f"{key_path} exists: re-issue with --force (the old pair is kept "
+                               f"as {stem}.old.*), or rotate with a new stem")
+            for path in (cert_path, key_path):
+                if path.exists():
+                    os.replace(path, path.with_name(f"{stem}.old{path.suffix}"))
         key = ec.generate_private_key(ec.SECP256R1())
         start = not_before or _now() - dt.timedelta(minutes=5)
         end = not_after or start + dt.timedelta(days=days)
@@ -224,6 +234,64 @@ class CA:
         crl = builder.sign(ca_key, hashes.SHA256())
         _write_public(self.crl_path, crl.public_bytes(serialization.Encoding.PEM))
         return self.crl_path
+
+
+@dataclass(frozen=True)
+class CrlStatus:
+    """How long a CRL stays valid; `problem` is one line for an operator, or None."""
+    path: Path
+    next_update: dt.datetime
+    days_left: float
+    revoked: int
+    problem: str | None
+
+
+def crl_status(path: str | Path, *, now: dt.datetime | None = None,
+               warn_days: float = CRL_WARN_DAYS) -> CrlStatus:
+    """Check a crl.pem before it lapses (past nextUpdate the broker refuses every client).
+
+    Pure but for reading the file: the fleet view calls it too."""
+    path = Path(path)
+    try:
+        crl = x509.load_pem_x509_crl(path.read_bytes())
+    except FileNotFoundError as exc:
+        raise PkiError(f"no CRL at {path}: run `ccus ops ca crl --pki PKI`") from exc
+    except ValueError as exc:
+        raise PkiError(f"{path}: not a PEM CRL ({exc})") from exc
+    nxt = crl.next_update_utc
+    if nxt is None:
+        raise PkiError(f"{path}: the CRL has no nextUpdate")
+    left = (nxt - (now or _now())).total_seconds() / 86400
+    problem = None
+    if left <= 0:
+        problem = (f"CRL {path} lapsed {-left:.1f} days ago: brokers refuse every client; "
+                   "run `ccus ops ca crl` and copy crl.pem out now")
+    elif left <= warn_days:
+        problem = (f"CRL {path} lapses in {left:.1f} days ({nxt:%Y-%m-%d %H:%M} UTC): "
+                   "run `ccus ops ca crl` and copy crl.pem to the brokers")
+    return CrlStatus(path, nxt, left, len(list(crl)), problem)
+
+
+def install_crl(crl: str | Path, bundles: Iterable[str | Path]) -> list[Path]:
+    """Copy crl.pem into each bundle folder (atomically: a broker reloading mid-copy must
+    never read half a CRL)."""
+    done = []
+    for b in bundles:
+        dst = Path(b) / "crl.pem"
+        tmp = dst.with_name("crl.pem.tmp")
+        shutil.copyfile(crl, tmp)
+        os.replace(tmp, dst)
+        done.append(dst)
+    return done
+
+
+def hup_broker(pid: int) -> None:
+    """SIGHUP: Mosquitto 2.0 rereads crlfile (and acl_file); connected clients stay."""
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError as exc:
+        raise PkiError(f"no broker process {pid}: give --pid-file or `systemctl reload "
+                       "mosquitto` on the broker host") from exc
 
 
 def check_device(site: str, device: str) -> None:

@@ -86,6 +86,7 @@ class Sink:
         self.totals = IngestResult()
         self.subscribed = threading.Event()
         self.gaps_opened = 0
+        self.retained_dropped = 0
         self.batches = 0
         self._stop = threading.Event()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -189,6 +190,12 @@ class Sink:
         self.subscribed.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, m: mqtt.MQTTMessage) -> None:
+        if m.retain:  # never a live touch: a device replaying one the broker kept (the broker
+            # cannot refuse retain per topic; docs/security.md); acknowledged and dropped
+            self.retained_dropped += 1
+            log.warning("sink: dropped a retained touch on %s", m.topic)
+            client.ack(m.mid, m.qos)
+            return
         self._pending.append((m._topic.decode("utf-8", "replace"), m.payload, m.mid, m.qos))
 
     # -- the loop ---------------------------------------------------------------------------------
