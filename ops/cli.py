@@ -259,7 +259,7 @@ def _device_revoke(a: argparse.Namespace) -> int:
     serials = revoke_device(a.pki, a.id)
     return _out({"revoked": [f"{s:x}" for s in serials],
                  "next": "regenerate the ACL (ccus ops acl / broker-config), copy acl and "
-                         "crl.pem to the brokers, restart them"})
+                         "crl.pem to the brokers, reload them (SIGHUP: both take effect)"})
 
 
 def _serials_of(pki: str, name: str) -> list[int]:

@@ -25,7 +25,7 @@ from edge.agent import Agent
 from edge.config import from_dict
 from edge.signing import generate_key, load_private_key, write_keypair
 from ops import fleet, provision
-from ops.acl import render_acl
+from ops.acl import render_acl, render_dynsec
 from ops.configpush import build, push
 from ops.inventory import InventoryFile
 from ops.mqttc import BrokerOpts, MqttError, connect, publish, snapshot
@@ -66,13 +66,22 @@ class World:
         return self.who("operators", "alice", "operator")
 
     @property
+    def auditor(self) -> BrokerOpts:
+        """A second operator: one connection per identity (the client id is the CN), so a
+        watcher open beside `ccus ops config push` needs its own certificate."""
+        return self.who("operators", "bob", "operator")
+
+    @property
     def sink(self) -> BrokerOpts:
         return self.who("sinks", "sink-1", "sink")
 
 
 def broker_values(pki: Path, server: Path, acl: Path) -> dict:
+    dynsec = acl.with_name("dynamic-security.json")
+    dynsec.write_text(render_dynsec(InventoryFile(pki).inventory()))
     return {"ca_file": pki / "ca.crt", "cert_file": server / "server.crt",
-            "key_file": server / "server.key", "crl_file": pki / "crl.pem", "acl_file": acl}
+            "key_file": server / "server.key", "crl_file": pki / "crl.pem", "acl_file": acl,
+            "dynsec_file": dynsec}
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +93,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     provision.add_site(pki, SITE, ["gate-01", "gate-02"])
     provision.add_device(pki, SITE2, "gate-03")
     provision.add_identity(pki, "operator", "alice")
+    provision.add_identity(pki, "operator", "bob")
     provision.add_identity(pki, "sink", "sink-1")
     acl = root / "acl"
     acl.write_text(render_acl(InventoryFile(pki).inventory()))
@@ -281,7 +291,7 @@ def live_acks(world: World, dev: str) -> tuple[object, list[dict]]:
         if not m.retain:
             got.append(cbor2.loads(m.payload))
 
-    c = connect(world.operator, f"t-acks-{uuid.uuid4().hex[:6]}", on_message=on_message)
+    c = connect(world.auditor, f"t-acks-{uuid.uuid4().hex[:6]}", on_message=on_message)
     c.on_subscribe = lambda *_: subscribed.set()
     c.subscribe(topics.config_ack(SITE, dev), qos=1)
     assert subscribed.wait(5)

@@ -16,7 +16,7 @@ from paho.mqtt.properties import Properties
 from broker.launcher import PrivateBroker
 from broker.procs import poll_until
 from ops import provision
-from ops.acl import render_acl
+from ops.acl import render_acl, render_dynsec
 from ops.inventory import InventoryFile
 from ops.mqttc import BrokerOpts, MqttError, connect, publish
 from ops.pki import CA
@@ -37,10 +37,12 @@ def places(tmp_path: Path) -> Iterator[tuple[Path, PrivateBroker, PrivateBroker]
     inv = InventoryFile(pki).inventory()
     (tmp_path / "cloud.acl").write_text(render_acl(inv))
     (tmp_path / "site.acl").write_text(render_acl(inv, site=SITE))
+    (tmp_path / "dynsec.json").write_text(render_dynsec(inv))
     common = {"ca_file": pki / "ca.crt", "crl_file": pki / "crl.pem"}
     cloud = PrivateBroker(tmp_path / "cloud", template="cloud.conf", persistence=True, values={
         **common, "cert_file": pki / "server" / "server.crt",
-        "key_file": pki / "server" / "server.key", "acl_file": tmp_path / "cloud.acl"}).start()
+        "key_file": pki / "server" / "server.key", "acl_file": tmp_path / "cloud.acl",
+        "dynsec_file": tmp_path / "dynsec.json"}).start()
     site_srv, bridge = pki / "sites" / SITE / "server", pki / "sites" / SITE / "bridge"
     site = PrivateBroker(tmp_path / "site", template="site.conf", values={
         **common, "cert_file": site_srv / "server.crt", "key_file": site_srv / "server.key",

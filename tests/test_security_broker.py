@@ -292,8 +292,6 @@ def test_queue_cap_and_packet_limit(tmp_path: Path) -> None:
     c = start_cloud(make_pki(tmp_path), tmp_path / "bundle", Limits(max_queued_messages=cap,
                                                                    max_inflight_messages=1))
     try:
-        conf = (c.out / "mosquitto.conf").read_text()
-        assert "message_size_limit" not in conf and "persistent_client_expiration 14d" in conf
         dev = peer(c, "gate-01", "gate-01", clean=False, expiry=3600)
         subscribe(dev, topics.config(SITE, "gate-01"))
         dev.close()
@@ -312,6 +310,8 @@ def test_queue_cap_and_packet_limit(tmp_path: Path) -> None:
         log = c.broker.log_path.read_text()
         assert "deprecated" not in log.lower(), log
         assert "disconnected due to oversize packet" in log
+        conf = (c.out / "mosquitto.conf").read_text()
+        assert "message_size_limit" not in conf and "persistent_client_expiration 14d" in conf
     finally:
         c.broker.close()
 
@@ -335,6 +335,19 @@ def tls_connects(c: Cloud, who: str) -> bool:
             return s.recv(4) == b"\x20\x02\x00\x00"
     except (OSError, ssl.SSLError):
         return False
+
+
+def test_server_certificate_is_no_client_identity(cloud: Cloud) -> None:
+    """A server key stolen from a site broker cannot act as an (unknown, unruled) client:
+    its certificate has only the serverAuth usage and OpenSSL refuses it as a client's."""
+    orig = cloud.files
+    srv = (str(cloud.pki / "server" / "server.crt"), str(cloud.pki / "server" / "server.key"))
+    cloud.files = lambda who: srv if who == "server" else orig(who)  # type: ignore[method-assign]
+    try:
+        assert tls_connects(cloud, "gate-01")  # the control
+        assert not tls_connects(cloud, "server")
+    finally:
+        cloud.files = orig  # type: ignore[method-assign]
 
 
 def test_cert_revoke_takes_effect_on_sighup(tmp_path: Path) -> None:
