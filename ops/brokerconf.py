@@ -13,6 +13,7 @@ the defaults of Debian's package (HostOpts), so a private broker needs no hand e
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,9 +47,15 @@ class HostOpts:
 def bundle(place: str, pki: str | Path, out: str | Path, *, site: str | None = None,
            cloud_address: str = "", listener: str = "8883",
            install_dir: str | Path = "/etc/mosquitto/ccus", host: HostOpts | None = None,
-           ) -> Path:
-    """Write the bundle for `place` into `out`; returns the mosquitto.conf path."""
+           user: str | None = None, data_dir: str | Path | None = None,
+           log_dest: str | None = None) -> Path:
+    """Write the bundle for `place` into `out`; returns the mosquitto.conf path.
+
+    `user`, `data_dir`, `log_dest` (the keywords of before HostOpts) override `host`."""
     pki, out, host = Path(pki), Path(out), host or HostOpts()
+    given = {"user": user, "data_dir": None if data_dir is None else str(data_dir),
+             "log_dest": log_dest}
+    host = dataclasses.replace(host, **{k: v for k, v in given.items() if v is not None})
     out.mkdir(parents=True, exist_ok=True)
     if place == "dev":
         # loopback and anonymous: for a laptop, never for a site or the cloud
