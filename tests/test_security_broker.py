@@ -258,8 +258,8 @@ def test_sink_ignores_a_retained_touch(cloud: Cloud, tmp_path: Path) -> None:
     (measured: 2.0.11 does), so the sink drops any touch that arrives retained."""
     from sink_support import touch as make_touch
 
+    from cloud_sink.ingest import Sink, TlsFiles
     from cloud_sink.store import open_store
-    from cloud_sink.subscriber import Sink, TlsFiles
     from protocol.touch import encode
 
     topic = topics.touch(SITE, "gate-01")
