@@ -82,10 +82,14 @@ def test_kill_9_loses_no_answered_touch(tmp_path: Path) -> None:
         if out:
             answered = max(answered, int(out[-1]))
         db = sqlite3.connect(path)
-        stored = [r[0] for r in db.execute("SELECT seq FROM outbox ORDER BY seq")]
+        try:
+            stored = [r[0] for r in db.execute("SELECT seq FROM outbox ORDER BY seq")]
+        except sqlite3.OperationalError:  # killed before its schema was committed (slow start)
+            stored = []
         db.close()
         assert stored == list(range(1, len(stored) + 1))  # no hole, no reuse
-        assert len(stored) >= answered > 0
+        assert len(stored) >= answered
+    assert answered > 0, "no round answered a touch before its kill"
 
 
 # -- disk full --------------------------------------------------------------------------------
