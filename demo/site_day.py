@@ -29,6 +29,7 @@ from protocol.touch import Touch
 from sim.board import DROP, VEND_PIN, BoardProcess
 from sim.cards import EmulatedCard, felica_card
 from sim.nfc_card import free_udp_port
+from vending.role import VendingRole
 
 SITE = "13100000000001"   # a 14-digit site ID (現場ID)
 DEVICE = "gate-01"
@@ -315,8 +316,8 @@ def run_demo(data_dir: str | Path) -> int:
                   f"{t.decision.value:<5} {t.reason.value}{extra}  seq {t.seq}")
         counts = run.wait_delivered()
         totals = run.counts()
-        vend = run.agents[VEND_DEVICE].vend
-        drinks = vend.billable() if vend is not None else []
+        vend = run.agents[VEND_DEVICE].plugin
+        drinks = vend.billable() if isinstance(vend, VendingRole) else []
     finally:
         run.stop()
     store = SqliteStore(run.store_path)

@@ -10,6 +10,7 @@ from cloud_sink.workday import local_time
 from demo.site_day import CONTRACTOR, DEVICE, SITE, VEND_DEVICE, DemoRun, site_day
 from protocol.reasons import Reason
 from protocol.touch import Decision
+from vending.role import VendingRole
 
 # (technician, entry, exit) for 2026-11-26, Asia/Tokyo; technician 12 forgot to tap out.
 EXPECTED = [
@@ -37,8 +38,8 @@ def test_site_day_end_to_end(tmp_path: Path) -> None:
         results = [run.tap(t) for t in day.taps]
         counts = run.wait_delivered()
         totals = run.counts()
-        vend = run.agents[VEND_DEVICE].vend
-        assert vend is not None
+        vend = run.agents[VEND_DEVICE].plugin
+        assert isinstance(vend, VendingRole)
         drinks = [d.technician for d in vend.billable()]
     finally:
         run.stop()
