@@ -129,6 +129,9 @@ class Board:
         self.v_timeout = 0
         self.gate_until = [None] * len(self.gates)
         self.feedback_until = None
+        self.buzz = 0  # buzzer pattern in progress: 1 one beep, 2 a double beep
+        self.buzz_t0 = 0
+        self.buzz_ms = 0
         self._announce(machine.reset_cause())
         if self.emergency is not None and self.emergency.state:
             self._hold_gates(True)  # the alarm was on before the reset: open again at once
@@ -204,10 +207,14 @@ class Board:
                 self.gate_until[i] = None
                 if not self._emergency_on():
                     self.gates[i].value(1 - self.cfg["gate_active"])
+        if self.buzz == 2:  # double beep: on, off, on in thirds of the duration
+            third = time.ticks_diff(now, self.buzz_t0) * 3 // max(self.buzz_ms, 1)
+            self.buzzer.value(0 if third == 1 else 1)
         if self.feedback_until is not None and time.ticks_diff(now, self.feedback_until) >= 0:
             self.led_green.value(0)
             self.led_red.value(0)
             self.buzzer.value(0)
+            self.buzz = 0
             self.feedback_until = None
         self.flush()
         return busy or self.vstate != _IDLE
@@ -237,7 +244,11 @@ class Board:
             self.led_green.value(1 if led & 1 else 0)
             self.led_red.value(1 if led & 2 else 0)
             self.buzzer.value(1 if buzz else 0)
-            self.feedback_until = time.ticks_add(now, min(ms, 5000))
+            ms = min(ms, 5000)
+            self.buzz = buzz
+            self.buzz_t0 = now
+            self.buzz_ms = ms
+            self.feedback_until = time.ticks_add(now, ms)
         elif t == frame.ERROR:
             pass  # the host's errors are informational for the board
 
