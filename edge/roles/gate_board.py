@@ -228,8 +228,10 @@ class GateBoard:
         while link.boots:
             b = link.boots.pop(0)
             self.boots += 1
-            log.warning("gate board booted (reset cause %d, boot %d): relays shut",
-                        b.reset_cause, b.boot_count)
+            # the first BOOT is the board we connected to starting; a later one is a reset
+            log.log(logging.WARNING if self.boots > 1 else logging.INFO,
+                    "gate board booted (reset cause %d, boot %d): relays shut",
+                    b.reset_cause, b.boot_count)
             self._feed(p.Event(p.RESET, mono))
             self.emergency = False
             self._set_health("ok", f"booted, reset cause {b.reset_cause}", force=True)
