@@ -27,7 +27,7 @@ from edge.outbox import Outbox
 from edge.reader.backend import Feedback, make_reader
 from protocol import topics
 from protocol.reasons import Reason
-from protocol.touch import CardTech, Decision, Role, Touch, encode
+from protocol.touch import CardTech, Decision, Role, Touch, decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,8 @@ class Agent:
         self.counts = {"taps": 0, "suppressed": 0, "allowed": 0, "denied": 0}
         # the role plug-in, found by name in the ccus.roles entry points (edge/roles/__init__.py)
         ctx = roles.RoleContext(cfg=cfg, clock=self.clock, record=self.record_follow_up,
-                                event=self.publish_event, state_changed=self.link.publish_state)
+                                event=self.publish_event, state_changed=self.link.publish_state,
+                                unacked=self._unacked)
         self.plugin: roles.DeviceRole = roles.load(self.role.value)(ctx)
 
     @property
@@ -208,6 +209,15 @@ class Agent:
             self.link.publish_state()
         assert touch is not None
         return touch
+
+    def _unacked(self, after_seq: int) -> list[Touch]:
+        out = []
+        for _, payload in self.outbox.pending(after_seq, 100_000):
+            try:
+                out.append(decode(payload))
+            except ValueError:  # TouchError: a bad row is the link's to report, not ours
+                continue
+        return out
 
     def publish_event(self, event: dict[str, Any]) -> None:
         """An alarm (door forced, held open, emergency release) on ccus/v1/{site}/{dev}/event:

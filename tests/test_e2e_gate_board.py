@@ -191,3 +191,34 @@ def test_two_readers_share_one_board_one_relay_each(rig_factory: Any) -> None:
                                       "tap": out.seq}
     wait_until(lambda: rig.pin(GATE_OUT) == [0, 1, 0], 3, "the exit relay pulse")
     assert rig.pin(GATE) == [0, 1, 0]  # the entry relay pulsed once, for the entry tap only
+
+
+def test_agent_restart_ends_a_pending_passage_once(rig_factory: Any, tmp_path: Path) -> None:
+    rig = rig_factory([], passage_timeout_s=30)
+    tap = rig.tap()
+    wait_until(lambda: "+ " in (tmp_path / "data" / "gate-pending.log").read_text(), 3,
+               "the pending passage journaled")
+    rig.agent.plugin.stop()          # the agent stops (or dies) while the passage is pending
+    rig.agent.outbox.close()
+    # a tap whose outcome record made it to the outbox, but whose journal line did not go
+    journal = tmp_path / "data" / "gate-pending.log"
+    cfg, idlist = rig.agent.cfg, rig.agent.idlist
+    again = Agent(cfg, idlist=idlist, config_keys=[], on_touch=rig.touches.append)
+    try:
+        again.plugin.start()
+        done = rig.outcome(tap)
+        assert (done.facts["passage"], done.seq) == ("unconfirmed", tap.seq + 1)
+        wait_until(lambda: again.state()["gate"]["board"] == "ok", 10, "the board online")
+        with open(journal, "a") as f:      # replayed journal line for an already-ended tap
+            f.write(journal.read_text().splitlines()[0] + "\n")
+        again.plugin.stop()
+        third = Agent(cfg, idlist=idlist, config_keys=[], on_touch=rig.touches.append)
+        third.plugin.start()
+        third.plugin.stop()
+        stored = [decode(p) for _, p in third.outbox.pending(0, 100)]
+        assert [(t.seq, t.facts.get("passage")) for t in stored] == [
+            (tap.seq, "pending"), (tap.seq + 1, "unconfirmed")]   # ended once, not twice
+        third.outbox.close()
+    finally:
+        again.outbox.close()
+        rig.agent = again

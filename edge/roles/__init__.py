@@ -56,6 +56,9 @@ class RoleContext:
     record: Callable[[FollowUp], Touch | None]   # a follow-up touch, durable like a tap's
     event: Callable[[dict[str, Any]], None]      # an alarm on the device's event topic
     state_changed: Callable[[], None]            # publish the state message now
+    # the touches after a seq still in the outbox (not yet acknowledged end to end): a role
+    # that recovers at start checks what it already recorded
+    unacked: Callable[[int], list[Touch]] = lambda after_seq: []
 
 
 class DeviceRole(Protocol):

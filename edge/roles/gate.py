@@ -51,7 +51,7 @@ class GateRole(NoFacts):
         if g.serial:
             from edge.roles.gate_board import GateBoard
 
-            self.board = GateBoard(g, ctx.clock, ctx.cfg.data_dir / "gate-pending.json",
+            self.board = GateBoard(g, ctx.clock, ctx.cfg.data_dir / "gate-pending.log",
                                    self._outcome, self._alarm, ctx.state_changed)
 
     # -- edge.roles.DeviceRole ---------------------------------------------------------------
@@ -87,12 +87,20 @@ class GateRole(NoFacts):
     def start(self) -> None:
         if self.board is None:
             return
-        # passages a previous run left pending: the outcome is unknown, so `unconfirmed`
-        for key, record in self.board.leftovers().items():
-            log.warning("gate: passage of %s left pending by a restart: unconfirmed", key)
-            from edge.roles.gate_board import Outcome
+        # passages a previous run left pending: the outcome is unknown, so `unconfirmed` -
+        # unless its outcome record was written just before the stop (still in the outbox)
+        from edge.roles.gate_board import Outcome
 
-            self._outcome(Outcome(key, "unconfirmed"), record)
+        left = self.board.leftovers()
+        seqs = [int(k.split(":")[0]) for k in left if k.split(":")[0].isdigit()]
+        done = {int(t.facts["tap"]) for t in self.ctx.unacked(min(seqs) if seqs else 0)
+                if isinstance(t.facts.get("tap"), int)} if left else set()
+        for key, record in left.items():
+            if key.split(":")[0].isdigit() and int(key.split(":")[0]) in done:
+                log.info("gate: passage of %s was recorded before the restart", key)
+            else:
+                log.warning("gate: passage of %s left pending by a restart: unconfirmed", key)
+                self._outcome(Outcome(key, "unconfirmed"), record)
             self.board.forget(key)
         self.board.start()
 

@@ -7,17 +7,22 @@ Rules of this file:
   it work through a queue and reads `online` / `emergency` / state() (plain attributes).
 - Board trouble never raises out of here: a board that does not answer is `offline` (the
   role then records taps as not_actuated), and every pending passage still ends once.
-- A pending passage is journaled (data_dir/gate-pending.json) until its outcome is recorded, so
-  an agent restart ends it (`unconfirmed`) instead of losing it.
+- A pending passage is journaled (data_dir/gate-pending.log, PendingJournal) from just after
+  its pulse until its outcome record is durable, so an agent restart ends it (`unconfirmed`)
+  instead of losing it; the journal's fsync runs on the board thread after the relay moved.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import queue
+import select
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,13 +67,20 @@ class GateBoard:
         self.health_detail = ""
         self.boots = 0                # BOOT notices seen (board restarts, the first included)
         self.emergency = False
-        self.relay_at: dict[str, float] = {}   # tap key -> monotonic time its pulse was acked
+        # (tap key, perf_counter) when the board acknowledged the pulse, newest last: the board
+        # acks a GATE_PULSE in the same loop pass that drives the relay (bench/bench_gate.py)
+        self.relay_log: deque[tuple[str, float]] = deque(maxlen=256)
         self._work: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        # wakes the board thread out of its select() the moment work is queued (a pulse must
+        # not wait for a poll interval)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="gate-board", daemon=True)
-        self._journal_path = journal
         self._jlock = threading.Lock()
-        self._journal: dict[str, dict[str, Any]] = self._load_journal()
+        self._pending = PendingJournal(journal)
+        self._journal: dict[str, dict[str, Any]] = self._pending.load()  # key -> record
         self._ids: dict[int, str] = {}          # passage tap id -> journal key
         self._next_id = 0
         self._last_beat = 0.0
@@ -83,11 +95,24 @@ class GateBoard:
         self._thread.start()
 
     def stop(self) -> None:
+        if not self._thread.is_alive() and self._stop.is_set():
+            return
         self._stop.set()
         self._work.put(("wake",))
+        self._wake()
         self._thread.join(5)
         if self.link is not None:
             self.link.close()
+        self._pending.close()
+        if self._wake_w >= 0:  # stop() may come twice; a closed fd number may be reused
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = -1
+
+    def _wake(self) -> None:
+        if self._wake_w >= 0:
+            with contextlib.suppress(OSError):  # full: already woken
+                os.write(self._wake_w, b"x")
 
     def leftovers(self) -> dict[str, dict[str, Any]]:
         """Pending passages a previous run journaled and never ended (ended by the caller)."""
@@ -97,39 +122,25 @@ class GateBoard:
     def forget(self, key: str) -> None:
         with self._jlock:
             if self._journal.pop(key, None) is not None:
-                self._save_journal()
+                self._pending.remove(key)
 
     def open(self, key: str, relay: int, record: dict[str, Any], feedback: bool = True) -> None:
-        """An allowed, recorded tap: pulse the relay now, and journal the pending passage (in
-        memory before the board thread can end it, on disk while the relay pulses)."""
+        """An allowed, recorded tap: the board thread pulses the relay now, then journals the
+        pending passage on disk (in memory already, before that thread can end it)."""
         with self._jlock:
             self._journal[key] = record
-            self._work.put(("open", key, relay, feedback))
-            self._save_journal()
+        self._work.put(("open", key, relay, feedback))
+        self._wake()
 
     def signal(self, led: int, buzzer: int, duration_ms: int) -> None:
         self._work.put(("feedback", led, buzzer, duration_ms))
+        self._wake()
 
     def state(self) -> dict[str, Any]:
         s = self.machine.state
         return {"board": self.health, "board_detail": self.health_detail, "boots": self.boots,
                 "door": s.phase, "door_open": s.door_open, "emergency": self.emergency,
                 "alarms": sorted(s.alarms), "pending": len(s.pending)}
-
-    # -- journal ----------------------------------------------------------------------------
-    def _load_journal(self) -> dict[str, dict[str, Any]]:
-        try:
-            data = json.loads(self._journal_path.read_text())
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as exc:
-            log.warning("gate: pending-passage journal %s unreadable (%s): starting empty",
-                        self._journal_path, exc)
-            return {}
-        return data if isinstance(data, dict) else {}
-
-    def _save_journal(self) -> None:
-        write_atomic(self._journal_path, json.dumps(self._journal, sort_keys=True).encode())
 
     # -- the board thread -------------------------------------------------------------------
     def _run(self) -> None:
@@ -183,7 +194,7 @@ class GateBoard:
             if item is not None:
                 self._do(link, item)
                 continue  # taps first: the relay is the latency that matters
-            link.pump(0.002)  # how long a queued pulse may wait for the thread, at most
+            self._wait(link)
             self._board_events(link)
             self._tick()
             now = time.monotonic()
@@ -192,6 +203,19 @@ class GateBoard:
                 link.status(0.5)  # raises BoardError when the board stopped answering
                 if self.health != "ok":
                     self._set_health("ok", "")
+
+    def _wait(self, link: BoardLink) -> None:
+        """Sleep until the board sends something, work is queued, or 20 ms pass (timers)."""
+        try:
+            fd = link.ser.fileno()
+        except (AttributeError, OSError, ValueError):
+            link.pump(0.002)  # a port without a file descriptor: poll
+            return
+        ready = select.select([fd, self._wake_r], [], [], 0.02)[0]
+        if self._wake_r in ready:
+            with contextlib.suppress(BlockingIOError):
+                os.read(self._wake_r, 4096)
+        link.pump(0)
 
     def _do(self, link: BoardLink, item: tuple[Any, ...]) -> None:
         if item[0] == "open":
@@ -202,7 +226,7 @@ class GateBoard:
                 if a.kind == "pulse":
                     try:
                         link.gate_pulse(a.pulse_ms, a.relay)
-                        self.relay_at[key] = time.monotonic()
+                        self.relay_log.append((key, time.perf_counter()))
                     except BoardError:
                         self._pulse_failed.add(key)
                         raise
@@ -210,6 +234,10 @@ class GateBoard:
                     self._act(a)
             if feedback:
                 link.feedback(GREEN, ONE_BEEP, 300)
+            with self._jlock:  # after the relay: the journal's fsync never delays a gate
+                record = self._journal.get(key)
+                if record is not None:
+                    self._pending.add(key, record)
         elif item[0] == "feedback":
             link.feedback(item[1], item[2], item[3])
 
@@ -271,7 +299,6 @@ class GateBoard:
             return
         self._on_outcome(o, record)  # writes the follow-up touch (durable) ...
         self.forget(o.key)           # ... before the journal lets go of it
-        self.relay_at.pop(o.key, None)
 
     def _lost(self, why: str) -> None:
         was = self.health
@@ -286,3 +313,57 @@ class GateBoard:
         if changed:
             self._on_health()
 
+
+
+class PendingJournal:
+    """Pending passages on disk, append-only: `+ key record-json` when the gate opened, `- key`
+    once the outcome record is durable. One fsync a line; compacted when loaded. A torn last
+    line (power cut mid-write) is skipped."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._f: Any = None
+
+    def load(self) -> dict[str, dict[str, Any]]:
+        pending: dict[str, dict[str, Any]] = {}
+        try:
+            lines = self.path.read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            lines = []
+        for line in lines:
+            op, _, rest = line.partition(" ")
+            key, _, body = rest.partition(" ")
+            if op == "-":
+                pending.pop(key, None)
+            elif op == "+":
+                try:
+                    record = json.loads(body)
+                except ValueError:
+                    continue
+                if isinstance(record, dict):
+                    pending[key] = record
+        write_atomic(self.path, "".join(f"+ {k} {json.dumps(r, sort_keys=True)}\n"
+                                        for k, r in pending.items()).encode())
+        self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (open while running)
+        return pending
+
+    def add(self, key: str, record: dict[str, Any]) -> None:
+        self._line(f"+ {key} {json.dumps(record, sort_keys=True)}")
+
+    def remove(self, key: str) -> None:
+        self._line(f"- {key}")
+
+    def _line(self, text: str) -> None:
+        if self._f is None:
+            return
+        try:
+            self._f.write(text + "\n")
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        except OSError as exc:  # disk full: the passage still ends; only a restart forgets it
+            log.warning("gate: pending-passage journal %s: %s", self.path, exc)
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
