@@ -5,7 +5,6 @@ durable (outbox) before the person at the gate is answered.
 """
 
 import dataclasses
-import json
 import logging
 import os
 import threading
@@ -13,6 +12,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+import cbor2
 
 from edge import __version__, config_apply, roles
 from edge.clock import Clock, SystemClock
@@ -221,12 +222,12 @@ class Agent:
 
     def publish_event(self, event: dict[str, Any]) -> None:
         """An alarm (door forced, held open, emergency release) on ccus/v1/{site}/{dev}/event:
-        JSON, QoS 1, not a touch; the state message carries the alarms in force as well."""
+        CBOR, QoS 1, not a touch; the state message carries the alarms in force as well."""
         body = {"v": 1, "dev": self.cfg.device.id, "site": self.cfg.device.site,
                 "ts": self.clock.now_ms(), **event}
         log.warning("event: %s", event)
         self.link.publish(topics.event(self.cfg.device.site, self.cfg.device.id),
-                          json.dumps(body, sort_keys=True).encode())
+                          cbor2.dumps(body))
         self.link.publish_state()
 
     def _config_applied(self, new: AgentConfig) -> None:

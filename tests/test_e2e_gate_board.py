@@ -8,13 +8,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import cbor2
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
+from broker.launcher import PrivateBroker
 from broker.procs import wait_until
 from edge.agent import Agent
 from edge.config import from_dict
 from edge.decision import CardRead
 from edge.idlist import Entry, MemoryIdList, Status
+from ops.acl import device_rules
+from protocol import topics
 from protocol.reasons import Reason
 from protocol.touch import CardTech, Decision, Touch, decode
 from sim.board import DOOR, EMERGENCY, GATE, GATE_OUT, BoardProcess
@@ -33,13 +39,14 @@ def door_link(out: int = GATE, hold_ms: int = 300) -> dict[str, Any]:
 
 
 class Rig:
-    def __init__(self, tmp: Path, links: list[dict[str, Any]], **gate: Any) -> None:
+    def __init__(self, tmp: Path, links: list[dict[str, Any]], mqtt: dict[str, Any] | None = None,
+                 **gate: Any) -> None:
         self.board = BoardProcess(tmp, links=links)
         self.board.start()
         cfg = from_dict({
             "device": {"id": "gate-07", "site": "13100000000001", "role": "gate",
                        "data_dir": str(tmp / "data")},
-            "mqtt": {"tls": False, "port": 1},
+            "mqtt": mqtt or {"tls": False, "port": 1},
             "gate": {"serial": self.board.port, "pulse_ms": 200, "passage_timeout_s": 1.5,
                      "held_open_s": 1.0, **gate},
             "readers": [{"name": "entry", "path": "udp:127.0.0.1:50000", "direction": "in"},
@@ -222,3 +229,30 @@ def test_agent_restart_ends_a_pending_passage_once(rig_factory: Any, tmp_path: P
     finally:
         again.outbox.close()
         rig.agent = again
+
+
+def test_alarms_reach_the_event_topic_and_the_acl_lets_the_device_write_it(
+        rig_factory: Any, broker: PrivateBroker) -> None:
+    assert ("write", topics.event("13100000000001", "gate-07")) in device_rules(
+        "13100000000001", "gate-07")
+    got: list[dict[str, Any]] = []
+    sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="alarm-watch",
+                      protocol=mqtt.MQTTv5)
+    sub.on_message = lambda c, u, m: got.append(cbor2.loads(m.payload))
+    sub.connect(broker.host, broker.port)
+    sub.subscribe(topics.every(topics.EVENT), qos=1)
+    sub.loop_start()
+    try:
+        rig = rig_factory([], mqtt={"host": broker.host, "port": broker.port, "tls": False})
+        rig.agent.link.start()
+        wait_until(lambda: rig.agent.link.connected, 10, "the agent connected")
+        rig.board.set_input(DOOR, 0)
+        wait_until(lambda: any(e.get("alarm") == "forced" for e in got), 5, "the forced event")
+        rig.board.set_input(DOOR, 1)
+        wait_until(lambda: len(got) >= 2, 5, "the cleared event")
+        assert [(e["dev"], e["kind"], e["alarm"], e["state"]) for e in got] == [
+            ("gate-07", "alarm", "forced", "raised"), ("gate-07", "alarm", "forced", "cleared")]
+        rig.agent.link.stop()
+    finally:
+        sub.loop_stop()
+        sub.disconnect()
