@@ -256,3 +256,25 @@ def test_alarms_reach_the_event_topic_and_the_acl_lets_the_device_write_it(
     finally:
         sub.loop_stop()
         sub.disconnect()
+
+
+def test_a_board_that_cannot_be_opened_is_offline_and_taps_are_not_actuated(tmp_path: Path) -> None:
+    cfg = from_dict({
+        "device": {"id": "gate-08", "site": "13100000000001", "role": "gate",
+                   "data_dir": str(tmp_path / "data")},
+        "mqtt": {"tls": False, "port": 1},
+        "gate": {"serial": str(tmp_path / "no-such-tty")},
+        "readers": [{"name": "entry", "path": "udp:127.0.0.1:50000"}],
+    })
+    agent = Agent(cfg, idlist=MemoryIdList([Entry("10000000000001", Status.ACTIVE, cards=(CARD,))]),
+                  config_keys=[])
+    agent.plugin.start()
+    try:
+        wait_until(lambda: agent.state()["gate"]["board"] == "offline", 5, "offline reported")
+        assert "no-such-tty" in agent.state()["gate"]["board_detail"]
+        t = agent.handle_read(cfg.readers[0], CardRead(CARD, CardTech.FELICA))
+        assert t is not None and (t.decision, t.reason) == (Decision.ALLOW, Reason.NOT_ACTUATED)
+        assert "passage" not in t.facts   # nothing opened, so nothing to confirm: it counts
+    finally:
+        agent.plugin.stop()
+        agent.outbox.close()
