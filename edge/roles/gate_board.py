@@ -121,8 +121,9 @@ class GateBoard:
 
     def forget(self, key: str) -> None:
         with self._jlock:
-            if self._journal.pop(key, None) is not None:
-                self._pending.remove(key)
+            known = self._journal.pop(key, None) is not None
+        if known:  # the file is written by the board thread only (and by start() before it)
+            self._pending.remove(key)
 
     def open(self, key: str, relay: int, record: dict[str, Any], feedback: bool = True) -> None:
         """An allowed, recorded tap: the board thread pulses the relay now, then journals the
@@ -234,10 +235,10 @@ class GateBoard:
                     self._act(a)
             if feedback:
                 link.feedback(GREEN, ONE_BEEP, 300)
-            with self._jlock:  # after the relay: the journal's fsync never delays a gate
+            with self._jlock:
                 record = self._journal.get(key)
-                if record is not None:
-                    self._pending.add(key, record)
+            if record is not None:  # after the relay: the journal's fsync never delays a gate
+                self._pending.add(key, record)
         elif item[0] == "feedback":
             link.feedback(item[1], item[2], item[3])
 
