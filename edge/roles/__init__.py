@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from edge.config import AgentConfig, ReaderConfig
     from edge.decision import CardRead, Verdict
     from edge.idlist.base import IdList
+    from protocol.reasons import Reason
     from protocol.touch import Touch
 
 GROUP = "ccus.roles"
@@ -44,7 +45,7 @@ class FollowUp:
     reader: ReaderConfig
     tap: Touch
     facts: Facts
-    reason: Any = None          # a protocol.reasons.Reason, or None to keep the tap's
+    reason: Reason | None = None   # None: the tap's reason
 
 
 @dataclass

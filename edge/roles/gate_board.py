@@ -274,6 +274,8 @@ class GateBoard:
                 self.emergency = level
                 self._feed(p.Event(p.EMERGENCY_ON if level else p.EMERGENCY_OFF, mono))
                 self._on_health()
+        for code, arg in link.errors:  # e.g. 5: a relay the board does not have (config)
+            log.warning("gate board reports error %d (arg %d): docs/serial-protocol.md", code, arg)
         link.errors.clear()
 
     def _tick(self) -> None:
