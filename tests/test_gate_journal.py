@@ -21,12 +21,14 @@ def test_load_is_what_was_written_up_to_a_cut(seq: list[tuple[bool, int, str]], 
         j = PendingJournal(path)
         assert j.load() == {}
         model: dict[str, dict[str, object]] = {}
+        added: list[tuple[str, dict[str, object]]] = []
         for add, n, text in seq:
             key = f"{n}:1700000000000:entry"
             if add:
                 record = {"reader": "entry", "touch": text}
                 j.add(key, record)
                 model[key] = record
+                added.append((key, record))
             else:
                 j.remove(key)
                 model.pop(key, None)
@@ -49,6 +51,8 @@ def test_load_is_what_was_written_up_to_a_cut(seq: list[tuple[bool, int, str]], 
         assert got == expect
         if cut >= len(data):
             assert got == model
+        # a torn line never invents a passage: each one loaded was added with that record
+        assert all((k, v) in added for k, v in got.items())
         # compacted: one line per pending passage, loads the same
         assert len(path.read_text().splitlines()) == len(got)
         third = PendingJournal(path)
