@@ -290,6 +290,7 @@ class DemoRun:
         agent = self.agents[READERS[tap.reader]]
         self.clock.set(tap.at_ms)
         seen_before = agent.counts["taps"] + agent.counts["suppressed"]
+        suppressed = agent.counts["suppressed"]
         n_before = len(self.touches)
         if not tap.passes and self.gate_board is not None:
             self.gate_board.skip_links(RELAY_PIN[tap.reader])  # the relay clicks, nobody pushes
@@ -299,9 +300,17 @@ class DemoRun:
         answer = json.loads(self.emulator.stdout.readline() or "{}")
         if not answer.get("seen"):
             raise RuntimeError(f"the {tap.reader} reader did not read the card: {answer}")
-        wait_until(lambda: agent.counts["taps"] + agent.counts["suppressed"] > seen_before,
-              10, "the agent's decision")
-        made = next((t for t in self.touches[n_before:] if "tap" not in t.facts), None)
+
+        def tap_touch() -> Touch | None:  # the tap's own touch (not a passage record)
+            return next((t for t in self.touches[n_before:] if t.device == agent.cfg.device.id
+                         and "tap" not in t.facts), None)
+
+        # counted first, handed to on_touch a moment later (after the gate opened): wait for
+        # the touch itself, or for the count of a repeat tap that makes none
+        wait_until(lambda: agent.counts["taps"] + agent.counts["suppressed"] > seen_before
+                   and (tap_touch() is not None or agent.counts["suppressed"] > suppressed),
+                   10, "the agent's decision")
+        made = tap_touch()
         if made is not None and made.facts.get("passage") == "pending":
             if not tap.passes:  # nobody went through: the passage timeout runs out
                 wait_until(lambda: self.gate().state()["gate"]["pending"] == 1, 5, "the relay")
