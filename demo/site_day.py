@@ -1,9 +1,11 @@
 """`ccus demo`: a site day end to end on embedded defaults, with the production code paths.
 
 A private Mosquitto, the sink as its own process writing SQLite, an emulated-card process
-speaking nfcpy's udp wire protocol, and a gate agent with two nfcpy readers (entry, exit).
-Only the wall clock is the demo's: a ManualClock set to each tap's time, so a day takes
-seconds. Everything under it (readers, decision, outbox, MQTT, sink) is production code.
+speaking nfcpy's udp wire protocol, a gate agent with two nfcpy readers (entry, exit) whose
+controller board (relay per direction, door sensor) is the real firmware under the MicroPython
+unix port on a pty, and a vending machine with a board of its own. Only the wall clock is the
+demo's: a ManualClock set to each tap's time, so a day takes seconds. Everything under it
+(readers, decision, outbox, board link, MQTT, sink) is production code.
 """
 
 import json
@@ -23,12 +25,14 @@ from edge.agent import Agent
 from edge.clock import ManualClock
 from edge.config import AgentConfig, load
 from edge.idlist import Entry, Status
+from edge.roles.gate import GateRole
 from edge.signing import generate_key
 from ops.list_publish import publish_list
 from protocol.touch import Touch
-from sim.board import DROP, VEND_PIN, BoardProcess
+from sim.board import DOOR, DROP, GATE, GATE_OUT, VEND_PIN, BoardProcess
 from sim.cards import EmulatedCard, felica_card
 from sim.nfc_card import free_udp_port
+from vending.role import VendingRole
 
 SITE = "13100000000001"   # a 14-digit site ID (現場ID)
 DEVICE = "gate-01"
@@ -37,6 +41,8 @@ CONTRACTOR = "20000000000001"  # the main contractor (元請) who pays for the d
 DAY = (2026, 11, 26)
 LIST_NAME = "ccus-demo"
 READERS = {"entry": DEVICE, "exit": DEVICE, "vend": VEND_DEVICE}  # reader -> device
+PASSAGE_TIMEOUT_S = 8
+RELAY_PIN = {"entry": GATE, "exit": GATE_OUT}  # the gate board's relay line per reader
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,7 @@ class Tap:
     reader: str          # "entry" | "exit" | "vend"
     card: EmulatedCard
     note: str = ""
+    passes: bool = True  # at a gate: walks through once it opens
 
 
 @dataclass
@@ -63,7 +70,8 @@ def tid_of(i: int) -> str:
 
 def site_day(n: int = 12) -> SiteDay:
     """Twelve technicians in and out; one unknown card; one double tap; one forgotten exit;
-    five take their free drink at lunch, and one comes back for a second."""
+    one allowed at the gate who turns back and taps again a minute later; five take their free
+    drink at lunch, and one comes back for a second."""
     y, m, d = DAY
     techs = [Entry(tid_of(i), Status.ACTIVE, level=1 + i % 4, cards=(card_of(i).ident,))
              for i in range(1, n + 1)]
@@ -76,6 +84,9 @@ def site_day(n: int = 12) -> SiteDay:
         if i == 6:
             stranger = felica_card(bytes.fromhex("0139AB0000C0FFEE"))
             taps.append(Tap(at + 60_000, "entry", stranger, "unknown card"))
+        if i == 7:  # the gate opens, they turn back for a helmet: not_passed, no entry
+            taps[-1] = Tap(at, "entry", card_of(i), "allowed, does not pass", passes=False)
+            taps.append(Tap(at + 60_000, "entry", card_of(i), "taps again and passes"))
     for i in range(1, 6):
         taps.append(Tap(jst_ms(y, m, d, 12, 3 * i), "vend", card_of(i)))
     taps.append(Tap(jst_ms(y, m, d, 15, 0), "vend", card_of(2), "second drink: limit reached"))
@@ -93,9 +104,11 @@ def write_idlist_csv(path: Path, entries: list[Entry]) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def agent_toml(data: Path, broker_port: int, entry_port: int, exit_port: int) -> str:
+def agent_toml(data: Path, broker_port: int, entry_port: int, exit_port: int,
+               serial_port: str) -> str:
     return f"""\
-# Gate agent for the demo: two readers on emulated fields, the dev broker, plain TCP.
+# Gate agent for the demo: two readers on emulated fields, one board with a relay per
+# direction and the door sensor, the dev broker, plain TCP.
 version = 1
 
 [device]
@@ -112,6 +125,14 @@ state_interval_s = 5
 
 [idlist]
 name = "{LIST_NAME}"          # follow the operator's signed list over MQTT
+
+[gate]
+serial = "{serial_port}"   # the gate's controller board (the firmware under MicroPython on a pty)
+relay_in = 0               # entry taps pulse relay 0, exit taps relay 1
+relay_out = 1
+pulse_ms = 300
+passage_timeout_s = {PASSAGE_TIMEOUT_S}
+held_open_s = 30
 
 [[readers]]
 name = "entry"
@@ -170,6 +191,8 @@ class DemoRun:
     sink: subprocess.Popen[bytes] | None = None
     emulator: subprocess.Popen[str] | None = None
     board: BoardProcess | None = None
+    gate_board: BoardProcess | None = None
+    passages: dict[int, Touch] = field(default_factory=dict)   # tap seq -> its outcome record
     agents: dict[str, Agent] = field(default_factory=dict)   # device id -> agent
     clock: ManualClock = field(default_factory=lambda: ManualClock(jst_ms(*DAY, 6)))
     ports: dict[str, int] = field(default_factory=dict)
@@ -207,6 +230,12 @@ class DemoRun:
         self.board = BoardProcess(self.data / "board", links=[
             {"out": VEND_PIN[1], "in": DROP, "delay_ms": 120, "hold_ms": 150, "level": 0}])
         self.board.start()
+        # the gate's board: a person pushes the door 150 ms after either relay clicks
+        (self.data / "gate-board").mkdir()
+        self.gate_board = BoardProcess(self.data / "gate-board", links=[
+            {"out": pin, "in": DOOR, "delay_ms": 150, "hold_ms": 200, "level": 0}
+            for pin in (GATE, GATE_OUT)])
+        self.gate_board.start()
         # the operator signs the technician list and publishes it, retained; the agents verify
         # it against the operator's public key, apply it atomically and decide with it
         write_idlist_csv(self.data / "technicians.csv", day.technicians)
@@ -215,7 +244,8 @@ class DemoRun:
                      broker=(self.broker.host, self.broker.port), progress=False,
                      out_path=self.data / f"{LIST_NAME}.idl", issued_ms=self.clock.now_ms())
         confs = {
-            DEVICE: agent_toml(self.data, self.broker.port, self.ports["entry"], self.ports["exit"]),
+            DEVICE: agent_toml(self.data, self.broker.port, self.ports["entry"], self.ports["exit"],
+                               self.gate_board.port),
             VEND_DEVICE: vending_toml(self.data, self.broker.port, self.ports["vend"],
                                       self.board.port),
         }
@@ -236,7 +266,14 @@ class DemoRun:
     def _on_touch(self, t: Touch) -> None:
         with self._changed:
             self.touches.append(t)
+            if "tap" in t.facts:
+                self.passages[int(t.facts["tap"])] = t
             self._changed.notify_all()
+
+    def gate(self) -> GateRole:
+        role = self.agents[DEVICE].plugin
+        assert isinstance(role, GateRole)
+        return role
 
     def counts(self) -> dict[str, int]:
         """The agents' tap counters, added up."""
@@ -247,21 +284,49 @@ class DemoRun:
         return total
 
     def tap(self, tap: Tap) -> Touch | None:
-        """Set the clock, tap the card on the emulated field, wait until the agent decided."""
+        """Set the clock, tap the card on the emulated field, wait until the agent decided (and,
+        at the gate, until the passage is recorded and the door is shut again)."""
         assert self.emulator and self.emulator.stdin and self.emulator.stdout
         agent = self.agents[READERS[tap.reader]]
         self.clock.set(tap.at_ms)
         seen_before = agent.counts["taps"] + agent.counts["suppressed"]
+        suppressed = agent.counts["suppressed"]
         n_before = len(self.touches)
+        if not tap.passes and self.gate_board is not None:
+            self.gate_board.skip_links(RELAY_PIN[tap.reader])  # the relay clicks, nobody pushes
         req = {"port": self.ports[tap.reader], "tap": tap.card.to_json(), "hold_ms": 100}
         self.emulator.stdin.write(json.dumps(req) + "\n")
         self.emulator.stdin.flush()
         answer = json.loads(self.emulator.stdout.readline() or "{}")
         if not answer.get("seen"):
             raise RuntimeError(f"the {tap.reader} reader did not read the card: {answer}")
-        wait_until(lambda: agent.counts["taps"] + agent.counts["suppressed"] > seen_before,
-              10, "the agent's decision")
-        return self.touches[-1] if len(self.touches) > n_before else None
+
+        def tap_touch() -> Touch | None:  # the tap's own touch (not a passage record)
+            return next((t for t in self.touches[n_before:] if t.device == agent.cfg.device.id
+                         and "tap" not in t.facts), None)
+
+        # counted first, handed to on_touch a moment later (after the gate opened): wait for
+        # the touch itself, or for the count of a repeat tap that makes none
+        wait_until(lambda: agent.counts["taps"] + agent.counts["suppressed"] > seen_before
+                   and (tap_touch() is not None or agent.counts["suppressed"] > suppressed),
+                   10, "the agent's decision")
+        made = tap_touch()
+        if made is not None and made.facts.get("passage") == "pending":
+            if not tap.passes:  # nobody went through: the passage timeout runs out
+                wait_until(lambda: self.gate().state()["gate"]["pending"] == 1, 5, "the relay")
+                self.clock.advance(PASSAGE_TIMEOUT_S * 1000 + 1000)
+            wait_until(lambda: made.seq in self.passages, 10, "the passage recorded")
+            wait_until(lambda: self.gate().state()["gate"]["door"] == "closed", 5, "the door shut")
+            # and the relay released: a tap while it is still energized only extends the pulse
+            wait_until(lambda: self._relays_off(), 5, "the relay released")
+        return made
+
+    def _relays_off(self) -> bool:
+        assert self.gate_board is not None
+        last: dict[int, int] = {}
+        for pin, level, _ in self.gate_board.pins():
+            last[pin] = level
+        return last.get(GATE) == 0 and last.get(GATE_OUT) == 0
 
     def wait_delivered(self, timeout: float = 20.0) -> dict[str, int]:
         """Until every outbox is empty and the sink has stored every touch the agents made."""
@@ -276,8 +341,9 @@ class DemoRun:
     def stop(self) -> None:
         for a in self.agents.values():
             a.stop()
-        if self.board:
-            self.board.close()
+        for board in (self.board, self.gate_board):
+            if board:
+                board.close()
         if self.emulator:
             if self.emulator.stdin:
                 self.emulator.stdin.close()
@@ -300,7 +366,8 @@ def run_demo(data_dir: str | Path) -> int:
         run.start(day)
         print(f"broker 127.0.0.1:{run.broker.port if run.broker else '?'}; readers "
               + ", ".join(f"{r} udp:{p}" for r, p in run.ports.items())
-              + f"; board {run.board.port if run.board else '?'}")
+              + f"; boards: vending {run.board.port if run.board else '?'}, gate "
+              + f"{run.gate_board.port if run.gate_board else '?'}")
         print(f"signed ID list {LIST_NAME} v1 ({len(day.technicians)} technicians) applied by "
               + " and ".join(run.agents) + "\n")
         for tap in day.taps:
@@ -311,12 +378,15 @@ def run_demo(data_dir: str | Path) -> int:
                 continue
             who = t.tid or "-" * 14
             extra = f"  {t.facts['result']}" if "result" in t.facts else ""
+            passage = run.passages.get(t.seq) if t.device == DEVICE else None
+            if passage is not None:
+                extra = f"  gate opened: {passage.facts['passage']} (seq {passage.seq})"
             print(f"  {when}  {tap.reader:<5}  {tap.card.ident.hex()}  {who}  "
                   f"{t.decision.value:<5} {t.reason.value}{extra}  seq {t.seq}")
         counts = run.wait_delivered()
         totals = run.counts()
-        vend = run.agents[VEND_DEVICE].vend
-        drinks = vend.billable() if vend is not None else []
+        vend = run.agents[VEND_DEVICE].plugin
+        drinks = vend.billable() if isinstance(vend, VendingRole) else []
     finally:
         run.stop()
     store = SqliteStore(run.store_path)
@@ -330,9 +400,10 @@ def run_demo(data_dir: str | Path) -> int:
         print(f"  the sink's vending ledger, {r.month}: {r.device} at site {r.site}, contractor "
               f"{r.contractor}: {r.dispensed} dispensed, {r.failed} failed, "
               f"{r.indeterminate} indeterminate")
-    print(f"\nsummary: {len(day.taps)} taps, {totals['taps']} touches "
+    print(f"\nsummary: {len(day.taps)} taps, {totals['taps']} tap touches "
           f"({totals['suppressed']} repeat within the re-tap window), "
-          f"{totals['allowed']} allowed, {totals['denied']} denied; "
+          f"{totals['allowed']} allowed, {totals['denied']} denied, "
+          f"{totals.get('followups', 0)} passage records; "
           f"sink stored {counts['touches']}, dead letters {counts['dead_letters']}; "
           f"{time.monotonic() - started:.1f} s")
     return 0

@@ -13,28 +13,22 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from edge import __version__, config_apply
+import cbor2
+
+from edge import __version__, config_apply, roles
 from edge.clock import Clock, SystemClock
 from edge.config import AgentConfig, ProfileConfig, ReaderConfig
-from edge.decision import (
-    AntiPassback,
-    CardRead,
-    Debouncer,
-    Verdict,
-    decide_gate,
-    decide_training,
-    list_age_h,
-)
-from edge.idlist import IdList, MemoryIdList, read_technicians_csv
+from edge.decision import CardRead, Debouncer, list_age_h
+from edge.idlist.base import IdList, MemoryIdList, read_technicians_csv
 from edge.idlist.codec import open_list
 from edge.idlist.dist import subscription as list_subscription
 from edge.idlist.updater import ListUpdater
 from edge.link import Link
 from edge.outbox import Outbox
 from edge.reader.backend import Feedback, make_reader
-from edge.roles.training import Schedule
+from protocol import topics
 from protocol.reasons import Reason
-from protocol.touch import Decision, Role, Touch, encode
+from protocol.touch import CardTech, Decision, Role, Touch, decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -94,16 +88,13 @@ class Agent:
         self.readers = [make_reader(r, self._profile(r), self.handle_read, self._on_health,
                                     self._feedback) for r in cfg.readers]
         self._debounce = {r.name: Debouncer(r.retap_window_s) for r in cfg.readers}
-        self._anti_passback = AntiPassback() if cfg.gate.anti_passback else None
-        self.schedule = Schedule.load(cfg.training.schedule) if cfg.training.schedule else None
-        self.vend: Any = None  # the vending role's station (vending/station.py)
-        if self.role is Role.VENDING:
-            from vending.station import VendStation
-
-            self.vend = VendStation(cfg.vending, cfg.device.id, cfg.device.site, cfg.data_dir,
-                                    self.clock)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a role's follow-up record may come from inside a tap
         self.counts = {"taps": 0, "suppressed": 0, "allowed": 0, "denied": 0}
+        # the role plug-in, found by name in the ccus.roles entry points (edge/roles/__init__.py)
+        ctx = roles.RoleContext(cfg=cfg, clock=self.clock, record=self.record_follow_up,
+                                event=self.publish_event, state_changed=self.link.publish_state,
+                                unacked=self._unacked)
+        self.plugin: roles.DeviceRole = roles.load(self.role.value)(ctx)
 
     @property
     def idlist(self) -> IdList | None:
@@ -139,8 +130,7 @@ class Agent:
     def start(self) -> None:
         self.config.start()
         self.link.start()
-        if self.vend is not None:
-            self.vend.start()  # settles what a restart left open before the first tap
+        self.plugin.start()  # e.g. settles what a restart left open before the first tap
         for r in self.readers:
             r.start()
         log.info("agent %s (%s) at site %s: %d reader(s), list v%s", self.cfg.device.id,
@@ -150,8 +140,7 @@ class Agent:
     def stop(self) -> None:
         for r in self.readers:
             r.stop()
-        if self.vend is not None:
-            self.vend.stop()
+        self.plugin.stop()
         self.link.stop()
         if self._list_worker is not None:
             self._list_worker.shutdown(wait=True, cancel_futures=True)
@@ -168,58 +157,78 @@ class Agent:
                 return None
             self.counts["taps"] += 1
             now = self.clock.now_ms()
-            verdict, role_facts = self._decide(reader, read)
-            facts = {**self._role_facts(reader, now), **role_facts}
-
-            def build(seq: int) -> bytes:
-                nonlocal touch
-                touch = Touch(
-                    device=self.cfg.device.id, site=self.cfg.device.site, role=self.role,
-                    seq=seq, ts_ms=now, tq=self.clock.quality(), card=read.card,
-                    card_tech=read.tech, tid=verdict.tid, decision=verdict.decision,
-                    reason=verdict.reason, list_version=verdict.list_version,
-                    config_version=self.cfg.version, facts=facts)
-                return encode(touch)
-
-            touch: Touch | None = None
-            if self.outbox.append(build, created_ms=now) is None:
-                # disk full: the decision stands and the person is answered; the touch waits in
-                # the outbox's emergency ring without a seq (seq 0 here), or is counted lost,
-                # and the state message says so (docs/delivery.md, "Disk full")
-                self.counts["disk_full"] = self.counts.get("disk_full", 0) + 1
-                touch = Touch(
-                    device=self.cfg.device.id, site=self.cfg.device.site, role=self.role,
-                    seq=0, ts_ms=now, tq=self.clock.quality(), card=read.card,
-                    card_tech=read.tech, tid=verdict.tid, decision=verdict.decision,
-                    reason=verdict.reason, list_version=verdict.list_version,
-                    config_version=self.cfg.version, facts=facts)
-                self.link.publish_state()
-            assert touch is not None
+            verdict, role_facts = self.plugin.decide(reader, read, self.idlist)
+            facts = {**self.plugin.facts(reader, now), **role_facts}
+            touch = self._write(now, read.card, read.tech, verdict.tid, verdict.decision,
+                                verdict.reason, verdict.list_version, facts)
             self.counts["allowed" if verdict.decision.value == "allow" else "denied"] += 1
         self.link.notify()
         log.info("tap %s on %s: %s (%s) tid=%s seq=%d", read.card.hex(), reader.name,
                  touch.decision.value, touch.reason.value, touch.tid, touch.seq)
+        self.plugin.after(reader, touch)  # durable first, then the gate opens
         if self.on_touch:
             self.on_touch(touch)
         return touch
 
-    def _decide(self, reader: ReaderConfig, read: CardRead) -> tuple[Verdict, dict[str, Any]]:
-        """The role's verdict, and facts only the role knows (a vend's slot and result)."""
-        if self.role is Role.TRAINING:
-            return decide_training(read, self.idlist), {}
-        if self.vend is not None:
-            return self.vend.serve(read, self.idlist)  # allowance, then the vend itself
-        return decide_gate(read, self.idlist, reader.direction, self._anti_passback), {}
+    def record_follow_up(self, f: roles.FollowUp) -> Touch | None:
+        """A role's second record for a tap (the gate's passage outcome): its own seq, the same
+        card, technician and decision as the tap, the role's facts. Counted in `followups`."""
+        with self._lock:
+            tap = f.tap
+            touch = self._write(self.clock.now_ms(), tap.card, tap.card_tech, tap.tid,
+                                tap.decision, f.reason or tap.reason, tap.list_version, f.facts)
+            self.counts["followups"] = self.counts.get("followups", 0) + 1
+        self.link.notify()
+        log.info("follow-up of seq %d on %s: %s seq=%d", tap.seq, f.reader.name,
+                 dict(f.facts), touch.seq)
+        if self.on_touch:
+            self.on_touch(touch)
+        return touch
 
-    def _role_facts(self, reader: ReaderConfig, now_ms: int) -> dict[str, str | int | bool]:
-        facts: dict[str, str | int | bool] = {"reader": reader.name}
-        if self.role is Role.GATE:
-            facts["dir"] = reader.direction
-        elif self.role is Role.TRAINING and self.schedule is not None:
-            course = self.schedule.current(now_ms)
-            if course is not None:
-                facts["course"] = course.id
-        return facts
+    def _write(self, now: int, card: bytes, tech: CardTech, tid: str | None, decision: Decision,
+               reason: Reason, list_version: int, facts: dict[str, str | int | bool]) -> Touch:
+        """Build the touch around the next seq and commit it to the outbox (under the lock)."""
+        def make(seq: int) -> Touch:
+            return Touch(device=self.cfg.device.id, site=self.cfg.device.site, role=self.role,
+                         seq=seq, ts_ms=now, tq=self.clock.quality(), card=card, card_tech=tech,
+                         tid=tid, decision=decision, reason=reason, list_version=list_version,
+                         config_version=self.cfg.version, facts=facts)
+
+        touch: Touch | None = None
+
+        def build(seq: int) -> bytes:
+            nonlocal touch
+            touch = make(seq)
+            return encode(touch)
+
+        if self.outbox.append(build, created_ms=now) is None:
+            # disk full: the decision stands and the person is answered; the touch waits in
+            # the outbox's emergency ring without a seq (seq 0 here), or is counted lost,
+            # and the state message says so (docs/delivery.md, "Disk full")
+            self.counts["disk_full"] = self.counts.get("disk_full", 0) + 1
+            touch = make(0)
+            self.link.publish_state()
+        assert touch is not None
+        return touch
+
+    def _unacked(self, after_seq: int) -> list[Touch]:
+        out = []
+        for _, payload in self.outbox.pending(after_seq, 100_000):
+            try:
+                out.append(decode(payload))
+            except ValueError:  # TouchError: a bad row is the link's to report, not ours
+                continue
+        return out
+
+    def publish_event(self, event: dict[str, Any]) -> None:
+        """An alarm (door forced, held open, emergency release) on ccus/v1/{site}/{dev}/event:
+        CBOR, QoS 1, not a touch; the state message carries the alarms in force as well."""
+        body = {"v": 1, "dev": self.cfg.device.id, "site": self.cfg.device.site,
+                "ts": self.clock.now_ms(), **event}
+        log.warning("event: %s", event)
+        self.link.publish(topics.event(self.cfg.device.site, self.cfg.device.id),
+                          cbor2.dumps(body))
+        self.link.publish_state()
 
     def _config_applied(self, new: AgentConfig) -> None:
         # the version (carried by touches) changes at once; anything else takes a restart
@@ -252,6 +261,7 @@ class Agent:
             "cv": self.cfg.version,
             **self._delivery_state(),
             "readers": {r.cfg.name: r.health for r in self.readers},
+            **self.plugin.state(),
             **self._list_condition(),
             **({"idlist": {**self.lists.state(), "refused": len(self.list_refusals),
                            "last_refusal": self.list_refusals[-1] if self.list_refusals else None}}

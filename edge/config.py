@@ -90,6 +90,16 @@ class ClockConfig:
 @dataclass
 class GateConfig:
     anti_passback: bool = False
+    # the controller board that drives the gate (turnstile, flap, door strike) and reads its
+    # door sensor and emergency-release input; empty: a gate with no board (taps are recorded,
+    # nothing opens, no passage is confirmed)
+    serial: str = ""
+    baud: int = 115200
+    relay_in: int = 0             # the relay an entry tap pulses (0 or 1)
+    relay_out: int = 0            # the relay an exit tap pulses: 1 on a two-relay turnstile
+    pulse_ms: int = 500           # relay pulse (the board caps it at 5000)
+    passage_timeout_s: float = 8.0   # allowed, and no door edge within this: not_passed
+    held_open_s: float = 30.0     # the door open longer than this: a held_open alarm
 
 
 @dataclass
@@ -156,6 +166,7 @@ def _check(cfg: AgentConfig) -> None:
     if not 1 <= cfg.mqtt.inflight <= 1000:
         raise ConfigError("mqtt.inflight: 1..1000")
     _check_vending(cfg)
+    _check_gate(cfg.gate)
     names = set()
     for i, r in enumerate(cfg.readers):
         if r.name in names:
@@ -203,6 +214,17 @@ def _check_profile(where: str, p: ProfileConfig) -> None:
             raise ConfigError(f"{where}.file_id: 2 bytes of hex, or empty")
         if not 0 <= p.read_offset <= 0x7FFF or not 1 <= p.read_length <= 255:
             raise ConfigError(f"{where}.read_length: 1..255, read_offset 0..32767")
+
+
+def _check_gate(g: GateConfig) -> None:
+    if g.relay_in not in (0, 1) or g.relay_out not in (0, 1):
+        raise ConfigError("gate.relay_in, gate.relay_out: 0 or 1 (the board's two gate relays)")
+    if not 1 <= g.pulse_ms <= 5000:
+        raise ConfigError("gate.pulse_ms: 1..5000 (the board caps a pulse at 5 s)")
+    if not 0 < g.passage_timeout_s <= 120 or not 0 < g.held_open_s <= 3600:
+        raise ConfigError("gate.passage_timeout_s: 0..120 s; gate.held_open_s: 0..3600 s")
+    if g.baud <= 0:
+        raise ConfigError("gate.baud: a positive baud rate")
 
 
 def _check_vending(cfg: AgentConfig) -> None:

@@ -6,7 +6,7 @@ role then has its own table. Nothing here does I/O or reads a clock.
 
 from dataclasses import dataclass
 
-from edge.idlist import Entry, IdList, Status
+from edge.idlist.base import Entry, IdList, Status
 from protocol.reasons import Reason
 from protocol.touch import CardTech, Decision
 

@@ -1,4 +1,10 @@
-"""Board application: vend line, drop sensor, gate relay, door sensor, watchdog, over the serial link."""
+"""Board application: vend line, drop sensor, gate relays, door sensor, emergency release input,
+watchdog, over the serial link.
+
+Gate rules: a relay is energized only for a GATE_PULSE (at most 5 s, then off by the board's
+own clock, whatever the host does) or while the emergency input is active; every relay pin is
+driven off at boot, so a watchdog or power reset leaves the gate shut.
+"""
 
 import os
 import time
@@ -17,6 +23,10 @@ from frame import (
     R_NO_DROP,
     R_NOT_STARTED,
     R_SENSOR_FAULT,
+    S_DOOR,
+    S_EMERGENCY,
+    ST_AT_BOOT,
+    ST_LEVEL,
 )
 from journal import Journal, JournalError
 
@@ -63,7 +73,11 @@ class Board:
         self.uart = machine.UART(cfg["uart"], baudrate=cfg["baud"], tx=cfg["tx"], rx=cfg["rx"])
         va = cfg["vend_active"]
         self.vend_pins = [machine.Pin(p, machine.Pin.OUT, value=1 - va) for p in cfg["vend"]]
-        self.gate = machine.Pin(cfg["gate"], machine.Pin.OUT, value=1 - cfg["gate_active"])
+        off = 1 - cfg["gate_active"]
+        self.gates = [machine.Pin(cfg["gate"], machine.Pin.OUT, value=off)]
+        if cfg.get("gate_out") is not None:
+            self.gates.append(machine.Pin(cfg["gate_out"], machine.Pin.OUT, value=off))
+        self.gate = self.gates[0]
         self.led_green = machine.Pin(cfg["led_green"], machine.Pin.OUT, value=0)
         self.led_red = machine.Pin(cfg["led_red"], machine.Pin.OUT, value=0)
         self.buzzer = machine.Pin(cfg["buzzer"], machine.Pin.OUT, value=0)
@@ -77,6 +91,13 @@ class Board:
             door_pin = machine.Pin(cfg["door"], pin_in)
         self.drop = Debounced(drop_pin, cfg["drop_active"], db, now)
         self.door = Debounced(door_pin, cfg["door_active"], db, now)
+        self.emergency = None
+        if cfg.get("emergency") is not None:
+            if cfg.get("pull_up", True):
+                em_pin = machine.Pin(cfg["emergency"], pin_in, machine.Pin.PULL_UP)
+            else:
+                em_pin = machine.Pin(cfg["emergency"], pin_in)
+            self.emergency = Debounced(em_pin, cfg["emergency_active"], db, now)
 
         self.journal = Journal(cfg["journal"])
         self.journal.load()
@@ -106,9 +127,14 @@ class Board:
         self.v_t0 = 0
         self.v_pulse = 0
         self.v_timeout = 0
-        self.gate_until = None
+        self.gate_until = [None] * len(self.gates)
         self.feedback_until = None
+        self.buzz = 0  # buzzer pattern in progress: 1 one beep, 2 a double beep
+        self.buzz_t0 = 0
+        self.buzz_ms = 0
         self._announce(machine.reset_cause())
+        if self.emergency is not None and self.emergency.state:
+            self._hold_gates(True)  # the alarm was on before the reset: open again at once
 
     # ------------------------------------------------------------ boot
 
@@ -122,6 +148,12 @@ class Board:
             self.send(frame.ERROR, frame.error(frame.E_JOURNAL, 0))
         if cause == getattr(machine, "WDT_RESET", -1):
             self.send(frame.ERROR, frame.error(frame.E_WATCHDOG_RESET, j.vend_id))
+        # levels that are not the resting state, so the host starts from what is true now
+        now = time.ticks_ms()
+        if self.door.state:
+            self.send(frame.SENSOR, frame.sensor(S_DOOR, ST_LEVEL | ST_AT_BOOT, now))
+        if self.emergency is not None and self.emergency.state:
+            self.send(frame.SENSOR, frame.sensor(S_EMERGENCY, ST_LEVEL | ST_AT_BOOT, now))
         if j.state == J_IN_PROGRESS:
             # Reported in BOOT as "in progress at reset"; from now on its outcome is
             # R_INTERRUPTED: the board cannot know whether a can fell.
@@ -164,14 +196,25 @@ class Board:
                 pass  # host did not ack; results stay in the journal for a query
         self._vend_step(now)
         if self.door.update(now):
-            self.send(frame.SENSOR, frame.sensor(frame.S_DOOR, self.door.state, now))
-        if self.gate_until is not None and time.ticks_diff(now, self.gate_until) >= 0:
-            self.gate.value(1 - self.cfg["gate_active"])
-            self.gate_until = None
+            self.send(frame.SENSOR, frame.sensor(S_DOOR, 1 if self.door.state else 0, now))
+        em = self.emergency
+        if em is not None and em.update(now):
+            self._hold_gates(em.state)
+            self.send(frame.SENSOR, frame.sensor(S_EMERGENCY, 1 if em.state else 0, now))
+        for i in range(len(self.gates)):
+            until = self.gate_until[i]
+            if until is not None and time.ticks_diff(now, until) >= 0:
+                self.gate_until[i] = None
+                if not self._emergency_on():
+                    self.gates[i].value(1 - self.cfg["gate_active"])
+        if self.buzz == 2:  # double beep: on, off, on in thirds of the duration
+            third = time.ticks_diff(now, self.buzz_t0) * 3 // max(self.buzz_ms, 1)
+            self.buzzer.value(0 if third == 1 else 1)
         if self.feedback_until is not None and time.ticks_diff(now, self.feedback_until) >= 0:
             self.led_green.value(0)
             self.led_red.value(0)
             self.buzzer.value(0)
+            self.buzz = 0
             self.feedback_until = None
         self.flush()
         return busy or self.vstate != _IDLE
@@ -191,16 +234,33 @@ class Board:
             self.send(frame.STATUS, p)
         elif t == frame.GATE_PULSE:
             relay, ms = frame.parse_gate_pulse(f.payload)
-            self.gate.value(self.cfg["gate_active"])
-            self.gate_until = time.ticks_add(now, min(ms, 5000))
+            if relay >= len(self.gates):
+                self.send(frame.ERROR, frame.error(frame.E_RELAY, relay))
+            elif ms > 0 and not self._emergency_on():  # held open already in an emergency
+                self.gates[relay].value(self.cfg["gate_active"])
+                self.gate_until[relay] = time.ticks_add(now, min(ms, 5000))
         elif t == frame.FEEDBACK:
             led, buzz, ms = frame.parse_feedback(f.payload)
             self.led_green.value(1 if led & 1 else 0)
             self.led_red.value(1 if led & 2 else 0)
             self.buzzer.value(1 if buzz else 0)
-            self.feedback_until = time.ticks_add(now, min(ms, 5000))
+            ms = min(ms, 5000)
+            self.buzz = buzz
+            self.buzz_t0 = now
+            self.buzz_ms = ms
+            self.feedback_until = time.ticks_add(now, ms)
         elif t == frame.ERROR:
             pass  # the host's errors are informational for the board
+
+    def _emergency_on(self):
+        return self.emergency is not None and self.emergency.state
+
+    def _hold_gates(self, on):
+        """Emergency release: every gate relay on while the input is active, all off after."""
+        level = self.cfg["gate_active"] if on else 1 - self.cfg["gate_active"]
+        for i in range(len(self.gates)):
+            self.gates[i].value(level)
+            self.gate_until[i] = None
 
     def _result(self, vend_id, slot, result, elapsed):
         self.send(frame.VEND_RESULT, frame.vend_result(vend_id, slot, result, elapsed))

@@ -14,10 +14,13 @@ RP2 = {
     "drop": 6,  # drop (vend) sensor, optical, pulled up, low while a can falls
     "drop_active": 0,
     "pull_up": True,  # use the MCU's internal pull-ups on drop and door inputs
-    "gate": 7,  # gate relay
-    "gate_active": 1,
+    "gate": 7,  # gate relay 0 (the one relay, or the entry direction)
+    "gate_out": 13,  # gate relay 1 (the exit direction of a two-relay turnstile); None: none
+    "gate_active": 1,  # relays need a pull-down on their driver: a reset pin floats to "off"
     "door": 8,  # door/turnstile sensor, pulled up, low when open
     "door_active": 0,
+    "emergency": 12,  # emergency release (fire-alarm contact, normally open), pulled up
+    "emergency_active": 0,  # the contact closes to ground on alarm; a normally-closed loop: 1
     "led_green": 9,
     "led_red": 10,
     "buzzer": 11,
@@ -39,9 +42,12 @@ ESP32 = {
     "drop_active": 0,
     "pull_up": False,  # GPIO 34-39 have no internal pull-ups: external resistors
     "gate": 32,
+    "gate_out": 33,
     "gate_active": 1,
     "door": 35,
     "door_active": 0,
+    "emergency": 39,  # input-only pin: external pull-up
+    "emergency_active": 0,
     "led_green": 18,
     "led_red": 19,
     "buzzer": 23,

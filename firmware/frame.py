@@ -103,10 +103,17 @@ E_WATCHDOG_RESET = 1
 E_JOURNAL = 2
 E_UNEXPECTED = 3
 E_SENSOR = 4
+E_RELAY = 5  # GATE_PULSE named a relay this board does not have (arg: the relay)
 
 # Sensors (SENSOR.sensor)
 S_DROP = 1
 S_DOOR = 2
+S_EMERGENCY = 3  # emergency release input (fire-alarm contact): 1 active, the gate held open
+
+# SENSOR.state bits: bit 0 the level (1 open / active); bit 1 set: a level report sent after
+# BOOT (what the input is now), not an edge
+ST_LEVEL = 1
+ST_AT_BOOT = 2
 
 
 class FrameError(ValueError):

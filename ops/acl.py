@@ -48,6 +48,7 @@ def device_rules(site: str, dev: str) -> list[tuple[str, str]]:
         ("write", t.touch(site, dev)),
         ("write", t.state(site, dev)),
         ("write", t.config_ack(site, dev)),
+        ("write", t.event(site, dev)),  # alarms (gate forced, held open): docs/protocol.md
         ("read", t.config(site, dev)),
         ("read", t.site_config(site)),
         ("read", t.touch_ack(site, dev)),

@@ -2,7 +2,8 @@
 
 A state message (CBOR, ccus/v1/{site}/{dev}/state, retained; the LWT sets online false) carries
 online, ts (device clock, UTC ms), tq (clock quality), sw/lv/cv (software, list, config
-versions), backlog and oldest_ms (outbox), readers {name: health}.
+versions), backlog and oldest_ms (outbox), readers {name: health}; a gate with a board adds
+gate {board, alarms, emergency, ...} (docs/protocol.md).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class Row:
     oldest_ms: int | None = None
     readers: dict[str, str] = field(default_factory=dict)
     tq: str = ""
+    gate: dict[str, Any] = field(default_factory=dict)  # a gate's board health and alarms
     problems: list[str] = field(default_factory=list)
 
 
@@ -67,6 +69,8 @@ def parse(topic: str, payload: bytes) -> Row | None:
     readers = m.get("readers")
     row.readers = {str(k): str(v) for k, v in readers.items()} if isinstance(readers, dict) else {}
     row.tq = typed("tq", str) or ""
+    gate = m.get("gate")
+    row.gate = gate if isinstance(gate, dict) else {}
     return row
 
 
@@ -87,6 +91,11 @@ def diagnose(row: Row, now_ms: int) -> Row:
         p.append(f"clock {row.tq}")
     if row.lv is None and row.online:
         p.append("no id list")
+    if row.gate and row.online:
+        if row.gate.get("board") not in ("ok", None):
+            p.append(f"gate board {row.gate.get('board')}")
+        alarms = row.gate.get("alarms")
+        p += [f"gate {a}" for a in sorted(map(str, alarms))] if isinstance(alarms, list) else []
     return row
 
 

@@ -15,6 +15,8 @@ class Reason(StrEnum):
     NO_LIST = "no_list"                  # the device has no ID list to decide with
     LIMIT_REACHED = "limit_reached"      # vending: allowance for the period used up
     ANTI_PASSBACK = "anti_passback"      # gate: same direction twice
+    NOT_ACTUATED = "not_actuated"        # gate: allowed, but the board is offline: nothing opened
+    EMERGENCY_OPEN = "emergency_open"    # gate: allowed while the emergency release holds it open
     REGISTERED = "registered"            # training: counted, technician known
     UNREGISTERED = "unregistered"        # training: counted, technician not in the list
     # card reading (edge/reader): each bad input has its own code; docs/readers.md lists them

@@ -12,6 +12,7 @@ Rules of this file:
     ccus/v1/{site}/_site/config       operator -> site     QoS 1, retained, signed
     ccus/v1/{site}/{dev}/config/ack   device -> operator   QoS 1, retained
     ccus/v1/{site}/{dev}/ack          sink -> device       QoS 1, retained (end-to-end ack)
+    ccus/v1/{site}/{dev}/event        device -> cloud      QoS 1 (alarms: gate forced, held open)
     ccus/v1/list/{name}/snapshot/manifest, .../snapshot/{version}/{index},
     ccus/v1/list/{name}/delta/{from}-{to}/{count}/{index}   operator -> devices, retained
 """
@@ -24,6 +25,7 @@ LIST_ROOT = f"{PREFIX}/list"
 
 # the last level of a device topic
 TOUCH, STATE, CONFIG, CONFIG_ACK, ACK = "touch", "state", "config", "config/ack", "ack"
+EVENT = "event"
 
 
 def device(site: str, dev: str, kind: str) -> str:
@@ -53,6 +55,11 @@ def config_ack(site: str, dev: str) -> str:
 def touch_ack(site: str, dev: str) -> str:
     """Retained end-to-end acknowledgement the sink publishes per device (highest stored seq)."""
     return device(site, dev, ACK)
+
+
+def event(site: str, dev: str) -> str:
+    """A device's alarms (JSON): a gate forced or held open, an emergency release."""
+    return device(site, dev, EVENT)
 
 
 def every(kind: str, site: str = "+") -> str:

@@ -43,6 +43,11 @@ def test_reader_defaults() -> None:
     ({**MINIMAL, "readers": [{"name": "r" * 65, "path": "x"}]}, "readers[0].name: 1..64"),
     ({**MINIMAL, "readers": [{"name": "a\x00", "path": "x"}]}, "readers[0].name: 1..64"),
     ({**MINIMAL, "readers": [{"name": "", "path": "x"}]}, "readers[0].name: 1..64"),
+    # the gate's board (docs/architecture.md, "The gate loop")
+    ({**MINIMAL, "gate": {"relay_out": 2}}, "gate.relay_in, gate.relay_out: 0 or 1"),
+    ({**MINIMAL, "gate": {"pulse_ms": 9000}}, "gate.pulse_ms: 1..5000"),
+    ({**MINIMAL, "gate": {"passage_timeout_s": 0}}, "gate.passage_timeout_s"),
+    ({**MINIMAL, "gate": {"serial": 1}}, "gate.serial: expected str"),
 ])
 def test_errors_name_the_key(raw: dict, key: str) -> None:  # type: ignore[type-arg]
     with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):

@@ -1,5 +1,6 @@
 """The demo's path end to end: real Mosquitto, the sink as a process on SQLite, nfcpy's udp
-reader reading emulated FeliCa cards, and the production agent. Asserts the exact rows."""
+reader reading emulated FeliCa cards, the production agents, and two controller boards (the
+real firmware under MicroPython on ptys). Asserts the exact rows."""
 
 from pathlib import Path
 
@@ -10,8 +11,11 @@ from cloud_sink.workday import local_time
 from demo.site_day import CONTRACTOR, DEVICE, SITE, VEND_DEVICE, DemoRun, site_day
 from protocol.reasons import Reason
 from protocol.touch import Decision
+from sim.board import GATE, GATE_OUT
+from vending.role import VendingRole
 
-# (technician, entry, exit) for 2026-11-26, Asia/Tokyo; technician 12 forgot to tap out.
+# (technician, entry, exit) for 2026-11-26, Asia/Tokyo; technician 12 forgot to tap out;
+# technician 7's 07:44 tap opened the gate but they did not pass: the entry is 07:45.
 EXPECTED = [
     ("10000000000001", "07:32", "17:08"),
     ("10000000000002", "07:34", "17:11"),
@@ -19,7 +23,7 @@ EXPECTED = [
     ("10000000000004", "07:38", "17:17"),
     ("10000000000005", "07:40", "17:20"),
     ("10000000000006", "07:42", "17:23"),
-    ("10000000000007", "07:44", "17:26"),
+    ("10000000000007", "07:45", "17:26"),
     ("10000000000008", "07:46", "17:29"),
     ("10000000000009", "07:48", "17:32"),
     ("10000000000010", "07:50", "17:35"),
@@ -37,25 +41,42 @@ def test_site_day_end_to_end(tmp_path: Path) -> None:
         results = [run.tap(t) for t in day.taps]
         counts = run.wait_delivered()
         totals = run.counts()
-        vend = run.agents[VEND_DEVICE].vend
-        assert vend is not None
+        vend = run.agents[VEND_DEVICE].plugin
+        assert isinstance(vend, VendingRole)
         drinks = [d.technician for d in vend.billable()]
     finally:
         run.stop()
 
     # every process the demo started is gone
     board = run.board.proc if run.board else None
-    for proc in (run.sink, run.emulator, run.broker.proc if run.broker else None, board):
+    gate_board = run.gate_board.proc if run.gate_board else None
+    for proc in (run.sink, run.emulator, run.broker.proc if run.broker else None, board,
+                 gate_board):
         assert proc is not None and proc.poll() is not None
 
-    assert len(day.taps) == 31
-    assert totals == {"taps": 30, "suppressed": 1, "allowed": 28, "denied": 2}
-    assert counts == {"touches": 30, "allowed": 28, "denied": 2, "dead_letters": 0}
+    # 25 gate taps (24 allowed: each followed by its passage record), 6 at the vending machine
+    assert len(day.taps) == 32
+    assert totals == {"taps": 31, "suppressed": 1, "allowed": 29, "denied": 2, "followups": 24}
+    assert counts == {"touches": 55, "allowed": 53, "denied": 2, "dead_letters": 0}
 
     made = [t for t in results if t is not None]
-    for device, n in ((DEVICE, 24), (VEND_DEVICE, 6)):  # seq per device starts at 1, no gaps
-        assert [t.seq for t in made if t.device == device] == list(range(1, n + 1))
+    for device, n in ((DEVICE, 49), (VEND_DEVICE, 6)):  # seq per device starts at 1, no gaps
+        assert sorted(t.seq for t in run.touches if t.device == device) == list(range(1, n + 1))
     assert {t.list_version for t in made} == {1}  # decided with the signed list the operator sent
+    # the gate: every allowed tap opened it (the relay of its direction) and has its passage
+    gate_taps = [t for t in made if t.device == DEVICE and t.decision is Decision.ALLOW]
+    assert [t.facts["passage"] for t in gate_taps] == ["pending"] * 24
+    outcomes = {t.tid: [] for t in gate_taps}  # type: dict[str | None, list[str]]
+    for t in gate_taps:
+        p = run.passages[t.seq]
+        assert (p.tid, p.facts["dir"], p.facts["tap"], p.seq) == (t.tid, t.facts["dir"], t.seq,
+                                                                  t.seq + 1)
+        outcomes[t.tid].append(str(p.facts["passage"]))
+    assert outcomes["10000000000007"] == ["not_passed", "passed", "passed"]
+    assert all(o == ["passed"] * len(o) for tid, o in outcomes.items() if tid != "10000000000007")
+    assert run.gate_board is not None
+    relays = [(p, lvl) for p, lvl, _ in run.gate_board.pins() if p in (GATE, GATE_OUT) and lvl]
+    assert relays.count((GATE, 1)) == 13 and relays.count((GATE_OUT, 1)) == 11
     repeat = day.taps.index(next(t for t in day.taps if t.note.startswith("repeat")))
     assert results[repeat] is None
     denied = [t for t in made if t.decision is Decision.DENY]

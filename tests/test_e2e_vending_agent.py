@@ -14,6 +14,7 @@ from edge.idlist import Entry, MemoryIdList, Status
 from protocol.reasons import Reason
 from protocol.touch import CardTech, Decision
 from sim.board import DROP, VEND_PIN, BoardProcess
+from vending.role import VendingRole
 
 CARD = b"\x01\x2e\x4c\xd3\x00\x00\x00\x01"
 
@@ -34,8 +35,8 @@ def test_vend_outcome_becomes_the_touch(tmp_path: Path, drops: bool) -> None:
     clock = ManualClock(jst_ms(2026, 11, 26, 12, 0))
     idlist = MemoryIdList([Entry("10000000000001", Status.ACTIVE, cards=(CARD,))])
     agent = Agent(cfg, clock=clock, idlist=idlist, config_keys=[])
-    assert agent.vend is not None
-    agent.vend.start()
+    assert isinstance(agent.plugin, VendingRole)
+    agent.plugin.start()
     reader = cfg.readers[0]
     try:
         first = agent.handle_read(reader, CardRead(CARD, CardTech.FELICA))
@@ -52,8 +53,8 @@ def test_vend_outcome_becomes_the_touch(tmp_path: Path, drops: bool) -> None:
             # tap is served again (and fails again on this board)
             assert first.facts["result"] == "failed"
             assert (second.decision, second.facts["result"]) == (Decision.ALLOW, "failed")
-        assert len(agent.vend.billable()) == (1 if drops else 0)
+        assert len(agent.plugin.billable()) == (1 if drops else 0)
     finally:
-        agent.vend.stop()
+        agent.plugin.stop()
         agent.outbox.close()
         board.close()

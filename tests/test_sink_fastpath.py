@@ -18,7 +18,8 @@ from protocol.touch import MAX_TS_MS, encode, to_map
 POLICY = Policy()
 KEYS = ["v", "dev", "site", "role", "seq", "ts", "tq", "card", "ct", "tid", "dec", "rsn", "lv",
         "cv", "x", "zz"]
-FACT_KEYS = ["dir", "course", "contractor", "slot", "result", "reader", "Bad", "x" * 40, ""]
+FACT_KEYS = ["dir", "passage", "course", "contractor", "slot", "result", "reader", "Bad", "x" * 40,
+             ""]
 
 scalars = st.one_of(
     st.none(), st.booleans(),
@@ -28,6 +29,7 @@ scalars = st.one_of(
     st.sampled_from(["gate", "vending", "training", "in", "out", "synced", "never_synced",
                      "felica", "iso14443a", "allow", "deny", "ok", "unknown_card", SITE,
                      "gate-01", "10000000000001", "1000000000000x", "x" * 65, "x" * 64,
+                     "pending", "passed", "not_passed",
                      b"\x01" * 32, b"\x01" * 33, b""]))
 values = st.one_of(scalars, st.lists(scalars, max_size=3),
                    st.dictionaries(st.sampled_from(FACT_KEYS), scalars, max_size=4))

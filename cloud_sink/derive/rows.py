@@ -1,7 +1,11 @@
 """A touch as a store row (pure): work day, month, person, the role facts the derived tables use, flag.
 
-Fact keys the sink reads: gate `dir` (in|out); training `course`; vending `slot`, `result`
-(dispensed|failed|indeterminate) and `contractor` (the main contractor's 事業者ID).
+Fact keys the sink reads: gate `dir` (in|out) and `passage`; training `course`; vending `slot`,
+`result` (dispensed|failed|indeterminate) and `contractor` (the main contractor's 事業者ID).
+
+A gate touch whose `passage` is `pending` (the tap's own touch; its outcome record follows) or
+`not_passed` (the gate opened, nobody went through) gets no `dir`, so the work history does not
+count it (derive/sql.py counts gate touches with a dir). docs/architecture.md, "The gate loop".
 """
 
 import json
@@ -48,6 +52,15 @@ def person_of(tid: str | None, card: bytes) -> str | None:
     return "card:" + card.hex() if card else None
 
 
+NO_PASSAGE = ("pending", "not_passed")
+
+
+def gate_dir(facts: Mapping[str, object]) -> str | None:
+    """The work-history direction of a gate touch: its `dir`, or None when it is no passage."""
+    v = facts.get("dir")
+    return None if v is None or facts.get("passage") in NO_PASSAGE else str(v)
+
+
 def person(t: Touch) -> str | None:
     return person_of(t.tid, t.card)
 
@@ -67,7 +80,7 @@ def row_of(device: str, seq: int, site: str, role: str, ts_ms: int, tq: str, car
     vend = role == "vending"
     return (
         device, seq, site, role, ts_ms, tq, card, card_tech, tid, decision, reason, lv, cv,
-        json.dumps(facts, sort_keys=True), _text(facts, "dir") if role == "gate" else None, day,
+        json.dumps(facts, sort_keys=True), gate_dir(facts) if role == "gate" else None, day,
         received_ms, time_flag(ts_ms, received_ms, policy), day[:7], person_of(tid, card),
         _text(facts, "course") if role == "training" else None,
         _text(facts, "contractor") if vend else None,

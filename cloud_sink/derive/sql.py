@@ -13,7 +13,9 @@ range) never count.
 """
 
 # --- work history: gate, allowed, known technician -------------------------------------------
-_WH_WHERE = "role='gate' AND decision='allow' AND flag IS NULL AND tid IS NOT NULL"
+# (dir is NULL for a gate touch that is no passage: rows.gate_dir)
+_WH_WHERE = ("role='gate' AND decision='allow' AND flag IS NULL AND tid IS NOT NULL"
+             " AND dir IS NOT NULL")
 _WH = f"""
 INSERT INTO work_history (tid, site, work_day, first_in_ms, last_out_ms, taps)
 SELECT tid, site, work_day, MIN(CASE WHEN dir='in' THEN ts_ms END),

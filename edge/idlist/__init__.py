@@ -5,15 +5,46 @@ MemoryIdList (a small in-memory list), read_technicians_csv; the mapped v1 file 
 (MmapIdList, open_list, build_list, ListFormatError); deltas; the device-side ListUpdater
 and its Outcome/UpdateReason; topics and messages for distribution (edge.idlist.dist) and the
 paho adapter (ops.list_mqtt).
+
+Rule of this file: it imports nothing eagerly. The names are resolved on first use (PEP 562),
+so `import edge.idlist.base` (the decision core's one need) does not pull in the codec, the
+updater or `cryptography`.
 """
 
-from edge.idlist.base import Entry, IdList, MemoryIdList, Status, read_technicians_csv
-from edge.idlist.codec import ListFormatError, MmapIdList, build_list, load_list, open_list
-from edge.idlist.delta import Delta, DeltaError, apply_delta, diff
-from edge.idlist.updater import ListUpdater, Outcome, UpdateReason
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+# public name -> the module that defines it
+_WHERE = {
+    "Entry": "base", "IdList": "base", "MemoryIdList": "base", "Status": "base",
+    "read_technicians_csv": "base",
+    "ListFormatError": "codec", "MmapIdList": "codec", "build_list": "codec", "load_list": "codec",
+    "open_list": "codec",
+    "Delta": "delta", "DeltaError": "delta", "apply_delta": "delta", "diff": "delta",
+    "ListUpdater": "updater", "Outcome": "updater", "UpdateReason": "updater",
+}
 
 __all__ = [
     "Delta", "DeltaError", "Entry", "IdList", "ListFormatError", "ListUpdater", "MemoryIdList",
     "MmapIdList", "Outcome", "Status", "UpdateReason", "apply_delta", "build_list", "diff",
     "load_list", "open_list", "read_technicians_csv",
 ]
+
+if TYPE_CHECKING:  # for type checkers and readers: the same names, eagerly
+    from edge.idlist.base import Entry, IdList, MemoryIdList, Status, read_technicians_csv
+    from edge.idlist.codec import ListFormatError, MmapIdList, build_list, load_list, open_list
+    from edge.idlist.delta import Delta, DeltaError, apply_delta, diff
+    from edge.idlist.updater import ListUpdater, Outcome, UpdateReason
+
+
+def __getattr__(name: str) -> Any:
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError(f"module 'edge.idlist' has no attribute {name!r}")
+    value = getattr(import_module(f"edge.idlist.{where}"), name)
+    globals()[name] = value  # resolved once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE])

