@@ -266,7 +266,7 @@ def _csv_in(path: str) -> str:
 
 
 def _import_csv(args: argparse.Namespace, command: str, parse: Any,
-                load: Callable[[Any, Any], int], done: str) -> int:
+                load: Callable[[Any, Any], int | str], done: str) -> int:
     """Read an operator's CSV, load it into the store, say how many rows were taken."""
     from cloud_sink.courses import CsvError
 

@@ -3,9 +3,8 @@
 import argparse
 import sys
 from collections.abc import Callable
-from typing import Any
-
 from pathlib import Path
+from typing import Any
 
 from cloud_sink.registry import by_site, rule_on
 from cloud_sink.reports import output, shape
@@ -156,8 +155,9 @@ def _days_worked(args: argparse.Namespace, store: Store) -> int:
         from cloud_sink.reports.charts import days_bars
 
         names = _names(store)
+        site_names = {r.site: r.name for r in store.sites()}   # the latest row's name
         days_bars(raw, names, f"days worked, {args.month}"
-                  + (f", site {args.site}" if args.site else ""), args.png)
+                  + (f", site {args.site}" if args.site else ""), args.png, site_names)
     return 0
 
 

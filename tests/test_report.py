@@ -112,7 +112,10 @@ def test_png_charts_are_written(db: str, tmp_path: Path, capsys: pytest.CaptureF
         "--png", str(heat), "--out", str(tmp_path / "wh.csv"), "--bom")
     run(capsys, "report", "training-courses", "--db", db, "--png", str(bars))
     run(capsys, "report", "vending", "--db", db, "--png", str(vend))
-    for png in (heat, bars, vend):
+    days, months = tmp_path / "days.png", tmp_path / "months.png"
+    run(capsys, "report", "days-worked", "--db", db, "--month", "2026-11", "--png", str(days))
+    run(capsys, "report", "training-monthly", "--db", db, "--png", str(months))
+    for png in (heat, bars, vend, days, months):
         data = png.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, png
     assert (tmp_path / "wh.csv").read_bytes().startswith(b"\xef\xbb\xbfsite,work_day")

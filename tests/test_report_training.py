@@ -56,7 +56,7 @@ COURSES_FOLD_1 = """\
 center,course,name,starts,ends,enrolled,persons,touches,card_ownership_rate_pct,persons_unique
 27200000000001,K1,型枠施工,2026-04-01,2026-07-31,10,7,9,70.0,
 27200000000001,K2,玉掛け,2026-06-01,2026-07-31,5,4,4,80.0,
-27200000000001,other courses,1 courses with at most 1 persons,,,2,1,1,,
+27200000000001,other courses,1 course with at most 1 person,,,2,1,1,,
 27200000000001,total,,,,17,12,14,,11
 """
 

@@ -73,6 +73,10 @@ def attendance_heatmap(names: list[str], techs: list[str], dates: list[str],
     for i, j in missing:
         ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor="#fdd49e",
                                    edgecolor="#d7301f", hatch="///", linewidth=0.6))
+    for i, row in enumerate(cells):
+        for j, v in enumerate(row):
+            if v is not None and v < 0.05:   # worked, entry and exit both there, no time between
+                ax.text(j, i, "0h", ha="center", va="center", fontsize=7, color="#333333")
     ax.set_xticks(range(len(dates)), [d[-2:] for d in dates], fontsize=8)
     ax.set_yticks(range(len(techs)), labels, fontsize=8)
     ax.set_xlabel(f"day of {dates[0][:7]}" if dates else "day")
@@ -82,7 +86,7 @@ def attendance_heatmap(names: list[str], techs: list[str], dates: list[str],
     ax.grid(which="minor", color="white", linewidth=0.8)
     ax.tick_params(which="minor", length=0)
     bar = fig.colorbar(im, ax=ax, pad=0.01, fraction=0.03)
-    bar.set_label("hours on site (entry to exit)")
+    bar.set_label("hours on site")
     if missing:
         ax.text(1.0, -0.9 / max(1, len(techs)) - 0.12, "hatched: entry or exit missing",
                 transform=ax.transAxes, ha="right", va="top", fontsize=8, color="#d7301f")
@@ -91,25 +95,34 @@ def attendance_heatmap(names: list[str], techs: list[str], dates: list[str],
 
 
 def course_bars(rows: list[dict[str, Any]], title: str, path: str | Path) -> Path:
-    """Per course: persons who touched against enrolled, and the card ownership rate."""
+    """Per course: persons who touched against enrolled, counted, and the card ownership rate."""
     font = _use_cjk()
-    labels = [_label(f"{r['course']} {r['name']}".strip(), r["course"], font) for r in rows]
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(rows) + 2), 4.2), dpi=110)
+    labels = [r["course"] if r["course"] == "other courses" else
+              _label(f"{r['course']} {r['name']}".strip(), r["course"], font) for r in rows]
+    labels = [lb if len(lb) <= 28 else lb[:27] + "…" for lb in labels]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(rows) + 3), 4.4), dpi=110)
     x = range(len(rows))
     enrolled = [r["enrolled"] or 0 for r in rows]
     persons = [r["persons"] for r in rows]
-    ax.bar([i - 0.2 for i in x], enrolled, width=0.4, label="enrolled", color="#c6dbef")
-    ax.bar([i + 0.2 for i in x], persons, width=0.4, label="touched (unique persons)",
-           color="#2171b5")
+    b1 = ax.bar([i - 0.2 for i in x], enrolled, width=0.4, label="enrolled", color="#c6dbef")
+    b2 = ax.bar([i + 0.2 for i in x], persons, width=0.4, label="touched (unique persons)",
+                color="#2171b5")
+    ax.bar_label(b1, fontsize=8, padding=2)
+    ax.bar_label(b2, fontsize=8, padding=2)
+    top = max([*enrolled, *persons], default=0)
     for i, r in enumerate(rows):
         rate = r["card_ownership_rate_pct"]
-        ax.annotate("n/a" if rate is None else f"{rate:.1f}%", (i, max(enrolled[i], persons[i])),
-                    textcoords="offset points", xytext=(0, 4), ha="center", fontsize=9)
+        if rate is not None:
+            ax.annotate(f"{rate:.1f}%", (i, max(enrolled[i], persons[i])),
+                        textcoords="offset points", xytext=(0, 14), ha="center", fontsize=9,
+                        color="#08306b")
     ax.set_xticks(list(x), labels, rotation=20 if len(rows) > 4 else 0, ha="right" if len(rows) > 4
                   else "center", fontsize=9)
     ax.set_ylabel("persons")
-    ax.set_title(title + "  (label: card ownership rate)", fontsize=11, loc="left")
-    ax.legend(frameon=False, fontsize=9)
+    ax.set_ylim(0, top * 1.25 + 1)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(f"{title}\n(% above the bars: card ownership rate)", fontsize=10, loc="left")
+    ax.legend(frameon=False, fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
     return _save(fig, path)
@@ -143,7 +156,7 @@ def vending_bars(rows: list[dict[str, Any]], title: str, path: str | Path) -> Pa
 
 
 def days_bars(rows: list[tuple[str, str, str, int]], names: dict[str, str], title: str,
-              path: str | Path) -> Path:
+              path: str | Path, site_names: dict[str, str] | None = None) -> Path:
     """Days worked per technician (by name where known), one stacked segment per site."""
     cjk = _use_cjk()
     techs = sorted({t for _, _, t, _ in rows})
@@ -156,7 +169,9 @@ def days_bars(rows: list[tuple[str, str, str, int]], names: dict[str, str], titl
     colours = plt.get_cmap("tab10")
     for k, site in enumerate(sites):
         vals = [days.get((site, t), 0) for t in techs]
-        bars = ax.barh(range(len(techs)), vals, left=left, color=colours(k % 10), label=site)
+        name = _label((site_names or {}).get(site, ""), "", cjk)
+        bars = ax.barh(range(len(techs)), vals, left=left, color=colours(k % 10),
+                       label=f"{site} {name}".strip())
         ax.bar_label(bars, labels=[str(v) if v else "" for v in vals], label_type="center",
                      fontsize=8, color="white")
         left = [a + v for a, v in zip(left, vals, strict=True)]
@@ -183,6 +198,7 @@ def training_bars(rows: list[dict[str, Any]], title: str, path: str | Path) -> P
                       color=colour)
         ax.bar_label(bars, fontsize=8, padding=2)
     ax.set_xticks(list(x), labels, fontsize=8)
+    ax.set_ylabel("count")
     ax.set_ylim(0, max([r["touches"] for r in months], default=0) * 1.15 + 1)
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(title, fontsize=11, loc="left")

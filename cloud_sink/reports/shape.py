@@ -139,8 +139,8 @@ def training_monthly_table(rows: list[TrainingMonth], unique: dict[str, int],
         span = month_range(lo, hi) if lo and hi else []
         persons = touches = 0
         for m in span:
-            r = months.get(m)
-            p, n = (r.persons, r.touches) if r else (0, 0)
+            got = months.get(m)
+            p, n = (got.persons, got.touches) if got else (0, 0)
             persons, touches = persons + p, touches + n
             out.append({"center": center, "month": m, "persons": p, "touches": n,
                         "persons_unique": None})
@@ -169,7 +169,8 @@ def training_course_table(stats: list[CourseStats], fold: int, unique: dict[str,
             r["persons_unique"] = None
         if folded:
             out.append({"course": OTHER_COURSES, "center": center,
-                        "name": f"{len(folded)} courses with at most {fold} persons",
+                        "name": f"{len(folded)} course{'s' * (len(folded) != 1)} with at most"
+                                f" {fold} person{'s' * (fold != 1)}",
                         "starts": "", "ends": "",
                         "enrolled": sum(c.enrolled or 0 for c in folded),
                         "persons": sum(c.persons for c in folded),
