@@ -202,14 +202,20 @@ class SqlStore:
             self._rules_version = version
 
     def _cut_rows(self, rows: list[Row], now: int) -> list[Row]:
-        """Each row cut with its site's rules (the builder cut it at the policy's default), the
-        cut appended; a site seen for the first time outside the registry is reported once."""
+        """Each row cut with its site's rules, the cut appended; a site seen for the first time
+        outside the registry is reported once. The row builders (derive.rows, the sink's fast
+        path) cut at the store's policy cut, so a row of an unregistered site only gains it."""
         default, rules = self.policy.cut_hour, self._rules
+        tail = (default,)
         out = []
         for r in rows:
-            ts, role, site_rules = r[_TS], r[_ROLE], rules.get(r[_SITE])  # type: ignore[call-overload]
-            cut = default if site_rules is None and role != "training" else cut_for(
-                site_rules, ts, role, default)  # type: ignore[arg-type]
+            site_rules = rules.get(r[_SITE])  # type: ignore[call-overload]
+            role = r[_ROLE]
+            if site_rules is None and role != "training":
+                out.append(r + tail)
+                continue
+            ts = r[_TS]
+            cut = cut_for(site_rules, ts, role, default)  # type: ignore[arg-type]
             day = day_of(ts, cut)  # type: ignore[arg-type]
             if day != r[_DAY]:
                 r = (*r[:_DAY], day, *r[_DAY + 1:_MONTH], day[:7], *r[_MONTH + 1:])
