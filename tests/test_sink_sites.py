@@ -200,6 +200,9 @@ def test_an_unregistered_site_gets_the_default_cut_and_is_reported_once(
         assert [site for site, _ in s.unregistered_sites()] == [LOOSE_SITE]
         assert sum("not in the site registry" in r.message for r in caplog.records) == 1
         assert {r.cut_hour for r in s.work_history()} == {6}
+        s.policy = Policy(cut_hour=7)      # `ccus sink rederive --cut-hour 7`
+        assert s.rederive_all().recut == 4
+        assert {r.cut_hour for r in s.work_history()} == {7}
         s.import_sites([SiteRule(LOOSE_SITE, "x", "site", "", MAIN, 12, "2026-01-01")])
         assert s.unregistered_sites() == []
         assert {r.cut_hour for r in s.work_history()} == {12}
@@ -270,3 +273,16 @@ def test_first_tier_follows_the_chain_up_to_the_contractor_under_the_main_one() 
     tiers = first_tier_of(parse_chain(text), MAIN)
     assert tiers == {"30000000000001": "30000000000001", "30000000000002": "30000000000001",
                      "30000000000003": "30000000000001", "30000000000004": "30000000000004"}
+
+
+def test_an_imported_night_shift_at_a_registered_night_site_is_one_work_day(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db, sites, f = str(tmp_path / "n.sqlite"), tmp_path / "sites.csv", tmp_path / "n.jsonl"
+    sites.write_text("site,name,kind,prefecture,main_contractor,day_cut_hour,valid_from\n"
+                     f"{NIGHT_SITE},夜間現場,site,東京都,{MAIN},12,2026-01-01\n", encoding="utf-8")
+    assert main(["sink", "sites", "import", "--store", db, str(sites)]) == 0
+    f.write_text("\n".join(touch_json(t) for t in night_shift("gate-n", NIGHT_SITE, 1, 1, 24)) + "\n")
+    assert main(["sink", "import", "--store", db, str(f), "--no-progress"]) == 0
+    assert main(["sink", "work-history", "--store", db]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1].split() == ["2026-11-24", NIGHT_SITE, tid(1), "21:00", "05:30", "2", "12"]
