@@ -12,7 +12,7 @@ Every CSV error (courses.CsvError) names its line and column: `line 3, column da
 
 import csv
 import io
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
 
@@ -94,9 +94,14 @@ def by_site(rows: Iterable[SiteRule]) -> dict[str, list[SiteRule]]:
 
 # -- CSV --------------------------------------------------------------------------------------
 def _reader(text: str, required: Sequence[str], optional: Sequence[str] = ()
-            ) -> Iterable[tuple[int, dict[str, str]]]:
-    rows = csv.DictReader(io.StringIO(text))
-    names = [f.strip() for f in rows.fieldnames or []]
+            ) -> Iterator[tuple[int, dict[str, str]]]:
+    """(line number, row) with stripped values, or CsvError; a quoted field may hold line
+    breaks, so the number is the line the row starts on."""
+    rows = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        names = [f.strip() for f in rows.fieldnames or []]
+    except csv.Error as exc:
+        raise CsvError(f"line 1: {exc}") from None
     rows.fieldnames = names
     missing = [c for c in required if c not in names]
     if missing:
@@ -106,10 +111,17 @@ def _reader(text: str, required: Sequence[str], optional: Sequence[str] = ()
     unknown = [c for c in names if c not in required and c not in optional]
     if unknown:
         raise CsvError(f"line 1, column {unknown[0]}: unknown column")
-    for n, r in enumerate(rows, start=2):
+    while True:
+        start = rows.line_num + 1
+        try:
+            r = next(rows)
+        except StopIteration:
+            return
+        except csv.Error as exc:   # a NUL byte, a stray carriage return in a field
+            raise CsvError(f"line {start}: {exc}") from None
         if None in r:
-            raise CsvError(f"line {n}: more fields than the header has")
-        yield n, {k: (v or "").strip() for k, v in r.items()}
+            raise CsvError(f"line {start}: more fields than the header has")
+        yield start, {k: (v or "").strip() for k, v in r.items()}
 
 
 def _need(n: int, col: str, ok: bool, what: str) -> None:

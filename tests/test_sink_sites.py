@@ -286,3 +286,61 @@ def test_an_imported_night_shift_at_a_registered_night_site_is_one_work_day(
     assert main(["sink", "work-history", "--store", db]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[-1].split() == ["2026-11-24", NIGHT_SITE, tid(1), "21:00", "05:30", "2", "12"]
+
+
+@st.composite
+def rule_lists(draw: st.DrawFn) -> list[SiteRule]:
+    days = sorted(draw(st.sets(st.integers(0, 60), min_size=1, max_size=4)))
+    return [SiteRule(DAY_SITE, "x", draw(st.sampled_from(["site", "site", "training"])), "", MAIN,
+                     draw(st.integers(0, 23)), work_day(BASE + d * DAY_MS, 0)) for d in days]
+
+
+@settings(max_examples=300, deadline=None)
+@given(rule_lists(), st.lists(st.integers(BASE - 5 * DAY_MS, BASE + 70 * DAY_MS), min_size=2))
+def test_a_sites_work_days_never_go_backwards_and_a_rule_starts_on_its_day(
+        rules: list[SiteRule], stamps: list[int]) -> None:
+    days = []
+    for ts in sorted(stamps):
+        cut = cut_for(rules, ts, "gate", 4)
+        day = work_day(ts, cut)
+        chosen = [r for r in rules if (0 if r.kind == "training" else r.day_cut_hour) == cut]
+        # the rule that cut it is in force on that day, or no rule is yet (the first one)
+        assert any(r.valid_from <= day for r in chosen) or day < rules[0].valid_from
+        days.append(day)
+    assert days == sorted(days)
+
+
+SITE_CSV_HEAD = "site,name,kind,prefecture,main_contractor,day_cut_hour,valid_from\n"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 10**14 - 1), st.text(min_size=1, max_size=20).filter(
+           lambda t: t.strip() == t and t.strip() != "" and "\x00" not in t),
+           st.sampled_from(["site", "training"]), st.integers(0, 23), st.dates()),
+           max_size=6, unique_by=lambda r: (r[0], r[4])))
+def test_site_csv_written_by_any_tool_reads_back_the_same(rows: list[tuple]) -> None:  # type: ignore[type-arg]
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(SITE_CSV_HEAD.strip().split(","))
+    for site, name, kind, cut, valid in rows:
+        w.writerow([f"{site:014d}", name, kind, "東京都", MAIN, cut, valid.isoformat()])
+    try:
+        got = parse_sites(buf.getvalue())
+    except CsvError as exc:   # only a name csv/strip cannot keep (line breaks, > 200 chars)
+        assert "column name" in str(exc)
+        return
+    assert [(r.site, r.name, r.kind, r.day_cut_hour, r.valid_from) for r in got] == [
+        (f"{s:014d}", n, k, c, v.isoformat()) for s, n, k, c, v in rows]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=300))
+def test_any_text_as_a_registry_csv_is_rows_or_one_csv_error(text: str) -> None:
+    for parse in (parse_sites, parse_chain):
+        try:
+            parse(SITE_CSV_HEAD + text if parse is parse_sites else text)
+        except CsvError as exc:
+            assert str(exc).startswith("line ")
