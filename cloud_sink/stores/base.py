@@ -87,6 +87,8 @@ class SqlStore:
         self._rules: dict[str, list[SiteRule]] = {}   # the site registry, by site
         self._rules_version = -1
         self._unregistered: set[str] = set()          # sites already reported as unregistered
+        # (site, training?, UTC hour) -> (cut, work day, (cut,)); emptied with a new registry
+        self._cut_memo: dict[tuple[object, bool, int], tuple[int, str, tuple[int]]] = {}
 
     # -- dialect hooks -------------------------------------------------------------------------
     def _tx(self) -> AbstractContextManager[None]:
@@ -199,27 +201,38 @@ class SqlStore:
                 f"SELECT {_SITE_COLS} FROM sites").fetchall())
             self._unregistered = {r[0] for r in self._x(
                 "SELECT site FROM sites_unregistered").fetchall()}
+            self._cut_memo.clear()
             self._rules_version = version
 
     def _cut_rows(self, rows: list[Row], now: int) -> list[Row]:
         """Each row cut with its site's rules, the cut appended; a site seen for the first time
         outside the registry is reported once. The row builders (derive.rows, the sink's fast
         path) cut at the store's policy cut, so a row of an unregistered site only gains it."""
-        default, rules = self.policy.cut_hour, self._rules
+        default, rules, memo = self.policy.cut_hour, self._rules, self._cut_memo
+        if len(memo) > 200_000:
+            memo.clear()
         tail = (default,)
         out = []
         for r in rows:
-            site_rules = rules.get(r[_SITE])  # type: ignore[call-overload]
-            role = r[_ROLE]
+            site, role, ts = r[_SITE], r[_ROLE], r[_TS]
+            site_rules = rules.get(site)  # type: ignore[call-overload]
             if site_rules is None and role != "training":
                 out.append(r + tail)
                 continue
-            ts = r[_TS]
-            cut = cut_for(site_rules, ts, role, default)  # type: ignore[arg-type]
-            day = day_of(ts, cut)  # type: ignore[arg-type]
-            if day != r[_DAY]:
-                r = (*r[:_DAY], day, *r[_DAY + 1:_MONTH], day[:7], *r[_MONTH + 1:])
-            out.append((*r, cut))
+            # the cut and day depend on the site, the role's kind and the UTC hour only (the
+            # zone is a whole-hour offset, cuts are on the hour): one rule walk per hour
+            key = (site, role == "training", ts // 3600_000)  # type: ignore[operator]
+            got = memo.get(key)
+            if got is None:
+                cut = cut_for(site_rules, ts, role, default)  # type: ignore[arg-type]
+                got = memo[key] = (cut, day_of(ts, cut), (cut,))  # type: ignore[arg-type]
+            day = got[1]
+            if day == r[_DAY]:
+                out.append(r + got[2])
+            else:
+                cells = [*r, got[0]]
+                cells[_DAY], cells[_MONTH] = day, day[:7]
+                out.append(tuple(cells))
         fresh = {r[_SITE] for r in rows} - rules.keys() - self._unregistered
         for site in sorted(fresh):  # type: ignore[type-var]
             if self._x("INSERT INTO sites_unregistered VALUES (?, ?) ON CONFLICT DO NOTHING",
