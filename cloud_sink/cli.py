@@ -256,7 +256,8 @@ def _rederive(args: argparse.Namespace) -> int:
     res = store.rederive_all()
     store.close()
     print(f"derived tables recomputed: {res.work_history_rows} work-history rows; "
-          f"{res.touches} touches, {res.recut} cut again, {res.admitted} admitted, "
+          f"{res.touches} touches, {res.recut} cut again ({res.moved} to another work day), "
+          f"{res.admitted} admitted, "
           f"{res.newly_flagged} newly flagged, {res.still_flagged} still flagged")
     return 0
 
@@ -292,7 +293,8 @@ def _sites_import(args: argparse.Namespace) -> int:
         line = f"{res.imported} registry rows imported"
         if res.sites:
             line += (f"; re-derived {len(res.sites)} site(s) whose cut changed "
-                     f"({', '.join(res.sites)}): {res.touches} touches, {res.recut} cut again")
+                     f"({', '.join(res.sites)}): {res.touches} touches, {res.recut} cut again, "
+                     f"{res.moved} moved to another work day")
         return line
 
     return _import_csv(args, "sites import", parse_sites, load, "")
@@ -328,7 +330,8 @@ def _sites_list(args: argparse.Namespace) -> int:
     latest = {r.site: r for r in rules}   # ordered by valid_from: the last one wins
     print(f"{'site':<14}  {'kind':<8}  {'cut':>5}  {'from':<10}  {'main contractor':<15}  name")
     for r in latest.values():
-        print(f"{r.site:<14}  {r.kind:<8}  {r.day_cut_hour:>2}:00  {r.valid_from:<10}  "
+        cut = 0 if r.kind == "training" else r.day_cut_hour   # a center counts calendar days
+        print(f"{r.site:<14}  {r.kind:<8}  {cut:>2}:00  {r.valid_from:<10}  "
               f"{r.main_contractor:<15}  {r.name} ({r.prefecture})")
     for site, seen in unregistered:
         print(f"{site:<14}  {'?':<8}  {'-':>5}  {'':<10}  {'':<15}  unregistered: default cut, "
@@ -346,9 +349,10 @@ def _sites_show(args: argparse.Namespace) -> int:
         print(f"site {args.site}: not in the registry"
               + (" (touches seen: cut at the default hour)" if unregistered else ""))
     for r in rules:
+        cut = ("calendar days and months (a training center)" if r.kind == "training"
+               else f"work day cut {r.day_cut_hour:02d}:00 Asia/Tokyo")
         print(f"site {r.site} from {r.valid_from}: {r.name}, {r.kind}, {r.prefecture}, "
-              f"main contractor {r.main_contractor}, work day cut {r.day_cut_hour:02d}:00 "
-              "Asia/Tokyo")
+              f"main contractor {r.main_contractor}, {cut}")
     for link in chain:
         print(f"  contractor {link.contractor} {link.name} under "
               f"{link.parent or '(main contractor)'}")

@@ -62,6 +62,7 @@ class Rederived:
     work_history_rows: int = 0
     touches: int = 0
     recut: int = 0           # touches whose work day or cut changed
+    moved: int = 0           # ... of them, to another work day
     admitted: int = 0        # flagged before, admitted now
     newly_flagged: int = 0   # admitted before, flagged now
     still_flagged: int = 0

@@ -159,7 +159,7 @@ def test_one_store_serves_a_day_site_and_a_night_site_and_a_cut_change_rederives
             ("2026-11-24", False, True, 4), ("2026-11-25", True, False, 4)]
         day_before = [r for r in s.work_history() if r.site == DAY_SITE]
         res = s.import_sites([night_rule])   # the correction: the night site is cut at 12:00
-        assert res.sites == (NIGHT_SITE,) and res.touches == 2 and res.recut == 2
+        assert res.sites == (NIGHT_SITE,) and (res.touches, res.recut, res.moved) == (2, 2, 1)
         night = [r for r in s.work_history() if r.site == NIGHT_SITE]
         assert [(r.work_day, r.first_in_ms, r.last_out_ms, r.taps, r.cut_hour) for r in night] == [
             ("2026-11-24", jst_ms(2026, 11, 24, 21), jst_ms(2026, 11, 25, 5, 30), 2, 12)]

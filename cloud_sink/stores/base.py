@@ -259,6 +259,7 @@ class SqlStore:
             if (d, c, f) != (day, cut, flag):
                 changes.append((d, d[:7], c, f, dev, seq))
                 res.recut += (d, c) != (day, cut)
+                res.moved += d != day
                 res.admitted += bool(flag and not f)
                 res.newly_flagged += bool(f and not flag)
             res.still_flagged += bool(f and flag)
