@@ -37,6 +37,8 @@ class SiteRule:
     main_contractor: str    # 元請 事業者ID (14 digits)
     day_cut_hour: int       # 0..23, Asia/Tokyo
     valid_from: str         # 'YYYY-MM-DD'
+    fold_persons: int | None = None   # a center's courses with at most this many persons are
+    #                                   folded into "other courses" (None: the report's default)
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,7 @@ def parse_sites(text: str) -> list[SiteRule]:
     """All rows of a site-registry CSV, or CsvError for the first bad one (nothing half-taken)."""
     out: list[SiteRule] = []
     seen: set[tuple[str, str]] = set()
-    for n, r in _reader(text, SITE_COLUMNS):
+    for n, r in _reader(text, SITE_COLUMNS, ("fold_persons",)):
         _need(n, "site", bool(SITE_ID.match(r["site"])), f"{r['site']!r} is not a 14-digit site ID")
         _need(n, "name", 0 < len(r["name"]) <= 200, "a name of 1..200 characters is needed")
         _need(n, "kind", r["kind"] in KINDS, f"{r['kind']!r}: must be site or training")
@@ -151,8 +153,11 @@ def parse_sites(text: str) -> list[SiteRule]:
         _need(n, "valid_from", (r["site"], valid) not in seen,
               f"site {r['site']} has two rows valid from {valid}")
         seen.add((r["site"], valid))
+        fold = r.get("fold_persons", "")
+        _need(n, "fold_persons", fold == "" or fold.isdigit(),
+              f"{fold!r}: empty or a number of persons (0 or more)")
         out.append(SiteRule(r["site"], r["name"], r["kind"], r["prefecture"],
-                            r["main_contractor"], int(cut), valid))
+                            r["main_contractor"], int(cut), valid, int(fold) if fold else None))
     return out
 
 

@@ -74,9 +74,10 @@ def register(sub: Sub) -> None:  # type: ignore[valid-type]
     q = add("training-courses", "per course: period, persons, touches, card ownership rate",
             _training_courses, png="also draw enrolled vs touched per course")
     q.add_argument("--site", help="one training center (site ID)")
-    q.add_argument("--fold", type=int, default=6, metavar="N",
+    q.add_argument("--fold", type=int, metavar="N",
                    help="fold courses with at most N persons into one 'other courses' row"
-                   " (default 6; 0 folds only untouched courses, -1 none)")
+                   " (default: the center's fold_persons in the site registry, else"
+                   f" {shape.FOLD_DEFAULT}; 0 folds only untouched courses, -1 none)")
 
     q = add("vending", "vending billing per main contractor and month", _vending,
             png="also draw the vends per contractor and month")
@@ -182,7 +183,13 @@ def _training_monthly(args: argparse.Namespace, store: Store) -> int:
 def _training_courses(args: argparse.Namespace, store: Store) -> int:
     stats = store.training_courses(args.site)
     unique = {c: store.training_persons(c, with_course=True) for c in {s.center or "" for s in stats}}
-    rows = shape.training_course_table(stats, args.fold, unique)
+    centers = set(unique)
+    if args.fold is not None:
+        folds = dict.fromkeys(centers, args.fold)
+    else:   # each center's own N, from its latest registry row
+        latest = {r.site: r for r in store.sites()}
+        folds = {c: f for c in centers if c in latest and (f := latest[c].fold_persons) is not None}
+    rows = shape.training_course_table(stats, folds, unique)
     _emit(args, "training-courses", rows, center=args.site, fold=args.fold)
     if args.png:
         from cloud_sink.reports.charts import course_bars

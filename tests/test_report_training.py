@@ -112,3 +112,16 @@ def test_the_other_center_keeps_its_own_course_of_the_same_id(
     assert [(r["course"], r["persons"], r["touches"]) for r in rows] == [
         ("K1", "1", "1"), ("total", "1", "1")]
     assert rows[0]["name"] == ""     # CENTER's K1 definition is not CENTER2's
+
+
+def test_a_center_registered_with_its_own_fold_gets_it_by_default(
+        db: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """The two centers publish with 6 and 1: a center's `fold_persons` in the registry is its
+    default, --fold still overrides it."""
+    s = open_store(db)
+    s.import_sites([SiteRule(CENTER, "三田建設技能研修センター", "training", "兵庫県", tid(900), 4,
+                             "2026-01-01", fold_persons=1)])
+    s.close()
+    assert run(capsys, "report", "training-courses", "--store", db, "--site", CENTER) == COURSES_FOLD_1
+    assert run(capsys, "report", "training-courses", "--store", db, "--site", CENTER,
+               "--fold", "6") == COURSES_FOLD_6

@@ -152,16 +152,21 @@ def training_monthly_table(rows: list[TrainingMonth], unique: dict[str, int],
 OTHER_COURSES = "other courses"
 
 
-def training_course_table(stats: list[CourseStats], fold: int, unique: dict[str, int]) -> Table:
-    """Per center: each course with more than `fold` persons, the rest folded into one
-    "other courses" row (sums), then a total row (sums, with the persons unique over the
-    center's course touches beside it)."""
+FOLD_DEFAULT = 6
+
+
+def training_course_table(stats: list[CourseStats], folds: dict[str, int],
+                          unique: dict[str, int]) -> Table:
+    """Per center: each course with more than the center's fold (folds[center], else
+    FOLD_DEFAULT) persons, the rest folded into one "other courses" row (sums), then a total
+    row (sums, with the persons unique over the center's course touches beside it)."""
     by_center: dict[str, list[CourseStats]] = defaultdict(list)
     for c in stats:
         by_center[c.center or ""].append(c)
     out: Table = []
     for center in sorted(by_center):
         courses = sorted(by_center[center], key=lambda c: c.course)
+        fold = folds.get(center, FOLD_DEFAULT)
         kept = [c for c in courses if c.persons > fold]
         folded = [c for c in courses if c.persons <= fold]
         out += [r for r in training_courses(kept)]

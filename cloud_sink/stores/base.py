@@ -44,7 +44,8 @@ _FLAG = COLUMNS.index("flag")
 _SITE, _ROLE, _TS = COLUMNS.index("site"), COLUMNS.index("role"), COLUMNS.index("ts_ms")
 _DAY, _MONTH = COLUMNS.index("work_day"), COLUMNS.index("month")
 _RECEIVED = COLUMNS.index("received_ms")
-_SITE_COLS = "site, name, kind, prefecture, main_contractor, day_cut_hour, valid_from"
+_SITE_COLS = ("site, name, kind, prefecture, main_contractor, day_cut_hour, valid_from,"
+              " fold_persons")
 log = logging.getLogger("ccus.sink")
 _INSERT = (f"INSERT INTO touches ({_COLS}) SELECT {_COLS} FROM stage WHERE true{{order}}"
            " ON CONFLICT (device, seq) DO NOTHING")
@@ -307,13 +308,13 @@ class SqlStore:
             self._load_rules()
             before = {s: [(r.valid_from, r.kind, r.day_cut_hour) for r in v]
                       for s, v in self._rules.items()}
-            self._many(f"INSERT INTO sites ({_SITE_COLS}) VALUES (?,?,?,?,?,?,?)"
+            self._many(f"INSERT INTO sites ({_SITE_COLS}) VALUES (?,?,?,?,?,?,?,?)"
                        " ON CONFLICT (site, valid_from) DO UPDATE SET name=excluded.name,"
                        " kind=excluded.kind, prefecture=excluded.prefecture,"
                        " main_contractor=excluded.main_contractor,"
-                       " day_cut_hour=excluded.day_cut_hour",
+                       " day_cut_hour=excluded.day_cut_hour, fold_persons=excluded.fold_persons",
                        [(r.site, r.name, r.kind, r.prefecture, r.main_contractor, r.day_cut_hour,
-                         r.valid_from) for r in rows])
+                         r.valid_from, r.fold_persons) for r in rows])
             self._x("UPDATE registry_version SET version = version + 1")
             self._x("DELETE FROM sites_unregistered WHERE site IN (SELECT site FROM sites)")
             self._load_rules()
@@ -347,7 +348,8 @@ class SqlStore:
 
     def sites(self, site: str | None = None) -> list[SiteRule]:
         where, args = (" WHERE site=?", [site]) if site else ("", [])
-        return [SiteRule(s, n, k, p, m, int(c), v) for s, n, k, p, m, c, v in self._rows(
+        return [SiteRule(s, n, k, p, m, int(c), v, None if f is None else int(f))
+                for s, n, k, p, m, c, v, f in self._rows(
             f"SELECT {_SITE_COLS} FROM sites{where} ORDER BY site, valid_from", args)]
 
     def unregistered_sites(self) -> list[tuple[str, int]]:

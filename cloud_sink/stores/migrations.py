@@ -121,6 +121,7 @@ ALTER TABLE work_history ADD COLUMN cut_hour INTEGER;
 CREATE TABLE sites (
     site TEXT NOT NULL, valid_from TEXT NOT NULL, name TEXT NOT NULL, kind TEXT NOT NULL,
     prefecture TEXT NOT NULL, main_contractor TEXT NOT NULL, day_cut_hour INTEGER NOT NULL,
+    fold_persons INTEGER,
     PRIMARY KEY (site, valid_from)
 ) WITHOUT ROWID;
 CREATE TABLE technicians (
@@ -237,6 +238,7 @@ ALTER TABLE work_history ADD COLUMN cut_hour INTEGER;
 CREATE TABLE sites (
     site TEXT NOT NULL, valid_from TEXT NOT NULL, name TEXT NOT NULL, kind TEXT NOT NULL,
     prefecture TEXT NOT NULL, main_contractor TEXT NOT NULL, day_cut_hour INTEGER NOT NULL,
+    fold_persons INTEGER,
     PRIMARY KEY (site, valid_from)
 );
 CREATE TABLE technicians (
