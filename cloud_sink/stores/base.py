@@ -11,6 +11,7 @@ batch holds a shared advisory lock that a registry change takes exclusively, so 
 with old rules commits after the change re-derived its site.
 """
 
+import itertools
 import logging
 import threading
 import time
@@ -250,9 +251,12 @@ class SqlStore:
         where = " WHERE site IN (SELECT site FROM resite)" if scoped else ""
         changes = []
         default = self.policy.cut_hour
-        for dev, seq, site, role, ts, rec, day, cut, flag in self._x(
-                "SELECT device, seq, site, role, ts_ms, received_ms, work_day, cut_hour, flag"
-                f" FROM touches{where}").fetchall():
+        cur = self._x("SELECT device, seq, site, role, ts_ms, received_ms, work_day, cut_hour,"
+                      f" flag FROM touches{where}")
+        # only the changes are kept: SQLite streams the rows (psycopg's client-side cursor
+        # holds the result in memory)
+        rows = itertools.chain.from_iterable(iter(lambda: cur.fetchmany(20_000), []))
+        for dev, seq, site, role, ts, rec, day, cut, flag in rows:
             res.touches += 1
             c = cut_for(self._rules.get(site), ts, role, default)
             d = day_of(ts, c)
