@@ -23,7 +23,9 @@ examples:
   ccus agent --config /etc/ccus-touch/agent.toml
   ccus sink run --db store.sqlite --broker 127.0.0.1:1883
   ccus sink work-history --db store.sqlite
+  ccus sink sites import --store store.sqlite sites.csv   each site's name, 元請 and work-day cut
   ccus report work-history --store store.sqlite --site 13100000000001 --month 2026-11 --png wh.png
+  ccus report days-worked --store store.sqlite --month 2026-11 --by main --ja --bom --out k.csv
   ccus ops --help                     provisioning, signed config, ID lists, the fleet
 """
 

@@ -1,4 +1,5 @@
-"""`ccus sink ...`: run the sink, import files, manage courses and devices, list dead letters."""
+"""`ccus sink ...`: run the sink, import files, manage courses, devices and the site registry,
+list dead letters."""
 
 import argparse
 import logging
@@ -11,7 +12,7 @@ from typing import Any
 
 from cloud_sink.model import BATCH_MAX, DAY_MS, Policy
 from cloud_sink.store import Store, open_store
-from cloud_sink.workday import local_time
+from cloud_sink.workday import local_date, local_time
 
 Sub = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
@@ -101,6 +102,37 @@ def register(sub: Sub) -> None:  # type: ignore[valid-type]
     add_store_args(cl)
     cl.set_defaults(func=_courses_list)
 
+    si = s.add_parser("sites", help="the site registry: each site's name, kind, 元請, work-day cut")
+    ss = si.add_subparsers(dest="sites_cmd", required=True, metavar="ACTION")
+    sim = ss.add_parser("import", help="add or correct sites from CSV: site,name,kind,prefecture,"
+                        "main_contractor,day_cut_hour,valid_from; re-derives the sites whose cut"
+                        " changed")
+    add_store_args(sim)
+    sim.add_argument("file")
+    sim.set_defaults(func=_sites_import)
+    sls = ss.add_parser("list", help="registered sites (their rules now) and unregistered ones seen")
+    add_store_args(sls)
+    sls.set_defaults(func=_sites_list)
+    ssh = ss.add_parser("show", help="one site: every registry row, its contractor chain, touches")
+    add_store_args(ssh)
+    ssh.add_argument("site")
+    ssh.set_defaults(func=_sites_show)
+    sch = ss.add_parser("chain", help="import sites' contractor chains from CSV: "
+                        "site,contractor,parent[,name] (parent empty: the main contractor)")
+    add_store_args(sch)
+    sch.add_argument("file")
+    sch.set_defaults(func=_chain_import)
+
+    em = s.add_parser("employers", help="technicians' employers (所属事業者) and names")
+    es = em.add_subparsers(dest="employers_cmd", required=True, metavar="ACTION")
+    ei = es.add_parser("import", help="add or replace from CSV: tid,employer[,name]")
+    add_store_args(ei)
+    ei.add_argument("file")
+    ei.set_defaults(func=_employers_import)
+    el = es.add_parser("list", help="list technicians with their employer")
+    add_store_args(el)
+    el.set_defaults(func=_employers_list)
+
     dv = s.add_parser("devices", help="the device registry (used with --registered-only)")
     ds = dv.add_subparsers(dest="devices_cmd", required=True, metavar="ACTION")
     di = ds.add_parser("import", help="add or replace devices from CSV: device,site[,role]")
@@ -157,7 +189,24 @@ def _import(args: argparse.Namespace) -> int:
         store.close()
     print(f"{res.stored} stored, {res.repeated} already stored, {res.flagged} flagged (clock), "
           f"{res.dead} dead letters")
+    if res.flagged:
+        print(flag_advice(res))
     return 0
+
+
+def flag_advice(res: Any) -> str:
+    """One line: how many touches were flagged, how far out, and the option that admits them."""
+    parts, opts = [], []
+    if res.past:
+        days = int(res.past_ms_max // DAY_MS) + 1
+        parts.append(f"{res.past} stamped up to {res.past_ms_max / DAY_MS:.0f} days before receipt")
+        opts.append(f"--max-past-days {days}")
+    if res.future:
+        hours = int(res.future_ms_max // 3600_000) + 1
+        parts.append(f"{res.future} up to {res.future_ms_max / 3600_000:.0f} h ahead of it")
+        opts.append(f"--max-future-h {hours}")
+    return (f"flagged, kept out of the reports: {'; '.join(parts)}; "
+            f"`ccus sink rederive --store URL {' '.join(opts)}` admits them")
 
 
 def _dead_letters(args: argparse.Namespace) -> int:
@@ -184,11 +233,14 @@ def _flagged(args: argparse.Namespace) -> int:
 
 
 def format_work_history(store: Store, site: str | None = None, month: str | None = None) -> str:
-    lines = [f"{'work day':<10}  {'site':<14}  {'technician':<14}  {'in':>5}  {'out':>7}  taps"]
+    lines = [f"{'work day':<10}  {'site':<14}  {'technician':<14}  {'in':>5}  {'out':>7}  taps"
+             "  cut"]
     for r in store.work_history(site, month):
         tin = local_time(r.first_in_ms) if r.first_in_ms is not None else "missing"
         tout = local_time(r.last_out_ms) if r.last_out_ms is not None else "missing"
-        lines.append(f"{r.work_day:<10}  {r.site:<14}  {r.tid:<14}  {tin:>5}  {tout:>7}  {r.taps:>4}")
+        cut = "  -" if r.cut_hour is None else f"{r.cut_hour:>3}"
+        lines.append(f"{r.work_day:<10}  {r.site:<14}  {r.tid:<14}  {tin:>5}  {tout:>7}  {r.taps:>4}"
+                     f"  {cut}")
     return "\n".join(lines)
 
 
@@ -201,9 +253,12 @@ def _work_history(args: argparse.Namespace) -> int:
 
 def _rederive(args: argparse.Namespace) -> int:
     store = store_of(args)
-    n = store.rederive()
+    res = store.rederive_all()
     store.close()
-    print(f"derived tables recomputed: {n} work-history rows")
+    print(f"derived tables recomputed: {res.work_history_rows} work-history rows; "
+          f"{res.touches} touches, {res.recut} cut again ({res.moved} to another work day), "
+          f"{res.admitted} admitted, "
+          f"{res.newly_flagged} newly flagged, {res.still_flagged} still flagged")
     return 0
 
 
@@ -212,19 +267,96 @@ def _csv_in(path: str) -> str:
 
 
 def _import_csv(args: argparse.Namespace, command: str, parse: Any,
-                load: Callable[[Any, Any], int], done: str) -> int:
+                load: Callable[[Any, Any], int | str], done: str) -> int:
     """Read an operator's CSV, load it into the store, say how many rows were taken."""
     from cloud_sink.courses import CsvError
 
     try:
         items = parse(_csv_in(args.file))
-    except (OSError, CsvError) as exc:
-        print(f"ccus sink {command}: {exc}", file=sys.stderr)
+    except (OSError, UnicodeDecodeError, CsvError) as exc:
+        print(f"ccus sink {command}: {args.file}: {exc}", file=sys.stderr)
         return 2
     store = store_of(args)
-    n = load(store, items)
+    try:
+        out = load(store, items)
+    finally:
+        store.close()
+    print(out if isinstance(out, str) else f"{out} {done}")
+    return 0
+
+
+def _sites_import(args: argparse.Namespace) -> int:
+    from cloud_sink.registry import parse_sites
+
+    def load(store: Store, items: Any) -> str:
+        res = store.import_sites(items)
+        line = f"{res.imported} registry rows imported"
+        if res.sites:
+            line += (f"; re-derived {len(res.sites)} site(s) whose cut changed "
+                     f"({', '.join(res.sites)}): {res.touches} touches, {res.recut} cut again, "
+                     f"{res.moved} moved to another work day")
+        return line
+
+    return _import_csv(args, "sites import", parse_sites, load, "")
+
+
+def _chain_import(args: argparse.Namespace) -> int:
+    from cloud_sink.registry import parse_chain
+
+    return _import_csv(args, "sites chain", parse_chain,
+                       lambda store, items: store.import_chain(items), "contractor links imported")
+
+
+def _employers_import(args: argparse.Namespace) -> int:
+    from cloud_sink.registry import parse_technicians
+
+    return _import_csv(args, "employers import", parse_technicians,
+                       lambda store, items: store.import_technicians(items),
+                       "technicians imported")
+
+
+def _employers_list(args: argparse.Namespace) -> int:
+    store = store_of(args)
+    for t in store.technicians():
+        print(f"{t.tid}  {t.employer}  {t.name}")
     store.close()
-    print(f"{n} {done}")
+    return 0
+
+
+def _sites_list(args: argparse.Namespace) -> int:
+    store = store_of(args)
+    rules, unregistered = store.sites(), store.unregistered_sites()
+    store.close()
+    latest = {r.site: r for r in rules}   # ordered by valid_from: the last one wins
+    print(f"{'site':<14}  {'kind':<8}  {'cut':>5}  {'from':<10}  {'main contractor':<15}  name")
+    for r in latest.values():
+        cut = 0 if r.kind == "training" else r.day_cut_hour   # a center counts calendar days
+        print(f"{r.site:<14}  {r.kind:<8}  {cut:>2}:00  {r.valid_from:<10}  "
+              f"{r.main_contractor:<15}  {r.name} ({r.prefecture})")
+    for site, seen in unregistered:
+        print(f"{site:<14}  {'?':<8}  {'-':>5}  {'':<10}  {'':<15}  unregistered: default cut, "
+              f"first seen {local_date(seen)}")
+    return 0
+
+
+def _sites_show(args: argparse.Namespace) -> int:
+    store = store_of(args)
+    rules, chain = store.sites(args.site), store.chain(args.site)
+    touches, flagged = store.site_touch_counts(args.site)
+    unregistered = args.site in {s for s, _ in store.unregistered_sites()}
+    store.close()
+    if not rules:
+        print(f"site {args.site}: not in the registry"
+              + (" (touches seen: cut at the default hour)" if unregistered else ""))
+    for r in rules:
+        cut = ("calendar days and months (a training center)" if r.kind == "training"
+               else f"work day cut {r.day_cut_hour:02d}:00 Asia/Tokyo")
+        print(f"site {r.site} from {r.valid_from}: {r.name}, {r.kind}, {r.prefecture}, "
+              f"main contractor {r.main_contractor}, {cut}")
+    for link in chain:
+        print(f"  contractor {link.contractor} {link.name} under "
+              f"{link.parent or '(main contractor)'}")
+    print(f"  {touches} touches stored, {flagged} flagged")
     return 0
 
 

@@ -39,12 +39,35 @@ class IngestResult:
     repeated: int = 0    # already stored (a replay): ignored
     dead: int = 0
     flagged: int = 0     # stored, but kept out of the derived tables (timestamp out of range)
+    past: int = 0        # ... of them flagged ts_past, the furthest this far before receipt
+    past_ms_max: int = 0
+    future: int = 0      # ... flagged ts_future, the furthest this far ahead
+    future_ms_max: int = 0
 
     def add(self, other: "IngestResult") -> None:
         self.stored += other.stored
         self.repeated += other.repeated
         self.dead += other.dead
         self.flagged += other.flagged
+        self.past += other.past
+        self.future += other.future
+        self.past_ms_max = max(self.past_ms_max, other.past_ms_max)
+        self.future_ms_max = max(self.future_ms_max, other.future_ms_max)
+
+
+@dataclass
+class Rederived:
+    """What a re-derivation did: touches looked at, their work day or cut changed, flags."""
+
+    work_history_rows: int = 0
+    touches: int = 0
+    recut: int = 0           # touches whose work day or cut changed
+    moved: int = 0           # ... of them, to another work day
+    admitted: int = 0        # flagged before, admitted now
+    newly_flagged: int = 0   # admitted before, flagged now
+    still_flagged: int = 0
+    sites: tuple[str, ...] = ()   # the sites re-derived (a registry import)
+    imported: int = 0             # registry rows taken (a registry import)
 
 
 @dataclass(frozen=True)
@@ -55,6 +78,7 @@ class WorkDay:
     first_in_ms: int | None
     last_out_ms: int | None
     taps: int
+    cut_hour: int | None = None   # the cut the row was made with (None: before the store kept it)
 
     @property
     def exit_missing(self) -> bool:

@@ -22,6 +22,11 @@ def local_time(ts_ms: int, tz: ZoneInfo = JST) -> str:
     return datetime.fromtimestamp(ts_ms / 1000, UTC).astimezone(tz).strftime("%H:%M")
 
 
+def local_date(ts_ms: int, tz: ZoneInfo = JST) -> str:
+    """UTC milliseconds -> 'YYYY-MM-DD' local (the calendar date, no cut)."""
+    return datetime.fromtimestamp(ts_ms / 1000, UTC).astimezone(tz).date().isoformat()
+
+
 def jst_ms(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0) -> int:
     """A wall-clock moment in Asia/Tokyo -> UTC milliseconds."""
     return int(datetime(year, month, day, hour, minute, second, tzinfo=JST).timestamp() * 1000)

@@ -19,7 +19,8 @@ CENTER = "27200000000001"     # a training center's site ID
 NOW = jst_ms(2026, 11, 30, 12)  # the receive time the tests ingest at
 
 DATA_TABLES = ("touches", "dead_letters", "work_history", "training_monthly", "training_course",
-               "courses", "vending_ledger", "devices", "seq_gaps")
+               "courses", "vending_ledger", "devices", "seq_gaps", "sites", "technicians",
+               "site_chain", "sites_unregistered")
 
 
 def tid(i: int) -> str:
@@ -54,6 +55,7 @@ def fresh_store(kind: str, tmp: Path, pg_url: str | None, policy: Policy | None 
         store = open_store(pg_url, policy)
         with psycopg.connect(pg_url, autocommit=True) as db:
             db.execute(f"TRUNCATE {', '.join(DATA_TABLES)} RESTART IDENTITY")
+            db.execute("UPDATE registry_version SET version = version + 1")
     try:
         yield store
     finally:

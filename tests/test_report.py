@@ -85,9 +85,12 @@ def test_days_worked_is_the_kentaikyo_figure(db: str, capsys: pytest.CaptureFixt
 
 def test_training_tables_and_card_ownership_rate(db: str, capsys: pytest.CaptureFixture[str]) -> None:
     monthly = json.loads(run(capsys, "report", "training-monthly", "--db", db, "--format", "json"))
-    assert monthly["rows"] == [{"center": CENTER, "month": "2026-11", "persons": 4, "touches": 5}]
+    assert monthly["rows"] == [
+        {"center": CENTER, "month": "2026-11", "persons": 4, "touches": 5, "persons_unique": None},
+        {"center": CENTER, "month": "total", "persons": 4, "touches": 5, "persons_unique": 4}]
     courses = {r["course"]: r for r in json.loads(
-        run(capsys, "report", "training-courses", "--db", db, "--format", "json"))["rows"]}
+        run(capsys, "report", "training-courses", "--db", db, "--format", "json",
+            "--fold", "-1"))["rows"]}
     # C-01: technicians 1 and 2 and one unlisted card = 3 persons of 6 enrolled
     assert (courses["C-01"]["persons"], courses["C-01"]["touches"]) == (3, 4)
     assert courses["C-01"]["card_ownership_rate_pct"] == 50.0
@@ -109,7 +112,10 @@ def test_png_charts_are_written(db: str, tmp_path: Path, capsys: pytest.CaptureF
         "--png", str(heat), "--out", str(tmp_path / "wh.csv"), "--bom")
     run(capsys, "report", "training-courses", "--db", db, "--png", str(bars))
     run(capsys, "report", "vending", "--db", db, "--png", str(vend))
-    for png in (heat, bars, vend):
+    days, months = tmp_path / "days.png", tmp_path / "months.png"
+    run(capsys, "report", "days-worked", "--db", db, "--month", "2026-11", "--png", str(days))
+    run(capsys, "report", "training-monthly", "--db", db, "--png", str(months))
+    for png in (heat, bars, vend, days, months):
         data = png.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, png
     assert (tmp_path / "wh.csv").read_bytes().startswith(b"\xef\xbb\xbfsite,work_day")
@@ -130,9 +136,18 @@ def test_ownership_rate_rounds_half_up_to_one_decimal() -> None:
 def test_attendance_matrix_marks_missing_and_absent() -> None:
     days = [WorkDay(tid(1), SITE, "2026-02-03", jst_ms(2026, 2, 3, 8), jst_ms(2026, 2, 3, 17), 2),
             WorkDay(tid(2), SITE, "2026-02-28", jst_ms(2026, 2, 28, 8), None, 1)]
-    techs, dates, cells = shape.attendance(days, "2026-02")
+    techs, dates, cells, missing = shape.attendance(days, "2026-02")
     assert techs == [tid(1), tid(2)] and len(dates) == 28
-    assert cells[0][2] == 9.0 and cells[1][27] == 0.0 and cells[0][0] is None
+    assert cells[0][2] == 9.0 and cells[1][27] is None and cells[0][0] is None
+    assert missing == [(1, 27)]
+
+
+def test_a_day_with_entry_and_exit_is_never_missing_even_at_zero_hours() -> None:
+    """A 0.0-hour day (entry and exit in the same minute) was hatched as "missing"."""
+    at = jst_ms(2026, 2, 3, 8)
+    days = [WorkDay(tid(1), SITE, "2026-02-03", at, at, 2)]
+    _, _, cells, missing = shape.attendance(days, "2026-02")
+    assert cells[0][2] == 0.0 and missing == []
 
 
 def test_course_chart_draws_japanese_course_names(tmp_path: Path) -> None:

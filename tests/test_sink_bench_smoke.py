@@ -46,7 +46,7 @@ def test_store_batch_profile_runs_and_accounts_for_every_phase() -> None:
                           "--last", "2"], capture_output=True, text=True, check=True, timeout=120)
     prof = json.loads(out.stdout)
     assert prof["touches_before"] == 2000 and prof["batch"] == 500
-    assert set(prof["ms_per_batch"]) == {"begin", "stage", "drop_stored", "insert",
+    assert set(prof["ms_per_batch"]) == {"begin", "cut", "stage", "drop_stored", "insert",
                                          "fold_work_history", "training_monthly",
                                          "training_course", "vending_ledger", "commit"}
     assert prof["wal_frames_next_batch"] > 0

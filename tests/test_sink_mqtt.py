@@ -255,3 +255,41 @@ def test_a_touch_kept_as_a_dead_letter_does_not_hold_the_devices_ack_back(
         watcher.loop_stop()
         watcher.disconnect()
         publisher.publish(topics.touch_ack(SITE, dev), b"", qos=1, retain=True)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_a_running_sink_cuts_with_the_registry_an_operator_changes_while_it_runs(
+        kind: str, broker: PrivateBroker, publisher: mqtt.Client, tmp_path: Path,
+        request: pytest.FixtureRequest) -> None:
+    """Live: a night site not registered yet is cut at the default 04:00 (its night shift
+    split in two); registering it at 12:00 from another process re-derives it, and the sink's
+    writer process cuts the next night shift with the new rule."""
+    from cloud_sink.registry import SiteRule
+    from cloud_sink.store import open_store
+    from cloud_sink.workday import jst_ms
+
+    url = request.getfixturevalue("pg_url") if kind == "postgres" else None
+    night, dev = "13100000000002", f"gate-night-{kind[:2]}"
+    shift = lambda seq, day: [  # noqa: E731
+        touch(seq, device=dev, site=night, ts=jst_ms(2026, 11, day, 21)),
+        touch(seq + 1, device=dev, site=night, dir="out", ts=jst_ms(2026, 11, day + 1, 5, 30))]
+    with fresh_store(kind, tmp_path, url) as store:
+        [sink] = start_sinks(store, broker, 1, f"night-{kind}")
+        try:
+            for t in shift(1, 24):
+                publisher.publish(topics.touch(night, dev), encode(t), qos=1)
+            wait_until(lambda: store.counts()["touches"] == 2, 10, "the first shift stored")
+            assert [(r.work_day, r.cut_hour) for r in store.work_history()] == [
+                ("2026-11-24", 4), ("2026-11-25", 4)]
+            operator = open_store(store.url)
+            operator.import_sites([SiteRule(night, "夜間現場", "site", "東京都", "20000000000001",
+                                            12, "2026-01-01")])
+            operator.close()
+            for t in shift(3, 25):
+                publisher.publish(topics.touch(night, dev), encode(t), qos=1)
+            wait_until(lambda: store.counts()["touches"] == 4, 10, "the second shift stored")
+            assert [(r.work_day, r.taps, r.entry_missing, r.exit_missing, r.cut_hour)
+                    for r in store.work_history()] == [("2026-11-24", 2, False, False, 12),
+                                                       ("2026-11-25", 2, False, False, 12)]
+        finally:
+            sink.stop()

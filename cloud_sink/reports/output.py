@@ -10,11 +10,13 @@ from typing import Any
 Table = list[dict[str, Any]]
 
 
-def to_csv(rows: Table, columns: list[str] | None = None) -> str:
+def to_csv(rows: Table, columns: list[str] | None = None,
+           header: dict[str, str] | None = None) -> str:
+    """CSV of the columns (a row's other keys are left out); `header` renames them."""
     cols = columns or (list(rows[0]) if rows else [])
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
-    w.writeheader()
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n", extrasaction="ignore")
+    w.writerow({c: (header or {}).get(c, c) for c in cols})
     for r in rows:
         w.writerow({k: ("" if v is None else str(v).lower() if isinstance(v, bool) else v)
                     for k, v in r.items()})
@@ -26,10 +28,12 @@ def to_json(rows: Table, meta: dict[str, Any] | None = None) -> str:
 
 
 def emit(rows: Table, fmt: str, out: str | None, *, columns: list[str] | None = None,
-         meta: dict[str, Any] | None = None, bom: bool = False) -> None:
+         meta: dict[str, Any] | None = None, bom: bool = False,
+         header: dict[str, str] | None = None) -> None:
     """Write the table; CSV with a BOM (bom=True) opens cleanly in Excel with Japanese text."""
-    text = to_csv(rows, columns) if fmt == "csv" else to_json(rows, meta)
+    text = to_csv(rows, columns, header) if fmt == "csv" else to_json(rows, meta)
+    text = ("\ufeff" if bom and fmt == "csv" else "") + text
     if out and out != "-":
-        Path(out).write_text(("\ufeff" if bom and fmt == "csv" else "") + text, encoding="utf-8")
+        Path(out).write_text(text, encoding="utf-8")
     else:
         sys.stdout.write(text)

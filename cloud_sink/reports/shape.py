@@ -11,6 +11,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 from cloud_sink.model import CourseStats, TrainingMonth, VendingRow, WorkDay
+from cloud_sink.registry import ChainLink, SiteRule, Technician, first_tier_of, rule_on
 from cloud_sink.workday import local_time
 
 Table = list[dict[str, Any]]
@@ -26,7 +27,7 @@ def work_history(days: list[WorkDay]) -> Table:
                     "entry": local_time(d.first_in_ms) if d.first_in_ms is not None else "",
                     "exit": local_time(d.last_out_ms) if d.last_out_ms is not None else "",
                     "entry_missing": d.entry_missing, "exit_missing": d.exit_missing,
-                    "taps": d.taps, "hours": hours})
+                    "taps": d.taps, "hours": hours, "cut_hour": d.cut_hour})
     return out
 
 
@@ -41,22 +42,29 @@ def month_days(month: str) -> list[str]:
     return [(first + timedelta(days=i)).isoformat() for i in range((nxt - first).days)]
 
 
-def attendance(days: list[WorkDay], month: str) -> tuple[list[str], list[str], list[list[float | None]]]:
-    """(technicians, dates, cells) for a site-month heat map: hours on site, 0.0 for a day with
-    an entry or exit missing (present, duration unknown), None for a day not worked."""
+Cells = list[list[float | None]]
+
+
+def attendance(days: list[WorkDay], month: str
+               ) -> tuple[list[str], list[str], Cells, list[tuple[int, int]]]:
+    """(technicians, dates, cells, missing) for a site-month heat map: cells hold the hours on
+    site of a day with both an entry and an exit (0.0 is a real zero-hour day), None otherwise;
+    `missing` lists the (row, column) of days worked with an entry or exit missing."""
     dates = month_days(month)
     col = {d: i for i, d in enumerate(dates)}
     techs = sorted({d.tid for d in days})
     row = {t: i for i, t in enumerate(techs)}
-    cells: list[list[float | None]] = [[None] * len(dates) for _ in techs]
+    cells: Cells = [[None] * len(dates) for _ in techs]
+    missing: list[tuple[int, int]] = []
     for d in days:
         if d.work_day not in col:
             continue
-        h = 0.0
-        if d.first_in_ms is not None and d.last_out_ms is not None:
-            h = max(0.0, (d.last_out_ms - d.first_in_ms) / 3600_000)
-        cells[row[d.tid]][col[d.work_day]] = round(h, 2)
-    return techs, dates, cells
+        i, j = row[d.tid], col[d.work_day]
+        if d.first_in_ms is None or d.last_out_ms is None:
+            missing.append((i, j))
+        else:
+            cells[i][j] = round(max(0.0, (d.last_out_ms - d.first_in_ms) / 3600_000), 2)
+    return techs, dates, cells, missing
 
 
 def training_monthly(rows: list[TrainingMonth]) -> Table:
@@ -102,3 +110,161 @@ def vending_machines(rows: list[VendingRow]) -> Table:
     return [{"contractor": r.contractor or "unknown", "month": r.month, "site": r.site,
              "machine": r.device, "dispensed": r.dispensed, "failed": r.failed,
              "indeterminate": r.indeterminate} for r in rows]
+
+
+def month_range(first: str, last: str) -> list[str]:
+    """'YYYY-MM'..'YYYY-MM' inclusive."""
+    y, m = int(first[:4]), int(first[5:7])
+    out = []
+    while f"{y:04d}-{m:02d}" <= last:
+        out.append(f"{y:04d}-{m:02d}")
+        y, m = (y + 1, 1) if m == 12 else (y, m + 1)
+    return out
+
+
+def training_monthly_table(rows: list[TrainingMonth], unique: dict[str, int],
+                           first: str | None = None, last: str | None = None) -> Table:
+    """Per center: one row per month first..last (default: the center's first to last month
+    with touches), months without touches as 0, 0; then a total row: the sum of the monthly
+    rows (as the centers publish it) with the persons unique over the period beside it."""
+    by_center: dict[str, dict[str, TrainingMonth]] = defaultdict(dict)
+    for r in rows:
+        by_center[r.site][r.month] = r
+    for c in unique:
+        by_center.setdefault(c, {})
+    out: Table = []
+    for center in sorted(by_center):
+        months = by_center[center]
+        lo, hi = first or min(months, default=None), last or max(months, default=None)
+        span = month_range(lo, hi) if lo and hi else []
+        persons = touches = 0
+        for m in span:
+            got = months.get(m)
+            p, n = (got.persons, got.touches) if got else (0, 0)
+            persons, touches = persons + p, touches + n
+            out.append({"center": center, "month": m, "persons": p, "touches": n,
+                        "persons_unique": None})
+        out.append({"center": center, "month": "total", "persons": persons, "touches": touches,
+                    "persons_unique": unique.get(center, 0)})
+    return out
+
+
+OTHER_COURSES = "other courses"
+
+
+FOLD_DEFAULT = 6
+
+
+def training_course_table(stats: list[CourseStats], folds: dict[str, int],
+                          unique: dict[str, int]) -> Table:
+    """Per center: each course with more than the center's fold (folds[center], else
+    FOLD_DEFAULT) persons, the rest folded into one "other courses" row (sums), then a total
+    row (sums, with the persons unique over the center's course touches beside it)."""
+    by_center: dict[str, list[CourseStats]] = defaultdict(list)
+    for c in stats:
+        by_center[c.center or ""].append(c)
+    out: Table = []
+    for center in sorted(by_center):
+        courses = sorted(by_center[center], key=lambda c: c.course)
+        fold = folds.get(center, FOLD_DEFAULT)
+        kept = [c for c in courses if c.persons > fold]
+        folded = [c for c in courses if c.persons <= fold]
+        out += [r for r in training_courses(kept)]
+        for r in out[len(out) - len(kept):]:
+            r["persons_unique"] = None
+        if folded:
+            out.append({"course": OTHER_COURSES, "center": center,
+                        "name": f"{len(folded)} course{'s' * (len(folded) != 1)} with at most"
+                                f" {fold} person{'s' * (fold != 1)}",
+                        "starts": "", "ends": "",
+                        "enrolled": sum(c.enrolled or 0 for c in folded),
+                        "persons": sum(c.persons for c in folded),
+                        "touches": sum(c.touches for c in folded),
+                        "card_ownership_rate_pct": None, "persons_unique": None})
+        out.append({"course": "total", "center": center, "name": "", "starts": "", "ends": "",
+                    "enrolled": sum(c.enrolled or 0 for c in courses),
+                    "persons": sum(c.persons for c in courses),
+                    "touches": sum(c.touches for c in courses),
+                    "card_ownership_rate_pct": None, "persons_unique": unique.get(center, 0)})
+    return out
+
+
+DAYS_BY = ("main", "first-tier", "technician")
+DAYS_COLUMNS = ["contractor", "contractor_name", "site", "site_name", "month", "technician",
+                "technician_name", "employer", "days"]
+DAYS_JA = {"contractor": "事業者ID", "contractor_name": "事業者名", "site": "現場ID",
+           "site_name": "現場名", "month": "年月", "technician": "技能者ID",
+           "technician_name": "技能者氏名", "employer": "所属事業者ID", "days": "就業日数"}
+
+
+def days_worked_by(rows: list[tuple[str, str, str, int]], by: str,
+                   sites: dict[str, list[SiteRule]], chain: list[ChainLink],
+                   techs: dict[str, Technician], contractor: str | None = None) -> Table:
+    """The 建退共 figure in CCUS's three ways, one row per (contractor, site, month, technician):
+    - main (元請一括): the contractor is the site's main contractor (the registry row in force
+      on the month's last day), for all its sites;
+    - first-tier (一次下請一括): the first-tier subcontractor on that site the technician's
+      employer works under (the employer itself, or one below it in the site's chain);
+      technicians of the main contractor itself or outside the chain are in no first tier's;
+    - technician: the contractor is the technician's own employer (所属事業者).
+    """
+    if by not in DAYS_BY:
+        raise ValueError(f"--by must be one of {', '.join(DAYS_BY)}")
+    names: dict[str, str] = {}
+    links: dict[str, list[ChainLink]] = defaultdict(list)
+    for link in chain:
+        links[link.site].append(link)
+        if link.name:
+            names.setdefault(link.contractor, link.name)
+    tiers: dict[str, dict[str, str]] = {}
+    out: Table = []
+    for site, month, tid, days in rows:
+        rule = rule_on(sites.get(site), f"{month}-31")
+        main = rule.main_contractor if rule else ""
+        tech = techs.get(tid)
+        employer = tech.employer if tech else ""
+        if by == "main":
+            who = main
+        elif by == "technician":
+            who = employer
+        else:
+            if site not in tiers:
+                tiers[site] = first_tier_of(links.get(site, []), main)
+            who = tiers[site].get(employer, "")
+            if not who:
+                continue
+        if contractor and who != contractor:
+            continue
+        out.append({"contractor": who, "contractor_name": names.get(who, ""), "site": site,
+                    "site_name": rule.name if rule else "", "month": month, "technician": tid,
+                    "technician_name": tech.name if tech else "", "employer": employer,
+                    "days": days})
+    out.sort(key=lambda r: (r["contractor"], r["site"], r["month"], r["technician"]))
+    return out
+
+
+def work_history_text(site: str, name: str, month: str, cuts: list[int], registered: bool,
+                      rows: Table, names: dict[str, str]) -> str:
+    """The site-month view for people: a header with the site's name and the cut(s) its rows
+    were made with, then one line per technician and work day."""
+    cut = ", ".join(f"{c:02d}:00" for c in cuts) or "-"
+    head = [f"site {site} {name or '(not in the site registry: default cut)'}, {month}",
+            f"work day cut {cut} Asia/Tokyo" + ("" if registered else ", unregistered site"),
+            f"{'work day':<10}  {'technician':<14}  {'name':<12}  {'entry':>5}  {'exit':>5}"
+            f"  {'hours':>5}  taps  cut"]
+    lines = []
+    for r in rows:
+        hours = "" if r["hours"] is None else f"{r['hours']:.2f}"
+        lines.append(f"{r['work_day']:<10}  {r['technician']:<14}  "
+                     f"{_pad(names.get(r['technician'], ''), 12)}  {r['entry'] or 'miss':>5}  "
+                     f"{r['exit'] or 'miss':>5}  {hours:>5}  {r['taps']:>4}  "
+                     f"{'' if r['cut_hour'] is None else r['cut_hour']:>3}")
+    return "\n".join(head + lines) + "\n"
+
+
+def _pad(text: str, width: int) -> str:
+    """Left-justify counting East Asian wide characters as two columns."""
+    import unicodedata
+
+    w = sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+    return text + " " * max(0, width - w)

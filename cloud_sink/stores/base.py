@@ -2,8 +2,17 @@
 
 A backend supplies a connection, a write transaction, the parameter style and how a batch is
 loaded into its `stage` table (executemany on SQLite, COPY on PostgreSQL).
+
+The work day is derived, never an input: in the write transaction each row is cut with its
+site's rules from the registry (cloud_sink.registry), the cut goes on the row (`cut_hour`), and
+a registry change re-derives exactly the sites it changed from their stored touches. A writer
+keeps the rules in memory and reloads them when `registry_version` moved; on PostgreSQL a
+batch holds a shared advisory lock that a registry change takes exclusively, so no batch cut
+with old rules commits after the change re-derived its site.
 """
 
+import itertools
+import logging
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -11,8 +20,8 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from cloud_sink.deadletters import dead_letter_key
-from cloud_sink.derive.rows import COLUMNS, Row, touch_row
-from cloud_sink.derive.sql import DERIVED_TABLES, FULL, INCREMENTAL
+from cloud_sink.derive.rows import COLUMNS, Row, day_of, time_flag, touch_row
+from cloud_sink.derive.sql import DERIVED_COLUMNS, DERIVED_TABLES, FULL, INCREMENTAL, SITES
 from cloud_sink.model import (
     Course,
     CourseStats,
@@ -20,15 +29,25 @@ from cloud_sink.model import (
     Device,
     IngestResult,
     Policy,
+    Rederived,
     TrainingMonth,
     VendingRow,
     WorkDay,
 )
+from cloud_sink.registry import ChainLink, SiteRule, Technician, by_site, cut_for
 from protocol import topics
 from protocol.touch import Touch, encode
 
-_COLS = ", ".join(COLUMNS)
+# a store row: the row builder's columns and the cut the store cut it with
+STORE_COLUMNS = (*COLUMNS, "cut_hour")
+_COLS = ", ".join(STORE_COLUMNS)
 _FLAG = COLUMNS.index("flag")
+_SITE, _ROLE, _TS = COLUMNS.index("site"), COLUMNS.index("role"), COLUMNS.index("ts_ms")
+_DAY, _MONTH = COLUMNS.index("work_day"), COLUMNS.index("month")
+_RECEIVED = COLUMNS.index("received_ms")
+_SITE_COLS = ("site, name, kind, prefecture, main_contractor, day_cut_hour, valid_from,"
+              " fold_persons")
+log = logging.getLogger("ccus.sink")
 _INSERT = (f"INSERT INTO touches ({_COLS}) SELECT {_COLS} FROM stage WHERE true{{order}}"
            " ON CONFLICT (device, seq) DO NOTHING")
 INSERT_FROM_STAGE = _INSERT.format(order="")
@@ -67,6 +86,11 @@ class SqlStore:
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
         self._lock = threading.RLock()
+        self._rules: dict[str, list[SiteRule]] = {}   # the site registry, by site
+        self._rules_version = -1
+        self._unregistered: set[str] = set()          # sites already reported as unregistered
+        # (site, training?, UTC hour) -> (cut, work day, (cut,)); emptied with a new registry
+        self._cut_memo: dict[tuple[object, bool, int], tuple[int, str, tuple[int]]] = {}
 
     # -- dialect hooks -------------------------------------------------------------------------
     def _tx(self) -> AbstractContextManager[None]:
@@ -83,6 +107,10 @@ class SqlStore:
 
     def _before_derive(self) -> None:
         """Called in the write transaction just before the derivation statements."""
+
+    def _registry_lock(self, exclusive: bool) -> None:
+        """In the write transaction: a batch holds the registry shared, a change exclusively
+        (SQLite's write lock already makes every write transaction exclusive)."""
 
     def _store_batch(self, rows: list[Row]) -> int:
         """In the open write transaction: stage the rows (one per key), keep only the ones not
@@ -130,9 +158,18 @@ class SqlStore:
     def _ingest_rows(self, rows: list[Row], letters: list[DeadLetter], now: int) -> IngestResult:
         res = IngestResult()
         if rows:
-            res.stored = self._store_batch(first_of_each(rows))
+            self._registry_lock(exclusive=False)
+            self._load_rules()
+            res.stored = self._store_batch(self._cut_rows(first_of_each(rows), now))
             res.repeated = len(rows) - res.stored
-            res.flagged = sum(r[_FLAG] is not None for r in rows)
+            for r in rows:
+                if r[_FLAG] is not None:
+                    res.flagged += 1
+                    off = r[_RECEIVED] - r[_TS]  # type: ignore[operator]
+                    if r[_FLAG] == "ts_past":
+                        res.past, res.past_ms_max = res.past + 1, max(res.past_ms_max, off)
+                    else:
+                        res.future, res.future_ms_max = res.future + 1, max(res.future_ms_max, -off)
         if letters:
             keys = [dead_letter_key(d) for d in letters]
             self._many("INSERT INTO dead_letters (received_ms, topic, payload, reason, detail,"
@@ -157,24 +194,196 @@ class SqlStore:
                                           f"device {t.device} is not in the device registry"))
         return keep
 
+    # -- the site registry: rules, cutting, re-deriving --------------------------------------
+    def _load_rules(self) -> None:
+        """In the transaction: reload the registry when its version moved."""
+        version = int(self._x("SELECT version FROM registry_version").fetchone()[0])
+        if version != self._rules_version:
+            self._rules = by_site(SiteRule(*r) for r in self._x(
+                f"SELECT {_SITE_COLS} FROM sites").fetchall())
+            self._unregistered = {r[0] for r in self._x(
+                "SELECT site FROM sites_unregistered").fetchall()}
+            self._cut_memo.clear()
+            self._rules_version = version
+
+    def _cut_rows(self, rows: list[Row], now: int) -> list[Row]:
+        """Each row cut with its site's rules, the cut appended; a site seen for the first time
+        outside the registry is reported once. The row builders (derive.rows, the sink's fast
+        path) cut at the store's policy cut, so a row of an unregistered site only gains it."""
+        default, rules, memo = self.policy.cut_hour, self._rules, self._cut_memo
+        if len(memo) > 200_000:
+            memo.clear()
+        tail = (default,)
+        out = []
+        for r in rows:
+            site, role, ts = r[_SITE], r[_ROLE], r[_TS]
+            site_rules = rules.get(site)  # type: ignore[call-overload]
+            if site_rules is None and role != "training":
+                out.append(r + tail)
+                continue
+            # the cut and day depend on the site, the role's kind and the UTC hour only (the
+            # zone is a whole-hour offset, cuts are on the hour): one rule walk per hour
+            key = (site, role == "training", ts // 3600_000)  # type: ignore[operator]
+            got = memo.get(key)
+            if got is None:
+                cut = cut_for(site_rules, ts, role, default)  # type: ignore[arg-type]
+                got = memo[key] = (cut, day_of(ts, cut), (cut,))  # type: ignore[arg-type]
+            day = got[1]
+            if day == r[_DAY]:
+                out.append(r + got[2])
+            else:
+                cells = [*r, got[0]]
+                cells[_DAY], cells[_MONTH] = day, day[:7]
+                out.append(tuple(cells))
+        fresh = {r[_SITE] for r in rows} - rules.keys() - self._unregistered
+        for site in sorted(fresh):  # type: ignore[type-var]
+            if self._x("INSERT INTO sites_unregistered VALUES (?, ?) ON CONFLICT DO NOTHING",
+                       (site, now)).rowcount:
+                log.warning("site %s is not in the site registry: its touches are cut at the"
+                            " default %02d:00 (ccus sink sites import adds it)", site, default)
+        self._unregistered |= fresh  # type: ignore[arg-type]
+        return out
+
+    def _recut(self, scoped: bool, reflag: bool) -> Rederived:
+        """In the write transaction: the stored touches (of the sites in `resite` when scoped)
+        cut again with the registry; time flags evaluated again with the policy when reflag."""
+        res = Rederived()
+        where = " WHERE site IN (SELECT site FROM resite)" if scoped else ""
+        changes = []
+        default = self.policy.cut_hour
+        cur = self._x("SELECT device, seq, site, role, ts_ms, received_ms, work_day, cut_hour,"
+                      f" flag FROM touches{where}")
+        # only the changes are kept: SQLite streams the rows (psycopg's client-side cursor
+        # holds the result in memory)
+        rows = itertools.chain.from_iterable(iter(lambda: cur.fetchmany(20_000), []))
+        for dev, seq, site, role, ts, rec, day, cut, flag in rows:
+            res.touches += 1
+            c = cut_for(self._rules.get(site), ts, role, default)
+            d = day_of(ts, c)
+            f = time_flag(ts, rec, self.policy) if reflag else flag
+            if (d, c, f) != (day, cut, flag):
+                changes.append((d, d[:7], c, f, dev, seq))
+                res.recut += (d, c) != (day, cut)
+                res.moved += d != day
+                res.admitted += bool(flag and not f)
+                res.newly_flagged += bool(f and not flag)
+            res.still_flagged += bool(f and flag)
+        self._many("UPDATE touches SET work_day=?, month=?, cut_hour=?, flag=?"
+                   " WHERE device=? AND seq=?", changes)
+        return res
+
     def rederive(self) -> int:
         """Recompute every derived table from the stored touches (idempotent). Work-history rows."""
+        return self.rederive_all().work_history_rows
+
+    def rederive_all(self) -> Rederived:
+        """Every stored touch cut again with the registry (unregistered sites: the policy's
+        cut) and its time flag evaluated again with the policy's window; then every derived
+        table recomputed."""
         with self._lock, self._tx():
+            self._registry_lock(exclusive=True)
+            self._load_rules()
+            res = self._recut(scoped=False, reflag=True)
             for table in DERIVED_TABLES:
                 self._x(f"DELETE FROM {table}")
             self._before_derive()
             for sql in FULL:
                 self._x(sql)
-            return int(self._x("SELECT COUNT(*) FROM work_history").fetchone()[0])
+            res.work_history_rows = int(self._x("SELECT COUNT(*) FROM work_history").fetchone()[0])
+            return res
+
+    def _rederive_sites(self, sites: Sequence[str]) -> Rederived:
+        """In the write transaction: exactly these sites' rows, from their stored touches."""
+        self._x("DELETE FROM resite")
+        self._many("INSERT INTO resite (site) VALUES (?)", [(s,) for s in sites])
+        res = self._recut(scoped=True, reflag=False)
+        self._before_derive()
+        for sql in SITES:
+            self._x(sql)
+        res.sites = tuple(sites)
+        return res
+
+    def import_sites(self, rules: Iterable[SiteRule]) -> Rederived:
+        """Add or correct registry rows (key: site, valid_from); the sites whose cut rules
+        changed are re-derived from their stored touches in the same transaction."""
+        rows = list(rules)
+        with self._lock, self._tx():
+            self._registry_lock(exclusive=True)
+            self._load_rules()
+            before = {s: [(r.valid_from, r.kind, r.day_cut_hour) for r in v]
+                      for s, v in self._rules.items()}
+            self._many(f"INSERT INTO sites ({_SITE_COLS}) VALUES (?,?,?,?,?,?,?,?)"
+                       " ON CONFLICT (site, valid_from) DO UPDATE SET name=excluded.name,"
+                       " kind=excluded.kind, prefecture=excluded.prefecture,"
+                       " main_contractor=excluded.main_contractor,"
+                       " day_cut_hour=excluded.day_cut_hour, fold_persons=excluded.fold_persons",
+                       [(r.site, r.name, r.kind, r.prefecture, r.main_contractor, r.day_cut_hour,
+                         r.valid_from, r.fold_persons) for r in rows])
+            self._x("UPDATE registry_version SET version = version + 1")
+            self._x("DELETE FROM sites_unregistered WHERE site IN (SELECT site FROM sites)")
+            self._load_rules()
+            changed = sorted(s for s in {r.site for r in rows}
+                             if before.get(s) != [(r.valid_from, r.kind, r.day_cut_hour)
+                                                  for r in self._rules.get(s, [])])
+            res = self._rederive_sites(changed) if changed else Rederived()
+            res.imported = len(rows)
+            return res
+
+    def import_technicians(self, techs: Iterable[Technician]) -> int:
+        """Add or replace technicians' employers (所属事業者) and names."""
+        rows = [(t.tid, t.employer, t.name) for t in techs]
+        with self._lock, self._tx():
+            self._many("INSERT INTO technicians (tid, employer, name) VALUES (?,?,?)"
+                       " ON CONFLICT (tid) DO UPDATE SET employer=excluded.employer,"
+                       " name=excluded.name", rows)
+        return len(rows)
+
+    def import_chain(self, links: Iterable[ChainLink]) -> int:
+        """A site's contractor chain: the file's rows for a site replace that site's chain."""
+        rows = list(links)
+        with self._lock, self._tx():
+            for site in sorted({link.site for link in rows}):
+                self._x("DELETE FROM site_chain WHERE site=?", (site,))
+            self._many("INSERT INTO site_chain (site, contractor, parent, name) VALUES (?,?,?,?)"
+                       " ON CONFLICT (site, contractor) DO UPDATE SET parent=excluded.parent,"
+                       " name=excluded.name",
+                       [(x.site, x.contractor, x.parent, x.name) for x in rows])
+        return len(rows)
+
+    def sites(self, site: str | None = None) -> list[SiteRule]:
+        where, args = (" WHERE site=?", [site]) if site else ("", [])
+        return [SiteRule(s, n, k, p, m, int(c), v, None if f is None else int(f))
+                for s, n, k, p, m, c, v, f in self._rows(
+            f"SELECT {_SITE_COLS} FROM sites{where} ORDER BY site, valid_from", args)]
+
+    def unregistered_sites(self) -> list[tuple[str, int]]:
+        """(site, first seen ms): sites whose touches came in before they were registered."""
+        return [(s, int(t)) for s, t in self._rows(
+            "SELECT site, first_seen_ms FROM sites_unregistered ORDER BY site")]
+
+    def technicians(self) -> list[Technician]:
+        return [Technician(*r) for r in self._rows(
+            "SELECT tid, employer, name FROM technicians ORDER BY tid")]
+
+    def chain(self, site: str | None = None) -> list[ChainLink]:
+        where, args = (" WHERE site=?", [site]) if site else ("", [])
+        return [ChainLink(*r) for r in self._rows(
+            f"SELECT site, contractor, parent, name FROM site_chain{where}"
+            " ORDER BY site, parent, contractor", args)]
+
+    def site_touch_counts(self, site: str) -> tuple[int, int]:
+        """(touches, flagged) stored for a site."""
+        n, f = self._rows("SELECT COUNT(*), COUNT(flag) FROM touches WHERE site=?", (site,))[0]
+        return int(n), int(f)
 
     def import_courses(self, courses: Iterable[Course]) -> int:
         """Add or replace course definitions (the operator's CSV). Returns how many."""
         rows = [(c.course, c.name, c.starts, c.ends, c.enrolled, c.center) for c in courses]
         with self._lock, self._tx():
             self._many("INSERT INTO courses (course, name, starts, ends, enrolled, center)"
-                       " VALUES (?,?,?,?,?,?) ON CONFLICT (course) DO UPDATE SET"
+                       " VALUES (?,?,?,?,?,?) ON CONFLICT (center, course) DO UPDATE SET"
                        " name=excluded.name, starts=excluded.starts, ends=excluded.ends,"
-                       " enrolled=excluded.enrolled, center=excluded.center", rows)
+                       " enrolled=excluded.enrolled", rows)
         return len(rows)
 
     def register_devices(self, devices: Iterable[Device]) -> int:
@@ -230,7 +439,7 @@ class SqlStore:
     def work_history(self, site: str | None = None, month: str | None = None) -> list[WorkDay]:
         where, args = _where(site=site, month=month)
         return [WorkDay(*r) for r in self._rows(
-            "SELECT tid, site, work_day, first_in_ms, last_out_ms, taps FROM work_history"
+            "SELECT tid, site, work_day, first_in_ms, last_out_ms, taps, cut_hour FROM work_history"
             f"{where} ORDER BY site, work_day, tid", args)]
 
     def days_worked(self, site: str | None = None,
@@ -256,21 +465,42 @@ class SqlStore:
             f"SELECT site, month, persons, touches FROM training_monthly{where}"
             " ORDER BY site, month", args)]
 
-    def training_courses(self) -> list[CourseStats]:
-        """Every defined course (with zero touches if none) and every touched course."""
+    def training_courses(self, center: str | None = None) -> list[CourseStats]:
+        """Every defined course (with zero touches if none) and every touched course; the key
+        is center + course id (a course defined without a center matches any center's)."""
         rows = self._rows(
-            "SELECT c.course, c.name, c.starts, c.ends, c.enrolled, c.center,"
+            "SELECT c.course, c.name, c.starts, c.ends, c.enrolled,"
+            " CASE WHEN t.site IS NULL THEN c.center ELSE t.site END,"
             " COALESCE(t.persons, 0), COALESCE(t.touches, 0)"
             " FROM courses c LEFT JOIN training_course t ON t.course = c.course"
-            " UNION ALL SELECT t.course, NULL, NULL, NULL, NULL, NULL, t.persons, t.touches"
-            " FROM training_course t WHERE t.course NOT IN (SELECT course FROM courses)"
-            " ORDER BY 1")
+            " AND (c.center = t.site OR c.center = '')"
+            " UNION ALL SELECT t.course, NULL, NULL, NULL, NULL, t.site, t.persons, t.touches"
+            " FROM training_course t WHERE NOT EXISTS (SELECT 1 FROM courses c"
+            " WHERE c.course = t.course AND (c.center = t.site OR c.center = ''))"
+            " ORDER BY 6, 1")
         return [CourseStats(c, n, s, e, None if en is None else int(en), ce, int(p), int(t))
-                for c, n, s, e, en, ce, p, t in rows]
+                for c, n, s, e, en, ce, p, t in rows if center is None or ce == center]
+
+    def training_persons(self, center: str, first: str | None = None, last: str | None = None,
+                         *, with_course: bool = False) -> int:
+        """Unique persons at a center over months first..last (all when None): the period's
+        figure, which the monthly rows cannot give (a person counts in each month)."""
+        cond, args = ["site=?", "role='training'", "decision='allow'", "flag IS NULL"], [center]
+        if first:
+            cond.append("month >= ?")
+            args.append(first)
+        if last:
+            cond.append("month <= ?")
+            args.append(last)
+        if with_course:
+            cond.append("course IS NOT NULL")
+        return int(self._rows(f"SELECT COUNT(DISTINCT person) FROM touches WHERE"
+                              f" {' AND '.join(cond)}", args)[0][0])
 
     def courses(self) -> list[Course]:
         return [Course(c, n, s, e, int(en), ce) for c, n, s, e, en, ce in self._rows(
-            "SELECT course, name, starts, ends, enrolled, center FROM courses ORDER BY course")]
+            "SELECT course, name, starts, ends, enrolled, center FROM courses"
+            " ORDER BY center, course")]
 
     def vending_ledger(self, month: str | None = None,
                        contractor: str | None = None) -> list[VendingRow]:
@@ -313,7 +543,7 @@ class SqlStore:
         """Every row of a derived table in key order (for tests and checks)."""
         if name not in DERIVED_TABLES:
             raise ValueError(f"not a derived table: {name}")
-        return self._rows(f"SELECT * FROM {name} ORDER BY 1, 2, 3")
+        return self._rows(f"SELECT {DERIVED_COLUMNS[name]} FROM {name} ORDER BY 1, 2, 3, 4")
 
     def __enter__(self) -> "SqlStore":
         return self

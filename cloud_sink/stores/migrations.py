@@ -109,7 +109,53 @@ ALTER TABLE dead_letters ADD COLUMN seq INTEGER;
 CREATE INDEX dead_letters_by_device ON dead_letters (device, seq) WHERE seq IS NOT NULL
 """
 
-SQLITE = [_SQLITE_1, _SQLITE_2, _SQLITE_3, _SQLITE_4, _SQLITE_5]
+# 6: the site registry (cloud_sink.registry): sites and their rules by valid_from, each
+# technician's employer and name, each site's contractor chain, sites seen but not registered,
+# and a version every registry change bumps (a writer reloads the rules when it moved). Each
+# touch and work-history row records the cut it was made with (NULL: made before this
+# migration; `ccus sink rederive` fills it in). Training courses are keyed by center + course
+# id: training_course is recomputed here from the stored touches, courses get (center, course).
+_SQLITE_6 = """
+ALTER TABLE touches ADD COLUMN cut_hour INTEGER;
+ALTER TABLE work_history ADD COLUMN cut_hour INTEGER;
+CREATE TABLE sites (
+    site TEXT NOT NULL, valid_from TEXT NOT NULL, name TEXT NOT NULL, kind TEXT NOT NULL,
+    prefecture TEXT NOT NULL, main_contractor TEXT NOT NULL, day_cut_hour INTEGER NOT NULL,
+    fold_persons INTEGER,
+    PRIMARY KEY (site, valid_from)
+) WITHOUT ROWID;
+CREATE TABLE technicians (
+    tid TEXT NOT NULL PRIMARY KEY, employer TEXT NOT NULL, name TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE site_chain (
+    site TEXT NOT NULL, contractor TEXT NOT NULL, parent TEXT NOT NULL, name TEXT NOT NULL,
+    PRIMARY KEY (site, contractor)
+) WITHOUT ROWID;
+CREATE TABLE sites_unregistered (
+    site TEXT NOT NULL PRIMARY KEY, first_seen_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE registry_version (id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL);
+INSERT INTO registry_version VALUES (1, 0);
+CREATE TABLE training_course_6 (
+    site TEXT NOT NULL, course TEXT NOT NULL, persons INTEGER NOT NULL, touches INTEGER NOT NULL,
+    PRIMARY KEY (site, course)
+) WITHOUT ROWID;
+INSERT INTO training_course_6 SELECT site, course, COUNT(DISTINCT person), COUNT(*) FROM touches
+    WHERE role='training' AND decision='allow' AND flag IS NULL AND course IS NOT NULL
+    GROUP BY site, course;
+DROP TABLE training_course;
+ALTER TABLE training_course_6 RENAME TO training_course;
+CREATE TABLE courses_6 (
+    center TEXT NOT NULL, course TEXT NOT NULL, name TEXT NOT NULL, starts TEXT NOT NULL,
+    ends TEXT NOT NULL, enrolled INTEGER NOT NULL,
+    PRIMARY KEY (center, course)
+) WITHOUT ROWID;
+INSERT INTO courses_6 SELECT center, course, name, starts, ends, enrolled FROM courses;
+DROP TABLE courses;
+ALTER TABLE courses_6 RENAME TO courses
+"""
+
+SQLITE = [_SQLITE_1, _SQLITE_2, _SQLITE_3, _SQLITE_4, _SQLITE_5, _SQLITE_6]
 
 _POSTGRES_1 = """
 CREATE TABLE touches (
@@ -185,7 +231,41 @@ ALTER TABLE dead_letters ADD COLUMN seq BIGINT;
 CREATE INDEX dead_letters_by_device ON dead_letters (device, seq) WHERE seq IS NOT NULL
 """
 
-POSTGRES = [_POSTGRES_1, _POSTGRES_2, _POSTGRES_3, _POSTGRES_4]
+# 5: as SQLite 6: the site registry, the cut on each row, courses by center + course id
+_POSTGRES_5 = """
+ALTER TABLE touches ADD COLUMN cut_hour INTEGER;
+ALTER TABLE work_history ADD COLUMN cut_hour INTEGER;
+CREATE TABLE sites (
+    site TEXT NOT NULL, valid_from TEXT NOT NULL, name TEXT NOT NULL, kind TEXT NOT NULL,
+    prefecture TEXT NOT NULL, main_contractor TEXT NOT NULL, day_cut_hour INTEGER NOT NULL,
+    fold_persons INTEGER,
+    PRIMARY KEY (site, valid_from)
+);
+CREATE TABLE technicians (
+    tid TEXT NOT NULL PRIMARY KEY, employer TEXT NOT NULL, name TEXT NOT NULL
+);
+CREATE TABLE site_chain (
+    site TEXT NOT NULL, contractor TEXT NOT NULL, parent TEXT NOT NULL, name TEXT NOT NULL,
+    PRIMARY KEY (site, contractor)
+);
+CREATE TABLE sites_unregistered (
+    site TEXT NOT NULL PRIMARY KEY, first_seen_ms BIGINT NOT NULL
+);
+CREATE TABLE registry_version (id INTEGER PRIMARY KEY CHECK (id = 1), version BIGINT NOT NULL);
+INSERT INTO registry_version VALUES (1, 0);
+DELETE FROM training_course;
+ALTER TABLE training_course ADD COLUMN site TEXT NOT NULL DEFAULT '';
+ALTER TABLE training_course DROP CONSTRAINT training_course_pkey;
+ALTER TABLE training_course ADD PRIMARY KEY (site, course);
+INSERT INTO training_course (site, course, persons, touches) SELECT site, course,
+    COUNT(DISTINCT person), COUNT(*) FROM touches
+    WHERE role='training' AND decision='allow' AND flag IS NULL AND course IS NOT NULL
+    GROUP BY site, course;
+ALTER TABLE courses DROP CONSTRAINT courses_pkey;
+ALTER TABLE courses ADD PRIMARY KEY (center, course)
+"""
+
+POSTGRES = [_POSTGRES_1, _POSTGRES_2, _POSTGRES_3, _POSTGRES_4, _POSTGRES_5]
 
 
 def statements(script: str) -> list[str]:

@@ -10,14 +10,15 @@ from typing import Any
 
 import psycopg
 
-from cloud_sink.derive.rows import COLUMNS, Row
+from cloud_sink.derive.rows import Row
 from cloud_sink.derive.sql import INCREMENTAL
 from cloud_sink.model import Policy
 from cloud_sink.stores import migrations
-from cloud_sink.stores.base import INSERT_FROM_STAGE_IN_KEY_ORDER, SqlStore
+from cloud_sink.stores.base import INSERT_FROM_STAGE_IN_KEY_ORDER, STORE_COLUMNS, SqlStore
 
 _MIGRATE_LOCK = 0x63637573_0001   # 'ccus' 1: one process migrates at a time
 _DERIVE_LOCK = 0x63637573_0002    # 'ccus' 2: derivations run one at a time
+_REGISTRY_LOCK = 0x63637573_0003  # 'ccus' 3: batches hold it shared, a registry change exclusively
 
 
 class StoreUnavailable(RuntimeError):
@@ -34,6 +35,7 @@ class PostgresStore(SqlStore):
             raise StoreUnavailable(f"cannot connect to PostgreSQL at {_redact(url)}: {exc}") from exc
         self._migrate()
         self._db.execute("CREATE TEMP TABLE stage (LIKE touches) ON COMMIT DELETE ROWS")
+        self._db.execute("CREATE TEMP TABLE resite (site TEXT PRIMARY KEY) ON COMMIT DELETE ROWS")
         # the whole write after the COPY in one round trip: fewer waits on the network, and
         # fewer GIL hand-offs to the MQTT thread in the sink process
         body = ";\n".join(INCREMENTAL)
@@ -85,6 +87,12 @@ class PostgresStore(SqlStore):
         # held to commit: a later derivation of the same key sees this batch's touches
         self._db.execute("SELECT pg_advisory_xact_lock(%s)", (_DERIVE_LOCK,))
 
+    def _registry_lock(self, exclusive: bool) -> None:
+        # held to commit: a registry change waits for the batches cut with the old rules, and
+        # a batch that starts after it reads the new rules
+        fn = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
+        self._db.execute(f"SELECT {fn}(%s)", (_REGISTRY_LOCK,))  # type: ignore[call-overload]
+
     def _store_batch(self, rows: list[Row]) -> int:
         self._load_stage(rows)
         row = self._db.execute("SELECT pg_temp.ccus_ingest_stage()").fetchone()
@@ -98,7 +106,8 @@ class PostgresStore(SqlStore):
             cur.executemany(sql.replace("?", "%s"), list(rows))  # type: ignore[arg-type]
 
     def _load_stage(self, rows: list[Row]) -> None:
-        with self._db.cursor() as cur, cur.copy(f"COPY stage ({', '.join(COLUMNS)}) FROM STDIN") as cp:
+        with self._db.cursor() as cur, cur.copy(
+                f"COPY stage ({', '.join(STORE_COLUMNS)}) FROM STDIN") as cp:
             for r in rows:
                 cp.write_row(r)
 

@@ -6,12 +6,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from cloud_sink.derive.rows import COLUMNS, Row
+from cloud_sink.derive.rows import Row
 from cloud_sink.model import Policy
 from cloud_sink.stores import migrations
-from cloud_sink.stores.base import SqlStore
+from cloud_sink.stores.base import STORE_COLUMNS, SqlStore
 
-_ROW = "(" + ",".join("?" * len(COLUMNS)) + ")"
+_ROW = "(" + ",".join("?" * len(STORE_COLUMNS)) + ")"
 _CHUNK = 400  # rows per INSERT: under SQLite's 32,766 variables
 
 
@@ -33,8 +33,9 @@ class SqliteStore(SqlStore):
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA temp_store=MEMORY")  # the per-batch stage table
         self._migrate()
-        self._db.execute(f"CREATE TEMP TABLE IF NOT EXISTS stage AS SELECT {', '.join(COLUMNS)}"
-                         " FROM touches WHERE 0")
+        self._db.execute("CREATE TEMP TABLE IF NOT EXISTS stage AS SELECT"
+                         f" {', '.join(STORE_COLUMNS)} FROM touches WHERE 0")
+        self._db.execute("CREATE TEMP TABLE IF NOT EXISTS resite (site TEXT PRIMARY KEY)")
 
     def _migrate(self) -> None:
         with self._lock:
