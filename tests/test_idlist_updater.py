@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from paho.mqtt.client import topic_matches_sub
 
 from edge.idlist import ListUpdater, UpdateReason, load_list, open_list
 from edge.idlist.codec import build_rows
@@ -64,10 +65,28 @@ def delta(a: int, b: int, key=KEY, part=400) -> list[Message]:
     return delta_messages(diff(load_list(VERSIONS[a]), load_list(VERSIONS[b])), key, part)
 
 
+def make(directory, **kw) -> ListUpdater:
+    """An updater whose clock is just after the test lists were issued (issued_ms 1000 * v)."""
+    return ListUpdater(directory, "main", [KEY.public_key()], now_ms=lambda: 10_000, **kw)
+
+
 def feed(u: ListUpdater, msgs):
+    """Deliver `msgs` live, as a broker does, keeping the retained ones; when an outcome asks
+    for a re-fetch (a SUBSCRIBE), the broker sends the retained messages under it again."""
+    retained: dict[str, bytes] = u.__dict__.setdefault("_test_retained", {})
     out = []
     for m in msgs:
-        out += u.handle(m.topic, m.payload)
+        if m.payload:
+            retained[m.topic] = m.payload
+        else:
+            retained.pop(m.topic, None)
+        got = u.handle(m.topic, m.payload)
+        out += got
+        for o in got:
+            if o.fetch:
+                for t, p in sorted(retained.items()):
+                    if topic_matches_sub(o.fetch, t):
+                        out += u.handle(t, p)
     return out
 
 
@@ -77,7 +96,7 @@ def reasons(outcomes):
 
 @pytest.fixture
 def updater(tmp_path):
-    return ListUpdater(tmp_path, "main", [KEY.public_key()])
+    return make(tmp_path)
 
 
 def test_snapshot_in_any_order_is_installed(updater):
@@ -220,23 +239,20 @@ def test_delta_refusals(updater):
 
 
 def test_bounds_on_what_waits(tmp_path):
-    u = ListUpdater(tmp_path, "main", [KEY.public_key()], max_spool_bytes=1000,
-                    max_pending_deltas=1)
-    chunks = snap(1)[:-1]
-    assert UpdateReason.SPOOL_FULL in reasons(feed(u, chunks))
+    u = make(tmp_path, max_pending_deltas=1)
     out = feed(u, delta(2, 3) + delta(3, 4))  # nothing applied yet: both would wait
     assert reasons(out) == [UpdateReason.PENDING_FULL]
 
 
 def test_restart_serves_the_installed_list_and_drops_half_assemblies(tmp_path):
-    u = ListUpdater(tmp_path, "main", [KEY.public_key()])
+    u = make(tmp_path)
     feed(u, snap(1))
     feed(u, [snap(2)[-1], snap(2)[0]])  # half of version 2
     assert list(tmp_path.glob(".main.2.part"))
-    u2 = ListUpdater(tmp_path, "main", [KEY.public_key()])
+    u2 = make(tmp_path)
     assert u2.applied_version == 1 and not list(tmp_path.glob(".main.*.part"))
     (tmp_path / "main.idl").write_bytes(b"garbage")
-    u3 = ListUpdater(tmp_path, "main", [KEY.public_key()])
+    u3 = make(tmp_path)
     assert u3.current is None and u3.load_error
     feed(u3, snap(2))
     assert u3.applied_version == 2
@@ -275,7 +291,7 @@ POOL += [Message(chunk_topic("main", v, 999), b"x") for v in (2, 4)]  # outside 
 @given(st.lists(st.tuples(st.integers(0, len(POOL) - 1), st.integers(0, 7)), max_size=120))
 def test_served_list_is_always_a_complete_signed_version_and_never_goes_back(picks):
     with tempfile.TemporaryDirectory() as d:
-        u = ListUpdater(d, "main", [KEY.public_key()])
+        u = make(d)
         last = 0
         for i, how in picks:
             msg = POOL[i] if how >= 4 else _corrupt(POOL[i], how)
