@@ -40,6 +40,7 @@ from edge.idlist.dist import (
     Message,
     chunk_topic,
     delta_messages,
+    delta_topic,
     manifest_topic,
     snapshot_messages,
 )
@@ -224,6 +225,15 @@ def test_chunks_no_verified_manifest_names_are_dropped_and_counted(tmp_path: Pat
     assert [o.fetch for o in out if o.fetch] == ["ccus/v1/list/main/snapshot/4/+"]
     assert u.current is not None and u.current.version == 4
     assert tree_bytes(tmp_path) == len(data)
+
+
+def test_a_flood_of_tiny_delta_parts_under_many_topics_stays_bounded(tmp_path: Path) -> None:
+    u = ListUpdater(tmp_path, "main", KEYS)
+    kinds = [u.handle(delta_topic("main", 1, 2 + i, 2, 0), b"x")[0] for i in range(10_000)]
+    pending = [o for o in kinds if o.kind == "pending"]
+    assert len(pending) == 64  # max_pending_deltas: one table entry per delta being assembled
+    assert {o.reason for o in kinds if o.kind == "refused"} == {UpdateReason.PENDING_FULL}
+    assert len(u._parts) == 64 and tree_bytes(tmp_path) == 0
 
 
 def retained_state(broker: PrivateBroker, site: str, dev: str) -> dict:  # type: ignore[type-arg]

@@ -305,6 +305,8 @@ def test_served_list_is_always_a_complete_signed_version_and_never_goes_back(pic
                 assert open_list(Path(d) / "main.idl").body_hash == HASHES[cur.version]
             assert u.applied_version >= last
             last = u.applied_version
+            held = sum(len(p) for _, ps in u._parts.values() for p in ps.values())
+            assert u._parts_bytes == held  # the running budget never drifts
         feed(u, snap(5))  # the latest retained snapshot always catches a device up
         assert u.applied_version == 5 and u.current.body_hash == HASHES[5]
 

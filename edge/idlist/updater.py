@@ -122,6 +122,7 @@ class ListUpdater:
         self.max_delta_bytes = max_delta_bytes
         self.max_issued_age_ms, self._now_ms = max_issued_age_ms, now_ms
         self._parts: dict[tuple[int, int], tuple[int, dict[int, bytes]]] = {}
+        self._parts_bytes = 0  # held in _parts, kept as a running sum
         self._deltas: dict[int, Delta] = {}  # from-version -> delta waiting for its base
         self._assembly: _Assembly | None = None
         self.current: MmapIdList | None = None
@@ -331,18 +332,28 @@ class ListUpdater:
         if to_version <= self.applied_version:
             return [Outcome("ignored", UpdateReason.STALE_VERSION, to_version)]
         key = (from_version, to_version)
+        if key not in self._parts and len(self._parts) >= self.max_pending_deltas:
+            # unsigned until complete: a flood of tiny parts under many topics must not grow
+            # the table (the byte budget alone would allow millions of entries)
+            return [Outcome("refused", UpdateReason.PENDING_FULL, to_version, "delta parts")]
         n, parts = self._parts.get(key, (count, {}))
         if n != count:  # republished with another split: start over
+            self._drop_parts(key)
             n, parts = count, {}
-        held = sum(len(p) for _, ps in self._parts.values() for p in ps.values())
-        if held + len(data) > self.max_delta_bytes:
+        old = len(parts.get(index, b""))
+        if self._parts_bytes - old + len(data) > self.max_delta_bytes:
             return [Outcome("refused", UpdateReason.PENDING_FULL, to_version, "delta parts")]
         parts[index] = data
+        self._parts_bytes += len(data) - old
         self._parts[key] = (n, parts)
         if len(parts) < n:
             return [Outcome("pending", None, to_version, f"delta part {index} ({len(parts)}/{n})")]
-        del self._parts[key]
+        self._drop_parts(key)
         return self.on_delta(from_version, to_version, b"".join(parts[i] for i in range(n)))
+
+    def _drop_parts(self, key: tuple[int, int]) -> None:
+        _, parts = self._parts.pop(key, (0, {}))
+        self._parts_bytes -= sum(len(p) for p in parts.values())
 
     def on_delta(self, from_version: int, to_version: int, payload: bytes) -> list[Outcome]:
         try:
@@ -413,7 +424,7 @@ class ListUpdater:
         for k in [k for k, d in self._deltas.items() if d.from_version < lst.version]:
             del self._deltas[k]
         for k in [k for k in self._parts if k[1] <= lst.version]:
-            del self._parts[k]
+            self._drop_parts(k)
         nxt = self._deltas.pop(lst.version, None)
         if nxt is not None:
             out += self._apply_delta(nxt)
