@@ -15,6 +15,7 @@ process), and what must hold instead:
 import dataclasses
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -361,3 +362,18 @@ def test_corrupted_cached_list_is_dropped_with_a_warning(tmp_path: Path, static:
         assert (agent.idlist.version if agent.idlist else None) == (1 if static else None)
     finally:
         agent.outbox.close()
+
+
+def test_a_signed_list_never_takes_the_disk_below_its_floor(tmp_path: Path) -> None:
+    """The outbox (every touch) shares the disk: a list that would leave less than
+    min_free_bytes free is refused before a byte is written (the real statvfs of tmp_path)."""
+    data = build_rows(ROWS, name="main", version=2, issued_ms=NOW)
+    free = shutil.disk_usage(tmp_path).free
+    u = ListUpdater(tmp_path, "main", KEYS, min_free_bytes=free)  # room for nothing at all
+    out = deliver(u, snapshot_messages(data, KEY), {})
+    assert [(o.kind, o.reason) for o in out if o.kind == "refused"] == [
+        ("refused", UpdateReason.NO_SPACE)]
+    assert u.current is None and tree_bytes(tmp_path) == 0
+    u.min_free_bytes = 0
+    deliver(u, snapshot_messages(data, KEY), {})
+    assert u.current is not None and u.current.version == 2

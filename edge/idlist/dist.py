@@ -61,7 +61,9 @@ class ListTopic:
 
 
 def _uint(s: str) -> int | None:
-    return int(s) if s.isascii() and s.isdigit() and len(s) <= 19 else None
+    """A version, index or count in a topic: decimal, below 2**63 (what the header holds)."""
+    v = int(s) if s.isascii() and s.isdigit() and len(s) <= 19 else None
+    return v if v is not None and v < 1 << 63 else None
 
 
 def parse_topic(topic: str) -> ListTopic | None:

@@ -70,6 +70,7 @@ class UpdateReason(StrEnum):
     DELTA_RESULT_HASH = "delta_result_hash"  # rebuilt file is not what the publisher signed
     PENDING_FULL = "pending_full"  # too many deltas waiting for their base
     IO_ERROR = "io_error"  # the disk failed us; nothing was installed
+    NO_SPACE = "no_space"  # the list would leave less than min_free_bytes on the disk
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +84,7 @@ class Outcome:
 
 DAY_MS = 86_400_000
 DEFAULT_MAX_ISSUED_AGE_MS = 30 * DAY_MS  # [idlist] max_issued_age_days
+MIN_FREE_BYTES = 64 << 20  # a list never takes the disk below this (= the outbox's low water)
 MAX_DROPPED_VERSIONS = 64  # versions remembered for a re-fetch (noise cannot grow it further)
 
 
@@ -113,7 +115,8 @@ class ListUpdater:
                  keys: Iterable[Ed25519PublicKey], *, max_pending_deltas: int = 64,
                  max_delta_bytes: int = 64 << 20,
                  max_issued_age_ms: float = DEFAULT_MAX_ISSUED_AGE_MS,
-                 now_ms: Callable[[], int] = _wall_ms) -> None:
+                 now_ms: Callable[[], int] = _wall_ms,
+                 min_free_bytes: int = MIN_FREE_BYTES) -> None:
         self.directory = Path(directory)
         self.name = name
         self.keys = list(keys)
@@ -121,6 +124,7 @@ class ListUpdater:
         self.max_pending_deltas = max_pending_deltas
         self.max_delta_bytes = max_delta_bytes
         self.max_issued_age_ms, self._now_ms = max_issued_age_ms, now_ms
+        self.min_free_bytes = min_free_bytes
         self._parts: dict[tuple[int, int], tuple[int, dict[int, bytes]]] = {}
         self._parts_bytes = 0  # held in _parts, kept as a running sum
         self._deltas: dict[int, Delta] = {}  # from-version -> delta waiting for its base
@@ -181,6 +185,19 @@ class ListUpdater:
                 "load_error": self.load_error, "cache_dropped": self.cache_dropped,
                 "dropped_chunks": self.dropped_chunks, "dropped_bytes": self.dropped_bytes}
 
+    def _no_room(self, size: int) -> Outcome | None:
+        """Refusal for a list that would leave the disk below min_free_bytes: the outbox (every
+        touch) shares it, and a list can wait for the disk to be cleaned up."""
+        try:
+            free = shutil.disk_usage(self.directory).free
+        except OSError as exc:
+            return Outcome("refused", UpdateReason.IO_ERROR, None, str(exc))
+        if free - size >= self.min_free_bytes:
+            return None
+        return Outcome("refused", UpdateReason.NO_SPACE, None,
+                       f"{size} bytes would leave {max(0, free - size)} free, below "
+                       f"{self.min_free_bytes}: free disk space")
+
     def _too_old(self, issued_ms: int, force: bool) -> Outcome | None:
         """Refusal for a document issued before the window, unless the operator forced it."""
         age = self._now_ms() - issued_ms
@@ -234,6 +251,9 @@ class ListUpdater:
                                 f"assembling {a.manifest.version}")]
             a.discard()
             self._assembly = None
+        room = self._no_room(m.size)
+        if room is not None:
+            return [dataclasses.replace(room, version=m.version)]
         try:
             self._assembly = _Assembly(m, self.directory / f".{self.name}.{m.version}.part")
         except OSError as exc:
@@ -392,6 +412,9 @@ class ListUpdater:
             data = apply_delta(cur, d)
         except DeltaError as exc:
             return [Outcome("refused", UpdateReason(exc.reason), d.to_version, str(exc))]
+        room = self._no_room(len(data))
+        if room is not None:
+            return [dataclasses.replace(room, version=d.to_version)]
         tmp = self.directory / f".{self.name}.{d.to_version}.delta.part"  # never the assembly's
         try:
             with open(tmp, "wb") as f:
