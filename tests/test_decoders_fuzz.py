@@ -278,9 +278,11 @@ def test_delta_decoder(doc: bytes, parts: int) -> None:
 
 
 # -- serial frame (firmware/frame.py, MicroPython-safe: never raises on line noise) ------------
-def raw_frame(ver: int, mtype: int, seq: int, epoch: int, payload: bytes, plen: int) -> bytes:
-    """A frame whose COBS and CRC are right but whose header may say anything."""
-    raw = bytes([ver, mtype, seq, epoch, plen]) + payload
+def raw_frame(ver: int, mtype: int, seq: int, epoch: int, payload: bytes,
+              plen: int | None) -> bytes:
+    """A frame whose COBS and CRC are right but whose header may say anything (the length
+    byte is the payload's unless given)."""
+    raw = bytes([ver, mtype, seq, epoch, len(payload) if plen is None else plen]) + payload
     c = frame.crc16(raw)
     out = bytearray(b"\x00")
     frame._cobs_encode(raw + bytes([c >> 8, c & 0xFF]), out)
@@ -291,29 +293,39 @@ PARSERS = {frame.BOOT: frame.parse_boot, frame.STATUS: frame.parse_status,
            frame.VEND_REQ: frame.parse_vend_req, frame.VEND_RESULT: frame.parse_vend_result,
            frame.GATE_PULSE: frame.parse_gate_pulse, frame.SENSOR: frame.parse_sensor,
            frame.FEEDBACK: frame.parse_feedback, frame.ERROR: frame.parse_error}
-header_byte = st.one_of(st.integers(0, 255), st.sampled_from([1, 2, 3, 0x11, 0x21, 0x7E]))
+# the link below has epoch 7 and seq 1 in flight: ACK / NAK frames for it are likely
+header_byte = st.one_of(st.integers(0, 255), st.sampled_from([1, 7, *frame.PAYLOAD_LEN]))
+frame_payload = st.one_of(st.binary(max_size=40), st.sampled_from(
+    sorted(set(frame.PAYLOAD_LEN.values()))).flatmap(lambda n: st.binary(min_size=n, max_size=n)))
 
 
 @FUZZ
 @given(st.lists(st.one_of(
     st.binary(max_size=60),
     st.builds(raw_frame, st.one_of(st.just(1), header_byte), header_byte, header_byte,
-              header_byte, st.binary(max_size=40), st.integers(0, 255))), max_size=8),
+              header_byte, frame_payload, st.one_of(st.none(), st.integers(0, 255)))),
+    max_size=8),
     st.sampled_from([None, frame.HOST_ACCEPTS, frame.BOARD_ACCEPTS]))
+@example([raw_frame(1, frame.NAK, 1, 7, b"\x04", None)], None)  # the frame in flight, refused
+@example([raw_frame(1, frame.ACK, 1, 7, b"", None), raw_frame(1, frame.STATUS, 3, 9,
+                                                            bytes(14), None)], None)
 def test_frame_decoder_and_link(chunks: list[bytes], accept: Any) -> None:
     d = frame.Decoder()
     link = frame.Link(7, accept=accept)
     link.send(frame.STATUS_REQ, b"", 0)  # a message in flight: ACK and NAK paths are live
+    seen = set()
     for i, c in enumerate(chunks):
         for f in d.feed(c):
             assert len(f.payload) <= frame.MAX_PAYLOAD
             for ev in link.receive(f, i):
+                seen.add(ev[0])
                 assert ev[0] in (frame.EV_MESSAGE, frame.EV_ACKED, frame.EV_FAILED,
                                  frame.EV_ERROR)
                 if ev[0] == frame.EV_MESSAGE and ev[1].type in PARSERS:
                     PARSERS[ev[1].type](ev[1].payload)
             link.poll(i * 300)
-    assert d.frames + d.crc_errors + d.bad_frames >= 0 and d.pending() <= frame.MAX_ENCODED
+    assert d.pending() <= frame.MAX_ENCODED and seen <= {frame.EV_MESSAGE, frame.EV_ACKED,
+                                                          frame.EV_FAILED, frame.EV_ERROR}
 
 
 def test_hostile_cbor_reaches_validation() -> None:
