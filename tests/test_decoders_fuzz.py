@@ -19,6 +19,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from cloud_sink.model import DeadLetter
+from cloud_sink.validate import validate
 from edge import config_apply as ca
 from edge.idlist import ListUpdater
 from edge.idlist.codec import build_rows
@@ -135,6 +137,9 @@ def test_touch_with_a_3800_byte_bignum_seq_is_a_touch_error() -> None:
         assert exc.value.reason in ("bad_field", "unknown_schema")
     with pytest.raises(TouchError):  # a bignum as a fact key
         decode_touch(map_with(TOUCH, {"x": head(5, 1) + bignum(2**20000) + b"\x01"}))
+    # the sink dead-letters it with its reason, not as an internal error with a traceback
+    dl = validate(topics.touch(SITE, DEV), map_with(TOUCH, {"seq": bignum(2 ** (8 * 3800) - 1)}))
+    assert isinstance(dl, DeadLetter) and dl.reason == "bad_field" and "bit integer" in dl.detail
 
 
 HUGE = bignum(2 ** (8 * 3800) - 1)
