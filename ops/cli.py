@@ -338,7 +338,7 @@ def _config_push(a: argparse.Namespace) -> int:
                                     version=a.version, force=a.force)
     if a.dry_run:
         return _out({"topic": topic, "version": version, "bytes": len(payload),
-                     "published": False})
+                     "published": False, "force": a.force})
     res = push(broker_opts(a), topic, version, payload, site=a.site, dev=a.device,
                wait_s=a.wait)
     refused = {d: k for d, k in res.acks.items() if k.get("result") != "applied"}

@@ -69,7 +69,7 @@ def _publish(args: argparse.Namespace) -> int:
         "name": m.name, "version": m.version, "issued_ms": m.issued_ms, "records": m.records,
         "cards": m.cards, "bytes": m.size, "chunks": len(m.chunks),
         "delta_changes": len(plan.delta) if plan.delta is not None else None,
-        "messages": len(plan.messages), "published": not args.dry_run,
+        "messages": len(plan.messages), "published": not args.dry_run, "force": m.force,
         "out": args.out or f"{m.name}.{m.version}.idl",
     }))
     return 0

@@ -13,6 +13,7 @@ process), and what must hold instead:
 """
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -377,3 +378,25 @@ def test_a_signed_list_never_takes_the_disk_below_its_floor(tmp_path: Path) -> N
     u.min_free_bytes = 0
     deliver(u, snapshot_messages(data, KEY), {})
     assert u.current is not None and u.current.version == 2
+
+
+def test_force_flags_reach_the_signed_documents(tmp_path: Path) -> None:
+    """`ccus ops list publish --force` and `ccus ops config push --force`, as commands."""
+    def ops(*args: str) -> dict:  # type: ignore[type-arg]
+        r = subprocess.run([sys.executable, "-m", "ops.cli", *args], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+    ops("keygen", "--out", "op.key")
+    (tmp_path / "t.csv").write_text("tid,status,level,cards\n10000000000001,active,1,0102030405060708\n")
+    (tmp_path / "o.toml").write_text("[gate]\nanti_passback = true\n")
+    for force in (False, True):
+        extra = ["--force"] if force else []
+        out = ops("list", "publish", "--csv", "t.csv", "--name", "main", "--version", "3",
+                  "--key", "op.key", "--dry-run", "--out", "m.idl", *extra)
+        assert out["force"] is force
+        out = ops("config", "push", "--site", SITE, "--device", DEV, "--file", "o.toml",
+                  "--signing-key", "op.key", "--dry-run", *extra)
+        assert out["force"] is force
