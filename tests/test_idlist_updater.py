@@ -329,3 +329,24 @@ def test_delta_overtaking_a_snapshot_assembly_of_the_same_version(updater):
     assert all(o.kind == "ignored" for o in late)
     assert open_list(updater.path).body_hash == HASHES[2] == updater.current.body_hash
     assert not list(updater.directory.glob(".*.part"))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.permutations(range(len(snap(2)))),
+       st.lists(st.tuples(st.integers(3, 10**6), st.integers(0, 50)), max_size=100),
+       st.randoms(use_true_random=False))
+def test_a_live_snapshot_in_any_order_among_junk_completes_through_one_refetch(order, junk, rnd):
+    """Nothing but the verified version's chunks is kept; whatever the order, the snapshot is
+    installed, with at most one re-fetch, and every junk chunk is counted as dropped."""
+    msgs = snap(2)
+    live = [msgs[i] for i in order]
+    noise = [Message(chunk_topic("main", v, i), b"j" * 50) for v, i in junk]
+    stream = live + noise
+    rnd.shuffle(stream)
+    with tempfile.TemporaryDirectory() as d:
+        u = make(d)
+        out = feed(u, stream)
+        assert u.applied_version == 2 and u.current.body_hash == HASHES[2]
+        assert sum(1 for o in out if o.fetch) <= 1
+        assert u.dropped_chunks >= len(noise)
+        assert sorted(p.name for p in Path(d).iterdir()) == ["main.idl"]
