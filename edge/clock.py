@@ -62,12 +62,16 @@ class _Timex(ctypes.Structure):
                 ("status", ctypes.c_int), ("rest", ctypes.c_char * 512)]
 
 
+_libc: list[ctypes.CDLL] = []  # loaded once
+
+
 def kernel_time() -> KernelTime | None:
     """adjtimex(2) with modes 0 (read only); None where there is no such call."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
+        if not _libc:
+            _libc.append(ctypes.CDLL(None, use_errno=True))
         tx = _Timex()
-        state = libc.adjtimex(ctypes.byref(tx))
+        state = _libc[0].adjtimex(ctypes.byref(tx))
     except (OSError, AttributeError):
         return None
     if state < 0:
