@@ -48,6 +48,7 @@ from edge.idlist.dist import (
 )
 from edge.signing import generate_key, seal
 from ops.configpush import build
+from ops.configpush import push as push_config
 from ops.list_publish import plan_publish
 from protocol import topics
 from protocol.reasons import Reason
@@ -239,11 +240,15 @@ def test_a_flood_of_tiny_delta_parts_under_many_topics_stays_bounded(tmp_path: P
 
 
 def retained_state(broker: PrivateBroker, site: str, dev: str) -> dict:  # type: ignore[type-arg]
+    return retained(broker, topics.state(site, dev))
+
+
+def retained(broker: PrivateBroker, topic: str) -> dict:  # type: ignore[type-arg]
     got: list[bytes] = []
     c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     c.on_message = lambda cl, u, m: got.append(m.payload)
     c.connect(broker.host, broker.port)
-    c.subscribe(topics.state(site, dev), qos=1)
+    c.subscribe(topic, qos=1)
     c.loop_start()
     try:
         assert poll_until(lambda: got, 5.0), "no retained state"
@@ -282,6 +287,57 @@ def test_agent_drops_unnamed_chunks_reports_them_and_still_gets_a_live_list(
         op.disconnect()
         op.loop_stop()
         agent.stop()
+
+
+@pytest.mark.e2e
+def test_old_and_out_of_range_pushes_over_the_broker(broker: PrivateBroker, tmp_path: Path) -> None:
+    """The attacks of issue 14 end to end: `ccus ops config push` and `list publish` to a
+    running agent over a private Mosquitto; the acks and the state message say what happened."""
+    from ops.list_publish import publish_list
+    from ops.mqttc import BrokerOpts
+
+    opts = BrokerOpts(broker.host, broker.port)
+    cfg = from_dict({**base(tmp_path / "agent", idlist={"name": "fresh"}),
+                     "mqtt": {"host": broker.host, "port": broker.port, "tls": False}})
+    agent = Agent(cfg, config_keys=KEYS)
+    agent.start()
+
+    def push(version: int, issued_ms: int, force: bool = False) -> dict:  # type: ignore[type-arg]
+        topic, v, payload = build(KEY, SITE, DEV, {"gate": {"anti_passback": True}},
+                                  version=version, issued_ms=issued_ms, force=force)
+        res = push_config(opts, topic, v, payload, site=SITE, dev=DEV, wait_s=10)
+        return res.acks[DEV]
+
+    try:
+        assert poll_until(lambda: agent.link.connected, 10.0)
+        ack = push(NOW - 400 * DAY + 5, NOW - 400 * DAY)
+        assert (ack["result"], ack["reason"]) == ("refused", "too_old") and agent.cfg.version == 0
+        ack = push(NOW - 400 * DAY + 6, NOW - 400 * DAY, force=True)
+        assert ack["result"] == "applied" and agent.cfg.version == NOW - 400 * DAY + 6
+        huge = seal(KEY, "config", {"version": 2**64, "target": {"site": SITE, "dev": DEV},
+                                    "issued_ms": NOW, "body": {}})
+        push_config(opts, topics.config(SITE, DEV), 2**64, huge, site=SITE, dev=DEV)
+        # refused before its version could be trusted: the ack (retained) names none
+        wait_until(lambda: retained(broker, topics.config_ack(SITE, DEV))["reason"]
+                   == "out_of_range", 10.0, "the out-of-range config refused")
+        assert agent.cfg.version == NOW - 400 * DAY + 6  # the running config, untouched
+
+        csv = tmp_path / "t.csv"
+        csv.write_text("tid,status,level,cards\n10000000000001,active,1,0102030405060708\n")
+        publish_list(csv, name="fresh", version=4, key=KEY, broker=(broker.host, broker.port),
+                     progress=False, out_path=tmp_path / "v4.idl", issued_ms=NOW - 400 * DAY)
+        wait_until(lambda: agent.state()["idlist"]["refused"] >= 1, 10.0, "the old list refused")
+        assert agent.state()["idlist"]["last_refusal"] == "v4: too_old" and agent.idlist is None
+        publish_list(csv, name="fresh", version=5, key=KEY, broker=(broker.host, broker.port),
+                     progress=False, out_path=tmp_path / "v5.idl", issued_ms=NOW - 400 * DAY,
+                     force=True)
+        wait_until(lambda: agent.idlist is not None and agent.idlist.version == 5, 10.0,
+                   "the forced list installed")
+        state = retained_state(broker, SITE, DEV)
+        assert state["lv"] == 5 and state["idlist"]["last_refusal"] == "v4: too_old"
+    finally:
+        agent.stop()
+        push_config(opts, topics.config(SITE, DEV), 1, b"", site=SITE, dev=DEV)  # clear it
 
 
 # -- 13 #1: [idlist] path names a folder -----------------------------------------------------
