@@ -22,7 +22,7 @@ from edge.decision import CardRead, Debouncer, list_age_h
 from edge.idlist.base import IdList, MemoryIdList, read_technicians_csv
 from edge.idlist.codec import open_list
 from edge.idlist.dist import subscription as list_subscription
-from edge.idlist.updater import ListUpdater
+from edge.idlist.updater import DAY_MS, ListUpdater
 from edge.link import Link
 from edge.outbox import Outbox
 from edge.reader.backend import Feedback, make_reader
@@ -35,18 +35,45 @@ log = logging.getLogger(__name__)
 UID_PROFILE = ProfileConfig(kind="uid")
 
 
+def _without_list(cfg: AgentConfig) -> str:
+    """What the agent does while it has no usable static list: for a log line."""
+    if cfg.idlist.name:
+        return f"using the signed list {cfg.idlist.name!r} once it arrives, denying every card until then"
+    return "denying every card (set idlist.name to follow a signed list)"
+
+
 def load_idlist(cfg: AgentConfig) -> IdList | None:
     """The static list named by idlist.path (a mapped .idl file, or a CSV for small sites and
-    tests), or None. A list that arrives signed over MQTT (idlist.name) replaces it."""
+    tests), or None. A list that arrives signed over MQTT (idlist.name) replaces it.
+
+    Never fatal: a missing, unreadable or corrupt file, or a folder (such as the signed list's
+    own folder, data_dir/idlist), is one WARNING naming the key and what happens next; under
+    Restart=always a fatal error here would be a crash loop at every boot."""
     path = cfg.idlist.path
     if not path:
         return None
-    if not Path(path).exists():
-        log.warning("id list %s does not exist yet: denying every card until one arrives", path)
+    p = Path(path)
+    if p.is_dir():
+        own = " (the signed lists' own folder)" if p.resolve() == _list_dir(cfg).resolve() else ""
+        log.warning("idlist.path %s is a folder%s, not a list file: ignored, %s; set it to a "
+                    ".idl or .csv file, or remove it", path, own, _without_list(cfg))
         return None
-    if path.endswith(".csv"):
-        return MemoryIdList(read_technicians_csv(path))
-    return open_list(path)
+    if not p.exists():
+        log.warning("id list %s does not exist yet: %s", path, _without_list(cfg))
+        return None
+    try:
+        if path.endswith(".csv"):
+            return MemoryIdList(read_technicians_csv(path))
+        return open_list(path)
+    except (OSError, ValueError) as exc:  # ListFormatError and CSV errors are ValueErrors
+        log.warning("idlist.path %s is unreadable (%s): ignored, %s; replace the file",
+                    path, exc, _without_list(cfg))
+        return None
+
+
+def _list_dir(cfg: AgentConfig) -> Path:
+    """Where the signed lists (idlist.name) are kept."""
+    return cfg.data_dir / "idlist"
 
 
 class Agent:
@@ -70,14 +97,22 @@ class Agent:
         self._list_worker: ThreadPoolExecutor | None = None
         self.list_refusals: list[str] = []  # reported in the state message, newest last
         if cfg.idlist.name:
-            self.lists = ListUpdater(cfg.data_dir / "idlist", cfg.idlist.name, keys)
+            self.lists = ListUpdater(
+                _list_dir(cfg), cfg.idlist.name, keys, now_ms=self.clock.now_ms,
+                max_issued_age_ms=cfg.idlist.max_issued_age_days * DAY_MS)
             self._list_worker = ThreadPoolExecutor(1, thread_name_prefix="idlist")
+            if self.lists.load_error:
+                then = (f"falling back to the static list {cfg.idlist.path}"
+                        if self._static_list is not None else "denying every card")
+                log.warning("id list cache dropped: %s; moved to %s; %s until a new list "
+                            "arrives", self.lists.load_error, self.lists.corrupt_path, then)
         self.role = Role(cfg.device.role)
         self.on_touch = on_touch
         self.outbox = Outbox(cfg.data_dir / "outbox.sqlite")
         self.link = Link(cfg.mqtt, cfg.device.site, cfg.device.id, self.outbox, self.state)
-        self.config = config_apply.ConfigApplier(base, keys, applied, self.link.publish,
-                                                 self._config_applied)
+        self.config = config_apply.ConfigApplier(
+            base, keys, applied, self.link.publish, self._config_applied,
+            now_ms=self.clock.now_ms, max_age_days=cfg.security.max_config_age_days)
         for t in self.config.subscriptions:
             self.link.subscribe(t, self.config.submit)
         if self.lists is not None:
@@ -114,6 +149,8 @@ class Agent:
             log.exception("id list: update on %s failed", topic)
             return
         for o in outcomes:
+            if o.fetch:  # chunks came before their manifest and were dropped: get them again
+                self.link.resubscribe(o.fetch)
             if o.kind == "applied":
                 log.info("id list %s v%s applied (%d technicians)", self.lists.name, o.version,
                          len(self.lists.current) if self.lists.current is not None else 0)

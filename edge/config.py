@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from protocol.touch import DEVICE_ID, SITE_ID, Role, fact_text_ok
+from protocol.touch import DEVICE_ID, MAX_SEQ, SITE_ID, Role, fact_text_ok
 
 
 class ConfigError(ValueError):
@@ -45,6 +45,7 @@ class IdListConfig:
     name: str = ""                # signed list to follow over MQTT (ccus/v1/list/{name}/...)
     path: str = ""                # a static list (.idl, or .csv for small sites); empty: none
     max_age_h: float = 48.0       # older than this is a reported condition
+    max_issued_age_days: float = 30.0  # a list issued longer ago is refused unless forced
 
 
 @dataclass
@@ -85,6 +86,11 @@ class ProfileConfig:
 @dataclass
 class ClockConfig:
     assume_synced: bool = False   # trust the system clock even without a sync flag from the OS
+
+
+@dataclass
+class SecurityConfig:
+    max_config_age_days: float = 90.0  # a config issued longer ago is refused unless forced
 
 
 @dataclass
@@ -129,6 +135,7 @@ class AgentConfig:
     readers: list[ReaderConfig] = field(default_factory=list)
     profiles: dict[str, ProfileConfig] = field(default_factory=dict)
     clock: ClockConfig = field(default_factory=ClockConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     vending: VendingConfig = field(default_factory=VendingConfig)
@@ -165,6 +172,10 @@ def _check(cfg: AgentConfig) -> None:
         raise ConfigError(f"device.role: one of {', '.join(r.value for r in Role)}")
     if not 1 <= cfg.mqtt.inflight <= 1000:
         raise ConfigError("mqtt.inflight: 1..1000")
+    if not 0 <= cfg.version <= MAX_SEQ:  # every touch carries it (cv)
+        raise ConfigError("version: 0..2**63-1")
+    if not cfg.security.max_config_age_days > 0 or not cfg.idlist.max_issued_age_days > 0:
+        raise ConfigError("security.max_config_age_days, idlist.max_issued_age_days: days > 0")
     _check_vending(cfg)
     _check_gate(cfg.gate)
     names = set()

@@ -4,8 +4,9 @@ An operator pushes a TOML overlay for one device (ccus/v1/{site}/{dev}/config) o
 site (ccus/v1/{site}/_site/config), signed with Ed25519 (edge/signing.py, purpose "config"),
 retained. The document inside the signed envelope:
 
-    {"version": int > 0, "target": {"site": str, "dev": str | "_site"},
-     "issued_ms": int, "body": {table: ...}}    # body: a partial agent.toml
+    {"version": 1..2**63-1, "target": {"site": str, "dev": str | "_site"},
+     "issued_ms": UTC ms, "body": {table: ...},  # body: a partial agent.toml
+     "force": true}                              # optional: `ccus ops config push --force`
 
 The effective config is  local file  <-  site overlay  <-  device overlay  (tables merge, other
 values replace), checked with edge.config.from_dict. Each scope keeps its own version; the
@@ -14,6 +15,12 @@ redelivery of the very envelope it applied (retained messages come again on ever
 Overlays may not change who the device is (device.id, device.site), where it keeps its
 state (device.data_dir) or the config version itself. A refused config leaves the running
 one untouched; every outcome is acknowledged on .../config/ack (QoS 1, retained).
+
+Freshness: a config issued longer ago than `[security] max_config_age_days` is refused
+(`too_old`) unless the operator forced it (`force` inside the signed body) and it is newer
+(a higher version) than the applied one. Every bound is checked here, where the config enters:
+the version is carried by every touch (`cv`, at most 2**63-1), so a version past it would make
+every later touch unencodable.
 """
 
 from __future__ import annotations
@@ -38,13 +45,18 @@ from edge.config import AgentConfig, ConfigError, from_dict
 from edge.signing import SignatureError, load_public_key, open_sealed, seal
 from protocol import topics
 from protocol.topics import SITE_LEVEL
-from protocol.touch import DEVICE_ID, SITE_ID
+from protocol.touch import DEVICE_ID, MAX_SEQ, MAX_TS_MS, SITE_ID
 
 log = logging.getLogger(__name__)
 
 PURPOSE = "config"
 PROTECTED = (("device", "id"), ("device", "site"), ("device", "data_dir"), ("version",))
 KEYS_DIR = "/etc/ccus-touch/keys"   # trusted operator public keys (*.pub), read-only on the device
+MAX_VERSION = MAX_SEQ               # touches carry the config version (cv): the same bound
+MAX_PAYLOAD = 64 * 1024             # the broker's max_packet_size; a config is a few KiB
+MAX_DEPTH = 8                       # tables in tables in the body (agent.toml needs 3)
+DAY_MS = 86_400_000
+DEFAULT_MAX_AGE_DAYS = 90.0         # [security] max_config_age_days
 
 
 class ConfigRefused(ValueError):
@@ -64,6 +76,7 @@ class ConfigDoc:
     issued_ms: int
     body: dict[str, Any]
     digest: str = ""              # sha256 of the envelope: tells a redelivery from a replay
+    force: bool = False           # the operator pushed it with --force: older than the window
 
     @property
     def scope(self) -> str:
@@ -75,20 +88,41 @@ class ConfigDoc:
 
 
 def encode(key: Ed25519PrivateKey, *, version: int, site: str, dev: str, body: Mapping[str, Any],
-           issued_ms: int | None = None) -> bytes:
+           issued_ms: int | None = None, force: bool = False) -> bytes:
     """The retained payload `ccus ops config push` publishes."""
-    if not (isinstance(version, int) and version > 0):
-        raise ValueError("version: a positive integer")
+    if not (isinstance(version, int) and 0 < version <= MAX_VERSION):
+        raise ValueError("version: an integer 1..2**63-1")
     if not SITE_ID.match(site) or not (dev == SITE_LEVEL or DEVICE_ID.match(dev)):
         raise ValueError("target: a 14-digit site and a device id (or _site)")
-    return seal(key, PURPOSE, {
-        "version": version, "target": {"site": site, "dev": dev},
-        "issued_ms": int(time.time() * 1000) if issued_ms is None else issued_ms,
-        "body": dict(body)})
+    doc = {"version": version, "target": {"site": site, "dev": dev},
+           "issued_ms": int(time.time() * 1000) if issued_ms is None else issued_ms,
+           "body": dict(body)}
+    if force:  # only when set: an unforced envelope stays byte-identical to older ones
+        doc["force"] = True
+    return seal(key, PURPOSE, doc)
+
+
+def _depth(v: Any, limit: int, max_nodes: int = 10_000) -> int:
+    """Nesting depth of lists and tables, counted no further than `limit` + 1, iteratively.
+    CBOR shared references (tags 28/29) can make a cycle or a graph that is exponentially
+    larger than its bytes: more than `max_nodes` values counts as too deep, too."""
+    stack, deepest, seen = [(v, 0)], 0, 0
+    while stack:
+        node, d = stack.pop()
+        deepest, seen = max(deepest, d), seen + 1
+        if deepest > limit or seen > max_nodes:
+            return limit + 1
+        if isinstance(node, dict):
+            stack.extend((x, d + 1) for x in node.values())
+        elif isinstance(node, list):
+            stack.extend((x, d + 1) for x in node)
+    return deepest
 
 
 def decode(keys: Iterable[Ed25519PublicKey], payload: bytes) -> ConfigDoc:
     """Verify and parse an envelope. Raises ConfigRefused (and nothing else) on any bad input."""
+    if len(payload) > MAX_PAYLOAD:
+        raise ConfigRefused("too_large", f"{len(payload)} bytes > {MAX_PAYLOAD}")
     try:
         outer = cbor2.loads(payload)
     except Exception:  # cbor2 raises many types on hostile input
@@ -100,18 +134,27 @@ def decode(keys: Iterable[Ed25519PublicKey], payload: bytes) -> ConfigDoc:
     except SignatureError as exc:
         raise ConfigRefused(exc.reason, str(exc)) from None
     version, target, issued, body = (doc.get(k) for k in ("version", "target", "issued_ms", "body"))
-    if not (type(version) is int and version > 0):
-        raise ConfigRefused("malformed", "version: a positive integer")
+    force = doc.get("force", False)
+    if type(version) is not int:
+        raise ConfigRefused("malformed", "version: an integer")
+    if not 0 < version <= MAX_VERSION:  # touches carry it: past 2**63-1 none would encode
+        raise ConfigRefused("out_of_range", "version: 1..2**63-1")
     if not (isinstance(target, dict) and isinstance(target.get("site"), str)
             and isinstance(target.get("dev"), str) and SITE_ID.match(target["site"])
             and (target["dev"] == SITE_LEVEL or DEVICE_ID.match(target["dev"]))):
         raise ConfigRefused("malformed", "target: {site, dev}")
     if type(issued) is not int:
         raise ConfigRefused("malformed", "issued_ms: an integer")
+    if not 0 <= issued <= MAX_TS_MS:
+        raise ConfigRefused("out_of_range", "issued_ms: UTC milliseconds, year 1970..9999")
+    if type(force) is not bool:
+        raise ConfigRefused("malformed", "force: true or false")
     if not (isinstance(body, dict) and all(isinstance(k, str) for k in body)):
         raise ConfigRefused("malformed", "body: a table")
+    if _depth(body, MAX_DEPTH) > MAX_DEPTH:
+        raise ConfigRefused("malformed", f"body: nested deeper than {MAX_DEPTH}")
     return ConfigDoc(version, target["site"], target["dev"], issued, body,
-                     hashlib.sha256(payload).hexdigest())
+                     hashlib.sha256(payload).hexdigest(), force)
 
 
 # -- the decision (pure) --------------------------------------------------------------------------
@@ -170,8 +213,13 @@ def effective(base: Mapping[str, Any], state: Applied) -> AgentConfig:
 
 
 def decide(state: Applied, doc: ConfigDoc, base: Mapping[str, Any], site: str,
-           dev: str) -> Decision:
-    """Apply `doc` on top of `state` for device (site, dev), or refuse it and say why."""
+           dev: str, *, now_ms: int | None = None,
+           max_age_ms: float = DEFAULT_MAX_AGE_DAYS * DAY_MS) -> Decision:
+    """Apply `doc` on top of `state` for device (site, dev), or refuse it and say why.
+
+    With `now_ms` (the device clock), a config issued more than `max_age_ms` before it is
+    refused unless forced; a forced one still has to be newer than the applied one (the replay
+    rule before it sees to that)."""
     def refuse(reason: str, detail: str) -> Decision:
         return Decision("refused", reason, detail, state)
 
@@ -182,6 +230,10 @@ def decide(state: Applied, doc: ConfigDoc, base: Mapping[str, Any], site: str,
         return Decision("unchanged", "", "", state, effective(base, state))
     if doc.version <= current[0]:
         return refuse("replay", f"{doc.scope} version {doc.version} <= applied {current[0]}")
+    if now_ms is not None and now_ms - doc.issued_ms > max_age_ms and not doc.force:
+        return refuse("too_old", f"issued {(now_ms - doc.issued_ms) // DAY_MS} days ago, "
+                                 f"beyond security.max_config_age_days "
+                                 f"({max_age_ms / DAY_MS:g}): push it again, or with --force")
     bad = _touches_protected(doc.body, base)
     if bad:
         return refuse("protected", f"{bad} cannot be changed remotely")
@@ -260,13 +312,15 @@ class ConfigApplier:
     def __init__(self, base: AgentConfig, keys: Iterable[Ed25519PublicKey], state: Applied,
                  publish: Callable[[str, bytes, bool], object],
                  on_applied: Callable[[AgentConfig], object] = lambda cfg: None,
-                 now_ms: Callable[[], int] = lambda: int(time.time() * 1000)) -> None:
+                 now_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+                 max_age_days: float = DEFAULT_MAX_AGE_DAYS) -> None:
         self.base = dataclasses.asdict(base)
         self.site, self.dev = base.device.site, base.device.id
         self.state_dir = base.data_dir / "config"
         self.keys = list(keys)
         self.state = state
         self._publish, self._on_applied, self._now_ms = publish, on_applied, now_ms
+        self.max_age_ms = max_age_days * DAY_MS
         self._queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="config-apply", daemon=True)
         self.outcomes: list[Decision] = []
@@ -307,7 +361,8 @@ class ConfigApplier:
             # signed for another place: a signature does not travel to a topic it was not made for
             decision = Decision("refused", "wrong_target", f"signed for {doc.topic}", self.state)
             return self._finish(decision, scope, doc.version)
-        decision = decide(self.state, doc, self.base, self.site, self.dev)
+        decision = decide(self.state, doc, self.base, self.site, self.dev,
+                          now_ms=self._now_ms(), max_age_ms=self.max_age_ms)
         if decision.result == "applied":
             try:
                 write_atomic(self.state_dir / f"{doc.scope}.cbor", payload)

@@ -137,6 +137,12 @@ class Link:
         so it must only hand the message on (e.g. ConfigApplier.submit)."""
         self._handlers[topic_filter] = handler
 
+    def resubscribe(self, topic_filter: str) -> None:
+        """Subscribe `topic_filter` now, on this connection only (from any thread): the broker
+        sends its retained messages again. Messages go to the handler of a subscribe() filter
+        that covers it (the list updater's re-fetch of dropped chunks)."""
+        self._command(("subscribe", topic_filter))
+
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
         """A QoS 1 message outside the touch stream (e.g. a config ack). Best effort: with no
         connection it is dropped with a warning (its sender re-sends what must arrive)."""
@@ -253,6 +259,8 @@ class Link:
                     c.publish(cmd[1], cmd[2], qos=1, retain=cmd[3])
                 else:
                     log.warning("mqtt: not connected: %s not sent", cmd[1])
+            elif cmd[0] == "subscribe" and c is not None and self.connected:
+                c.subscribe(cmd[1], qos=1)  # offline: the next connect's retained delivery
 
     def _serve(self, c: mqtt.Client) -> None:
         """One connection: select() on paho's socket and the wake socket; paho's callbacks run

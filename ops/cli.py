@@ -135,6 +135,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--version", type=int, help="default: the issue time in ms")
     p.add_argument("--wait", type=float, default=10.0, help="seconds to collect acks")
     p.add_argument("--dry-run", action="store_true", help="check and sign, publish nothing")
+    p.add_argument("--force", action="store_true",
+                   help="devices apply it even if issued before their freshness window")
     add_broker_args(p)
     p.set_defaults(func=_safe(_config_push))
 
@@ -333,10 +335,10 @@ def _config_push(a: argparse.Namespace) -> int:
 
     body = load_overlay(a.file)
     topic, version, payload = build(load_private_key(a.signing_key), a.site, a.device, body,
-                                    version=a.version)
+                                    version=a.version, force=a.force)
     if a.dry_run:
         return _out({"topic": topic, "version": version, "bytes": len(payload),
-                     "published": False})
+                     "published": False, "force": a.force})
     res = push(broker_opts(a), topic, version, payload, site=a.site, dev=a.device,
                wait_s=a.wait)
     refused = {d: k for d, k in res.acks.items() if k.get("result") != "applied"}

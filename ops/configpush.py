@@ -51,14 +51,16 @@ def preflight(site: str, body: dict[str, Any]) -> None:
 
 
 def build(key: Ed25519PrivateKey, site: str, dev: str | None, body: dict[str, Any], *,
-          version: int | None = None, issued_ms: int | None = None) -> tuple[str, int, bytes]:
-    """(topic, version, payload) for a device, or for the whole site when `dev` is None."""
+          version: int | None = None, issued_ms: int | None = None,
+          force: bool = False) -> tuple[str, int, bytes]:
+    """(topic, version, payload) for a device, or for the whole site when `dev` is None.
+    `force` (signed): devices apply it even if issued before their freshness window."""
     preflight(site, body)
     issued = int(time.time() * 1000) if issued_ms is None else issued_ms
     version = issued if version is None else version
     target = dev or config_apply.SITE_LEVEL
     payload = config_apply.encode(key, version=version, site=site, dev=target, body=body,
-                                  issued_ms=issued)
+                                  issued_ms=issued, force=force)
     return topics.config(site, target), version, payload
 
 

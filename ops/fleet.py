@@ -15,6 +15,9 @@ from typing import Any
 import cbor2
 
 from protocol import topics
+from protocol.touch import MAX_SEQ, MAX_TS_MS
+
+MAX_TEXT = 64          # names and health words are short: a longer text is cut for the table
 
 STALE_S = 300          # no state for 5 state intervals (60 s each): something is wrong
 BACKLOG_MAX = 100      # touches waiting in the outbox
@@ -53,21 +56,25 @@ def parse(topic: str, payload: bytes) -> Row | None:
         row.problems.append("state unreadable")
         return row
 
-    def typed(key: str, kind: type) -> Any:
+    def typed(key: str, kind: type, hi: int = MAX_SEQ) -> Any:
+        # numbers in 0..hi only: a bignum has no decimal text, a ts past year 9999 no date
         v = m.get(key)
         if kind is bool:
             return v if isinstance(v, bool) else None
-        return v if isinstance(v, kind) and not isinstance(v, bool) else None
+        if kind is str:
+            return v[:MAX_TEXT] if isinstance(v, str) else None
+        return v if type(v) is int and 0 <= v <= hi else None
 
     row.online = bool(typed("online", bool))
-    row.last_seen_ms = typed("ts", int)
+    row.last_seen_ms = typed("ts", int, MAX_TS_MS)
     row.role = typed("role", str) or ""
     row.sw = typed("sw", str) or ""
-    row.lv, row.cv = m.get("lv"), m.get("cv")
+    row.lv, row.cv = typed("lv", int), typed("cv", int)
     row.backlog = typed("backlog", int)
-    row.oldest_ms = typed("oldest_ms", int)
+    row.oldest_ms = typed("oldest_ms", int, MAX_TS_MS)
     readers = m.get("readers")
-    row.readers = {str(k): str(v) for k, v in readers.items()} if isinstance(readers, dict) else {}
+    row.readers = {k[:MAX_TEXT]: v[:MAX_TEXT] for k, v in readers.items()
+                   if isinstance(k, str) and isinstance(v, str)} if isinstance(readers, dict) else {}
     row.tq = typed("tq", str) or ""
     gate = m.get("gate")
     row.gate = gate if isinstance(gate, dict) else {}

@@ -33,6 +33,8 @@ def register(subparsers: Subparsers) -> argparse.ArgumentParser:
     p.add_argument("--issued-ms", type=int, help="issue time (default: now)")
     p.add_argument("--chunk-size", type=int, default=None, help="bytes per chunk")
     p.add_argument("--dry-run", action="store_true", help="build and sign, publish nothing")
+    p.add_argument("--force", action="store_true",
+                   help="devices install it even if issued before their freshness window")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a PUBACK")
     p.set_defaults(func=_publish)
@@ -61,13 +63,13 @@ def _publish(args: argparse.Namespace) -> int:
         broker=None if args.dry_run else parse_broker(args.broker), prev_path=args.prev,
         out_path=args.out, issued_ms=args.issued_ms,
         chunk_size=args.chunk_size or DEFAULT_CHUNK_SIZE, progress=not args.no_progress,
-        timeout=args.timeout)
+        timeout=args.timeout, force=args.force)
     m = plan.manifest
     print(json.dumps({
         "name": m.name, "version": m.version, "issued_ms": m.issued_ms, "records": m.records,
         "cards": m.cards, "bytes": m.size, "chunks": len(m.chunks),
         "delta_changes": len(plan.delta) if plan.delta is not None else None,
-        "messages": len(plan.messages), "published": not args.dry_run,
+        "messages": len(plan.messages), "published": not args.dry_run, "force": m.force,
         "out": args.out or f"{m.name}.{m.version}.idl",
     }))
     return 0

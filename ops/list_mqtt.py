@@ -134,6 +134,9 @@ def attach_updater(client: mqtt.Client, updater: ListUpdater,
     def process(topic_: str, payload: bytes) -> None:
         with lock:
             outcomes = updater.handle(topic_, payload)
+        for o in outcomes:
+            if o.fetch:  # chunks dropped before their manifest: the broker sends them again
+                client.subscribe(o.fetch, qos=1)
         if on_outcome is not None:
             for o in outcomes:
                 on_outcome(o)

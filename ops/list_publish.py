@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -36,20 +37,21 @@ class PublishPlan:
 
 
 def plan_publish(data: bytes, key: Ed25519PrivateKey, *, prev: bytes | None = None,
-                 chunk_size: int = DEFAULT_CHUNK_SIZE) -> PublishPlan:
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, force: bool = False) -> PublishPlan:
     """Chunks of the new snapshot, the delta from `prev` (if given), the manifest last, then
-    empty retained payloads clearing the previous snapshot's chunks."""
+    empty retained payloads clearing the previous snapshot's chunks. `force` (signed): devices
+    install it even if it was issued before their freshness window (--force)."""
     new = load_list(data)
-    msgs = snapshot_messages(data, key, chunk_size)
+    msgs = snapshot_messages(data, key, chunk_size, force=force)
     chunks, manifest_msg = msgs[:-1], msgs[-1]
     delta = None
     clear: list[Message] = []
     if prev is not None:
         old = load_list(prev)
-        delta = diff(old, new)
+        delta = dataclasses.replace(diff(old, new), force=force)
         clear = clear_messages(old.name, old.version, -(-len(prev) // chunk_size))
     deltas = delta_messages(delta, key, chunk_size) if delta is not None else []
-    return PublishPlan(data, manifest_for(data, chunk_size), delta,
+    return PublishPlan(data, manifest_for(data, chunk_size, force=force), delta,
                        chunks + deltas + [manifest_msg] + clear)
 
 
@@ -64,7 +66,7 @@ def publish_list(csv_path: str | os.PathLike[str], *, name: str, version: int,
                  prev_path: str | os.PathLike[str] | None = None,
                  out_path: str | os.PathLike[str] | None = None, issued_ms: int | None = None,
                  chunk_size: int = DEFAULT_CHUNK_SIZE, progress: bool = True,
-                 timeout: float = 30.0) -> PublishPlan:
+                 timeout: float = 30.0, force: bool = False) -> PublishPlan:
     """Build, keep the snapshot file (the next publish's `prev`), and publish unless broker
     is None (dry run)."""
     prev = None
@@ -75,7 +77,7 @@ def publish_list(csv_path: str | os.PathLike[str], *, name: str, version: int,
                              f"need {name!r} below v{version}")
         prev = Path(prev_path).read_bytes()
     data = build_from_csv(csv_path, name=name, version=version, issued_ms=issued_ms)
-    plan = plan_publish(data, key, prev=prev, chunk_size=chunk_size)
+    plan = plan_publish(data, key, prev=prev, chunk_size=chunk_size, force=force)
     write_file_atomic(out_path or f"{name}.{version}.idl", data)
     if broker is None:
         return plan

@@ -16,5 +16,12 @@ MAX_FACT_TEXT = 64
 
 def fact_text_ok(s: str) -> bool:
     """A fact's text: at most 64 characters and no NUL, which no fact needs and which a
-    PostgreSQL text column refuses (the sink's store would refuse the whole batch)."""
-    return len(s) <= MAX_FACT_TEXT and "\x00" not in s
+    PostgreSQL text column refuses (the sink's store would refuse the whole batch); and valid
+    Unicode (a lone surrogate has no UTF-8, so the touch could not be encoded at all)."""
+    if len(s) > MAX_FACT_TEXT or "\x00" in s:
+        return False
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

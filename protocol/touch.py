@@ -101,7 +101,7 @@ def decode(payload: bytes) -> Touch:
     except RecursionError as exc:
         raise TouchError("malformed_cbor", "nesting too deep") from exc
     except Exception as exc:  # noqa: BLE001 - cbor2 raises many types on garbage; all mean the same
-        raise TouchError("malformed_cbor", f"{type(exc).__name__}: {exc}") from exc
+        raise TouchError("malformed_cbor", f"{type(exc).__name__}: {str(exc)[:200]}") from exc
     if fp.tell() != len(payload):
         raise TouchError("malformed_cbor", f"{len(payload) - fp.tell()} trailing bytes")
     return _validate(m)
@@ -138,6 +138,17 @@ def _field(m: dict[Any, Any], key: str, kind: type | tuple[type, ...]) -> Any:
     return value
 
 
+def _show(value: Any, limit: int = 40) -> str:
+    """A hostile value, short and safe, for an error message: a 30,000-bit integer has no
+    decimal repr (Python refuses past 4,300 digits, with ValueError) and nested values are cut."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"<{value.bit_length()}-bit integer>"
+    try:
+        return repr(value)[:limit]
+    except Exception:  # noqa: BLE001 - a huge integer inside a container, a deep nesting
+        return f"<{type(value).__name__}>"
+
+
 def _kind_name(kind: type | tuple[type, ...]) -> str:
     if isinstance(kind, tuple):
         return " or ".join(k.__name__ for k in kind)
@@ -149,20 +160,20 @@ def _enum(m: dict[Any, Any], key: str, enum: type[Enum]) -> Any:
     try:
         return enum(raw)
     except ValueError:
-        raise TouchError("bad_field", f"{key}: unknown value {raw!r}") from None
+        raise TouchError("bad_field", f"{key}: unknown value {_show(raw)}") from None
 
 
 def _int_in(m: dict[Any, Any], key: str, lo: int, hi: int) -> int:
     value = _field(m, key, int)
     if not lo <= value <= hi:
-        raise TouchError("bad_field", f"{key}: {value} outside {lo}..{hi}")
+        raise TouchError("bad_field", f"{key}: {_show(value)} outside {lo}..{hi}")
     return value
 
 
 def _str_match(m: dict[Any, Any], key: str, pattern: re.Pattern[str]) -> str:
     value = _field(m, key, str)
     if not pattern.match(value):
-        raise TouchError("bad_field", f"{key}: {value[:40]!r} is not a valid {key}")
+        raise TouchError("bad_field", f"{key}: {_show(value[:40])} is not a valid {key}")
     return value
 
 
@@ -173,7 +184,7 @@ def _validate(m: Any) -> Touch:
     if not isinstance(v, int) or isinstance(v, bool):
         raise TouchError("missing_field", "v")
     if v != SCHEMA_VERSION:
-        raise TouchError("unknown_schema", f"v={v}")
+        raise TouchError("unknown_schema", f"v={_show(v)}")
     tid = m.get("tid")
     if tid is not None and (not isinstance(tid, str) or not TECHNICIAN_ID.match(tid)):
         raise TouchError("bad_field", "tid: not 14 ASCII digits")
@@ -185,7 +196,7 @@ def _validate(m: Any) -> Touch:
         raise TouchError("bad_field", f"x: {len(facts)} facts > {MAX_FACTS}")
     for k, fv in facts.items():
         if not isinstance(k, str) or not FACT_KEY.match(k):
-            raise TouchError("bad_field", f"x: bad fact key {k!r:.40}")
+            raise TouchError("bad_field", f"x: bad fact key {_show(k)}")
         if not isinstance(fv, str | int | bool) or (isinstance(fv, str) and not fact_text_ok(fv)):
             raise TouchError("bad_field", f"x.{k}: facts are strings (<= 64, no NUL), ints or bools")
         if isinstance(fv, int) and not isinstance(fv, bool) and not -(2**63) <= fv <= MAX_SEQ:

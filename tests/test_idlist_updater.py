@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from paho.mqtt.client import topic_matches_sub
 
 from edge.idlist import ListUpdater, UpdateReason, load_list, open_list
 from edge.idlist.codec import build_rows
@@ -64,10 +65,28 @@ def delta(a: int, b: int, key=KEY, part=400) -> list[Message]:
     return delta_messages(diff(load_list(VERSIONS[a]), load_list(VERSIONS[b])), key, part)
 
 
+def make(directory, **kw) -> ListUpdater:
+    """An updater whose clock is just after the test lists were issued (issued_ms 1000 * v)."""
+    return ListUpdater(directory, "main", [KEY.public_key()], now_ms=lambda: 10_000, **kw)
+
+
 def feed(u: ListUpdater, msgs):
+    """Deliver `msgs` live, as a broker does, keeping the retained ones; when an outcome asks
+    for a re-fetch (a SUBSCRIBE), the broker sends the retained messages under it again."""
+    retained: dict[str, bytes] = u.__dict__.setdefault("_test_retained", {})
     out = []
     for m in msgs:
-        out += u.handle(m.topic, m.payload)
+        if m.payload:
+            retained[m.topic] = m.payload
+        else:
+            retained.pop(m.topic, None)
+        got = u.handle(m.topic, m.payload)
+        out += got
+        for o in got:
+            if o.fetch:
+                for t, p in sorted(retained.items()):
+                    if topic_matches_sub(o.fetch, t):
+                        out += u.handle(t, p)
     return out
 
 
@@ -77,7 +96,7 @@ def reasons(outcomes):
 
 @pytest.fixture
 def updater(tmp_path):
-    return ListUpdater(tmp_path, "main", [KEY.public_key()])
+    return make(tmp_path)
 
 
 def test_snapshot_in_any_order_is_installed(updater):
@@ -220,23 +239,20 @@ def test_delta_refusals(updater):
 
 
 def test_bounds_on_what_waits(tmp_path):
-    u = ListUpdater(tmp_path, "main", [KEY.public_key()], max_spool_bytes=1000,
-                    max_pending_deltas=1)
-    chunks = snap(1)[:-1]
-    assert UpdateReason.SPOOL_FULL in reasons(feed(u, chunks))
+    u = make(tmp_path, max_pending_deltas=1)
     out = feed(u, delta(2, 3) + delta(3, 4))  # nothing applied yet: both would wait
     assert reasons(out) == [UpdateReason.PENDING_FULL]
 
 
 def test_restart_serves_the_installed_list_and_drops_half_assemblies(tmp_path):
-    u = ListUpdater(tmp_path, "main", [KEY.public_key()])
+    u = make(tmp_path)
     feed(u, snap(1))
     feed(u, [snap(2)[-1], snap(2)[0]])  # half of version 2
     assert list(tmp_path.glob(".main.2.part"))
-    u2 = ListUpdater(tmp_path, "main", [KEY.public_key()])
+    u2 = make(tmp_path)
     assert u2.applied_version == 1 and not list(tmp_path.glob(".main.*.part"))
     (tmp_path / "main.idl").write_bytes(b"garbage")
-    u3 = ListUpdater(tmp_path, "main", [KEY.public_key()])
+    u3 = make(tmp_path)
     assert u3.current is None and u3.load_error
     feed(u3, snap(2))
     assert u3.applied_version == 2
@@ -275,7 +291,7 @@ POOL += [Message(chunk_topic("main", v, 999), b"x") for v in (2, 4)]  # outside 
 @given(st.lists(st.tuples(st.integers(0, len(POOL) - 1), st.integers(0, 7)), max_size=120))
 def test_served_list_is_always_a_complete_signed_version_and_never_goes_back(picks):
     with tempfile.TemporaryDirectory() as d:
-        u = ListUpdater(d, "main", [KEY.public_key()])
+        u = make(d)
         last = 0
         for i, how in picks:
             msg = POOL[i] if how >= 4 else _corrupt(POOL[i], how)
@@ -289,6 +305,8 @@ def test_served_list_is_always_a_complete_signed_version_and_never_goes_back(pic
                 assert open_list(Path(d) / "main.idl").body_hash == HASHES[cur.version]
             assert u.applied_version >= last
             last = u.applied_version
+            held = sum(len(p) for _, ps in u._parts.values() for p in ps.values())
+            assert u._parts_bytes == held  # the running budget never drifts
         feed(u, snap(5))  # the latest retained snapshot always catches a device up
         assert u.applied_version == 5 and u.current.body_hash == HASHES[5]
 
@@ -311,3 +329,24 @@ def test_delta_overtaking_a_snapshot_assembly_of_the_same_version(updater):
     assert all(o.kind == "ignored" for o in late)
     assert open_list(updater.path).body_hash == HASHES[2] == updater.current.body_hash
     assert not list(updater.directory.glob(".*.part"))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.permutations(range(len(snap(2)))),
+       st.lists(st.tuples(st.integers(3, 10**6), st.integers(0, 50)), max_size=100),
+       st.randoms(use_true_random=False))
+def test_a_live_snapshot_in_any_order_among_junk_completes_through_one_refetch(order, junk, rnd):
+    """Nothing but the verified version's chunks is kept; whatever the order, the snapshot is
+    installed, with at most one re-fetch, and every junk chunk is counted as dropped."""
+    msgs = snap(2)
+    live = [msgs[i] for i in order]
+    noise = [Message(chunk_topic("main", v, i), b"j" * 50) for v, i in junk]
+    stream = live + noise
+    rnd.shuffle(stream)
+    with tempfile.TemporaryDirectory() as d:
+        u = make(d)
+        out = feed(u, stream)
+        assert u.applied_version == 2 and u.current.body_hash == HASHES[2]
+        assert sum(1 for o in out if o.fetch) <= 1
+        assert u.dropped_chunks >= len(noise)
+        assert sorted(p.name for p in Path(d).iterdir()) == ["main.idl"]

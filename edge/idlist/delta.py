@@ -13,6 +13,7 @@ from typing import Any
 from edge.idlist.codec import (
     CARD_LENGTHS,
     MAX_CARDS_PER_ID,
+    NAME,
     TID_LIMIT,
     ListFormatError,
     MmapIdList,
@@ -21,6 +22,7 @@ from edge.idlist.codec import (
     load_list,
 )
 from edge.idlist.merge import MergeConflict, merge
+from protocol.touch import MAX_TS_MS as MAX_ISSUED_MS  # issue times: UTC ms up to year 9999
 
 
 class DeltaError(ValueError):
@@ -45,6 +47,7 @@ class Delta:
     result_hash: bytes  # body SHA-256 of the to-version file
     upsert: tuple[Row, ...] = field(default=())  # added or changed technicians, whole rows
     remove: tuple[int, ...] = field(default=())  # technician IDs (as ints) that leave the list
+    force: bool = False  # `ccus ops list publish --force`: apply even if issued long ago
 
     def __len__(self) -> int:
         return len(self.upsert) + len(self.remove)
@@ -56,6 +59,7 @@ class Delta:
             "result_hash": self.result_hash,
             "upsert": [[t, s, lv, list(cs)] for t, s, lv, cs in self.upsert],
             "remove": list(self.remove),
+            **({"force": True} if self.force else {}),
         }
 
     @classmethod
@@ -93,8 +97,16 @@ class Delta:
         frm, to = need("from", int), need("to", int)
         if not 0 <= frm < to < 1 << 63:
             raise DeltaError("a delta goes from a lower to a higher version")
-        return cls(need("name", str), frm, to, need("issued_ms", int), base_hash, result_hash,
-                   tuple(upsert), tuple(remove))
+        name, issued = need("name", str), need("issued_ms", int)
+        if not NAME.match(name):
+            raise DeltaError("bad list name")
+        if not 0 <= issued <= MAX_ISSUED_MS:  # the header's i64, bounded like a touch's ts
+            raise DeltaError("issued_ms out of range")
+        force = doc.get("force", False)
+        if type(force) is not bool:
+            raise DeltaError("delta field 'force' not a bool")
+        return cls(name, frm, to, issued, base_hash, result_hash, tuple(upsert), tuple(remove),
+                   force)
 
 
 def diff(old: MmapIdList, new: MmapIdList) -> Delta:

@@ -21,10 +21,11 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from edge.idlist.codec import HEADER_SIZE, NAME, MmapIdList, load_list
+from edge.idlist.codec import HEADER_SIZE, MAX_RECORDS, NAME, MmapIdList, load_list
 from edge.idlist.delta import Delta, DeltaError
 from edge.signing import SignatureError, open_sealed, seal
 from protocol import topics
+from protocol.touch import MAX_TS_MS
 
 ROOT = topics.LIST_ROOT
 MANIFEST_PURPOSE = "idlist-manifest"
@@ -33,6 +34,8 @@ DEFAULT_CHUNK_SIZE = 60 * 1024  # under Mosquitto message_size_limit 65536 with 
 MAX_CHUNK_SIZE = 8 * 1024 * 1024
 MAX_CHUNKS = 65536
 MAX_DELTA_PARTS = 4096
+MAX_LIST_BYTES = 4 << 30  # a list file at most: ~16.7 million IDs with several cards each
+MAX_ISSUED_MS = MAX_TS_MS  # issue times are UTC ms, year 1970..9999 (like a touch's ts)
 
 
 # the topic builders live with the rest of the tree in protocol/topics.py
@@ -40,6 +43,11 @@ subscription = topics.list_subscription
 manifest_topic = topics.list_manifest
 chunk_topic = topics.list_chunk
 delta_topic = topics.list_delta
+
+
+def chunks_filter(name: str, version: int) -> str:
+    """Every chunk of one snapshot: subscribing to it makes the broker send them (retained)."""
+    return f"{ROOT}/{name}/snapshot/{version}/+"
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +61,9 @@ class ListTopic:
 
 
 def _uint(s: str) -> int | None:
-    return int(s) if s.isascii() and s.isdigit() and len(s) <= 19 else None
+    """A version, index or count in a topic: decimal, below 2**63 (what the header holds)."""
+    v = int(s) if s.isascii() and s.isdigit() and len(s) <= 19 else None
+    return v if v is not None and v < 1 << 63 else None
 
 
 def parse_topic(topic: str) -> ListTopic | None:
@@ -92,6 +102,7 @@ class Manifest:
     chunks: tuple[bytes, ...]  # SHA-256 of each chunk
     records: int
     cards: int
+    force: bool = False  # `ccus ops list publish --force`: install even if issued long ago
 
     def chunk_length(self, index: int) -> int:
         return min(self.chunk_size, self.size - index * self.chunk_size)
@@ -100,7 +111,8 @@ class Manifest:
         return {"kind": "snapshot", "name": self.name, "version": self.version,
                 "issued_ms": self.issued_ms, "size": self.size, "sha256": self.sha256,
                 "body_hash": self.body_hash, "chunk_size": self.chunk_size,
-                "chunks": list(self.chunks), "records": self.records, "cards": self.cards}
+                "chunks": list(self.chunks), "records": self.records, "cards": self.cards,
+                **({"force": True} if self.force else {})}
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> Manifest:
@@ -112,14 +124,21 @@ class Manifest:
 
         if doc.get("kind") != "snapshot":
             raise ManifestError("not a snapshot manifest")
+        force = doc.get("force", False)
+        if type(force) is not bool:
+            raise ManifestError("manifest field 'force' not a bool")
         m = cls(need("name", str), need("version", int), need("issued_ms", int),
                 need("size", int), need("sha256", bytes), need("body_hash", bytes),
                 need("chunk_size", int), tuple(need("chunks", list)), need("records", int),
-                need("cards", int))
+                need("cards", int), force)
         if not NAME.match(m.name) or not 0 <= m.version < 1 << 63:
             raise ManifestError("bad name or version")
-        if not 1 <= m.chunk_size <= MAX_CHUNK_SIZE or m.size < HEADER_SIZE:
+        if not 0 <= m.issued_ms <= MAX_ISSUED_MS:
+            raise ManifestError("issued_ms out of range")
+        if not 1 <= m.chunk_size <= MAX_CHUNK_SIZE or not HEADER_SIZE <= m.size <= MAX_LIST_BYTES:
             raise ManifestError("bad chunk size or file size")
+        if not 0 <= m.records <= MAX_RECORDS or not 0 <= m.cards < 1 << 32:
+            raise ManifestError("records or cards out of range")
         n = -(-m.size // m.chunk_size)
         if n != len(m.chunks) or n > MAX_CHUNKS:
             raise ManifestError("chunk count does not match size / chunk_size")
@@ -136,20 +155,21 @@ class Message:
     retain: bool = True
 
 
-def manifest_for(data: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Manifest:
+def manifest_for(data: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE, *,
+                 force: bool = False) -> Manifest:
     lst = load_list(data)
     mv = memoryview(data)
     chunks = tuple(hashlib.sha256(mv[i:i + chunk_size]).digest()
                    for i in range(0, len(data), chunk_size))
     return Manifest(lst.name, lst.version, lst.issued_ms, len(data),
                     hashlib.sha256(data).digest(), lst.body_hash, chunk_size, chunks, len(lst),
-                    lst.n_cards)
+                    lst.n_cards, force)
 
 
 def snapshot_messages(data: bytes, key: Ed25519PrivateKey,
-                      chunk_size: int = DEFAULT_CHUNK_SIZE) -> list[Message]:
+                      chunk_size: int = DEFAULT_CHUNK_SIZE, *, force: bool = False) -> list[Message]:
     """Chunks, then the signed manifest (publish in this order)."""
-    m = manifest_for(data, chunk_size)
+    m = manifest_for(data, chunk_size, force=force)
     out = [Message(chunk_topic(m.name, m.version, i), data[i * chunk_size:(i + 1) * chunk_size])
            for i in range(len(m.chunks))]
     out.append(Message(manifest_topic(m.name), seal(key, MANIFEST_PURPOSE, m.to_doc())))
