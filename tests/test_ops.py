@@ -59,7 +59,8 @@ def test_fleet_problems_first() -> None:
     }
     rows = fleet.fleet(msgs, now)
     assert [r.dev for r in rows] == ["d-sick", "c-bad", "b-off", "a-ok"]
-    assert rows[0].problems == ["backlog 500", "old backlog", "reader entry down", "clock drifted"]
+    assert rows[0].problems == ["backlog 500", "outbox stuck (500 waiting, oldest 16m)",
+                               "reader entry down", "clock drifted"]
     assert rows[-1].problems == []
     assert "state unreadable" in rows[1].problems and rows[2].problems == ["offline"]
     table = fleet.render(rows, now)

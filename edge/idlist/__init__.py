@@ -4,7 +4,7 @@ Public surface: Status, Entry, IdList (the lookup protocol every implementation 
 MemoryIdList (a small in-memory list), read_technicians_csv; the mapped v1 file format
 (MmapIdList, open_list, build_list, ListFormatError); deltas; the device-side ListUpdater
 and its Outcome/UpdateReason; topics and messages for distribution (edge.idlist.dist) and the
-paho adapter (ops.list_mqtt).
+paho adapter (ops.mqttc).
 """
 
 from edge.idlist.base import Entry, IdList, MemoryIdList, Status, read_technicians_csv
