@@ -238,3 +238,12 @@ def test_sink_env_example_speaks_tls_to_the_cloud_broker() -> None:
     ns = parser.parse_args(["sink", "run", *args])
     assert ns.ca and ns.cert and ns.key
     assert ns.broker.endswith(":8883")
+
+
+def test_example_agent_toml_follows_a_list_and_no_static_path_in_its_data_dir() -> None:
+    """deploy/etc/ccus-touch/agent.toml used to name the updater's folder as a static list
+    (`path = "/var/lib/ccus-touch/idlist"`): the agent died at its next start."""
+    from edge.config import load
+
+    cfg = load(ROOT / "deploy" / "etc" / "ccus-touch" / "agent.toml")
+    assert cfg.idlist.name and not cfg.idlist.path

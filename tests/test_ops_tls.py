@@ -317,25 +317,37 @@ def test_list_publish_dry_run_folder_then_from_folder_and_mosquitto_pub(
     # the documented mosquitto_pub loop publishes the very same bytes (docs/idlist.md)
     if not Path("/usr/bin/mosquitto_pub").exists():
         pytest.skip("mosquitto_pub not installed")
-    r2 = tmp_path / "msgs2"
-    r = run_ops("list", "publish", "--csv", str(csv), "--name", "shlist", "--version", "1",
-                "--signing-key", str(world.signing_key), "--dry-run", "--out", str(r2),
-                "--chunk-size", "64", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
     d = world.pki / "operators" / "alice"
-    loop = f"""
-DIR={r2}
+
+    def mosquitto_pub_loop(folder: Path) -> None:
+        loop = f"""
+DIR={folder}
 while IFS="$(printf '\\t')" read -r file retain topic; do
   mosquitto_pub -V mqttv5 -h localhost -p {world.broker.port} --cafile {world.pki}/ca.crt \\
       --cert {d}/operator.crt --key {d}/operator.key -q 1 -r -t "$topic" -f "$DIR/$file" \\
       || exit 1
 done < "$DIR/messages.tsv"
 """
-    sh = subprocess.run(["bash", "-c", loop], capture_output=True, text=True, timeout=60)
-    assert sh.returncode == 0, sh.stderr
-    m2 = json.loads((r2 / "manifest.json").read_text())
+        sh = subprocess.run(["bash", "-c", loop], capture_output=True, text=True, timeout=60)
+        assert sh.returncode == 0, sh.stderr
+
+    def dry(version: int, folder: Path, *extra: str) -> list[dict]:  # type: ignore[type-arg]
+        r = run_ops("list", "publish", "--csv", str(csv), "--name", "shlist", "--version",
+                    str(version), "--signing-key", str(world.signing_key), "--dry-run",
+                    "--out", str(folder), "--chunk-size", "64", *extra, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        return json.loads((folder / "manifest.json").read_text())["messages"]  # type: ignore[no-any-return]
+
+    v1 = dry(1, tmp_path / "sh1")
+    mosquitto_pub_loop(tmp_path / "sh1")
+    csv.write_text(CSV + "10000000000003,active,2,2122232425262728\n")
+    v2 = dry(2, tmp_path / "sh2", "--prev", str(tmp_path / "sh1" / "shlist.1.idl"))
+    assert any(m["bytes"] == 0 for m in v2)             # clears of v1's chunks are in it
+    mosquitto_pub_loop(tmp_path / "sh2")
     got = snapshot(world.operator, "ccus/v1/list/shlist/#", quiet_s=0.3, timeout=5)
-    assert got == {m["topic"]: (r2 / m["file"]).read_bytes() for m in m2["messages"]}
+    want = {m["topic"]: (tmp_path / "sh2" / m["file"]).read_bytes() for m in v2 if m["bytes"]}
+    assert got == want                                   # v2 exactly; v1's chunks cleared
+    assert not any("/snapshot/1/" in t for t in got) and v1
 
 
 def test_unreachable_or_wrong_broker_is_one_line_and_non_zero(world: World,
