@@ -28,6 +28,7 @@ BACKLOG_AGE_S = 600    # the oldest waiting touch: older than this, the outbox i
 DISK_PROBLEM = ("low", "reserve", "full")   # edge/outbox.py disk_state(); "ok" is fine
 # what a merged row keeps from the last full state when the newest message (a last will)
 # lacks it: identity and versions, and when the device was last heard of
+MAX_MS = 253_402_300_799_999   # 9999-12-31T23:59:59.999Z
 REMEMBERED = ("role", "sw", "lv", "cv", "last_seen_ms")
 
 
@@ -39,8 +40,8 @@ class Row:
     last_seen_ms: int | None = None
     role: str = ""
     sw: str = ""
-    lv: Any = None
-    cv: Any = None
+    lv: int | None = None
+    cv: int | None = None
     backlog: int | None = None
     oldest_ms: int | None = None
     oldest_age_s: int | None = None
@@ -72,14 +73,22 @@ def parse(topic: str, payload: bytes) -> Row | None:
             return v if isinstance(v, bool) else None
         return v if isinstance(v, kind) and not isinstance(v, bool) else None
 
+    def ms(key: str) -> int | None:  # a time a datetime can show: 1970 .. 9999
+        v = typed(key, int)
+        return v if v is not None and 0 <= v <= MAX_MS else None
+
+    def count(key: str) -> int | None:
+        v = typed(key, int)
+        return v if v is not None and 0 <= v < 2**63 else None
+
     row.online = bool(typed("online", bool))
-    row.last_seen_ms = typed("ts", int)
+    row.last_seen_ms = ms("ts")
     row.role = typed("role", str) or ""
     row.sw = typed("sw", str) or ""
-    row.lv, row.cv = m.get("lv"), m.get("cv")
-    row.backlog = typed("backlog", int)
-    row.oldest_ms = typed("oldest_ms", int)
-    row.oldest_age_s = typed("oldest_age_s", int)
+    row.lv, row.cv = count("lv"), count("cv")
+    row.backlog = count("backlog")
+    row.oldest_ms = ms("oldest_ms")
+    row.oldest_age_s = count("oldest_age_s")
     row.disk = typed("disk", str) or ""
     board = m.get("board")
     if isinstance(board, dict):  # {"health": ..., ...} or a bare health string
@@ -99,8 +108,12 @@ def merge(row: Row, known: dict[str, Any] | None) -> Row:
     if not known:
         return row
     for key in REMEMBERED:
-        if getattr(row, key) in (None, "") and known.get(key) not in (None, ""):
-            setattr(row, key, known[key])
+        v = known.get(key)
+        kind = str if key in ("role", "sw") else int  # a cache edited by hand is not trusted
+        if getattr(row, key) in (None, "") and isinstance(v, kind) and not isinstance(v, bool) \
+                and v != "" and (kind is str or 0 <= v <= (MAX_MS if key == "last_seen_ms"
+                                                            else 2**63 - 1)):
+            setattr(row, key, v)
             row.remembered = True
     return row
 
