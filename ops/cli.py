@@ -445,7 +445,11 @@ def _read_cache(path: Path | None) -> dict[str, dict[str, Any]]:
 def _write_cache(path: Path, known: dict[str, dict[str, Any]]) -> None:
     from edge.config_apply import write_atomic
 
-    write_atomic(path, (json.dumps(known, sort_keys=True, default=str) + "\n").encode())
+    try:
+        write_atomic(path, (json.dumps(known, sort_keys=True, default=str) + "\n").encode())
+    except OSError as exc:  # the view is printed; only the memory of it is lost
+        print(f"ccus ops: cannot save fleet cache {path}: {exc.strerror}; give --cache FILE "
+              "or --no-cache", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
