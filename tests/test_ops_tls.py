@@ -24,7 +24,7 @@ import pytest
 from broker.launcher import PrivateBroker, free_port
 from broker.procs import poll_until, stop_process
 from ops import provision
-from ops.acl import render_acl
+from ops.acl import render_acl, render_dynsec
 from ops.cli import main as ops_main
 from ops.inventory import InventoryFile
 from ops.mqttc import BrokerOpts, publish, session, snapshot
@@ -32,6 +32,7 @@ from ops.pki import CA
 from protocol import topics
 
 SITE = "12345678901234"
+FLEET_SITE = "55555555555555"
 ROOT = Path(__file__).resolve().parents[1]
 CSV = "tid,status,level,cards\n10000000000001,active,1,0102030405060708\n" \
       "10000000000002,active,1,1112131415161718\n"
@@ -88,11 +89,18 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                 "--device", "gate-03", "--device", "vend-01:vending",
                 "--device", "train-01:training", "--broker-name", "localhost", cwd=root)
     assert r.returncode == 0, r.stderr
-    acl = root / "acl"
-    acl.write_text(render_acl(InventoryFile(pki).inventory()))
+    r = run_ops("site", "add", "--pki", str(pki), "--site", FLEET_SITE, "--device", "fl-ok",
+                "--device", "fl-disk", "--device", "fl-stuck", "--device", "fl-board:vending",
+                cwd=root)
+    assert r.returncode == 0, r.stderr
+    # the broker's identity files, as `ccus ops broker-config --place cloud` writes them
+    inv = InventoryFile(pki).inventory()
+    acl, dynsec = root / "acl", root / "dynamic-security.json"
+    acl.write_text(render_acl(inv))
+    dynsec.write_text(render_dynsec(inv))
     values = {"ca_file": pki / "ca.crt", "cert_file": pki / "server" / "server.crt",
               "key_file": pki / "server" / "server.key", "crl_file": pki / "crl.pem",
-              "acl_file": acl}
+              "acl_file": acl, "dynsec_file": dynsec}
     key = root / "alice-signing.key"
     assert ops_main(["keygen", "--out", str(key)]) == 0
     broker = PrivateBroker(root / "broker", template="cloud.conf", values=values).start()
@@ -235,14 +243,7 @@ def publish_as(opts: BrokerOpts, topic: str, payload: bytes, retain: bool = True
 
 
 def test_fleet_problems_from_real_retained_states(world: World, tmp_path: Path) -> None:
-    site = "55555555555555"
-    r = run_ops("site", "add", "--pki", str(world.pki), "--site", site, "--device", "fl-ok",
-                "--device", "fl-disk", "--device", "fl-stuck", "--device", "fl-board:vending",
-                cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    (world.root / "acl").write_text(render_acl(InventoryFile(world.pki).inventory()))
-    world.broker.reload()
-    time.sleep(0.5)
+    site = FLEET_SITE
 
     def dev_opts(dev: str) -> BrokerOpts:
         return world.opts(provision.device_dir(world.pki, site, dev), "device")
