@@ -238,10 +238,13 @@ def publish_all(client: mqtt.Client, messages: Iterable[Message], *, window: int
     count = 0
     try:
         for m in messages:
-            with cond:  # hold the lock so a fast PUBACK cannot arrive before we know the mid
-                info = client.publish(m.topic, m.payload, qos=1, retain=m.retain)
-                if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                    raise PublishError(f"publish {m.topic}: {mqtt.error_string(info.rc)}")
+            # never under `cond`: paho calls on_publish holding its message mutex, which
+            # publish() takes too (a lock-order deadlock). A PUBACK that beats us to
+            # `inflight` waits in `acked` until drain() matches it.
+            info = client.publish(m.topic, m.payload, qos=1, retain=m.retain)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                raise PublishError(f"publish {m.topic}: {mqtt.error_string(info.rc)}")
+            with cond:
                 inflight[info.mid] = m.topic
                 drain(window - 1)
             count += 1
