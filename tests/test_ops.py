@@ -247,3 +247,48 @@ def test_example_agent_toml_follows_a_list_and_no_static_path_in_its_data_dir() 
 
     cfg = load(ROOT / "deploy" / "etc" / "ccus-touch" / "agent.toml")
     assert cfg.idlist.name and not cfg.idlist.path
+
+
+def _doc_commands(page: Path) -> list[str]:
+    """Every `ccus ops ...` line of a page's code blocks, continuation lines joined (lines
+    with a placeholder, `...` or `<...>`, are left out)."""
+    cmds, inside, pending = [], False, ""
+    for raw in page.read_text().splitlines():
+        if raw.startswith("```"):
+            inside, pending = not inside, ""
+            continue
+        if not inside:
+            continue
+        line = pending + raw.strip()
+        if line.endswith("\\"):
+            pending = line[:-1] + " "
+            continue
+        pending = ""
+        line = line.split(" #", 1)[0].strip()
+        if line.startswith("ccus ops ") and "..." not in line and "<" not in line:
+            cmds.append(line)
+    return cmds
+
+
+@pytest.mark.parametrize("page", ["operations.md", "idlist.md"])
+def test_documented_ops_commands_parse(page: str) -> None:
+    """The ops commands the docs show are accepted by the parser as written (options,
+    choices, the device spec syntax), so the doc cannot drift from the CLI unnoticed."""
+    import argparse
+    import shlex
+
+    from ccus.cli import build_parser
+    from ops.provision import parse_device_spec
+
+    cmds = _doc_commands(ROOT / "docs" / page)
+    assert len(cmds) >= (10 if page == "operations.md" else 2)
+    for cmd in cmds:
+        argv = shlex.split(cmd.replace("$SITE", SITE).replace("$DEV", "gate-01"))[1:]
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit:
+            raise AssertionError(f"docs/{page}: does not parse: {cmd}") from None
+        assert isinstance(args, argparse.Namespace)
+        for d in getattr(args, "device", None) or []:
+            if args.ops_cmd == "site":
+                parse_device_spec(d)
