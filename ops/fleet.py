@@ -108,14 +108,19 @@ def merge(row: Row, known: dict[str, Any] | None) -> Row:
     if not known:
         return row
     for key in REMEMBERED:
-        v = known.get(key)
-        kind = str if key in ("role", "sw") else int  # a cache edited by hand is not trusted
-        if getattr(row, key) in (None, "") and isinstance(v, kind) and not isinstance(v, bool) \
-                and v != "" and (kind is str or 0 <= v <= (MAX_MS if key == "last_seen_ms"
-                                                            else 2**63 - 1)):
-            setattr(row, key, v)
+        if getattr(row, key) in (None, "") and _fits(key, known.get(key)):
+            setattr(row, key, known[key])
             row.remembered = True
     return row
+
+
+def _fits(key: str, v: Any) -> bool:
+    """A remembered value of the right type and range (a cache edited by hand is not trusted)."""
+    if key in ("role", "sw"):
+        return isinstance(v, str) and v != ""
+    if not isinstance(v, int) or isinstance(v, bool):
+        return False
+    return 0 <= v <= (MAX_MS if key == "last_seen_ms" else 2**63 - 1)
 
 
 def remember(row: Row, known: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -214,7 +214,7 @@ def publish_all(client: mqtt.Client, messages: Iterable[Message], *, window: int
             closed.append(rc)
             cond.notify_all()
         if old_disconnect is not None:
-            old_disconnect(c, u, f, rc, p)
+            old_disconnect(c, u, f, rc, p)  # type: ignore[call-arg,arg-type]  # paho's union
 
     def drain(limit: int) -> None:
         deadline = time.monotonic() + timeout
@@ -330,9 +330,9 @@ def attach_updater(client: mqtt.Client, updater: ListUpdater,
 
     def on_message(_c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         if executor is None:
-            process(msg.topic, msg.payload)
+            process(msg.topic, bytes(msg.payload))
         else:
-            executor.submit(process, msg.topic, msg.payload)
+            executor.submit(process, msg.topic, bytes(msg.payload))
 
     client.message_callback_add(topic, on_message)
     if subscribe:
