@@ -382,3 +382,28 @@ def test_unreachable_or_wrong_broker_is_one_line_and_non_zero(world: World,
         assert len(err) == 1 and "Traceback" not in r.stderr, (name, r.stderr)
         assert cause in err[0], (name, err[0])
         assert took < 15, (name, took)
+
+
+def test_site_push_without_pki_expects_the_devices_online(world: World, tmp_path: Path) -> None:
+    """Without --pki, the devices whose retained state says online must answer."""
+    site, devs = FLEET_SITE, ["fl-ok", "fl-disk", "fl-stuck", "fl-board"]
+
+    def dev_opts(dev: str) -> BrokerOpts:
+        return world.opts(provision.device_dir(world.pki, site, dev), "device")
+
+    for d in devs:
+        publish_as(dev_opts(d), topics.state(site, d), state(online=d != "fl-board"))
+    version = 8_000_000 + int(time.time())
+    for d in ("fl-ok", "fl-disk"):  # fl-stuck is online and never answers
+        ack = {"v": 1, "site": site, "dev": d, "scope": "site", "version": version,
+               "result": "applied"}
+        publish_as(dev_opts(d), topics.config_ack(site, d), cbor2.dumps(ack))
+    overlay = tmp_path / "site.toml"
+    overlay.write_text("[gate]\nanti_passback = false\n")
+    r = run_ops("config", "push", "--site", site, "--file", str(overlay),
+                "--signing-key", str(world.signing_key), "--version", str(version),
+                "--wait", "2", *world.tls_args(), cwd=tmp_path)
+    out = json.loads(r.stdout)
+    assert out["expected"] == ["fl-disk", "fl-ok", "fl-stuck"]   # fl-board is offline
+    assert sorted(out["acks"]) == ["fl-disk", "fl-ok"] and out["missing"] == ["fl-stuck"]
+    assert r.returncode == 4, r.stderr
