@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+ROLES = ("gate", "vending", "training")
+DEFAULT_SITE_BROKER = "site-broker.local"   # = ops.provision.DEFAULT_SITE_BROKER
+DEFAULT_LIST = "technicians"                # = ops.provision.DEFAULT_LIST
+
+
+def fleet_cache_default() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "ccus-touch" / "fleet.json"
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -50,13 +60,20 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
     site = sub.add_parser("site", help="sites")
     site_sub = site.add_subparsers(dest="site_cmd", required=True)
-    p = site_sub.add_parser("add", help="bridge identity, site broker cert, device certs")
+    p = site_sub.add_parser("add", help="bridge identity, site broker cert, device certs "
+                                        "and agent.toml files; all or nothing")
     p.add_argument("--pki", required=True)
     p.add_argument("--site", required=True, help="14-digit CCUS site ID")
-    p.add_argument("--device", action="append", default=[], help="device id (repeat)")
-    p.add_argument("--role", default="gate", choices=("gate", "vending", "training"))
+    p.add_argument("--device", action="append", default=[], metavar="ID[:ROLE[:DIR]]",
+                   help="a device, its role (gate, vending, training; default --role) and for "
+                        "a gate its reader's direction (in or out, default in); repeat")
+    p.add_argument("--role", default="gate", choices=ROLES,
+                   help="role of devices given without one (default %(default)s)")
     p.add_argument("--broker-name", action="append", default=[],
-                   help="DNS name/IP of the site broker on the site LAN (repeat)")
+                   help="DNS name/IP of the site broker on the site LAN (repeat; default "
+                        f"{DEFAULT_SITE_BROKER})")
+    p.add_argument("--list-name", default=DEFAULT_LIST,
+                   help="the signed ID list the devices follow (default %(default)s)")
     p.set_defaults(func=_safe(_site_add))
 
     dev = sub.add_parser("device", help="device certificates")
@@ -64,9 +81,14 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p = dev_sub.add_parser("add", help="one more device at a site")
     p.add_argument("--pki", required=True)
     p.add_argument("--site", required=True)
-    p.add_argument("--id", required=True)
-    p.add_argument("--role", default="gate", choices=("gate", "vending", "training"))
-    p.add_argument("--broker-name", default="site-broker.local")
+    p.add_argument("--id", required=True, metavar="ID[:ROLE[:DIR]]",
+                   help="device id, optionally with role and gate direction as in site add")
+    p.add_argument("--role", default="gate", choices=ROLES)
+    p.add_argument("--broker-name", default="",
+                   help="the site broker's name (default: the name the site was added with, "
+                        f"else {DEFAULT_SITE_BROKER})")
+    p.add_argument("--list-name", default=DEFAULT_LIST,
+                   help="the signed ID list the device follows (default %(default)s)")
     p.set_defaults(func=_safe(_device_add))
     p = dev_sub.add_parser("rotate", help="new key and certificate; the old one stays valid "
                                           "until `ccus ops cert revoke`")
@@ -137,12 +159,19 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="check and sign, publish nothing")
     p.add_argument("--force", action="store_true",
                    help="devices apply it even if issued before their freshness window")
+    p.add_argument("--pki", default="", help="PKI folder: every device of the site in its "
+                   "inventory must answer (default: the devices whose retained state says "
+                   "online)")
     add_broker_args(p)
     p.set_defaults(func=_safe(_config_push))
 
     p = sub.add_parser("devices", help="the fleet from retained state: problems first")
     p.add_argument("--json", action="store_true")
     p.add_argument("--site", default="+", help="one site (default: all)")
+    p.add_argument("--cache", default=str(fleet_cache_default()),
+                   help="last known state per device, so an offline device keeps its role, "
+                        "versions and last-seen time (default %(default)s)")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     add_broker_args(p)
     p.set_defaults(func=_safe(_devices))
 
@@ -236,16 +265,22 @@ def _identity(a: argparse.Namespace) -> int:
 
 
 def _site_add(a: argparse.Namespace) -> int:
-    from ops.provision import add_site
+    from ops.provision import add_site, parse_device_spec
 
-    return _out([_issued(i) for i in add_site(a.pki, a.site, a.device, role=a.role,
-                                              broker_names=a.broker_name)])
+    specs = [parse_device_spec(d, a.role) for d in a.device]
+    return _out([_issued(i) for i in add_site(a.pki, a.site, specs,
+                                              broker_names=a.broker_name,
+                                              list_name=a.list_name)])
 
 
 def _device_add(a: argparse.Namespace) -> int:
-    from ops.provision import add_device
+    from ops.provision import add_device, parse_device_spec, site_broker_name
 
-    return _out(_issued(add_device(a.pki, a.site, a.id, role=a.role, host=a.broker_name)))
+    spec = parse_device_spec(a.id, a.role)
+    host = a.broker_name or site_broker_name(a.pki, a.site)
+    return _out(_issued(add_device(a.pki, a.site, spec.id, role=spec.role,
+                                   direction=spec.direction, host=host,
+                                   list_name=a.list_name)))
 
 
 def _device_rotate(a: argparse.Namespace) -> int:
@@ -339,15 +374,43 @@ def _config_push(a: argparse.Namespace) -> int:
     if a.dry_run:
         return _out({"topic": topic, "version": version, "bytes": len(payload),
                      "published": False, "force": a.force})
-    res = push(broker_opts(a), topic, version, payload, site=a.site, dev=a.device,
-               wait_s=a.wait)
-    refused = {d: k for d, k in res.acks.items() if k.get("result") != "applied"}
+    opts = broker_opts(a)
+    expected = None
+    if a.device is None and a.wait > 0:
+        expected = _site_devices(a, opts)
+    res = push(opts, topic, version, payload, site=a.site, dev=a.device, wait_s=a.wait,
+               expected=expected)
     _out({"topic": topic, "version": version, "published": True,
           "acks": {d: {"result": k.get("result"), "reason": k.get("reason"),
-                       "detail": k.get("detail")} for d, k in sorted(res.acks.items())}})
-    if refused:
+                       "detail": k.get("detail")} for d, k in sorted(res.acks.items())},
+          "expected": res.expected, "missing": res.missing,
+          "mismatched": dict(sorted(res.mismatched.items()))})
+    if res.mismatched:
+        print(f"ccus ops: refused {sum(res.mismatched.values())} config ack(s) whose payload "
+              f"names another device than its topic (from {', '.join(sorted(res.mismatched))})",
+              file=sys.stderr)
+    if a.wait <= 0:
+        return 0
+    if res.refused:
         return 3
-    return 0 if res.acks or a.wait <= 0 else 4  # 4: no device answered within --wait
+    if res.missing or not res.acks:
+        return 4  # an expected device (or, with none expected, every device) did not answer
+    return 5 if res.mismatched else 0
+
+
+def _site_devices(a: argparse.Namespace, opts: Any) -> list[str]:
+    """Who must ack a site push: the site's devices in the PKI inventory, else the devices
+    whose retained state says online."""
+    if a.pki:
+        from ops.inventory import InventoryFile
+
+        return sorted(d for s, d in InventoryFile(a.pki).inventory().devices if s == a.site)
+    from ops import fleet
+    from ops.mqttc import snapshot
+    from protocol import topics
+
+    rows = [fleet.parse(t, b) for t, b in snapshot(opts, topics.state(a.site, "+")).items()]
+    return sorted(r.dev for r in rows if r is not None and r.online)
 
 
 def _devices(a: argparse.Namespace) -> int:
@@ -357,11 +420,38 @@ def _devices(a: argparse.Namespace) -> int:
 
     msgs = snapshot(broker_opts(a), topics.state(a.site, "+"))
     now = int(time.time() * 1000)
-    rows = fleet.fleet(msgs, now)
+    cache = None if a.no_cache else Path(a.cache)
+    known = _read_cache(cache)
+    rows = fleet.fleet(msgs, now, known)
+    if cache is not None:
+        _write_cache(cache, fleet.remembered(rows, known))
     if a.json:
-        return _out(fleet.as_json(rows))
-    print(fleet.render(rows, now))
+        _out(fleet.as_json(rows))
+    else:
+        print(fleet.render(rows, now))
     return 1 if any(r.problems for r in rows) else 0
+
+
+def _read_cache(path: Path | None) -> dict[str, dict[str, Any]]:
+    if path is None or not path.exists():
+        return {}
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:  # a broken cache costs only the memory of old rows
+        print(f"ccus ops: ignoring fleet cache {path}: {exc}", file=sys.stderr)
+        return {}
+    return {str(k): v for k, v in doc.items() if isinstance(v, dict)} \
+        if isinstance(doc, dict) else {}
+
+
+def _write_cache(path: Path, known: dict[str, dict[str, Any]]) -> None:
+    from edge.config_apply import write_atomic
+
+    try:
+        write_atomic(path, (json.dumps(known, sort_keys=True, default=str) + "\n").encode())
+    except OSError as exc:  # the view is printed; only the memory of it is lost
+        print(f"ccus ops: cannot save fleet cache {path}: {exc.strerror}; give --cache FILE "
+              "or --no-cache", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,19 @@ import pytest
 from broker.launcher import PrivateBroker
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Commands that keep a cache (`ccus ops devices`: ~/.cache/ccus-touch/fleet.json) write
+    into a temp folder, never the real home; subprocesses inherit it."""
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache-home"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
+
+
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateBroker]:
     b = PrivateBroker(tmp_path_factory.mktemp("broker")).start()

@@ -261,13 +261,13 @@ def retained(broker: PrivateBroker, topic: str) -> dict:  # type: ignore[type-ar
 @pytest.mark.e2e
 def test_agent_drops_unnamed_chunks_reports_them_and_still_gets_a_live_list(
         broker: PrivateBroker, tmp_path: Path) -> None:
-    from ops.list_mqtt import connect, publish_all
+    from ops.mqttc import BrokerOpts, connect, publish_all
 
     cfg = from_dict({**base(tmp_path / "agent", idlist={"name": "spool"}),
                      "mqtt": {"host": broker.host, "port": broker.port, "tls": False}})
     agent = Agent(cfg, config_keys=KEYS)
     agent.start()
-    op = connect(broker.host, broker.port, client_id="op-spool")
+    op = connect(BrokerOpts(broker.host, broker.port), client_id="op-spool")
     try:
         assert poll_until(lambda: agent.link.connected, 10.0)
         junk = [Message(chunk_topic("spool", 999, i), os.urandom(60 * 1024)) for i in range(40)]

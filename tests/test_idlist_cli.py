@@ -28,8 +28,8 @@ def test_dry_run_builds_signs_and_keeps_the_snapshot(tmp_path, capsys):
     (tmp_path / "t.csv").write_text(CSV)
     capsys.readouterr()
     assert main(["list", "publish", "--csv", str(tmp_path / "t.csv"), "--name", "main",
-                 "--version", "3", "--key", str(tmp_path / "k"), "--dry-run",
-                 "--out", str(tmp_path / "main.3.idl"), "--issued-ms", "5"]) == 0
+                 "--version", "3", "--signing-key", str(tmp_path / "k"), "--dry-run",
+                 "--keep", str(tmp_path / "main.3.idl"), "--issued-ms", "5"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["records"] == 2 and report["cards"] == 3 and not report["published"]
     lst = open_list(tmp_path / "main.3.idl")
@@ -38,7 +38,7 @@ def test_dry_run_builds_signs_and_keeps_the_snapshot(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["version"] == 3
     # the next version must be above the previous file's
     assert main(["list", "publish", "--csv", str(tmp_path / "t.csv"), "--name", "main",
-                 "--version", "3", "--key", str(tmp_path / "k"), "--dry-run",
+                 "--version", "3", "--signing-key", str(tmp_path / "k"), "--dry-run",
                  "--prev", str(tmp_path / "main.3.idl")]) == 1
     assert "need 'main' below v3" in capsys.readouterr().err
 
@@ -70,5 +70,5 @@ def test_register_hooks_into_an_existing_parser():
     register(ops)
     register_keygen(ops)
     args = parser.parse_args(["ops", "list", "publish", "--csv", "x", "--name", "n",
-                              "--version", "1", "--key", "k", "--broker", "h:1", "--site-less"])
+                              "--version", "1", "--signing-key", "k", "--broker", "h:1", "--site-less"])
     assert args.func.__name__ == "_publish" and args.site_less

@@ -13,7 +13,7 @@ from edge.idlist import ListUpdater, Status
 from edge.idlist.dist import Message
 from edge.signing import load_public_key
 from ops.list_cli import main as ops_main
-from ops.list_mqtt import PublishError, attach_updater, connect, publish_all
+from ops.mqttc import BrokerOpts, PublishError, attach_updater, connect, publish_all
 
 pytestmark = pytest.mark.e2e
 WAIT = 30.0  # seconds: upper bound for any delivery in these tests
@@ -54,7 +54,7 @@ def wait_applied(outcomes: "queue.Queue", version: int) -> list:
 def device(broker, directory, pub, name="main", executor=None):
     updater = ListUpdater(directory, name, [pub])
     outcomes: queue.Queue = queue.Queue()
-    client = connect(broker.host, broker.port, client_id=f"dev-{directory.name}")
+    client = connect(BrokerOpts(broker.host, broker.port), client_id=f"dev-{directory.name}")
     attach_updater(client, updater, outcomes.put, executor=executor)
     return updater, client, outcomes
 
@@ -73,9 +73,9 @@ def test_publish_snapshot_and_delta_through_mosquitto(broker, tmp_path):
     updater, client, outcomes = device(broker, tmp_path / "dev1", pub)
     try:
         assert ops_main(["list", "publish", "--csv", str(tmp_path / "v1.csv"), "--name", "main",
-                         "--version", "1", "--key", str(key), "--broker",
+                         "--version", "1", "--signing-key", str(key), "--broker",
                          f"{broker.host}:{broker.port}", "--site-less",
-                         "--out", str(tmp_path / "v1.idl"), "--no-progress"]) == 0
+                         "--keep", str(tmp_path / "v1.idl"), "--no-progress"]) == 0
         wait_applied(outcomes, 1)
         assert len(updater.current) == n
         assert updater.current.by_card(bytes.fromhex(f"{77:016x}")).tid == f"{10**13 + 77:014d}"
@@ -83,9 +83,9 @@ def test_publish_snapshot_and_delta_through_mosquitto(broker, tmp_path):
         old = updater.current
         write_csv(tmp_path / "v2.csv", technicians(n + 5, revoked={3, 4}))
         assert ops_main(["list", "publish", "--csv", str(tmp_path / "v2.csv"), "--name", "main",
-                         "--version", "2", "--key", str(key), "--broker",
+                         "--version", "2", "--signing-key", str(key), "--broker",
                          f"{broker.host}:{broker.port}", "--prev", str(tmp_path / "v1.idl"),
-                         "--out", str(tmp_path / "v2.idl"), "--no-progress"]) == 0
+                         "--keep", str(tmp_path / "v2.idl"), "--no-progress"]) == 0
         wait_applied(outcomes, 2)
         assert updater.current.by_tid(f"{10**13 + 3:014d}").status is Status.REVOKED
         assert len(updater.current) == n + 5
@@ -107,7 +107,7 @@ def test_publish_snapshot_and_delta_through_mosquitto(broker, tmp_path):
 
 
 def test_refused_publish_surfaces_the_reason_code(broker):
-    client = connect(broker.host, broker.port, client_id="ops-too-big")
+    client = connect(BrokerOpts(broker.host, broker.port), client_id="ops-too-big")
     try:
         # the dev broker's message_size_limit is 64 KiB: a bigger chunk must not look sent
         t0 = time.monotonic()

@@ -15,6 +15,7 @@ from edge.signing import generate_key
 from ops import fleet
 from ops.acl import Inventory, render_acl
 from ops.configpush import build
+from ops.inventory import InventoryFile
 
 SITE = "12345678901234"
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +60,8 @@ def test_fleet_problems_first() -> None:
     }
     rows = fleet.fleet(msgs, now)
     assert [r.dev for r in rows] == ["d-sick", "c-bad", "b-off", "a-ok"]
-    assert rows[0].problems == ["backlog 500", "old backlog", "reader entry down", "clock drifted"]
+    assert rows[0].problems == ["backlog 500", "outbox stuck (500 waiting, oldest 16m)",
+                               "reader entry down", "clock drifted"]
     assert rows[-1].problems == []
     assert "state unreadable" in rows[1].problems and rows[2].problems == ["offline"]
     table = fleet.render(rows, now)
@@ -117,3 +119,176 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
                           "--site", SITE, "--device", "g"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "Traceback" not in out.stderr and "ca init" in out.stderr
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def test_site_add_refused_leaves_nothing_behind(tmp_path: Path) -> None:
+    """A duplicate device id (at another site, or twice in one command) refuses the whole
+    `site add`: no bridge identity, no server certificate, no inventory (ACL) entry."""
+    ops("ca", "init", "--pki", "pki", cwd=tmp_path)
+    ops("site", "add", "--pki", "pki", "--site", SITE, "--device", "gate-01", cwd=tmp_path)
+    pki = tmp_path / "pki"
+    before = _tree(pki)
+    acl_before = render_acl(InventoryFile(pki).inventory())
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    other = "99999999999999"
+    for devices in (["gate-09", "gate-01"], ["gate-08", "gate-08"], ["ok-1", "bad:nope"]):
+        args = [a for d in devices for a in ("--device", d)]
+        out = subprocess.run([sys.executable, "-m", "ops.cli", "site", "add", "--pki", "pki",
+                              "--site", other, *args], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1
+        assert _tree(pki) == before, devices                  # not one file more or changed
+        assert not (pki / "sites" / other).exists()
+        assert render_acl(InventoryFile(pki).inventory()) == acl_before
+        assert f"bridge:{other}" not in render_acl(InventoryFile(pki).inventory())
+
+
+def test_site_add_undoes_a_failure_while_writing(tmp_path: Path, monkeypatch) -> None:
+    """A fault after the first files are written (here: the third device's certificate)
+    takes back what that call made."""
+    from ops import pki as pki_mod
+    from ops import provision
+
+    pki = tmp_path / "pki"
+    pki_mod.CA.init(pki)
+    before = _tree(pki)
+    real = pki_mod.CA.issue_device
+    calls = []
+
+    def failing(self, out_dir, site, device, **kw):  # type: ignore[no-untyped-def]
+        calls.append(device)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real(self, out_dir, site, device, **kw)
+
+    monkeypatch.setattr(pki_mod.CA, "issue_device", failing)
+    with pytest.raises(OSError):
+        provision.add_site(pki, SITE, ["a-1", "a-2:vending", "a-3:gate:out"])
+    assert calls == ["a-1", "a-2", "a-3"]
+    assert _tree(pki) == before                       # no certificate, no inventory entry
+    assert not (pki / "sites" / SITE).exists()
+
+
+def test_device_add_points_at_the_site_broker_of_site_add(tmp_path: Path) -> None:
+    import tomllib
+
+    ops("ca", "init", "--pki", "pki", cwd=tmp_path)
+    ops("site", "add", "--pki", "pki", "--site", SITE, "--device", "gate-01",
+        "--broker-name", "site-gw.local", cwd=tmp_path)
+    ops("device", "add", "--pki", "pki", "--site", SITE, "--id", "gate-02:gate:out",
+        cwd=tmp_path)
+    conf = tomllib.loads((tmp_path / "pki" / "sites" / SITE / "devices" / "gate-02"
+                          / "agent.toml").read_text())
+    assert conf["mqtt"]["host"] == "site-gw.local"
+    assert conf["readers"][0]["direction"] == "out"
+    other = "99999999999999"
+    ops("site", "add", "--pki", "pki", "--site", other, "--device", "g-9", cwd=tmp_path)
+    ops("device", "add", "--pki", "pki", "--site", other, "--id", "g-10", cwd=tmp_path)
+    for dev in ("g-9", "g-10"):  # one default host name for both commands
+        conf = tomllib.loads((tmp_path / "pki" / "sites" / other / "devices" / dev
+                              / "agent.toml").read_text())
+        assert conf["mqtt"]["host"] == "site-broker.local"
+
+
+def test_every_ops_mqtt_command_takes_the_same_broker_options() -> None:
+    """One argparse helper: the same option strings and defaults on every MQTT command."""
+    import argparse
+
+    from ops.cli import register
+    from ops.mqttc import DEFAULT_BROKER, TLS_PORT
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="cmd"))
+    found = {}
+
+    def walk(p: argparse.ArgumentParser, path: str) -> None:
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for name, sub in a.choices.items():
+                    walk(sub, f"{path} {name}")
+        opts = {o: a.default for a in p._actions for o in a.option_strings}
+        if "--broker" in opts:
+            found[path.strip()] = {k: opts[k] for k in ("--broker", "--ca", "--cert", "--key")}
+
+    walk(parser, "")
+    assert set(found) == {"ops config push", "ops devices", "ops list publish"}
+    assert all(v == {"--broker": DEFAULT_BROKER, "--ca": "", "--cert": "", "--key": ""}
+               for v in found.values())
+    assert DEFAULT_BROKER.endswith(f":{TLS_PORT}") and TLS_PORT == 8883
+
+
+def test_sink_env_example_speaks_tls_to_the_cloud_broker() -> None:
+    import shlex
+
+    from cloud_sink.cli import register as register_sink
+
+    text = (ROOT / "deploy" / "etc" / "ccus-touch" / "sink.env").read_text()
+    line = next(x for x in text.splitlines() if x.startswith("CCUS_SINK_ARGS="))
+    args = shlex.split(line.split("=", 1)[1])
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    register_sink(parser.add_subparsers(dest="cmd"))
+    ns = parser.parse_args(["sink", "run", *args])
+    assert ns.ca and ns.cert and ns.key
+    assert ns.broker.endswith(":8883")
+
+
+def test_example_agent_toml_follows_a_list_and_no_static_path_in_its_data_dir() -> None:
+    """deploy/etc/ccus-touch/agent.toml used to name the updater's folder as a static list
+    (`path = "/var/lib/ccus-touch/idlist"`): the agent died at its next start."""
+    from edge.config import load
+
+    cfg = load(ROOT / "deploy" / "etc" / "ccus-touch" / "agent.toml")
+    assert cfg.idlist.name and not cfg.idlist.path
+
+
+def _doc_commands(page: Path) -> list[str]:
+    """Every `ccus ops ...` line of a page's code blocks, continuation lines joined (lines
+    with a placeholder, `...` or `<...>`, are left out)."""
+    cmds, inside, pending = [], False, ""
+    for raw in page.read_text().splitlines():
+        if raw.startswith("```"):
+            inside, pending = not inside, ""
+            continue
+        if not inside:
+            continue
+        line = pending + raw.strip()
+        if line.endswith("\\"):
+            pending = line[:-1] + " "
+            continue
+        pending = ""
+        line = line.split(" #", 1)[0].strip()
+        if line.startswith("ccus ops ") and "..." not in line and "<" not in line:
+            cmds.append(line)
+    return cmds
+
+
+@pytest.mark.parametrize("page", ["operations.md", "idlist.md"])
+def test_documented_ops_commands_parse(page: str) -> None:
+    """The ops commands the docs show are accepted by the parser as written (options,
+    choices, the device spec syntax), so the doc cannot drift from the CLI unnoticed."""
+    import argparse
+    import shlex
+
+    from ccus.cli import build_parser
+    from ops.provision import parse_device_spec
+
+    cmds = _doc_commands(ROOT / "docs" / page)
+    assert len(cmds) >= (10 if page == "operations.md" else 2)
+    for cmd in cmds:
+        argv = shlex.split(cmd.replace("$SITE", SITE).replace("$DEV", "gate-01"))[1:]
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit:
+            raise AssertionError(f"docs/{page}: does not parse: {cmd}") from None
+        assert isinstance(args, argparse.Namespace)
+        for d in getattr(args, "device", None) or []:
+            if args.ops_cmd == "site":
+                parse_device_spec(d)

@@ -4,7 +4,7 @@ Public surface: Status, Entry, IdList (the lookup protocol every implementation 
 MemoryIdList (a small in-memory list), read_technicians_csv; the mapped v1 file format
 (MmapIdList, open_list, build_list, ListFormatError); deltas; the device-side ListUpdater
 and its Outcome/UpdateReason; topics and messages for distribution (edge.idlist.dist) and the
-paho adapter (ops.list_mqtt).
+paho adapter (ops.mqttc).
 
 Rule of this file: it imports nothing eagerly. The names are resolved on first use (PEP 562),
 so `import edge.idlist.base` (the decision core's one need) does not pull in the codec, the
