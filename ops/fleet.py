@@ -22,6 +22,7 @@ import cbor2
 
 from protocol import topics
 from protocol.timequality import TimeQuality
+from protocol.touch import MAX_SEQ
 
 MAX_TEXT = 64          # names and health words are short: a longer text is cut for the table
 
