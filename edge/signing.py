@@ -19,11 +19,13 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from edge.errors import EdgeError
+
 ENVELOPE_VERSION = 1
 _DOMAIN = b"ccus-touch/v1/"
 
 
-class SignatureError(ValueError):
+class SignatureError(EdgeError, ValueError):
     """A sealed payload was refused; `reason` is a short machine-readable code."""
 
     def __init__(self, reason: str, detail: str = "") -> None:

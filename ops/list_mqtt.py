@@ -15,9 +15,10 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from edge.idlist.dist import Message, subscription
 from edge.idlist.updater import ListUpdater, Outcome
+from ops.errors import OpsError
 
 
-class PublishError(RuntimeError):
+class PublishError(OpsError, RuntimeError):
     """The broker refused or did not acknowledge a message."""
 
 

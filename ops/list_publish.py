@@ -10,8 +10,9 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from edge.atomic import write_atomic
 from edge.idlist.base import read_technicians_csv
-from edge.idlist.codec import build_list, load_list, open_list, write_file_atomic
+from edge.idlist.codec import build_list, load_list, open_list
 from edge.idlist.delta import Delta, diff
 from edge.idlist.dist import (
     DEFAULT_CHUNK_SIZE,
@@ -78,7 +79,7 @@ def publish_list(csv_path: str | os.PathLike[str], *, name: str, version: int,
         prev = Path(prev_path).read_bytes()
     data = build_from_csv(csv_path, name=name, version=version, issued_ms=issued_ms)
     plan = plan_publish(data, key, prev=prev, chunk_size=chunk_size, force=force)
-    write_file_atomic(out_path or f"{name}.{version}.idl", data)
+    write_atomic(out_path or f"{name}.{version}.idl", data)
     if broker is None:
         return plan
     from tqdm import tqdm

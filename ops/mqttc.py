@@ -15,8 +15,10 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
+from ops.errors import OpsError
 
-class MqttError(RuntimeError):
+
+class MqttError(OpsError, RuntimeError):
     """Connection refused, a publish refused (reason code) or not acknowledged in time."""
 
 

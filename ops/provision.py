@@ -10,11 +10,10 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from edge.atomic import write_atomic
 from ops.inventory import InventoryFile
 from ops.pki import CA, Issued, PkiError, check_device, serial_of
 
@@ -61,8 +60,8 @@ def add_device(pki: str | Path, site: str, dev: str, *, role: str = "gate",
         raise PkiError(f"device {dev!r} exists: use `ccus ops device rotate`")
     out = device_dir(pki, site, dev)
     issued = CA(pki).issue_device(out, site, dev, days=days)
-    (out / "agent.toml").write_text(AGENT_TOML.format(dev=dev, site=site, role=role, host=host,
-                                                      port=port))
+    write_atomic(out / "agent.toml", AGENT_TOML.format(dev=dev, site=site, role=role, host=host,
+                                                       port=port))
     inv.add_device(site, dev, issued.serial)
     inv.save()
     return issued
@@ -135,7 +134,4 @@ def add_site(pki: str | Path, site: str, devices: Sequence[str], *, role: str = 
 
 def copy_secret(src: Path, dst: Path) -> None:
     """Copy a private key keeping it 0600 from the first byte."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with open(fd, "wb") as f, open(src, "rb") as s:
-        shutil.copyfileobj(s, f)
+    write_atomic(dst, Path(src).read_bytes(), mode=0o600)
