@@ -267,7 +267,7 @@ def _broker(cfg: AgentConfig, timeout_s: float) -> Check:
             except (ssl.SSLError, ConnectionError, OSError) as exc:
                 return Check("broker", False, f"{where}: TLS handshake failed ({_why(exc)}): is it a "
                                               "TLS port? (mqtt.tls, mqtt.port)")
-            how = f"TLS {sock.version()}"  # type: ignore[attr-defined]
+            how = str(sock.version())  # type: ignore[attr-defined]
         return _mqtt_connect(sock, f"{cfg.device.id}-check", where, how, timeout_s)
     finally:
         sock.close()
