@@ -5,6 +5,8 @@ Rules:
   the unit itself, so a line carries no timestamp of ours, only an sd-daemon priority prefix
   `<N>` (syslog levels: 3 error, 4 warning, 6 info, 7 debug) on EVERY line, traceback lines
   included, so `journalctl -p warning -u ccus-agent` shows exactly the problems.
+  What is written to stderr outside logging (a command's one-line error, an uncaught
+  traceback) goes through `PriorityStream` and carries `<3>` (error) on every line too.
 - `json`: one object per line (ts, level, priority, logger, msg, and exc when there is one), for
   log shippers.
 - `text`: a timestamped line, for a terminal.
@@ -14,6 +16,7 @@ Rules:
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import logging
 import os
@@ -82,9 +85,40 @@ def under_journal(stream: TextIO, env: Mapping[str, str] = os.environ) -> bool:
     return (st.st_dev, st.st_ino) == (dev, ino)
 
 
-def formatter(fmt: str, stream: TextIO) -> logging.Formatter:
+class PriorityStream(io.TextIOBase):
+    """A text stream that puts `<prio>` before every line written to it (sd-daemon style)."""
+
+    def __init__(self, raw: TextIO, prio: int = 3) -> None:
+        self.raw, self.prefix, self._mid_line = raw, f"<{prio}>", False
+
+    def write(self, s: str) -> int:
+        out = []
+        for part in s.splitlines(keepends=True):
+            if not self._mid_line:
+                out.append(self.prefix)
+            out.append(part)
+            self._mid_line = not part.endswith("\n")
+        self.raw.write("".join(out))
+        return len(s)
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+    def fileno(self) -> int:
+        return self.raw.fileno()
+
+    def writable(self) -> bool:
+        return True
+
+
+def resolve(fmt: str, stream: TextIO) -> str:
     if fmt == "auto":
-        fmt = "journal" if under_journal(stream) else "text"
+        return "journal" if under_journal(stream) else "text"
+    return fmt
+
+
+def formatter(fmt: str, stream: TextIO) -> logging.Formatter:
+    fmt = resolve(fmt, stream)
     if fmt == "journal":
         return JournalFormatter()
     if fmt == "json":
@@ -95,6 +129,12 @@ def formatter(fmt: str, stream: TextIO) -> logging.Formatter:
 def setup_logging(level: int, fmt: str = "auto", stream: TextIO | None = None) -> None:
     """Send every log record at `level` and above to `stream` (stderr) in format `fmt`."""
     stream = stream or sys.stderr
+    if isinstance(stream, PriorityStream):
+        stream = stream.raw  # set up twice in one process: log to the raw stream again
+    if resolve(fmt, stream) == "journal" and stream is sys.stderr:
+        # everything else written to stderr is an error line (print(..., file=sys.stderr),
+        # tracebacks): `<3>` on each, so none of them hides below `journalctl -p warning`
+        sys.stderr = PriorityStream(stream)  # type: ignore[assignment]
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter(fmt, stream))
     root = logging.getLogger()

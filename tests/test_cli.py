@@ -204,3 +204,29 @@ def test_agent_log_format_json_given_after_the_subcommand(tmp_path: Path) -> Non
     docs = [json.loads(line) for line in out.splitlines()]
     assert docs and all({"ts", "level", "logger", "msg"} <= d.keys() for d in docs)
     assert any(d["level"] == "info" for d in docs)
+
+
+def _under_journal(argv: list[str], tmp_path: Path) -> str:
+    """stderr of `python ARGV` run with JOURNAL_STREAM naming its stderr, as systemd does."""
+    err = tmp_path / "stderr"
+    with open(err, "w") as f:
+        st = os.fstat(f.fileno())
+        subprocess.run([sys.executable, *argv], stdout=subprocess.DEVNULL, stderr=f, cwd=ROOT,
+                       timeout=60, env={**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
+    return err.read_text()
+
+
+def test_a_commands_error_line_under_systemd_is_an_error_priority(tmp_path: Path) -> None:
+    conf = tmp_path / "agent.toml"
+    conf.write_text('[device]\nid = "gate-1"\nsite = "123"\n')
+    out = _under_journal(["-m", "ccus.cli", "agent", "--config", str(conf)], tmp_path)
+    assert out.startswith("<3>ccus agent: device.site") and out.count("\n") == 1, out
+
+
+def test_an_uncaught_traceback_under_systemd_is_error_on_every_line(tmp_path: Path) -> None:
+    out = _under_journal(["-c", "from ccus.logs import setup_logging; setup_logging(20)\n"
+                                "import logging; logging.getLogger('x').warning('careful')\n"
+                                "raise RuntimeError('boom')"], tmp_path)
+    lines = out.splitlines()
+    assert lines[0] == "<4>x: careful" and lines[-1] == "<3>RuntimeError: boom"
+    assert len(lines) > 3 and all(line.startswith("<3>") for line in lines[1:]), out
