@@ -128,10 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
     except ModuleNotFoundError as exc:
-        missing = MissingExtra.for_module(exc)
+        cmd = chosen_command(argv)
+        missing = MissingExtra.for_module(exc, cmd)
         if missing is exc:
             raise
-        cmd = chosen_command(argv)
         print(f"ccus{' ' + cmd if cmd else ''}: {missing}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -230,3 +230,14 @@ def test_an_uncaught_traceback_under_systemd_is_error_on_every_line(tmp_path: Pa
     lines = out.splitlines()
     assert lines[0] == "<4>x: careful" and lines[-1] == "<3>RuntimeError: boom"
     assert len(lines) > 3 and all(line.startswith("<3>") for line in lines[1:]), out
+
+
+def test_a_module_of_two_extras_names_the_commands_own() -> None:
+    r = _hidden("tqdm", ["ops", "list", "publish", "--help"])
+    assert r.returncode == 0  # help needs no progress bar: tqdm is imported where it is used
+    from ccus.extras import MissingExtra
+
+    exc = ModuleNotFoundError("No module named 'tqdm'", name="tqdm")
+    assert "ccus-touch[ops]" in str(MissingExtra.for_module(exc, "ops"))
+    assert "ccus-touch[sink]" in str(MissingExtra.for_module(exc, "sink"))
+    assert MissingExtra.for_module(ModuleNotFoundError(name="nosuch"), "ops").name == "nosuch"  # type: ignore[attr-defined]
