@@ -5,7 +5,7 @@
 Starts a private Mosquitto, writes a small gate config (one udp: reader, a CSV list), runs
 `python -m ccus.cli agent --config FILE` and reads VmRSS from /proc/PID/status after `--settle`
 seconds; the import figures come from `python -X importtime` over the agent's import path.
-Prints one JSON object. Takes about 10 s.
+Prints one JSON object. Takes about 15 s.
 """
 
 import argparse
@@ -43,6 +43,20 @@ def import_us(code: str) -> tuple[int, int]:
     return total, n
 
 
+def cpu_ms(code: str, runs: int = 7) -> float:
+    """Median CPU time (user + sys, ms) of a fresh interpreter running `code`: steadier than
+    -X importtime's wall clock on a loaded machine."""
+    import resource
+
+    times = []
+    for _ in range(runs):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, capture_output=True)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        times.append((after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime) * 1000)
+    return round(sorted(times)[len(times) // 2], 1)
+
+
 def modules_of(code: str) -> set[str]:
     r = subprocess.run([sys.executable, "-c", code + "\nimport sys; print(' '.join(sys.modules))"],
                        capture_output=True, text=True, check=True, cwd=ROOT)
@@ -56,6 +70,8 @@ def main() -> None:
     out: dict[str, object] = {}
     out["import_cli_us"], out["import_cli_modules"] = import_us("import ccus.cli")
     out["import_agent_path_us"], out["import_agent_path_modules"] = import_us(AGENT_PATH)
+    out["agent_path_cpu_ms"] = cpu_ms(AGENT_PATH)
+    out["bare_python_cpu_ms"] = cpu_ms("pass")
     mods = modules_of(AGENT_PATH)
     out["agent_path_foreign"] = sorted({m.split(".")[0] for m in mods} &
                                        {"cloud_sink", "ops", "sim", "demo", "matplotlib", "psycopg"})
