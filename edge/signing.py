@@ -19,6 +19,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from edge.atomic import write_atomic
 from edge.errors import EdgeError
 
 ENVELOPE_VERSION = 1
@@ -68,7 +69,7 @@ def write_keypair(private_path: str | Path, public_path: str | Path | None = Non
         os.fsync(fd)
     finally:
         os.close(fd)
-    public_path.write_text(public_hex(key.public_key()) + "\n", encoding="ascii")
+    write_atomic(public_path, public_hex(key.public_key()) + "\n", mode=0o644)
     return key.public_key()
 
 
