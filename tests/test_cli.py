@@ -175,12 +175,17 @@ tls = false
 
 
 def _run_agent_for(seconds: float, argv: list[str], err: Path, env: dict[str, str]) -> str:
+    """Run an agent until it has logged for `seconds` (startup may be slow on a busy machine),
+    stop it as systemd does, and return its stderr."""
     with open(err, "w") as f:
         if "JOURNAL_STREAM" in env:
             st = os.fstat(f.fileno())
             env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
         proc = subprocess.Popen([sys.executable, "-m", "ccus.cli", *argv], cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=f, env={**os.environ, **env})
+        deadline = time.monotonic() + 20
+        while err.stat().st_size == 0 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
         time.sleep(seconds)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
@@ -189,7 +194,7 @@ def _run_agent_for(seconds: float, argv: list[str], err: Path, env: dict[str, st
 
 @pytest.mark.e2e
 def test_agent_under_systemd_logs_journal_lines(tmp_path: Path) -> None:
-    out = _run_agent_for(3, ["agent", "--config", str(_agent_conf(tmp_path))],
+    out = _run_agent_for(1, ["agent", "--config", str(_agent_conf(tmp_path))],
                          tmp_path / "err", {"JOURNAL_STREAM": "set below"})
     lines = out.splitlines()
     assert lines, "the agent logged nothing"
@@ -199,7 +204,7 @@ def test_agent_under_systemd_logs_journal_lines(tmp_path: Path) -> None:
 
 @pytest.mark.e2e
 def test_agent_log_format_json_given_after_the_subcommand(tmp_path: Path) -> None:
-    out = _run_agent_for(3, ["agent", "--config", str(_agent_conf(tmp_path)), "--log-format",
+    out = _run_agent_for(1, ["agent", "--config", str(_agent_conf(tmp_path)), "--log-format",
                              "json", "-v"], tmp_path / "err", {})
     docs = [json.loads(line) for line in out.splitlines()]
     assert docs and all({"ts", "level", "logger", "msg"} <= d.keys() for d in docs)
