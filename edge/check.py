@@ -3,7 +3,8 @@
 Checks, in order: the config, the trusted operator keys, the data folder, the TLS files (CA,
 client certificate and its expiry, key, and that they belong together), the ID list the
 agent will decide against, the controller board's port (when one is configured), and the
-broker (TCP, TLS handshake with the client certificate, MQTT CONNECT).
+broker (TCP, the TLS handshake with the client certificate, and the moment after it when a
+TLS 1.3 broker refuses a certificate; on plain TCP an MQTT CONNECT).
 
 Rules: every check returns a `Check` and never raises; a failing line says what to do. The
 checks are plain functions over the config (`check_agent`), printing is separate (`render`),
@@ -253,22 +254,21 @@ def _broker(cfg: AgentConfig, timeout_s: float) -> Check:
     except OSError as exc:
         return Check("broker", False, f"{where}: {exc.strerror or exc}")
     sock: socket.socket = raw
-    how = "TCP"
     try:
-        if m.tls:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-            ctx.load_verify_locations(m.ca_file)
-            ctx.load_cert_chain(m.cert_file, m.key_file)
-            try:
-                sock = ctx.wrap_socket(raw, server_hostname=m.host)
-            except ssl.SSLCertVerificationError as exc:
-                return Check("broker", False, f"{where}: the broker's certificate fails verification "
-                                              f"({exc.verify_message}): check mqtt.ca_file and mqtt.host")
-            except (ssl.SSLError, ConnectionError, OSError) as exc:
-                return Check("broker", False, f"{where}: TLS handshake failed ({_why(exc)}): is it a "
-                                              "TLS port? (mqtt.tls, mqtt.port)")
-            how = str(sock.version())  # type: ignore[attr-defined]
-        return _mqtt_connect(sock, f"{cfg.device.id}-check", where, how, timeout_s)
+        if not m.tls:
+            return _mqtt_connect(sock, f"{cfg.device.id}-check", where, timeout_s)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_verify_locations(m.ca_file)
+        ctx.load_cert_chain(m.cert_file, m.key_file)
+        try:
+            sock = ctx.wrap_socket(raw, server_hostname=m.host)
+        except ssl.SSLCertVerificationError as exc:
+            return Check("broker", False, f"{where}: the broker's certificate fails verification "
+                                          f"({exc.verify_message}): check mqtt.ca_file and mqtt.host")
+        except (ssl.SSLError, OSError) as exc:
+            return Check("broker", False, f"{where}: TLS handshake failed ({_why(exc)}): is it a "
+                                          "TLS port? (mqtt.tls, mqtt.port)")
+        return _client_cert_accepted(sock, where)
     finally:
         sock.close()
 
@@ -277,15 +277,37 @@ def _why(exc: BaseException) -> str:
     return getattr(exc, "reason", None) or str(exc) or type(exc).__name__
 
 
+def _client_cert_accepted(sock: ssl.SSLSocket, where: str, wait_s: float = 1.0) -> Check:
+    """With TLS 1.3 the client's handshake ends before the broker has judged the client
+    certificate: a refusal arrives as an alert just after. So wait a moment for one; an MQTT
+    broker says nothing until CONNECT, so silence means accepted. No CONNECT is sent: the
+    cloud broker takes the client id from the certificate, and a CONNECT would take over the
+    running agent's session."""
+    version = sock.version()
+    sock.settimeout(wait_s)
+    try:
+        data = sock.recv(1)
+    except TimeoutError:
+        return Check("broker", True, f"{where}: {version}, client certificate accepted")
+    except ssl.SSLError as exc:
+        return Check("broker", False, f"{where}: the broker refused the client certificate "
+                                      f"({_why(exc)}): check mqtt.cert_file, the CA and the CRL")
+    except OSError as exc:
+        return Check("broker", False, f"{where}: {exc.strerror or exc} right after the TLS handshake")
+    if not data:
+        return Check("broker", False, f"{where}: closed the connection right after the TLS "
+                                      "handshake: the client certificate was refused")
+    return Check("broker", False, f"{where}: spoke first after the TLS handshake: not an MQTT broker?")
+
+
 CONNACK_CODES = {1: "unacceptable protocol version", 2: "client id refused",
                  3: "server unavailable", 4: "bad user name or password",
-                 5: "not authorized (certificate unknown, revoked, or not in the ACL)"}
+                 5: "not authorized"}
 
 
-def _mqtt_connect(sock: socket.socket, client_id: str, where: str, how: str,
-                  timeout_s: float) -> Check:
-    """One MQTT 3.1.1 CONNECT (clean session, a client id of its own so a running agent is not
-    taken over) and its CONNACK: with TLS 1.3 a refused client certificate shows only here."""
+def _mqtt_connect(sock: socket.socket, client_id: str, where: str, timeout_s: float) -> Check:
+    """Plain TCP (a private test broker): one MQTT 3.1.1 CONNECT under a client id of its own
+    (clean session) and its CONNACK, so a port that is not MQTT shows."""
     cid = client_id.encode()
     var = b"\x00\x04MQTT\x04\x02" + struct.pack(">H", 10)      # level 4, clean session, 10 s
     body = var + struct.pack(">H", len(cid)) + cid
@@ -293,21 +315,16 @@ def _mqtt_connect(sock: socket.socket, client_id: str, where: str, how: str,
         sock.settimeout(timeout_s)
         sock.sendall(bytes([0x10, len(body)]) + body)
         ack = _recv(sock, 4)
-        if len(ack) == 4 and ack[0] == 0x20 and ack[3] == 0:
-            sock.sendall(b"\xe0\x00")  # DISCONNECT
-            return Check("broker", True, f"{where}: {how}, MQTT CONNECT accepted")
-        if len(ack) == 4 and ack[0] == 0x20:
-            return Check("broker", False, f"{where}: CONNECT refused: "
-                                          f"{CONNACK_CODES.get(ack[3], ack[3])}")
-        return Check("broker", False, f"{where}: closed the connection after {how} "
-                                      "(client certificate refused, or not an MQTT port)")
-    except ssl.SSLError as exc:
-        return Check("broker", False, f"{where}: the broker refused the client certificate "
-                                      f"({_why(exc)}): check mqtt.cert_file and the CRL")
     except TimeoutError:
         return Check("broker", False, f"{where}: no CONNACK within {timeout_s:g} s: is it an MQTT port?")
     except OSError as exc:
         return Check("broker", False, f"{where}: {exc.strerror or exc}")
+    if len(ack) == 4 and ack[0] == 0x20 and ack[3] == 0:
+        sock.sendall(b"\xe0\x00")  # DISCONNECT
+        return Check("broker", True, f"{where}: plain TCP (mqtt.tls = false), MQTT CONNECT accepted")
+    if len(ack) == 4 and ack[0] == 0x20:
+        return Check("broker", False, f"{where}: CONNECT refused: {CONNACK_CODES.get(ack[3], ack[3])}")
+    return Check("broker", False, f"{where}: no CONNACK: is it an MQTT port? (or a TLS one: mqtt.tls)")
 
 
 def _recv(sock: socket.socket, n: int) -> bytes:
@@ -318,4 +335,3 @@ def _recv(sock: socket.socket, n: int) -> bytes:
             break
         data += chunk
     return data
-

@@ -17,7 +17,7 @@ from edge.check import check_agent
 from edge.idlist import Entry, Status
 from edge.signing import write_keypair
 from ops import provision
-from ops.acl import render_acl
+from ops.acl import render_acl, render_dynsec
 from ops.inventory import InventoryFile
 from ops.pki import CA
 
@@ -33,6 +33,7 @@ class Site:
     pki: Path
     broker: PrivateBroker
     keys: Path
+    values: dict[str, Path]
 
     def config(self, name: str, *, cert: Path | None = None, key: Path | None = None,
                port: int | None = None, tls: bool = True, extra: str = "",
@@ -71,11 +72,14 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     write_keypair(root / "operator.key", root / "keys" / "operator.pub")
     write_idlist_csv(root / "list.csv", [Entry("10000000000001", Status.ACTIVE,
                                                cards=(card_of(1).ident,))])
+    dynsec = root / "dynamic-security.json"
+    dynsec.write_text(render_dynsec(InventoryFile(pki).inventory()))
     values = {"ca_file": pki / "ca.crt", "cert_file": pki / "server" / "server.crt",
-              "key_file": pki / "server" / "server.key", "crl_file": pki / "crl.pem", "acl_file": acl}
+              "key_file": pki / "server" / "server.key", "crl_file": pki / "crl.pem", "acl_file": acl,
+              "dynsec_file": dynsec}
     broker = PrivateBroker(root / "broker", template="cloud.conf", values=values).start()
     try:
-        yield Site(root, pki, broker, root / "keys")
+        yield Site(root, pki, broker, root / "keys", values)
     finally:
         broker.close()
 
@@ -98,7 +102,7 @@ def test_a_good_config_passes_every_check(site: Site) -> None:
     names = [line.split()[1] for line in lines[:-1]]
     assert names == ["config", "operator", "data", "tls", "tls", "tls", "tls", "id", "broker"]
     assert all(line.startswith("ok") for line in lines[:-1]), r.stdout
-    assert "MQTT CONNECT accepted" in r.stdout and "TLS" in r.stdout
+    assert "TLSv1.3, client certificate accepted" in r.stdout
     assert lines[-1] == "9 ok, 0 failed"
 
 
@@ -141,6 +145,17 @@ def test_a_certificate_of_another_ca_fails_the_chain_and_the_broker(site: Site) 
     issued = other.issue_device(site.root / "foreign", SITE, "gate-01")
     bad = failed(site, site.config("foreign", cert=issued.cert, key=issued.key))
     assert list(bad) == ["tls chain", "broker"], bad
+
+
+def test_a_revoked_certificate_is_refused_by_the_broker(site: Site) -> None:
+    # every file checks out locally; only the broker (CRL read at its start) knows better
+    ca = CA(site.pki)
+    issued = ca.issue_device(site.root / "revoked", SITE, "gate-01")
+    ca.revoke(issued.serial)
+    with PrivateBroker(site.root / "broker-crl", template="cloud.conf", values=site.values) as b:
+        bad = failed(site, site.config("revoked", cert=issued.cert, key=issued.key, port=b.port))
+    assert list(bad) == ["broker"], bad
+    assert "refused the client certificate" in bad["broker"] or "closed the connection" in bad["broker"]
 
 
 def test_a_list_path_that_is_a_folder_fails(site: Site) -> None:
