@@ -18,7 +18,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
-import shutil
 import signal
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -277,9 +276,7 @@ def install_crl(crl: str | Path, bundles: Iterable[str | Path]) -> list[Path]:
     done = []
     for b in bundles:
         dst = Path(b) / "crl.pem"
-        tmp = dst.with_name("crl.pem.tmp")
-        shutil.copyfile(crl, tmp)
-        os.replace(tmp, dst)
+        write_atomic(dst, Path(crl).read_bytes(), mode=0o644)
         done.append(dst)
     return done
 
