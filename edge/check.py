@@ -56,13 +56,17 @@ def run_checks(config_path: str, keys_dir: str | None = None) -> int:
 def check_agent(config_path: str | Path, *, keys_dir: str | None = None,
                 now: dt.datetime | None = None, timeout_s: float = TIMEOUT_S) -> list[Check]:
     try:
-        cfg = load(config_path)
+        base = load(config_path)
     except ConfigError as exc:
         return [Check("config", False, f"{exc}: fix the file and check again")]
     now = now or dt.datetime.now(dt.UTC)
     keys_dir = keys_dir or os.environ.get("CCUS_KEYS_DIR", config_apply.KEYS_DIR)
+    keys = config_apply.load_keys(keys_dir) if Path(keys_dir).is_dir() else []
+    # what the agent will run: the file with the signed overlays it saved on top
+    cfg, applied = config_apply.boot_config(base, keys)
+    pushed = f"; signed config v{applied.version} applied on top" if applied.version else ""
     out = [Check("config", True, f"{config_path}: {cfg.device.role} {cfg.device.id} at site "
-                                 f"{cfg.device.site}")]
+                                 f"{cfg.device.site}{pushed}")]
     out.append(_keys(keys_dir))
     out.append(_data_dir(cfg))
     tls_ok = True
