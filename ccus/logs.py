@@ -127,7 +127,17 @@ def formatter(fmt: str, stream: TextIO) -> logging.Formatter:
 
 
 def setup_logging(level: int, fmt: str = "auto", stream: TextIO | None = None) -> None:
-    """Send every log record at `level` and above to `stream` (stderr) in format `fmt`."""
+    """Send every log record at `level` and above to `stream` (stderr) in format `fmt`.
+
+    As `logging.basicConfig`: when the root logger already has handlers that are not ours (a
+    test harness calling `ccus.cli.main()` in-process), logging is left as it is.
+    """
+    root = logging.getLogger()
+    ours = [h for h in root.handlers if getattr(h, "ccus_handler", False)]
+    if root.handlers and not ours:
+        return
+    for h in ours:
+        root.removeHandler(h)
     stream = stream or sys.stderr
     if isinstance(stream, PriorityStream):
         stream = stream.raw  # set up twice in one process: log to the raw stream again
@@ -137,8 +147,6 @@ def setup_logging(level: int, fmt: str = "auto", stream: TextIO | None = None) -
         sys.stderr = PriorityStream(stream)  # type: ignore[assignment]
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter(fmt, stream))
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
+    handler.ccus_handler = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level)

@@ -246,3 +246,13 @@ def test_a_module_of_two_extras_names_the_commands_own() -> None:
     assert "ccus-touch[ops]" in str(MissingExtra.for_module(exc, "ops"))
     assert "ccus-touch[sink]" in str(MissingExtra.for_module(exc, "sink"))
     assert MissingExtra.for_module(ModuleNotFoundError(name="nosuch"), "ops").name == "nosuch"  # type: ignore[attr-defined]
+
+
+def test_main_in_process_leaves_a_harness_logging_alone(tmp_path: Path) -> None:
+    # pytest's own capture handlers sit on the root logger: main() must not replace them
+    # with a handler on a stream pytest closes after this test
+    root = logging.getLogger()
+    before = list(root.handlers)
+    assert before, "pytest installs its capture handlers"
+    cli.main(["sink", "gaps", "--db", str(tmp_path / "s.sqlite")])
+    assert root.handlers == before
