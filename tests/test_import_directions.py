@@ -26,12 +26,10 @@ ALLOWED: dict[str, set[str] | str] = {
     "ccus": ANY,                                # the command, lazily
 }
 
-# TODO(roles): edge/agent.py builds vending.station.VendStation itself; the `roles` branch
-# turns roles into plug-ins (edge/roles/) and removes this edge. Delete the entry then:
-# test_every_exception_is_still_needed fails as soon as it is no longer used.
-EXCEPTIONS: dict[tuple[str, str], set[str]] = {
-    ("edge", "vending"): {"edge/agent.py"},
-}
+# Allowed-edge exceptions, each with the file(s) it covers and why (none left: the last one,
+# edge/agent.py -> vending.station, went when roles became plug-ins through the `ccus.roles`
+# entry points). test_every_exception_is_still_needed fails on one no longer used.
+EXCEPTIONS: dict[tuple[str, str], set[str]] = {}
 
 
 def rooms() -> set[str]:
