@@ -86,7 +86,7 @@ def test_one_base_per_package_catches_every_family_member() -> None:
     from vending.errors import VendingError
     from vending.ledger import LedgerError
 
-    families = {
+    families: dict[type[Exception], list[type[Exception]]] = {
         ListError: [ListFormatError, DeltaError, MergeConflict, ManifestError],
         ReaderError: [PcscDown, LinkLost],
         EdgeError: [ListError, ReaderError, ConfigError, ConfigRefused, BoardError, BoardSilent,

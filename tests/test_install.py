@@ -95,7 +95,7 @@ targets = ["212F"]
 """)
         got: list[bytes] = []
         c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-        c.on_message = lambda cl, u, m: got.append(m.payload)
+        c.on_message = lambda cl, u, m: got.append(bytes(m.payload))
         c.connect(b.host, b.port)
         c.subscribe(topics.touch(SITE, "gate-pip"), qos=1)
         c.loop_start()
