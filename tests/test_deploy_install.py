@@ -1,6 +1,7 @@
 """deploy/install.sh into a temp root: the tree, its owners and modes (ids from the tree's own
 /etc/passwd), the venv's `ccus`, every path the systemd units name, `systemd-analyze verify`."""
 
+import os
 import re
 import shutil
 import stat
@@ -14,7 +15,12 @@ ROOT = Path(__file__).resolve().parent.parent
 SKIP = shutil.ignore_patterns(".venv", ".git", "__pycache__", "*.egg-info", ".pytest_cache",
                               ".ruff_cache", ".hypothesis", "build", "demo-data")
 
-pytestmark = pytest.mark.e2e
+pytestmark = [
+    pytest.mark.e2e,
+    # the script sets owners (chown) and makes users with useradd --prefix: both need root
+    pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("useradd"),
+                       reason="deploy/install.sh --root needs root and useradd"),
+]
 
 
 @pytest.fixture(scope="module")
