@@ -7,13 +7,14 @@ import csv
 import io
 from datetime import date
 
+from cloud_sink.errors import SinkError
 from cloud_sink.model import Course, Device
 from protocol.touch import DEVICE_ID, SITE_ID
 
 REQUIRED = ("course", "name", "starts", "ends", "enrolled")
 
 
-class CsvError(ValueError):
+class CsvError(SinkError, ValueError):
     pass
 
 

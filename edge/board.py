@@ -11,6 +11,7 @@ from typing import Any
 
 import serial
 
+from edge.errors import EdgeError
 from firmware import frame
 
 RESULT_NAMES = {
@@ -26,7 +27,7 @@ RESULT_NAMES = {
 }
 
 
-class BoardError(Exception):
+class BoardError(EdgeError):
     """Something went wrong talking to the board."""
 
 

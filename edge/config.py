@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge.errors import EdgeError
 from protocol.touch import DEVICE_ID, MAX_SEQ, SITE_ID, Role, fact_text_ok
 
 
-class ConfigError(ValueError):
+class ConfigError(EdgeError, ValueError):
     """A config file that cannot be used; the message names the key."""
 
 

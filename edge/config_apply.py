@@ -29,7 +29,6 @@ import copy
 import dataclasses
 import hashlib
 import logging
-import os
 import queue
 import threading
 import time
@@ -41,7 +40,9 @@ from typing import Any
 import cbor2
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from edge.atomic import write_atomic
 from edge.config import AgentConfig, ConfigError, from_dict
+from edge.errors import EdgeError
 from edge.signing import SignatureError, load_public_key, open_sealed, seal
 from protocol import topics
 from protocol.topics import SITE_LEVEL
@@ -59,7 +60,7 @@ DAY_MS = 86_400_000
 DEFAULT_MAX_AGE_DAYS = 90.0         # [security] max_config_age_days
 
 
-class ConfigRefused(ValueError):
+class ConfigRefused(EdgeError, ValueError):
     """A config envelope the device will not apply; `reason` is a short code for the ack."""
 
     def __init__(self, reason: str, detail: str = "") -> None:
@@ -256,22 +257,6 @@ def load_keys(keys_dir: str | Path = KEYS_DIR) -> list[Ed25519PublicKey]:
         except (OSError, ValueError) as exc:
             log.warning("trusted key %s unusable: %s", p, exc)
     return keys
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write a temp file, fsync it, rename it over `path`, fsync the folder: all or nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def load_state(state_dir: Path, keys: Iterable[Ed25519PublicKey], site: str, dev: str) -> Applied:

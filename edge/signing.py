@@ -19,11 +19,14 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from edge.atomic import write_atomic
+from edge.errors import EdgeError
+
 ENVELOPE_VERSION = 1
 _DOMAIN = b"ccus-touch/v1/"
 
 
-class SignatureError(ValueError):
+class SignatureError(EdgeError, ValueError):
     """A sealed payload was refused; `reason` is a short machine-readable code."""
 
     def __init__(self, reason: str, detail: str = "") -> None:
@@ -66,7 +69,7 @@ def write_keypair(private_path: str | Path, public_path: str | Path | None = Non
         os.fsync(fd)
     finally:
         os.close(fd)
-    public_path.write_text(public_hex(key.public_key()) + "\n", encoding="ascii")
+    write_atomic(public_path, public_hex(key.public_key()) + "\n", mode=0o644)
     return key.public_key()
 
 

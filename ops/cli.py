@@ -340,10 +340,11 @@ def _cert_status(a: argparse.Namespace) -> int:
 
 
 def _acl(a: argparse.Namespace) -> int:
+    from edge.atomic import write_atomic
     from ops.acl import render_acl
     from ops.inventory import InventoryFile
 
-    Path(a.out).write_text(render_acl(InventoryFile(a.pki).inventory(), site=a.site))
+    write_atomic(a.out, render_acl(InventoryFile(a.pki).inventory(), site=a.site))
     return _out({"acl": a.out})
 
 

@@ -7,10 +7,10 @@ reload even before its certificate is revoked.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from edge.atomic import write_atomic
 from ops.acl import Inventory
 
 
@@ -22,9 +22,7 @@ class InventoryFile:
             self.data.update(json.loads(self.path.read_text()))
 
     def save(self) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, self.path)
+        write_atomic(self.path, json.dumps(self.data, indent=2, sort_keys=True) + "\n", mode=0o600)
 
     def add_device(self, site: str, dev: str, serial: int) -> None:
         entry = self.data["devices"].get(dev)

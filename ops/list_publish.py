@@ -19,8 +19,9 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from edge.atomic import write_atomic
 from edge.idlist.base import read_technicians_csv
-from edge.idlist.codec import build_list, load_list, open_list, write_file_atomic
+from edge.idlist.codec import build_list, load_list, open_list
 from edge.idlist.delta import Delta, diff
 from edge.idlist.dist import (
     DEFAULT_CHUNK_SIZE,
@@ -84,13 +85,13 @@ def write_messages(folder: str | os.PathLike[str], messages: list[Message]) -> P
     entries, lines = [], []
     for i, m in enumerate(messages, 1):
         name = f"{i:04d}.bin"
-        write_file_atomic(out / name, m.payload)
+        write_atomic(out / name, m.payload)
         entries.append({"file": name, "topic": m.topic, "retain": m.retain,
                         "bytes": len(m.payload), "sha256": hashlib.sha256(m.payload).hexdigest()})
         lines.append(f"{name}\t{int(m.retain)}\t{m.topic}\n")
-    write_file_atomic(out / TSV, "".join(lines).encode())
+    write_atomic(out / TSV, "".join(lines).encode())
     doc = {"format": FOLDER_FORMAT, "count": len(entries), "messages": entries}
-    write_file_atomic(out / MANIFEST, (json.dumps(doc, indent=1) + "\n").encode())
+    write_atomic(out / MANIFEST, (json.dumps(doc, indent=1) + "\n").encode())
     return out / MANIFEST
 
 
@@ -154,7 +155,7 @@ def publish_list(csv_path: str | os.PathLike[str], *, name: str, version: int,
     plan = plan_publish(data, key, prev=prev, chunk_size=chunk_size, force=force)
     if messages_dir is not None:
         write_messages(messages_dir, plan.messages)
-    write_file_atomic(out_path or f"{name}.{version}.idl", data)
+    write_atomic(out_path or f"{name}.{version}.idl", data)
     if broker is None:
         return plan
     publish_messages(broker, plan.messages, progress=progress, timeout=timeout,

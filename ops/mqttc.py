@@ -27,6 +27,8 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
+from ops.errors import OpsError
+
 if TYPE_CHECKING:  # the list code (and `cryptography`) only when a list is handled
     from edge.idlist.dist import Message
     from edge.idlist.updater import ListUpdater, Outcome
@@ -35,7 +37,7 @@ TLS_PORT = 8883            # the cloud broker's listener (docs/operations.md, br
 DEFAULT_BROKER = f"127.0.0.1:{TLS_PORT}"
 
 
-class MqttError(RuntimeError):
+class MqttError(OpsError, RuntimeError):
     """Connection refused or failed, a publish refused (reason code) or not acknowledged."""
 
 

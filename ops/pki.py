@@ -18,7 +18,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
-import shutil
 import signal
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -29,6 +28,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from edge.atomic import write_atomic
+from ops.errors import OpsError
 from protocol.touch import DEVICE_ID, SITE_ID
 
 KINDS = ("operator", "sink", "bridge")
@@ -37,7 +38,7 @@ CRL_DAYS = 30     # a CRL past nextUpdate makes the broker refuse everyone: reis
 CRL_WARN_DAYS = 7  # `ccus ops cert status` (and the fleet view) warn this long before it lapses
 
 
-class PkiError(ValueError):
+class PkiError(OpsError, ValueError):
     """A PKI request that cannot be honoured; the message says why."""
 
 
@@ -69,10 +70,7 @@ def write_private_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
 
 
 def _write_public(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_atomic(path, data, mode=0o644)
 
 
 def _pem(cert: x509.Certificate) -> bytes:
@@ -278,9 +276,7 @@ def install_crl(crl: str | Path, bundles: Iterable[str | Path]) -> list[Path]:
     done = []
     for b in bundles:
         dst = Path(b) / "crl.pem"
-        tmp = dst.with_name("crl.pem.tmp")
-        shutil.copyfile(crl, tmp)
-        os.replace(tmp, dst)
+        write_atomic(dst, Path(crl).read_bytes(), mode=0o644)
         done.append(dst)
     return done
 

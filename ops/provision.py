@@ -18,7 +18,6 @@ The generated agent.toml follows the signed ID list `[idlist] name` over MQTT (i
 from __future__ import annotations
 
 import ipaddress
-import os
 import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -27,6 +26,7 @@ from pathlib import Path
 
 from cryptography import x509
 
+from edge.atomic import write_atomic
 from ops.inventory import InventoryFile
 from ops.pki import CA, Issued, PkiError, check_device, serial_of
 
@@ -172,8 +172,8 @@ def _issue_device(ca: CA, inv: InventoryFile, pki: Path, site: str, spec: Device
                   host: str, port: int, list_name: str, days: int) -> Issued:
     out = device_dir(pki, site, spec.id)
     issued = ca.issue_device(out, site, spec.id, days=days)
-    (out / "agent.toml").write_text(agent_toml(site, spec, host=host, port=port,
-                                               list_name=list_name))
+    write_atomic(out / "agent.toml", agent_toml(site, spec, host=host, port=port,
+                                                list_name=list_name).encode())
     inv.add_device(site, spec.id, issued.serial)
     return issued
 
@@ -276,7 +276,4 @@ def add_site(pki: str | Path, site: str, devices: Sequence[str | DeviceSpec], *,
 
 def copy_secret(src: Path, dst: Path) -> None:
     """Copy a private key keeping it 0600 from the first byte."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with open(fd, "wb") as f, open(src, "rb") as s:
-        shutil.copyfileobj(s, f)
+    write_atomic(dst, Path(src).read_bytes(), mode=0o600)

@@ -8,12 +8,14 @@ decode_ack() returns N or raises AckError; it never raises anything else, whatev
 
 import cbor2
 
+from protocol.errors import ProtocolError
+
 ACK_VERSION = 1
 MAX_SEQ = 2**63 - 1
 MAX_ACK_PAYLOAD = 64
 
 
-class AckError(ValueError):
+class AckError(ProtocolError):
     """A payload on an ack topic that is not a valid v1 acknowledgement."""
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import cbor2
 
+from protocol.errors import ProtocolError
 from protocol.fields import (  # noqa: F401 - re-exported: the touch's field rules
     DEVICE_ID,
     FACT_KEY,
@@ -50,7 +51,7 @@ class CardTech(StrEnum):
     UNKNOWN = "unknown"
 
 
-class TouchError(ValueError):
+class TouchError(ProtocolError):
     """A payload that is not a valid v1 touch. `reason` is a stable code for dead letters."""
 
     def __init__(self, reason: str, detail: str) -> None:

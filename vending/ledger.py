@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .errors import VendingError
 from .transaction import COMMITTED, HELD, RELEASED
 
 
@@ -16,7 +17,7 @@ class AllowanceKey:
     period: str
 
 
-class LimitReached(Exception):
+class LimitReached(VendingError):
     """No allowance left in this period."""
 
     def __init__(self, key: AllowanceKey, used: int, limit: int) -> None:
@@ -28,7 +29,7 @@ class LimitReached(Exception):
         self.limit = limit
 
 
-class LedgerError(Exception):
+class LedgerError(VendingError):
     pass
 
 

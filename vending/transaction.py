@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import VendingError
+
 # States
 RESERVED = "reserved"  # allowance held, journaled; the board has not been asked yet
 VENDING = "vending"  # journaled as about to be / being sent to the board
@@ -81,7 +83,7 @@ IDEMPOTENT: frozenset[tuple[str, str]] = frozenset(
 )
 
 
-class InvalidTransition(Exception):
+class InvalidTransition(VendingError):
     """An event that makes no sense in this state (e.g. a confirmation after a release)."""
 
     def __init__(self, state: str, event: str) -> None:

@@ -12,6 +12,7 @@ import psycopg
 
 from cloud_sink.derive.rows import Row
 from cloud_sink.derive.sql import INCREMENTAL
+from cloud_sink.errors import SinkError
 from cloud_sink.model import Policy
 from cloud_sink.stores import migrations
 from cloud_sink.stores.base import INSERT_FROM_STAGE_IN_KEY_ORDER, STORE_COLUMNS, SqlStore
@@ -21,7 +22,7 @@ _DERIVE_LOCK = 0x63637573_0002    # 'ccus' 2: derivations run one at a time
 _REGISTRY_LOCK = 0x63637573_0003  # 'ccus' 3: batches hold it shared, a registry change exclusively
 
 
-class StoreUnavailable(RuntimeError):
+class StoreUnavailable(SinkError, RuntimeError):
     pass
 
 

@@ -28,8 +28,8 @@ from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator
 from itertools import accumulate
-from pathlib import Path
 
+from edge.errors import ListError
 from edge.idlist.base import Entry, ListIdentity, Status
 
 MAGIC = b"CCUSIDL\x00"
@@ -57,7 +57,7 @@ _new_entry = object.__new__
 _set = object.__setattr__
 
 
-class ListFormatError(ValueError):
+class ListFormatError(ListError, ValueError):
     """The bytes are not a valid v1 ID list (or a list could not be built from the rows)."""
 
 
@@ -434,21 +434,3 @@ def open_list(path: str | os.PathLike[str], *, verify: bool = True) -> MmapIdLis
     return lst
 
 
-def write_file_atomic(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write, fsync, rename, fsync the directory: readers see the old file or the new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(directory: str | os.PathLike[str]) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

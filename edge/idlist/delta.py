@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from edge.errors import ListError
 from edge.idlist.codec import (
     CARD_LENGTHS,
     MAX_CARDS_PER_ID,
@@ -25,7 +26,7 @@ from edge.idlist.merge import MergeConflict, merge
 from protocol.touch import MAX_TS_MS as MAX_ISSUED_MS  # issue times: UTC ms up to year 9999
 
 
-class DeltaError(ValueError):
+class DeltaError(ListError, ValueError):
     """A delta document is malformed or does not fit the list it is applied to.
 
     `reason`: delta_invalid (bad content), delta_base (not for the applied list),

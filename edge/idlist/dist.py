@@ -21,6 +21,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from edge.errors import ListError
 from edge.idlist.codec import HEADER_SIZE, MAX_RECORDS, NAME, MmapIdList, load_list
 from edge.idlist.delta import Delta, DeltaError
 from edge.signing import SignatureError, open_sealed, seal
@@ -86,7 +87,7 @@ def parse_topic(topic: str) -> ListTopic | None:
     return None
 
 
-class ManifestError(ValueError):
+class ManifestError(ListError, ValueError):
     """A manifest document is malformed."""
 
 

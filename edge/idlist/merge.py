@@ -13,6 +13,7 @@ from bisect import bisect_left
 from collections.abc import Sequence
 from itertools import accumulate
 
+from edge.errors import ListError
 from edge.idlist.codec import (
     CARD_LENGTHS,
     MAX_RECORDS,
@@ -26,7 +27,7 @@ from edge.idlist.codec import (
 _TID_SHIFT, _NC = 17, 0x1FFF
 
 
-class MergeConflict(ValueError):
+class MergeConflict(ListError, ValueError):
     """The changes do not fit the base (unknown removal, a card mapped twice)."""
 
 

@@ -34,7 +34,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from edge.idlist.codec import ListFormatError, MmapIdList, fsync_dir, open_list
+from edge.atomic import fsync_dir
+from edge.idlist.codec import ListFormatError, MmapIdList, open_list
 from edge.idlist.delta import Delta, DeltaError, apply_delta
 from edge.idlist.dist import (
     Manifest,

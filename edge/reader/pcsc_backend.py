@@ -20,6 +20,7 @@ from typing import Any
 
 from edge.config import ProfileConfig, ReaderConfig
 from edge.decision import CardRead
+from edge.errors import ReaderError
 from edge.reader.backend import Feedback, OnHealth, OnRead, ReaderThread, outcome
 from edge.reader.decode import atr_tech, check_apdu, decode_tid
 from edge.reader.profiles import LinkLost, Transmit, apply_iso_dep, result
@@ -36,7 +37,7 @@ ACR122_ALLOW = bytes.fromhex("FF0040A804" "01010101")   # green blink, 1 beep
 ACR122_DENY = bytes.fromhex("FF00405404" "01010301")    # red blink, 3 beeps
 
 
-class PcscDown(Exception):
+class PcscDown(ReaderError):
     """pcscd or the reader is not usable; the context is re-established with backoff."""
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from edge.config import ProfileConfig
 from edge.decision import CardRead
+from edge.errors import ReaderError
 from edge.reader.decode import (
     check_apdu,
     decode_felica_read,
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 Transmit = Callable[[bytes], bytes]   # one APDU in, its response (data + SW1 SW2) out
 
 
-class LinkLost(Exception):
+class LinkLost(ReaderError):
     """The card or reader stopped answering during a read (card pulled away, reader gone)."""
 
 
