@@ -319,7 +319,8 @@ class FaultLog:
         self.failures += 1
         if self.cause is None:
             self.since = now
-        if cause != self.cause or detail != self.detail or now - self.warned_at >= self.remind_s:
+        if cause != self.cause or now - self.warned_at >= self.remind_s:  # not per detail: an
+            # alert one time, an EOF the next, is the same fault for the operator
             self.cause, self.detail, self.warned_at = cause, detail, now
             return True
         return False

@@ -128,9 +128,10 @@ _CERT_ALERTS = ("BAD_CERTIFICATE", "CERTIFICATE_REQUIRED", "UNKNOWN_CA", "CERTIF
                 "CERTIFICATE_EXPIRED", "CERTIFICATE_UNKNOWN", "UNSUPPORTED_CERTIFICATE")
 
 
-def classify(exc: BaseException | None, text: str = "") -> tuple[Cause, str]:
+def classify(exc: BaseException | None, text: str = "", *, tls: bool = False) -> tuple[Cause, str]:
     """A failed connection in words: (cause, detail). `text` is paho's last error message when
-    the failure surfaced inside paho (it turns socket errors into a return code)."""
+    the failure surfaced inside paho (it turns socket errors into a return code); `tls`: the
+    attempt was a TLS one (a peer that hangs up during connect() then is no TLS listener)."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         return Cause.TLS_VERIFY, exc.verify_message or str(exc)
     reason = (getattr(exc, "reason", None) or "") if isinstance(exc, ssl.SSLError) else ""
@@ -141,6 +142,8 @@ def classify(exc: BaseException | None, text: str = "") -> tuple[Cause, str]:
         return Cause.TLS_VERIFY, (reason or text).strip()
     if isinstance(exc, ssl.SSLError):
         return Cause.TLS, reason or str(exc)
+    if tls and isinstance(exc, ConnectionResetError | BrokenPipeError | ConnectionAbortedError):
+        return Cause.TLS, f"the broker hung up during the TLS handshake ({exc})"
     if isinstance(exc, ConnectionRefusedError):
         return Cause.REFUSED, str(exc)
     if isinstance(exc, socket.gaierror):
@@ -340,7 +343,7 @@ class Link:
                 else:
                     self._end = (Cause.OTHER, mqtt.error_string(rc))
             except (OSError, ValueError) as exc:  # socket, TLS, DNS: all mean "try later"
-                self._end = classify(exc)
+                self._end = classify(exc, tls=self.cfg.tls)
             was_connected = self.connected
             self.connected = False
             self.core.disconnected(time.monotonic())
@@ -365,12 +368,12 @@ class Link:
         what = (f"connection to {where} lost ({detail})" if was_connected else
                 f"cannot connect to {where}: {words} ({detail})")
         if loud:
-            log.warning("mqtt: %s%s; next attempt in %.1f s (%s UTC)%s", what,
+            log.warning("mqtt: %s%s; next attempt in %.3g s (%s UTC)%s", what,
                         f"; {hint}" if hint and not was_connected else "", wait, at,
                         "" if self.faults.failures <= 1 else
                         f", {self.faults.failures} failures so far")
         else:
-            log.debug("mqtt: %s; next attempt in %.1f s", what, wait)
+            log.debug("mqtt: %s; next attempt in %.3g s", what, wait)
 
     def _idle(self, seconds: float) -> None:
         """Between connections: wait, still taking commands and keeping the outbox."""
@@ -448,8 +451,11 @@ class Link:
             self._end = (Cause.LOST, text)
             return
         cause, _ = classify(None, text)
-        if cause is Cause.OTHER:  # closed before CONNACK: plain MQTT to a TLS port, most often
-            cause = Cause.TLS if not self.cfg.tls else Cause.OTHER
+        if cause is Cause.OTHER:
+            # closed before CONNACK: without TLS, most often plain MQTT to a TLS port; with TLS
+            # (handshake done), the broker checked our certificate after the handshake and hung
+            # up (TLS 1.3, or an alert that came after an EOF)
+            cause = Cause.BAD_CERT if self.cfg.tls else Cause.TLS
             text = f"closed by the broker before CONNACK ({text})"
         self._end = (cause, text)
 
