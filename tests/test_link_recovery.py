@@ -328,3 +328,28 @@ def test_agent_exits_non_zero_when_its_link_dies(pki: Path, tls_broker: PrivateB
     last = err.strip().splitlines()[-1]
     assert last.startswith("ccus agent: mqtt.key_file") and str(work / "device.key") in last
     assert "Traceback" not in err
+
+
+# -- the timing keys ------------------------------------------------------------------------------
+def test_deployed_agent_toml_spells_out_the_timing_defaults() -> None:
+    from edge.config import load
+
+    cfg = load(ROOT / "deploy" / "etc" / "ccus-touch" / "agent.toml").mqtt
+    default = MqttConfig()
+    for key in ("ack_timeout_s", "ack_timeout_max_s", "reconnect_min_s", "reconnect_max_s",
+                "reconnect_fast_max_s"):
+        assert getattr(cfg, key) == getattr(default, key), key
+    text = (ROOT / "docs" / "delivery.md").read_text()
+    assert all(f"`{key}`" in text for key in ("ack_timeout_s", "reconnect_fast_max_s"))
+
+
+@pytest.mark.parametrize("mqtt, key", [
+    ({"ack_timeout_s": 700.0}, "mqtt.ack_timeout_s"),          # beyond ack_timeout_max_s
+    ({"reconnect_min_s": 0.0}, "mqtt.reconnect_min_s"),
+    ({"reconnect_fast_max_s": 100.0}, "mqtt.reconnect_fast_max_s"),
+])
+def test_timing_keys_are_checked(mqtt: dict[str, float], key: str) -> None:
+    from edge.config import from_dict
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        from_dict({"device": {"id": "gate-1", "site": SITE}, "mqtt": mqtt})
