@@ -46,7 +46,7 @@ class MqttConfig:
     ack_timeout_max_s: float = 600.0
     reconnect_min_s: float = 1.0
     reconnect_max_s: float = 60.0
-    reconnect_fast_max_s: float = 4.0
+    reconnect_fast_max_s: float = 3.0
 
 
 @dataclass

@@ -285,7 +285,7 @@ class Reconnect:
 
     min_s: float = 1.0
     max_s: float = 60.0
-    fast_max_s: float = 4.0
+    fast_max_s: float = 3.0
     step: float = field(init=False)
 
     def __post_init__(self) -> None:

@@ -63,7 +63,7 @@ def decode_ack_msg(payload: bytes) -> AckMsg:
         raise AckError("not a v1 ack map") from exc
     if type(v) is not int or v != ACK_VERSION:
         raise AckError("not a v1 ack map")
-    if not _is_int(upto, MAX_SEQ):
+    if not isinstance(upto, int) or not _is_int(upto, MAX_SEQ):
         raise AckError(f"upto: {type(upto).__name__} {upto!r:.40} is not a seq")
     if epoch is not None and not _is_int(epoch, MAX_EPOCH):
         raise AckError(f"ep: {type(epoch).__name__} {epoch!r:.40} is not an epoch")

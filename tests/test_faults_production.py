@@ -1,5 +1,5 @@
 """A fault run with the PRODUCTION delivery timing (edge/config.py defaults: reconnect 1 s
-doubling to 60 s, 4 s while the broker's host refuses TCP, acknowledgement timeout 30 s):
+doubling to 60 s, 3 s while the broker's host refuses TCP, acknowledgement timeout 30 s):
 the broker is killed (-9) under a running agent that is building a backlog, stays down while
 the taps go on, and is started again on its persistence. Everything must be acknowledged end
 to end and stored once; the reconnect and drain times are printed (docs/delivery.md has them).
@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
+from test_faults import DEVICE, DRIVER, ROOT, Rig, made_by_agent, snapshot
 
 from broker.procs import wait_until
-from test_faults import DEVICE, DRIVER, ROOT, Rig, made_by_agent, snapshot
 
 pytestmark = pytest.mark.e2e
 
@@ -66,6 +66,7 @@ def test_broker_kill_under_a_backlog_with_production_timing(tmp_path: Path) -> N
               f"backlog ~{backlog} touches; reconnect {reconnect_s:.2f} s after the broker's "
               f"return; drained (all acknowledged end to end) {drain_s:.1f} s after it; "
               f"link {done['link']}; replay lines in the agent log: {len(replays)}")
+        print("".join(f"  {line}\n" for line in agent_log.splitlines() if "edge.link" in line))
         assert reconnect_s < 5.0
     finally:
         rig.close()
