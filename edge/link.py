@@ -157,6 +157,20 @@ def classify(exc: BaseException | None, text: str = "", *, tls: bool = False) ->
     return Cause.OTHER, f"{type(exc).__name__}: {exc}"
 
 
+class _PahoErrors(logging.Handler):
+    """Keeps paho's last error line (e.g. "failed to receive on socket: [SSL: ...]") for the
+    link's fault report. Through a logger at ERROR, not on_log: with on_log set, paho formats
+    a debug line for every packet (half the link's throughput)."""
+
+    def __init__(self, link: "Link") -> None:
+        super().__init__(logging.ERROR)
+        self.link = link
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):
+            self.link._paho_error = record.getMessage()
+
+
 class Link:
     """Owns the paho clients, the pump thread (which also drives paho's network I/O) and the
     heartbeat. Keyword arguments override the mqtt config's timing keys (tests use short ones)."""
@@ -192,6 +206,8 @@ class Link:
         # paho callbacks run on the pump thread (inside loop_read): they only append here
         self._events: list[tuple[Any, ...]] = []
         self._paho_error = ""  # paho's last error log line (it turns socket errors into codes)
+        self._paho_log = logging.Logger("edge.link.paho", logging.ERROR)  # outside the tree
+        self._paho_log.addHandler(_PahoErrors(self))
         self._stopped = threading.Event()
         self._gen = 0
         self._client: mqtt.Client | None = None
@@ -275,7 +291,7 @@ class Link:
         c.on_subscribe = lambda _c, _u, _mid, rcs, _p: ev(("suback", gen, rcs))
         c.on_message = lambda _c, _u, m: self._on_message(m.topic, bytes(m.payload), m.retain,
                                                           gen)
-        c.on_log = self._on_paho_log
+        c.enable_logger(self._paho_log)  # errors only: see _PahoErrors
         # our own select() loop writes when paho has something to write: publish() only queues
         c.on_socket_register_write = lambda *_: None
         c.max_inflight_messages_set(0)  # the core bounds the window; paho must not queue more
@@ -290,10 +306,6 @@ class Link:
         offline = {"v": 1, "dev": self.device, "site": self.site, "online": False}
         c.will_set(topics.state(self.site, self.device), cbor2.dumps(offline), qos=1, retain=True)
         return c
-
-    def _on_paho_log(self, _c: Any, _u: Any, level: int, buf: str) -> None:
-        if level == mqtt.MQTT_LOG_ERR:
-            self._paho_error = buf
 
     def _on_message(self, topic: str, payload: bytes, retained: bool, gen: int) -> None:
         """Inside paho's loop_read: the ack goes to the pump's events; other subscriptions to
@@ -490,8 +502,9 @@ class Link:
                 continue
             if kind == "puback":
                 rc: ReasonCode = event[3]
-                self._carry_out(self.core.puback(event[2], rc.is_failure, f"{rc} ({rc.value})",
-                                                 now), c)
+                failed = rc.is_failure
+                self._carry_out(self.core.puback(event[2], failed,
+                                                 f"{rc} ({rc.value})" if failed else "", now), c)
             elif kind == "message":
                 self._on_ack(event[3], event[4], now, c)
             elif kind == "connected":
