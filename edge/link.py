@@ -345,6 +345,7 @@ class Link:
             self._events.clear()
             self._paho_error = ""
             self._end = None
+            bug: Exception | None = None
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = 0  # the outbox, not the broker session, is our memory
             try:
@@ -356,6 +357,10 @@ class Link:
                     self._end = (Cause.OTHER, mqtt.error_string(rc))
             except (OSError, ValueError) as exc:  # socket, TLS, DNS: all mean "try later"
                 self._end = classify(exc, tls=self.cfg.tls)
+            except Exception as exc:  # noqa: BLE001 - unexpected (outbox, a bug): retried too,
+                # as before; its traceback is logged with the first warning
+                self._end = (Cause.OTHER, f"{type(exc).__name__}: {exc}")
+                bug = exc
             was_connected = self.connected
             self.connected = False
             self.core.disconnected(time.monotonic())
@@ -369,11 +374,11 @@ class Link:
                 cause = Cause.LOST
             self.last_error = f"{CAUSES[cause][0]}: {detail}"
             wait = self.reconnect.failed(cause, random.random())
-            self._report_failure(cause, detail, wait, where, was_connected)
+            self._report_failure(cause, detail, wait, where, was_connected, bug)
             self._idle(wait)
 
     def _report_failure(self, cause: Cause, detail: str, wait: float, where: str,
-                        was_connected: bool) -> None:
+                        was_connected: bool, bug: Exception | None = None) -> None:
         words, hint, _ = CAUSES[cause]
         loud = self.faults.failed(cause, detail, time.monotonic())
         at = time.strftime("%H:%M:%S", time.gmtime(time.time() + wait))
@@ -383,7 +388,7 @@ class Link:
             log.warning("mqtt: %s%s; next attempt in %.3g s (%s UTC)%s", what,
                         f"; {hint}" if hint and not was_connected else "", wait, at,
                         "" if self.faults.failures <= 1 else
-                        f", {self.faults.failures} failures so far")
+                        f", {self.faults.failures} failures so far", exc_info=bug)
         else:
             log.debug("mqtt: %s; next attempt in %.3g s", what, wait)
 
