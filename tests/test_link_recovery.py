@@ -3,6 +3,7 @@ clustered broker outages every device is back within 5 s of the broker's return 
 backoff values); connection faults are logged once at WARNING in words, with the next attempt,
 and again when they end; unusable TLS files stop the agent with one line naming the file."""
 
+import json
 import logging
 import os
 import subprocess
@@ -181,9 +182,15 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tls_broker(pki: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateBroker]:
     acl = pki / "acl"
     acl.write_text("pattern readwrite #\n")
+    # the cloud config's dynamic-security plugin: no identities, everything allowed (these
+    # tests are about connecting, docs/security.md's tests about rights)
+    dynsec = pki / "dynamic-security.json"
+    dynsec.write_text(json.dumps({"defaultACLAccess": {
+        "publishClientSend": True, "publishClientReceive": True, "subscribe": True,
+        "unsubscribe": True}, "clients": [], "groups": [], "roles": []}))
     values = {"ca_file": pki / "ca" / "ca.crt", "cert_file": pki / "server" / "server.crt",
               "key_file": pki / "server" / "server.key", "crl_file": pki / "ca" / "crl.pem",
-              "acl_file": acl}
+              "acl_file": acl, "dynsec_file": dynsec}
     b = PrivateBroker(tmp_path_factory.mktemp("tlsbroker"), template="cloud.conf",
                       values=values).start()
     try:
