@@ -533,7 +533,7 @@ class Link:
             log.info("mqtt: connected to %s", where)
         else:
             down, failures, cause = over
-            log.warning("mqtt: connected to %s again after %.1f s (%d failed attempt%s, last: "
+            log.warning("mqtt: connected to %s again after %.1f s down (%d failure%s, last: "
                         "%s)", where, down, failures, "" if failures == 1 else "s",
                         CAUSES[cause][0])
         self.last_error = ""
