@@ -201,17 +201,21 @@ def _agent(args: argparse.Namespace) -> int:
 
     try:
         cfg = load(args.config)
+        agent = Agent(cfg)  # checks the TLS files: a missing key is a ConfigError naming it
     except ConfigError as exc:
         print(f"ccus agent: {exc}", file=sys.stderr)
         return 2
-    agent = Agent(cfg)
     agent.start()
     # A signed config that changes more than its version needs a restart: exit 3 so that
-    # systemd (Restart=always) starts the agent again with the applied config.
+    # systemd (Restart=always) starts the agent again with the applied config. A dead link
+    # (agent.fatal) exits 1: running on without one would only pile up taps.
     stop = _stop_on_signal()
-    while not stop.is_set() and not agent.restart_requested.wait(0.5):
+    while not stop.is_set() and agent.fatal is None and not agent.restart_requested.wait(0.5):
         pass
     agent.stop()
+    if agent.fatal is not None:
+        print(f"ccus agent: {agent.fatal}", file=sys.stderr)
+        return 1
     return 3 if agent.restart_requested.is_set() and not stop.is_set() else 0
 
 

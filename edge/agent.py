@@ -132,6 +132,11 @@ class Agent:
         self.plugin: roles.DeviceRole = roles.load(self.role.value)(ctx)
 
     @property
+    def fatal(self) -> str | None:
+        """Why the agent cannot go on (its MQTT link died): the process must exit non-zero."""
+        return self.link.fatal
+
+    @property
     def idlist(self) -> IdList | None:
         """The list decisions are made with: the newest verified signed list, else the static one."""
         signed = self.lists.current if self.lists is not None else None

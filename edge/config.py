@@ -39,6 +39,15 @@ class MqttConfig:
     keepalive_s: int = 30
     inflight: int = 50            # unacknowledged QoS 1 publishes at most (paho stalls past 65,535)
     state_interval_s: float = 60.0
+    # delivery timing (docs/delivery.md): replay what the sink has not acknowledged after
+    # ack_timeout_s, doubling up to ack_timeout_max_s while nothing moves; reconnect after
+    # reconnect_min_s doubling to reconnect_max_s, but within reconnect_fast_max_s while the
+    # broker's host refuses TCP (a broker restarting), so devices are back soon after it is
+    ack_timeout_s: float = 30.0
+    ack_timeout_max_s: float = 600.0
+    reconnect_min_s: float = 1.0
+    reconnect_max_s: float = 60.0
+    reconnect_fast_max_s: float = 3.0
 
 
 @dataclass
@@ -177,6 +186,7 @@ def _check(cfg: AgentConfig) -> None:
         raise ConfigError("version: 0..2**63-1")
     if not cfg.security.max_config_age_days > 0 or not cfg.idlist.max_issued_age_days > 0:
         raise ConfigError("security.max_config_age_days, idlist.max_issued_age_days: days > 0")
+    _check_mqtt_timing(cfg.mqtt)
     _check_vending(cfg)
     _check_gate(cfg.gate)
     names = set()
@@ -202,6 +212,16 @@ def _check(cfg: AgentConfig) -> None:
             raise ConfigError(f"readers[{i}].targets: choose from 212F, 424F, 106A, 106B")
     for name, p in cfg.profiles.items():
         _check_profile(f"profiles.{name}", p)
+
+
+def _check_mqtt_timing(m: MqttConfig) -> None:
+    if not 0.1 <= m.ack_timeout_s <= m.ack_timeout_max_s <= 86_400:
+        raise ConfigError("mqtt.ack_timeout_s: 0.1 s up to mqtt.ack_timeout_max_s (<= 1 day)")
+    if not 0.05 <= m.reconnect_min_s <= m.reconnect_max_s <= 3_600:
+        raise ConfigError("mqtt.reconnect_min_s: 0.05 s up to mqtt.reconnect_max_s (<= 1 h)")
+    if not m.reconnect_min_s <= m.reconnect_fast_max_s <= m.reconnect_max_s:
+        raise ConfigError("mqtt.reconnect_fast_max_s: between mqtt.reconnect_min_s and "
+                          "mqtt.reconnect_max_s")
 
 
 def _check_profile(where: str, p: ProfileConfig) -> None:

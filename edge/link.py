@@ -1,31 +1,32 @@
-"""The MQTT link (paho-mqtt 2, MQTT 5): drains the outbox in seq order, forgets touches only on
-the sink's end-to-end acknowledgement, and keeps the state message.
+"""The MQTT link (paho-mqtt 2, MQTT 5): the adapter between paho, the outbox and the sans-IO
+delivery core (edge/delivery.py), plus the state message.
 
-Rules of this file (docs/delivery.md is the protocol):
+Rules of this file (docs/delivery.md is the protocol; edge/delivery.py decides):
 
-- One thread, the pump, owns all bookkeeping (the in-flight window, what was sent, what the
-  sink acknowledged) and also drives paho's network I/O: a select() loop over paho's socket
-  and a wake socket, calling loop_read / loop_write / loop_misc itself. paho's callbacks run
-  inside loop_read with paho's locks held, so they only append events to a list the pump
-  handles right after; the window is refilled at once, with no hand-off between threads
-  (a hand-off costs up to a GIL switch interval, 5 ms, each way). Other threads (the agent's
-  notify(), the heartbeat, publish()) queue a command and write a byte to the wake socket.
-- A PUBACK only frees a place in the in-flight window (bounded: paho stalls silently past
-  65,535 unacknowledged messages). Its reason code is checked: a refusal (>= 128, e.g. 135
-  "not authorized" from an ACL) is counted and reported in the state message, and the link
-  holds off sending touches for a growing while instead of spinning.
-- The device forgets touches only when the retained end-to-end acknowledgement on
-  ``.../{dev}/ack`` says the sink has committed everything up to that seq.
+- One thread, the pump, drives paho's network I/O (a select() loop over paho's socket and a
+  wake socket, calling loop_read / loop_write / loop_misc itself) and is the only caller of the
+  delivery core. paho's callbacks run inside loop_read with paho's locks held, so they only
+  append events to a list the pump feeds to the core right after; the window is refilled at
+  once, with no hand-off between threads (a hand-off costs up to a GIL switch interval, 5 ms,
+  each way). Other threads (the agent's notify(), the heartbeat, publish()) queue a command and
+  write a byte to the wake socket.
+- What to send, when to send it again and when to forget is the core's: this file carries out
+  its actions (Publish: outbox rows, read ahead; Forget: Outbox.delete_upto; Replay: drop what
+  was read ahead; Hold / AckAhead: log and report) and keeps no delivery bookkeeping of its own
+  beyond the read-ahead rows.
 - Every connection is a fresh paho client (no paho-internal resend between connections).
-  After a connect the backlog is replayed from the oldest unacknowledged touch, in seq order;
-  new touches join the end of the same queue, so they flow as soon as the replay reaches them.
-  Without a connection change, touches sent but not acknowledged end to end are replayed
-  after ``e2e_timeout_s`` (doubling while nothing progresses).
-- Reconnects use exponential backoff with jitter, so a site's devices do not return in step.
+- Reconnect delays come from the core's Reconnect (every CONNACK starts over; a broker host
+  refusing TCP is retried within mqtt.reconnect_fast_max_s). Every connection fault is logged
+  once at WARNING in words, with the next attempt's time; repeats of the same cause are only
+  counted; one line says when it is over. Expected faults log no traceback.
+- TLS files are checked when the link is made (ConfigError naming the key and the file): a
+  device with a missing or mismatched key must not start. If the pump thread still dies, the
+  link records why (``fatal``) and calls ``on_fatal``: the agent exits non-zero.
 """
 
 import collections
 import contextlib
+import errno
 import logging
 import random
 import select
@@ -44,10 +45,25 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from edge.config import MqttConfig
+from edge.config import ConfigError, MqttConfig
+from edge.delivery import (
+    CAUSES,
+    AckAhead,
+    Action,
+    Cause,
+    Delivery,
+    FaultLog,
+    Forget,
+    Hold,
+    Policy,
+    Publish,
+    Reconnect,
+    Replay,
+    Why,
+)
 from edge.outbox import Outbox
 from protocol import topics
-from protocol.ack import AckError, decode_ack
+from protocol.ack import AckError, decode_ack_msg
 
 log = logging.getLogger(__name__)
 
@@ -69,26 +85,117 @@ def backlog_class(n: int) -> int:
     return 0 if n == 0 else 1 if n < 100 else 2 if n < 10_000 else 3
 
 
+def check_tls_files(cfg: MqttConfig) -> None:
+    """Raise ConfigError (one line: key, file, what to do) unless mqtt.ca_file, cert_file and
+    key_file can be read and the key matches the certificate. No-op without TLS."""
+    if not cfg.tls:
+        return
+    for key in ("ca_file", "cert_file", "key_file"):
+        path = getattr(cfg, key)
+        if not path:
+            continue
+        try:
+            with open(path, "rb"):
+                pass
+        except FileNotFoundError:
+            raise ConfigError(f"mqtt.{key}: {path} does not exist: put the device's file there "
+                              "(ccus ops device add writes them) or fix the path") from None
+        except IsADirectoryError:
+            raise ConfigError(f"mqtt.{key}: {path} is a folder, not a PEM file") from None
+        except OSError as exc:
+            raise ConfigError(f"mqtt.{key}: cannot read {path} ({exc.strerror}): the agent's user "
+                              "needs read access") from None
+    if bool(cfg.cert_file) != bool(cfg.key_file):
+        raise ConfigError("mqtt.cert_file and mqtt.key_file: set both or neither")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if cfg.ca_file:
+        try:
+            ctx.load_verify_locations(cafile=cfg.ca_file)
+        except ssl.SSLError:
+            raise ConfigError(f"mqtt.ca_file: {cfg.ca_file} holds no PEM CA certificate") from None
+    if cfg.cert_file:
+        try:
+            ctx.load_cert_chain(cfg.cert_file, cfg.key_file)
+        except ssl.SSLError as exc:
+            what = ("does not match the certificate " + cfg.cert_file
+                    if "KEY_VALUES_MISMATCH" in str(exc) else
+                    f"or {cfg.cert_file} is not a PEM key/certificate ({exc.reason})")
+            raise ConfigError(f"mqtt.key_file: {cfg.key_file} {what}: install the device's own "
+                              "key and certificate pair") from None
+
+
+_CERT_ALERTS = ("BAD_CERTIFICATE", "CERTIFICATE_REQUIRED", "UNKNOWN_CA", "CERTIFICATE_REVOKED",
+                "CERTIFICATE_EXPIRED", "CERTIFICATE_UNKNOWN", "UNSUPPORTED_CERTIFICATE")
+
+
+def classify(exc: BaseException | None, text: str = "", *, tls: bool = False) -> tuple[Cause, str]:
+    """A failed connection in words: (cause, detail). `text` is paho's last error message when
+    the failure surfaced inside paho (it turns socket errors into a return code); `tls`: the
+    attempt was a TLS one (a peer that hangs up during connect() then is no TLS listener)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return Cause.TLS_VERIFY, exc.verify_message or str(exc)
+    reason = (getattr(exc, "reason", None) or "") if isinstance(exc, ssl.SSLError) else ""
+    words = f"{reason} {text}".upper()
+    if any(a in words for a in _CERT_ALERTS) and "ALERT" in words:
+        return Cause.BAD_CERT, (reason or text).strip()
+    if "CERTIFICATE_VERIFY_FAILED" in words:
+        return Cause.TLS_VERIFY, (reason or text).strip()
+    if isinstance(exc, ssl.SSLError):
+        return Cause.TLS, reason or str(exc)
+    if tls and isinstance(exc, ConnectionResetError | BrokenPipeError | ConnectionAbortedError):
+        return Cause.TLS, f"the broker hung up during the TLS handshake ({exc})"
+    if isinstance(exc, ConnectionRefusedError):
+        return Cause.REFUSED, str(exc)
+    if isinstance(exc, socket.gaierror):
+        return Cause.UNKNOWN_HOST, str(exc)
+    if isinstance(exc, TimeoutError):
+        return Cause.TIMEOUT, str(exc) or "no answer"
+    if isinstance(exc, OSError) and exc.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+        return Cause.UNREACHABLE, str(exc)
+    if exc is None:
+        return Cause.OTHER, text
+    return Cause.OTHER, f"{type(exc).__name__}: {exc}"
+
+
+class _PahoErrors(logging.Handler):
+    """Keeps paho's last error line (e.g. "failed to receive on socket: [SSL: ...]") for the
+    link's fault report. Through a logger at ERROR, not on_log: with on_log set, paho formats
+    a debug line for every packet (half the link's throughput)."""
+
+    def __init__(self, link: "Link") -> None:
+        super().__init__(logging.ERROR)
+        self.link = link
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):
+            self.link._paho_error = record.getMessage()
+
+
 class Link:
     """Owns the paho clients, the pump thread (which also drives paho's network I/O) and the
-    heartbeat."""
+    heartbeat. Keyword arguments override the mqtt config's timing keys (tests use short ones)."""
 
     def __init__(self, cfg: MqttConfig, site: str, device: str, outbox: Outbox,
-                 state: Callable[[], dict[str, Any]], *, backoff_min_s: float = 1.0,
-                 backoff_max_s: float = 60.0, e2e_timeout_s: float = 30.0,
-                 refusal_holdoff_s: float = 5.0) -> None:
+                 state: Callable[[], dict[str, Any]], *, backoff_min_s: float | None = None,
+                 backoff_max_s: float | None = None, e2e_timeout_s: float | None = None,
+                 refusal_holdoff_s: float = 5.0,
+                 on_fatal: Callable[[str], None] | None = None) -> None:
+        check_tls_files(cfg)
         self.cfg, self.site, self.device, self.outbox = cfg, site, device, outbox
         self._state = state
-        self.backoff_min_s, self.backoff_max_s = backoff_min_s, backoff_max_s
-        self.e2e_timeout_s, self.refusal_holdoff_s = e2e_timeout_s, refusal_holdoff_s
+        self.on_fatal = on_fatal
+        self.fatal: str | None = None  # why the pump thread ended for good
+        timeout = cfg.ack_timeout_s if e2e_timeout_s is None else e2e_timeout_s
+        self.core = Delivery(Policy(inflight=cfg.inflight, ack_timeout_s=timeout,
+                                    ack_timeout_max_s=max(timeout, cfg.ack_timeout_max_s),
+                                    holdoff_s=refusal_holdoff_s))
+        lo = cfg.reconnect_min_s if backoff_min_s is None else backoff_min_s
+        hi = cfg.reconnect_max_s if backoff_max_s is None else backoff_max_s
+        self.reconnect = Reconnect(lo, max(lo, hi), max(lo, min(hi, cfg.reconnect_fast_max_s)))
+        self.faults = FaultLog()
+        self._end: tuple[Cause, str] | None = None  # why this connection ended (_serve, _handle)
         self.connected = False
-        self.published = 0        # touches the broker acknowledged (PUBACK, success)
-        self.refused = 0          # touches the broker refused (reason code >= 128)
-        self.last_refusal = ""    # e.g. "Not authorized" (135)
-        self.acked_upto = 0       # end-to-end: the sink has committed every seq <= this
-        self.ack_ahead = 0        # acks beyond any seq made here (outbox reset? reported)
         self.ack_sub_refused = False
-        self.replays = 0          # rewinds to the oldest unacknowledged touch
         self.connects = 0
         self.last_error = ""
         # from other threads to the pump: commands, then a byte on the wake socket
@@ -98,25 +205,29 @@ class Link:
         self._wake_w.setblocking(False)
         # paho callbacks run on the pump thread (inside loop_read): they only append here
         self._events: list[tuple[Any, ...]] = []
+        self._paho_error = ""  # paho's last error log line (it turns socket errors into codes)
+        self._paho_log = logging.Logger("edge.link.paho", logging.ERROR)  # outside the tree
+        self._paho_log.addHandler(_PahoErrors(self))
         self._stopped = threading.Event()
         self._gen = 0
         self._client: mqtt.Client | None = None
         self._ack_topic = topics.touch_ack(site, device)
         self._handlers: dict[str, Callable[[str, bytes], None]] = {}  # filter -> handler
-        # the pump's bookkeeping (only the pump thread touches these)
-        self._inflight: dict[int, int] = {}   # mid -> seq
-        self._sent_upto = 0                   # highest seq handed to paho on this connection
         self._ahead: collections.deque[tuple[int, bytes]] = collections.deque()  # read, not sent
-        self._hold_until = 0.0                # after a refusal: no touches until then
-        self._holdoff = refusal_holdoff_s
-        self._timeout = e2e_timeout_s
-        self._last_progress = time.monotonic()
         self._last_state_check = 0.0
         self._last_sent_state: dict[str, Any] | None = None
         self._last_state_at = 0.0
         self._state_due = False
         self._pump_thread = threading.Thread(target=self._pump, name="mqtt-pump", daemon=True)
         self._beat_thread = threading.Thread(target=self._beat, name="mqtt-state", daemon=True)
+
+    # the core's counters, under the names the state message and the tests know
+    published = property(lambda self: self.core.published)
+    refused = property(lambda self: self.core.refused)
+    last_refusal = property(lambda self: self.core.last_refusal)
+    acked_upto = property(lambda self: self.core.acked)
+    ack_ahead = property(lambda self: self.core.ack_ahead)
+    replays = property(lambda self: self.core.replays)
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -178,22 +289,29 @@ class Link:
         c.on_connect = lambda _c, _u, _f, rc, _p: ev(("connected", gen, rc))
         c.on_publish = lambda _c, _u, mid, rc, _p: ev(("puback", gen, mid, rc))
         c.on_subscribe = lambda _c, _u, _mid, rcs, _p: ev(("suback", gen, rcs))
-        c.on_message = lambda _c, _u, m: self._on_message(m.topic, bytes(m.payload), gen)
+        c.on_message = lambda _c, _u, m: self._on_message(m.topic, bytes(m.payload), m.retain,
+                                                          gen)
+        c.enable_logger(self._paho_log)  # errors only: see _PahoErrors
         # our own select() loop writes when paho has something to write: publish() only queues
         c.on_socket_register_write = lambda *_: None
-        c.max_inflight_messages_set(0)  # the pump bounds the window; paho must not queue more
+        c.max_inflight_messages_set(0)  # the core bounds the window; paho must not queue more
         if self.cfg.tls:
-            c.tls_set(ca_certs=self.cfg.ca_file or None, certfile=self.cfg.cert_file or None,
-                      keyfile=self.cfg.key_file or None, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            try:
+                c.tls_set(ca_certs=self.cfg.ca_file or None,
+                          certfile=self.cfg.cert_file or None,
+                          keyfile=self.cfg.key_file or None, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            except (OSError, ValueError):  # the files changed since start: say which one
+                check_tls_files(self.cfg)
+                raise
         offline = {"v": 1, "dev": self.device, "site": self.site, "online": False}
         c.will_set(topics.state(self.site, self.device), cbor2.dumps(offline), qos=1, retain=True)
         return c
 
-    def _on_message(self, topic: str, payload: bytes, gen: int) -> None:
+    def _on_message(self, topic: str, payload: bytes, retained: bool, gen: int) -> None:
         """Inside paho's loop_read: the ack goes to the pump's events; other subscriptions to
         their handlers."""
         if topic == self._ack_topic:
-            self._events.append(("message", gen, topic, payload))
+            self._events.append(("message", gen, topic, payload, retained))
             return
         for topic_filter, handler in self._handlers.items():
             if mqtt.topic_matches_sub(topic_filter, topic):
@@ -203,36 +321,76 @@ class Link:
                     log.exception("mqtt: handler for %s failed", topic_filter)
 
     def _pump(self) -> None:
-        delay = self.backoff_min_s
+        try:
+            self._pump_loop()
+        except ConfigError as exc:
+            self._die(str(exc))
+        except Exception as exc:  # noqa: BLE001 - a bug: the agent must not run without a link
+            log.exception("mqtt: the link's pump thread failed")
+            self._die(f"the MQTT link stopped: {type(exc).__name__}: {exc}")
+
+    def _die(self, why: str) -> None:
+        self.fatal = why
+        self.connected = False
+        log.critical("mqtt: %s", why)
+        if self.on_fatal is not None:
+            self.on_fatal(why)
+
+    def _pump_loop(self) -> None:
+        where = f"{self.cfg.host}:{self.cfg.port}"
         while not self._stopped.is_set():
             self._gen += 1
             c = self._new_client(self._gen)
             self._client = c
             self._events.clear()
+            self._paho_error = ""
+            self._end = None
+            bug: Exception | None = None
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = 0  # the outbox, not the broker session, is our memory
-            started = time.monotonic()
             try:
                 rc = c.connect(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s,
                                clean_start=True, properties=props)
                 if rc == mqtt.MQTT_ERR_SUCCESS:
                     self._serve(c)
-            except Exception as exc:  # noqa: BLE001 - socket, TLS, DNS: all mean "try later"
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.debug("mqtt: connection to %s:%d failed: %s", self.cfg.host, self.cfg.port,
-                          exc)
-            if self.connected and not self._stopped.is_set():
-                log.warning("mqtt: disconnected; reconnecting")
-            self.connected, self._inflight = False, {}
+                else:
+                    self._end = (Cause.OTHER, mqtt.error_string(rc))
+            except (OSError, ValueError) as exc:  # socket, TLS, DNS: all mean "try later"
+                self._end = classify(exc, tls=self.cfg.tls)
+            except Exception as exc:  # noqa: BLE001 - unexpected (outbox, a bug): retried too,
+                # as before; its traceback is logged with the first warning
+                self._end = (Cause.OTHER, f"{type(exc).__name__}: {exc}")
+                bug = exc
+            was_connected = self.connected
+            self.connected = False
+            self.core.disconnected(time.monotonic())
+            self._ahead.clear()
             with contextlib.suppress(Exception):
                 c._sock_close()  # type: ignore[attr-defined]  # the old client is dropped
             if self._stopped.is_set():
                 break
-            if time.monotonic() - started > 2 * self.backoff_max_s:
-                delay = self.backoff_min_s  # it was up for a good while: start over
-            wait = delay * random.uniform(0.5, 1.0)  # "equal jitter"
-            delay = min(delay * 2, self.backoff_max_s)
+            cause, detail = self._end or (Cause.OTHER, self._paho_error or "closed")
+            if was_connected and cause is not Cause.CONNACK:
+                cause = Cause.LOST
+            self.last_error = f"{CAUSES[cause][0]}: {detail}"
+            wait = self.reconnect.failed(cause, random.random())
+            self._report_failure(cause, detail, wait, where, was_connected, bug)
             self._idle(wait)
+
+    def _report_failure(self, cause: Cause, detail: str, wait: float, where: str,
+                        was_connected: bool, bug: Exception | None = None) -> None:
+        words, hint, _ = CAUSES[cause]
+        loud = self.faults.failed(cause, detail, time.monotonic())
+        at = time.strftime("%H:%M:%S", time.gmtime(time.time() + wait))
+        what = (f"connection to {where} lost ({detail})" if was_connected else
+                f"cannot connect to {where}: {words} ({detail})")
+        if loud:
+            log.warning("mqtt: %s%s; next attempt in %.3g s (%s UTC)%s", what,
+                        f"; {hint}" if hint and not was_connected else "", wait, at,
+                        "" if self.faults.failures <= 1 else
+                        f", {self.faults.failures} failures so far", exc_info=bug)
+        else:
+            log.debug("mqtt: %s; next attempt in %.3g s", what, wait)
 
     def _idle(self, seconds: float) -> None:
         """Between connections: wait, still taking commands and keeping the outbox."""
@@ -279,12 +437,14 @@ class Link:
                 self._events.clear()  # the same list: the callbacks hold its append
                 self._handle(events, c, now)
             self._periodic(c, now)
-            self._refill(c, now)
+            if self.connected:
+                self._carry_out(self.core.tick(now), c)
             if self._stopped.is_set():
                 continue
             timeout = STATE_MIN_INTERVAL_S
-            if self._hold_until:
-                timeout = max(0.0, min(timeout, self._hold_until - now))
+            due = self.core.next_timer(now) if self.connected else None
+            if due is not None:
+                timeout = min(timeout, due)
             if isinstance(sock, ssl.SSLSocket) and sock.pending():
                 timeout = 0.0  # decrypted bytes wait inside the SSL object: select cannot see them
             try:
@@ -292,12 +452,29 @@ class Link:
                                         [], timeout)
             except (OSError, ValueError):
                 return
-            if (sock in r or timeout == 0.0) and c.loop_read() != mqtt.MQTT_ERR_SUCCESS:
-                return
-            if c.want_write() and c.loop_write() != mqtt.MQTT_ERR_SUCCESS:
-                return
-            if c.loop_misc() != mqtt.MQTT_ERR_SUCCESS or c.socket() is not sock:
-                return
+            if (sock in r or timeout == 0.0) and (rc := c.loop_read()) != mqtt.MQTT_ERR_SUCCESS:
+                return self._lost(rc)
+            if c.want_write() and (rc := c.loop_write()) != mqtt.MQTT_ERR_SUCCESS:
+                return self._lost(rc)
+            if (rc := c.loop_misc()) != mqtt.MQTT_ERR_SUCCESS or c.socket() is not sock:
+                return self._lost(rc)
+
+    def _lost(self, rc: int) -> None:
+        """Why the connection ended, in words, unless a CONNACK refusal said it already."""
+        if self._end is not None:
+            return
+        text = self._paho_error or mqtt.error_string(rc)
+        if self.connected:
+            self._end = (Cause.LOST, text)
+            return
+        cause, _ = classify(None, text)
+        if cause is Cause.OTHER:
+            # closed before CONNACK: without TLS, most often plain MQTT to a TLS port; with TLS
+            # (handshake done), the broker checked our certificate after the handshake and hung
+            # up (TLS 1.3, or an alert that came after an EOF)
+            cause = Cause.BAD_CERT if self.cfg.tls else Cause.TLS
+            text = f"closed by the broker before CONNACK ({text})"
+        self._end = (cause, text)
 
     def _goodbye(self, c: mqtt.Client) -> None:
         """Stopping: the offline state (retained), its PUBACK awaited briefly, DISCONNECT."""
@@ -321,7 +498,7 @@ class Link:
                 return
             sock = c.socket()
 
-    # -- the pump's bookkeeping: events, state message, the window ------------------------------
+    # -- events in, the core's actions out ---------------------------------------------------
     def _handle(self, events: list[tuple[Any, ...]], c: mqtt.Client, now: float) -> None:
         gen = self._gen
         for event in events:
@@ -329,46 +506,101 @@ class Link:
             if event[1] != gen:
                 continue
             if kind == "puback":
-                seq = self._inflight.pop(event[2], None)
-                if seq is None:
-                    continue
                 rc: ReasonCode = event[3]
-                if rc.is_failure:
-                    self.refused += 1
-                    self.last_refusal = f"{rc} ({rc.value})"
-                    log.error("mqtt: broker refused touch seq %d: %s; kept, holding off %.0f s",
-                              seq, self.last_refusal, self._holdoff)
-                    self._hold_until = now + self._holdoff
-                    self._holdoff = min(self._holdoff * 2, 300.0)
-                    self._state_due = True
-                else:
-                    self.published += 1
+                failed = rc.is_failure
+                self._carry_out(self.core.puback(event[2], failed,
+                                                 f"{rc} ({rc.value})" if failed else "", now), c)
             elif kind == "message":
-                if event[2] == self._ack_topic and self._on_ack(event[3]):
-                    self._last_progress, self._timeout = now, self.e2e_timeout_s
-                    self._holdoff = self.refusal_holdoff_s
-                    self._sent_upto = max(self._sent_upto, self.acked_upto)
+                self._on_ack(event[3], event[4], now, c)
             elif kind == "connected":
-                rc = event[2]
-                if rc.is_failure:
-                    self.last_error = f"connect refused: {rc}"
-                    log.warning("mqtt: connect refused: %s", rc)
-                    continue
-                self.connects += 1
-                log.info("mqtt: connected to %s:%d", self.cfg.host, self.cfg.port)
-                c.subscribe([(self._ack_topic, SubscribeOptions(qos=1))] +
-                            [(f, SubscribeOptions(qos=1)) for f in self._handlers])
-                self.connected, self._inflight = True, {}
-                self._sent_upto = self.acked_upto  # replay the backlog in order
-                self._ahead.clear()
-                self._last_progress, self._timeout = now, self.e2e_timeout_s
-                self._state_due = True
+                self._on_connack(event[2], c, now)
             elif kind == "suback" and any(rc.is_failure for rc in event[2]):
                 self.ack_sub_refused = True
                 log.error("mqtt: subscription to %s refused (%s): touches cannot be "
                           "acknowledged end to end and stay in the outbox",
                           self._ack_topic, event[2])
                 self._state_due = True
+
+    def _on_connack(self, rc: ReasonCode, c: mqtt.Client, now: float) -> None:
+        if rc.is_failure:
+            self._end = (Cause.CONNACK, f"{rc} ({rc.value})")
+            return  # the broker closes the connection; _pump_loop reports it
+        self.connects += 1
+        self.reconnect.connected()
+        where = f"{self.cfg.host}:{self.cfg.port}"
+        over = self.faults.recovered(now)
+        if over is None:
+            log.info("mqtt: connected to %s", where)
+        else:
+            down, failures, cause = over
+            log.warning("mqtt: connected to %s again after %.1f s down (%d failure%s, last: "
+                        "%s)", where, down, failures, "" if failures == 1 else "s",
+                        CAUSES[cause][0])
+        self.last_error = ""
+        c.subscribe([(self._ack_topic, SubscribeOptions(qos=1))] +
+                    [(f, SubscribeOptions(qos=1)) for f in self._handlers])
+        self.connected = True
+        self._carry_out(self.core.connected(now), c)
+        self._state_due = True
+
+    def _on_ack(self, payload: bytes, retained: bool, now: float, c: mqtt.Client) -> None:
+        """The sink's end-to-end acknowledgement."""
+        try:
+            msg = decode_ack_msg(payload)
+        except AckError as exc:
+            log.error("mqtt: malformed end-to-end acknowledgement ignored: %s", exc)
+            return
+        made = self.outbox.next_seq() - 1
+        self._carry_out(self.core.ack(msg.upto, msg.epoch, made, now, retained), c)
+
+    def _carry_out(self, actions: list[Action], c: mqtt.Client) -> None:
+        for a in actions:
+            if isinstance(a, Publish):
+                self._send(c, a)
+            elif isinstance(a, Forget):
+                self.outbox.delete_upto(a.upto)
+            elif isinstance(a, Replay):
+                self._ahead.clear()
+                if a.why is Why.REFUSAL:
+                    log.warning("mqtt: retrying from seq %d after a refusal", a.start)
+                elif a.why is Why.ACK_TIMEOUT:
+                    log.warning("mqtt: no end-to-end acknowledgement beyond %d for %.0f s; "
+                                "replaying", a.start - 1, a.waited_s)
+                elif a.why is Why.SINK_EPOCH:
+                    log.warning("mqtt: the sink subscribed again (new epoch %s); replaying from "
+                                "seq %d", self.core.epoch, a.start)
+            elif isinstance(a, Hold):
+                log.error("mqtt: broker refused touch seq %d: %s; kept, holding off %.0f s",
+                          a.seq, a.reason, a.seconds)
+                self._state_due = True
+            elif isinstance(a, AckAhead):
+                # the sink has seqs this device never made: the outbox was reset or restored
+                log.critical("mqtt: the sink acknowledges seq %d but this device made only %d: "
+                             "outbox reset? seqs may be reused; nothing deleted", a.upto, a.made)
+
+    def _send(self, c: mqtt.Client, want: Publish) -> None:
+        # refill as soon as a place is free, never in chunks: a publisher that waits for several
+        # PUBACKs sends nothing meanwhile, so its TCP ACKs are delayed (~40 ms), while a broker
+        # without TCP_NODELAY holds its next PUBACKs back until that ACK: a stall per window.
+        # Rows are read ahead in batches (self._ahead), so this costs no query per PUBACK.
+        ahead, room, after = self._ahead, want.count, want.after
+        while ahead and ahead[0][0] <= after:
+            ahead.popleft()  # acknowledged meanwhile
+        touch_topic = topics.touch(self.site, self.device)
+        now = time.monotonic()
+        while room > 0:
+            if not ahead:
+                ahead.extend(self.outbox.pending(after, max(READ_AHEAD, room)))
+                if not ahead:
+                    break
+            seq, payload = ahead.popleft()
+            info = c.publish(touch_topic, payload, qos=1)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                ahead.clear()
+                break  # connection lost; the next connect replays from the oldest
+            self.core.sent(seq, info.mid, now)
+            after = seq
+            room -= 1
 
     def _periodic(self, c: mqtt.Client | None, now: float) -> None:
         """At most once a second: the outbox's upkeep and the state message."""
@@ -385,75 +617,6 @@ class Link:
                           retain=True)
                 self._last_sent_state, self._last_state_at = sig, now
                 self._state_due = False
-
-    def _refill(self, c: mqtt.Client, now: float) -> None:
-        if not self.connected or now < self._hold_until:
-            return
-        if self._hold_until:
-            self._hold_until = 0.0
-            if self._sent_upto > self.acked_upto:
-                self.replays += 1
-                log.warning("mqtt: retrying from seq %d after a refusal", self.acked_upto + 1)
-                self._sent_upto, self._inflight = self.acked_upto, {}
-                self._ahead.clear()
-        elif (not self._inflight and self._sent_upto > self.acked_upto
-              and now - self._last_progress > self._timeout):
-            self.replays += 1
-            log.warning("mqtt: no end-to-end acknowledgement beyond %d for %.0f s; replaying",
-                        self.acked_upto, now - self._last_progress)
-            self._sent_upto, self._last_progress = self.acked_upto, now
-            self._ahead.clear()
-            self._timeout = min(self._timeout * 2, 600.0)
-        room = self.cfg.inflight - len(self._inflight)
-        if room <= 0:
-            return
-        # refill as soon as a place is free, never in chunks: a publisher that waits for several
-        # PUBACKs sends nothing meanwhile, so its TCP ACKs are delayed (~40 ms), while a broker
-        # without TCP_NODELAY holds its next PUBACKs back until that ACK: a stall per window.
-        # Rows are read ahead in batches (self._ahead), so this costs no query per PUBACK.
-        was_idle = self._sent_upto <= self.acked_upto
-        touch_topic = topics.touch(self.site, self.device)
-        ahead = self._ahead
-        while ahead and ahead[0][0] <= self._sent_upto:
-            ahead.popleft()  # acknowledged meanwhile
-        while room > 0:
-            if not ahead:
-                ahead.extend(self.outbox.pending(self._sent_upto, max(READ_AHEAD, room)))
-                if not ahead:
-                    break
-            seq, payload = ahead.popleft()
-            info = c.publish(touch_topic, payload, qos=1)
-            if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                ahead.clear()
-                break  # connection lost; the next connect replays from the oldest
-            self._inflight[info.mid] = seq
-            self._sent_upto = seq
-            room -= 1
-        if was_idle and self._sent_upto > self.acked_upto:
-            self._last_progress = now  # the e2e timeout counts from the first unacknowledged send
-
-    def _on_ack(self, payload: bytes) -> bool:
-        """The sink's end-to-end acknowledgement. Returns True if it covered something new."""
-        try:
-            upto = decode_ack(payload)
-        except AckError as exc:
-            log.error("mqtt: malformed end-to-end acknowledgement ignored: %s", exc)
-            return False
-        if upto <= self.acked_upto:
-            return False
-        made = self.outbox.next_seq() - 1
-        if upto > made:
-            # the sink has seqs this device never made: the outbox was reset or restored and
-            # seqs are being reused. Never forget on that word; report it loudly.
-            self.ack_ahead = upto
-            log.critical("mqtt: the sink acknowledges seq %d but this device made only %d: "
-                         "outbox reset? seqs may be reused; nothing deleted", upto, made)
-            upto = made
-            if upto <= self.acked_upto:
-                return False
-        self.outbox.delete_upto(upto)
-        self.acked_upto = upto
-        return True
 
     def _significant(self, st: dict[str, Any]) -> dict[str, Any]:
         sig = {k: v for k, v in st.items() if k not in VOLATILE}

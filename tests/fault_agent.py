@@ -58,11 +58,13 @@ def idlist() -> MemoryIdList:
                          for i in range(TECHS)])
 
 
-def config(data: Path, port: int) -> dict:  # type: ignore[type-arg]
+def config(data: Path, port: int, timing: dict | None = None) -> dict:  # type: ignore[type-arg]
+    """timing: [mqtt] delivery keys (short ones for the fault rounds); None: the production
+    defaults of edge/config.py."""
     return {
         "device": {"id": DEVICE, "site": SITE, "role": "gate", "data_dir": str(data)},
         "mqtt": {"host": "127.0.0.1", "port": port, "tls": False, "keepalive_s": 5,
-                 "inflight": 50, "state_interval_s": 5.0},
+                 "inflight": 50, "state_interval_s": 5.0, **(timing or {})},
         "readers": [
             {"name": "entry", "path": "udp:127.0.0.1:65000", "direction": "in",
              "retap_window_s": 0.0},
@@ -80,15 +82,19 @@ def main() -> int:
     p.add_argument("--rate", type=float, default=500.0, help="touches per second")
     p.add_argument("--idle", type=float, default=0.0, help="make no touches; stay up S seconds")
     p.add_argument("--e2e-timeout", type=float, default=3.0)
+    p.add_argument("--production", action="store_true",
+                   help="the production [mqtt] timing defaults, not the short test values")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = from_dict(config(Path(args.data), args.port))
+    timing = None if args.production else {
+        "reconnect_min_s": 0.2, "reconnect_max_s": 1.0, "reconnect_fast_max_s": 1.0,
+        "ack_timeout_s": args.e2e_timeout, "ack_timeout_max_s": max(600.0, args.e2e_timeout)}
+    cfg = from_dict(config(Path(args.data), args.port, timing))
     clock = ManualClock(DAY0_MS)
     agent = Agent(cfg, clock=clock, idlist=idlist(), config_keys=[])
     agent.readers = []  # taps come from this driver, not from nfcpy
     link = agent.link
-    link.backoff_min_s, link.backoff_max_s, link.e2e_timeout_s = 0.2, 1.0, args.e2e_timeout
     readers = {r.name: r for r in cfg.readers}
     agent.start()
     print(json.dumps({"started": agent.outbox.next_seq()}), flush=True)
