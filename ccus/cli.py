@@ -59,6 +59,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ops": ("operators: provisioning, broker configs, signed config, fleet view, ID lists",
             "ops.cli:register"),
     "card": ("emulated cards (nfcpy udp driver, or a PC/SC virtual card)", "sim.cli:register"),
+    "board": ("a simulated controller board (the real firmware on a pty)",
+              "sim.board.cli:register"),
     "broker": ("run a private development broker in the foreground", "ccus.cli:_register_broker"),
 }
 
