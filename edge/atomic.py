@@ -50,3 +50,21 @@ def fsync_dir(directory: str | os.PathLike[str]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_new(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -> Path:
+    """Create `path` with `data`, never replacing a file that exists (FileExistsError): a new
+    private key. Created with `mode` (0600: not readable by others for a moment), fsync'ed,
+    and its folder fsync'ed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(path.parent)
+    return path

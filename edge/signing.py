@@ -19,7 +19,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from edge.atomic import write_atomic
+from edge.atomic import write_atomic, write_new
 from edge.errors import EdgeError
 
 ENVELOPE_VERSION = 1
@@ -62,13 +62,7 @@ def write_keypair(private_path: str | Path, public_path: str | Path | None = Non
         private_path.name + ".pub")
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
-    # O_EXCL: never clobber an existing key; 0600 from creation, not chmod'ed afterwards.
-    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, pem)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_new(private_path, pem, 0o600)  # never clobbers an existing key
     write_atomic(public_path, public_hex(key.public_key()) + "\n", mode=0o644)
     return key.public_key()
 

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from edge.atomic import write_atomic
+from edge.atomic import write_atomic, write_new
 from ops.errors import OpsError
 from protocol.touch import DEVICE_ID, SITE_ID
 
@@ -60,13 +60,7 @@ def write_private_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
     """PEM, mode 0600 from creation; an existing file is never overwritten."""
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, pem)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_new(path, pem, 0o600)
 
 
 def _write_public(path: Path, data: bytes) -> None:

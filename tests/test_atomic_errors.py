@@ -105,3 +105,13 @@ def test_one_base_per_package_catches_every_family_member() -> None:
         from edge.idlist import load_list
 
         load_list(b"not a list")
+
+
+def test_write_new_creates_private_and_never_replaces(tmp_path: Path) -> None:
+    from edge.atomic import write_new
+
+    key = write_new(tmp_path / "k" / "device.key", b"secret")
+    assert key.read_bytes() == b"secret" and (key.stat().st_mode & 0o777) == 0o600
+    with pytest.raises(FileExistsError):
+        write_new(key, b"other")
+    assert key.read_bytes() == b"secret"
