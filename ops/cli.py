@@ -7,9 +7,10 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from ops.errors import one_line
 
 ROLES = ("gate", "vending", "training")
 DEFAULT_SITE_BROKER = "site-broker.local"   # = ops.provision.DEFAULT_SITE_BROKER
@@ -35,13 +36,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--pki", required=True, help="PKI folder (keep it offline)")
     p.add_argument("--name", default="ccus-touch CA")
     p.add_argument("--days", type=int, default=3650)
-    p.set_defaults(func=_safe(_ca_init))
+    p.set_defaults(func=one_line(_ca_init))
     p = ca_sub.add_parser("crl", help="re-sign the CRL, renewing its expiry (do it monthly: "
                                       "it lapses after --days)")
     p.add_argument("--pki", required=True)
     p.add_argument("--days", type=int, default=30, help="validity of the new CRL (default 30)")
     _crl_apply_args(p)
-    p.set_defaults(func=_safe(_ca_crl))
+    p.set_defaults(func=one_line(_ca_crl))
 
     p = sub.add_parser("server", help="a server certificate for the cloud (or a site) broker")
     p.add_argument("--pki", required=True)
@@ -50,13 +51,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--site", help="for this site's broker (pki/sites/SITE/server)")
     p.add_argument("--force", action="store_true",
                    help="re-issue: the old pair moves aside as server.old.*")
-    p.set_defaults(func=_safe(_server))
+    p.set_defaults(func=one_line(_server))
 
     p = sub.add_parser("identity", help="an operator or sink certificate")
     p.add_argument("--pki", required=True)
     p.add_argument("--kind", choices=("operator", "sink"), required=True)
     p.add_argument("--name", required=True)
-    p.set_defaults(func=_safe(_identity))
+    p.set_defaults(func=one_line(_identity))
 
     site = sub.add_parser("site", help="sites")
     site_sub = site.add_subparsers(dest="site_cmd", required=True)
@@ -74,7 +75,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                         f"{DEFAULT_SITE_BROKER})")
     p.add_argument("--list-name", default=DEFAULT_LIST,
                    help="the signed ID list the devices follow (default %(default)s)")
-    p.set_defaults(func=_safe(_site_add))
+    p.set_defaults(func=one_line(_site_add))
 
     dev = sub.add_parser("device", help="device certificates")
     dev_sub = dev.add_subparsers(dest="device_cmd", required=True)
@@ -89,16 +90,16 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                         f"else {DEFAULT_SITE_BROKER})")
     p.add_argument("--list-name", default=DEFAULT_LIST,
                    help="the signed ID list the device follows (default %(default)s)")
-    p.set_defaults(func=_safe(_device_add))
+    p.set_defaults(func=one_line(_device_add))
     p = dev_sub.add_parser("rotate", help="new key and certificate; the old one stays valid "
                                           "until `ccus ops cert revoke`")
     p.add_argument("--pki", required=True)
     p.add_argument("--id", required=True)
-    p.set_defaults(func=_safe(_device_rotate))
+    p.set_defaults(func=one_line(_device_rotate))
     p = dev_sub.add_parser("revoke", help="lost device: CRL all its certificates, drop its ACL")
     p.add_argument("--pki", required=True)
     p.add_argument("--id", required=True)
-    p.set_defaults(func=_safe(_device_revoke))
+    p.set_defaults(func=one_line(_device_revoke))
 
     cert = sub.add_parser("cert", help="certificates: revocation and the CRL")
     cert_sub = cert.add_subparsers(dest="cert_cmd", required=True)
@@ -109,19 +110,19 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--pki", required=True)
     p.add_argument("--serial", action="append", default=[], help="one serial, hex (repeat)")
     _crl_apply_args(p)
-    p.set_defaults(func=_safe(_cert_revoke))
+    p.set_defaults(func=one_line(_cert_revoke))
     p = cert_sub.add_parser("status", help="the CRL's expiry: exit 1 when it lapses within "
                                            "--warn-days")
     p.add_argument("--pki", help="PKI folder (its crl.pem)")
     p.add_argument("--crl", help="a crl.pem elsewhere (a broker's bundle)")
     p.add_argument("--warn-days", type=float, default=7.0)
-    p.set_defaults(func=_safe(_cert_status))
+    p.set_defaults(func=one_line(_cert_status))
 
     p = sub.add_parser("acl", help="write the broker ACL file from the inventory")
     p.add_argument("--pki", required=True)
     p.add_argument("--site", help="only this site (a site broker's ACL)")
     p.add_argument("--out", required=True)
-    p.set_defaults(func=_safe(_acl))
+    p.set_defaults(func=one_line(_acl))
 
     p = sub.add_parser("broker-config", help="a broker bundle: mosquitto.conf, certs, CRL, ACL")
     p.add_argument("--place", choices=("dev", "site", "cloud"), required=True)
@@ -145,7 +146,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-queued-bytes", type=int, default=None)
     p.add_argument("--session-expiry", default=None,
                    help="persistent_client_expiration, e.g. 14d (units h d w m y)")
-    p.set_defaults(func=_safe(_broker_config))
+    p.set_defaults(func=one_line(_broker_config))
 
     cfg = sub.add_parser("config", help="signed configuration")
     cfg_sub = cfg.add_subparsers(dest="config_cmd", required=True)
@@ -163,7 +164,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                    "inventory must answer (default: the devices whose retained state says "
                    "online)")
     add_broker_args(p)
-    p.set_defaults(func=_safe(_config_push))
+    p.set_defaults(func=one_line(_config_push))
 
     p = sub.add_parser("devices", help="the fleet from retained state: problems first")
     p.add_argument("--json", action="store_true")
@@ -173,7 +174,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                         "versions and last-seen time (default %(default)s)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     add_broker_args(p)
-    p.set_defaults(func=_safe(_devices))
+    p.set_defaults(func=one_line(_devices))
 
     try:  # the ID-list commands live with the ID-list code
         from ops.list_cli import register as register_list
@@ -184,17 +185,6 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         register_list(sub)
         register_keygen(sub)
     return ops
-
-
-def _safe(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """A clear one-line error and exit code 2 instead of a traceback."""
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return fn(args)
-        except (OSError, ValueError, RuntimeError) as exc:
-            print(f"ccus ops: {exc}", file=sys.stderr)
-            return 2
-    return run
 
 
 def _out(obj: Any) -> int:

@@ -4,13 +4,13 @@ the `ccus` CLI hooks it with `register(ops_subparsers)` / `register_keygen(ops_s
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from edge.signing import key_id, load_private_key, write_keypair
+from ops.errors import one_line
 from ops.mqttc import add_broker_args
 
 Subparsers = argparse._SubParsersAction  # what add_subparsers() returns
@@ -48,11 +48,11 @@ def register(subparsers: Subparsers) -> argparse.ArgumentParser:
                    help="devices install it even if issued before their freshness window")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a PUBACK")
-    p.set_defaults(func=_guarded(_publish))
+    p.set_defaults(func=one_line(_publish, 1))
 
     s = sub.add_parser("show", help="print a list file's header as JSON")
     s.add_argument("path")
-    s.set_defaults(func=_guarded(_show))
+    s.set_defaults(func=one_line(_show, 1))
     return lst
 
 
@@ -60,20 +60,8 @@ def register_keygen(subparsers: Subparsers) -> argparse.ArgumentParser:
     """Add `keygen`: a new operator key pair (private key mode 0600, never printed)."""
     k = subparsers.add_parser("keygen", help="new operator Ed25519 key pair")
     k.add_argument("--out", required=True, help="private key path (public key: OUT.pub)")
-    k.set_defaults(func=_guarded(_keygen))
+    k.set_defaults(func=one_line(_keygen, 1))
     return k
-
-
-def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """An expected fault (broker unreachable, refused, bad file) -> one line, exit 1."""
-    @functools.wraps(fn)
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return fn(args)
-        except (OSError, ValueError, RuntimeError) as exc:
-            print(f"ccus ops: {exc}", file=sys.stderr)
-            return 1
-    return run
 
 
 def _publish(args: argparse.Namespace) -> int:

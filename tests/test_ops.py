@@ -285,7 +285,7 @@ def test_documented_ops_commands_parse(page: str) -> None:
     for cmd in cmds:
         argv = shlex.split(cmd.replace("$SITE", SITE).replace("$DEV", "gate-01"))[1:]
         try:
-            args = build_parser().parse_args(argv)
+            args = build_parser("ops").parse_args(argv)
         except SystemExit:
             raise AssertionError(f"docs/{page}: does not parse: {cmd}") from None
         assert isinstance(args, argparse.Namespace)
