@@ -122,10 +122,7 @@ def course_bars(rows: list[dict[str, Any]], title: str, path: str | Path) -> Pat
     ax.set_ylim(0, top * 1.25 + 1)
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(f"{title}\n(% above the bars: card ownership rate)", fontsize=10, loc="left")
-    ax.legend(frameon=False, fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ax.spines[["top", "right"]].set_visible(False)
-    fig.tight_layout()
-    return _save(fig, path)
+    return _finish(fig, ax, path)
 
 
 def vending_bars(rows: list[dict[str, Any]], title: str, path: str | Path) -> Path:
@@ -148,11 +145,7 @@ def vending_bars(rows: list[dict[str, Any]], title: str, path: str | Path) -> Pa
     ax.set_ylim(0, max(bottom, default=0) * 1.12 + 1)
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(title, fontsize=11, loc="left")
-    # outside the axes: a legend never covers a bar
-    ax.legend(frameon=False, fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ax.spines[["top", "right"]].set_visible(False)
-    fig.tight_layout()
-    return _save(fig, path)
+    return _finish(fig, ax, path)
 
 
 def days_bars(rows: list[tuple[str, str, str, int]], names: dict[str, str], title: str,
@@ -202,6 +195,12 @@ def training_bars(rows: list[dict[str, Any]], title: str, path: str | Path) -> P
     ax.set_ylim(0, max([r["touches"] for r in months], default=0) * 1.15 + 1)
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(title, fontsize=11, loc="left")
+    return _finish(fig, ax, path)
+
+
+def _finish(fig: Any, ax: Any, path: str | Path) -> Path:
+    """The house style of every bar chart: the legend outside the axes (it never covers a
+    bar), no top/right frame, then saved."""
     ax.legend(frameon=False, fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
