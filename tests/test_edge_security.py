@@ -333,6 +333,9 @@ def test_old_and_out_of_range_pushes_over_the_broker(broker: PrivateBroker, tmp_
                      force=True)
         wait_until(lambda: agent.idlist is not None and agent.idlist.version == 5, 10.0,
                    "the forced list installed")
+        # the state message follows the install on the link's thread: wait for it to land
+        wait_until(lambda: retained_state(broker, SITE, DEV)["lv"] == 5, 10.0,
+                   "the state message names list v5")
         state = retained_state(broker, SITE, DEV)
         assert state["lv"] == 5 and state["idlist"]["last_refusal"] == "v4: too_old"
     finally:
@@ -451,7 +454,7 @@ def test_force_flags_reach_the_signed_documents(tmp_path: Path) -> None:
     for force in (False, True):
         extra = ["--force"] if force else []
         out = ops("list", "publish", "--csv", "t.csv", "--name", "main", "--version", "3",
-                  "--key", "op.key", "--dry-run", "--out", "m.idl", *extra)
+                  "--signing-key", "op.key", "--dry-run", "--keep", "m.idl", *extra)
         assert out["force"] is force
         out = ops("config", "push", "--site", SITE, "--device", DEV, "--file", "o.toml",
                   "--signing-key", "op.key", "--dry-run", *extra)
