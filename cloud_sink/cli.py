@@ -395,6 +395,7 @@ def _gaps(args: argparse.Namespace) -> int:
 
     store = store_of(args)
     try:
+        store.refresh_gaps()  # type: ignore[attr-defined]  # derived from what is stored
         print(format_gaps(gap_report(store, include_closed=args.all)))  # type: ignore[arg-type]
     finally:
         store.close()

@@ -116,8 +116,10 @@ def test_sink_gaps_lists_open_gaps_of_a_store_it_opens_and_closes(
     assert main(["sink", "gaps", "--db", db]) == 0
     assert "no open gaps" in capsys.readouterr().out
     store = open_store(db)
-    store.record_gaps("gate-01", SITE, [], [(3, 4, NOW), (9, 9, NOW)], NOW)  # type: ignore[attr-defined]
-    store.record_gaps("gate-01", SITE, [(9, 9)], [], NOW)  # type: ignore[attr-defined]
+    store.ingest([touch(s) for s in (1, 2, 5, 6, 7, 8, 10)], now_ms=NOW)
+    store.sync_gaps("gate-01", SITE, [(3, 4), (9, 9)], NOW)  # type: ignore[attr-defined]
+    store.ingest([touch(9)], now_ms=NOW)
+    store.sync_gaps("gate-01", SITE, [(3, 4)], NOW)  # type: ignore[attr-defined]
     store.close()
     assert main(["sink", "gaps", "--db", db]) == 0
     out = capsys.readouterr().out
