@@ -36,8 +36,12 @@ def policy_of(args: argparse.Namespace) -> Policy:
                   require_registered=args.registered_only)
 
 
-def store_of(args: argparse.Namespace) -> Store:
-    return open_store(args.store, policy_of(args) if hasattr(args, "cut_hour") else None)
+def store_of(args: argparse.Namespace, *, create: bool = False) -> Store:
+    """The command's store. Only `sink run` and the imports may create one: every other
+    command opens an existing store (a typo gives "no store at PATH", not an empty store).
+    A fault is a StoreError: ccus.cli prints its one line and exits 2."""
+    return open_store(args.store, policy_of(args) if hasattr(args, "cut_hour") else None,
+                      create=create)
 
 
 def register(sub: Sub) -> None:  # type: ignore[valid-type]
@@ -148,7 +152,7 @@ def _run(args: argparse.Namespace) -> int:
     from cloud_sink.ingest import Sink, TlsFiles
 
     host, _, port = args.broker.rpartition(":")
-    store = store_of(args)
+    store = store_of(args, create=True)
     tls = None
     if args.ca or args.cert or args.key:
         if not (args.ca and args.cert and args.key):
@@ -178,7 +182,7 @@ def _run(args: argparse.Namespace) -> int:
 def _import(args: argparse.Namespace) -> int:
     from cloud_sink.importer import import_file
 
-    store = store_of(args)
+    store = store_of(args, create=True)
     try:
         res = import_file(store, args.file, fmt=args.format, batch=args.batch,
                           progress=not args.no_progress)
@@ -276,7 +280,7 @@ def _import_csv(args: argparse.Namespace, command: str, parse: Any,
     except (OSError, UnicodeDecodeError, CsvError) as exc:
         print(f"ccus sink {command}: {args.file}: {exc}", file=sys.stderr)
         return 2
-    store = store_of(args)
+    store = store_of(args, create=True)
     try:
         out = load(store, items)
     finally:
