@@ -75,6 +75,14 @@ def register(sub: Sub) -> None:  # type: ignore[valid-type]
     imp.add_argument("--no-progress", action="store_true")
     imp.set_defaults(func=_import)
 
+    ex = s.add_parser("export", help="write every stored touch, dead letter, device and course "
+                      "to JSON Lines or CBOR (for `sink import` into another store)")
+    add_store_args(ex)
+    ex.add_argument("--out", required=True, metavar="FILE", help="FILE.jsonl or FILE.cbor")
+    ex.add_argument("--format", choices=["jsonl", "cbor"], help="default: by extension")
+    ex.add_argument("--no-progress", action="store_true")
+    ex.set_defaults(func=_export)
+
     dl = s.add_parser("dead-letters", help="list malformed touches kept with their reason")
     add_store_args(dl)
     dl.add_argument("--limit", type=int, default=50)
@@ -183,9 +191,10 @@ def _import(args: argparse.Namespace) -> int:
     from cloud_sink.importer import import_file
 
     store = store_of(args, create=True)
+    carried: dict[str, int] = {}
     try:
         res = import_file(store, args.file, fmt=args.format, batch=args.batch,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, carried=carried)
     except OSError as exc:
         print(f"ccus sink import: {exc}", file=sys.stderr)
         return 2
@@ -195,6 +204,22 @@ def _import(args: argparse.Namespace) -> int:
           f"{res.dead} dead letters")
     if res.flagged:
         print(flag_advice(res))
+    if carried:  # a file from `ccus sink export`
+        print(f"carried over: {carried.get('dead_letters', 0)} dead letters, "
+              f"{carried.get('devices', 0)} devices, {carried.get('courses', 0)} courses")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from cloud_sink.export import export_store
+
+    store = store_of(args)
+    try:
+        n = export_store(store, args.out, fmt=args.format, progress=not args.no_progress)
+    finally:
+        store.close()
+    print(f"{n['touch']} touches, {n['_dead']} dead letters, {n['_device']} devices, "
+          f"{n['_course']} courses written to {args.out}")
     return 0
 
 

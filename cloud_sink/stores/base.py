@@ -578,6 +578,27 @@ class SqlStore:
                           " WHERE flag IS NOT NULL ORDER BY received_ms DESC, device, seq LIMIT ?",
                           (limit,))
 
+    def import_dead_letters(self, letters: Sequence[dict[str, Any]]) -> int:
+        """Dead letters from an export (received_ms, topic, payload, reason, detail), each kept
+        once: one already here with the same time, topic, reason and bytes is skipped, so an
+        import run twice does not double them. -> how many were added."""
+        added = 0
+        with self._lock, self._tx():
+            for m in letters:
+                d = DeadLetter(str(m["topic"]), bytes(m["payload"]), str(m["reason"]),
+                               str(m.get("detail") or ""))
+                rcv = int(m["received_ms"])
+                if self._x("SELECT 1 FROM dead_letters WHERE received_ms=? AND topic=? AND"
+                           " reason=? AND payload=?", (rcv, d.topic, d.reason, d.payload)
+                           ).fetchone():
+                    continue
+                k = dead_letter_key(d)
+                self._x("INSERT INTO dead_letters (received_ms, topic, payload, reason, detail,"
+                        " device, seq) VALUES (?,?,?,?,?,?,?)",
+                        (rcv, d.topic, d.payload, d.reason, d.detail, k and k[1], k and k[2]))
+                added += 1
+        return added
+
     def dead_letters(self, limit: int = 100) -> list[tuple[int, int, str, str, str, bytes]]:
         return [(i, r, t, re, d, bytes(p)) for i, r, t, re, d, p in self._rows(
             "SELECT id, received_ms, topic, reason, detail, payload FROM dead_letters"
