@@ -154,7 +154,8 @@ def _main(argv: list[str]) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except SinkError as exc:  # an expected fault of the sink (a store it cannot open): one line
+    except SinkError as exc:  # an expected fault of the sink (a store it cannot open, a
+        # metrics port taken): one line
         print(f"ccus {args.cmd}: {exc}", file=sys.stderr)
         return 2
 

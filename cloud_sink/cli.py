@@ -59,6 +59,9 @@ def register(sub: Sub) -> None:  # type: ignore[valid-type]
     run.add_argument("--ca", help="CA certificate (PEM): connect with TLS")
     run.add_argument("--cert", help="the sink's client certificate (PEM), from `ccus ops identity`")
     run.add_argument("--key", help="the sink's private key (PEM, mode 0600)")
+    run.add_argument("--metrics", metavar="HOST:PORT|off",
+                     help="serve Prometheus metrics at http://HOST:PORT/metrics (default "
+                     "127.0.0.1:9464; taken by another sink: a warning, no metrics; off: none)")
     run.set_defaults(func=_run)
 
     gaps = s.add_parser("gaps", help="devices whose seq has holes (a loss somewhere, or a replay)")
@@ -159,7 +162,10 @@ def register(sub: Sub) -> None:  # type: ignore[valid-type]
 def _run(args: argparse.Namespace) -> int:
     from cloud_sink.ingest import Sink, TlsFiles
 
+    from cloud_sink.metrics import DEFAULT_LISTEN, MetricsError, SinkMetrics, parse_listen
+
     host, _, port = args.broker.rpartition(":")
+    listen = parse_listen(args.metrics or DEFAULT_LISTEN)
     store = store_of(args, create=True)
     tls = None
     if args.ca or args.cert or args.key:
@@ -167,8 +173,21 @@ def _run(args: argparse.Namespace) -> int:
             print("ccus sink run: --ca, --cert and --key go together", file=sys.stderr)
             return 2
         tls = TlsFiles(args.ca, args.cert, args.key)
+    metrics = None
+    if listen is not None:
+        metrics = SinkMetrics()
+        try:
+            where = metrics.serve(*listen)
+            logging.getLogger("ccus.sink").info("metrics at http://%s:%d/metrics", *where)
+        except MetricsError as exc:
+            if args.metrics:  # asked for: a fault
+                store.close()
+                raise
+            # the default port, taken (a second sink on this host): run, say so once
+            logging.getLogger("ccus.sink").warning("%s; running without metrics", exc)
+            metrics = None
     sink = Sink(store, host or "127.0.0.1", int(port), group=args.group,  # type: ignore[arg-type]
-                client_id=args.client_id, batch_max=args.batch, tls=tls)
+                client_id=args.client_id, batch_max=args.batch, tls=tls, metrics=metrics)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
@@ -181,6 +200,8 @@ def _run(args: argparse.Namespace) -> int:
     done.wait()
     sink.stop()
     store.close()
+    if metrics is not None:
+        metrics.close()
     t = sink.totals
     logging.getLogger("ccus.sink").info("stopped: %d stored, %d repeated, %d dead letters",
                                         t.stored, t.repeated, t.dead)

@@ -207,6 +207,8 @@ class Sink:
         # a new epoch: every device learns that what it sent before now may have been dropped
         self.epoch = max(self.epoch + 1, int(time.time() * 1000))
         self.announced.clear()
+        if self.metrics is not None:
+            self.metrics.epoch.set(self.epoch)
         log.info("sink: subscribed to %s (epoch %d)",
                  topics.shared(self.group, topics.ALL_TOUCHES), self.epoch)
         self._next_id += 1
