@@ -161,7 +161,6 @@ def register(sub: Sub) -> None:  # type: ignore[valid-type]
 
 def _run(args: argparse.Namespace) -> int:
     from cloud_sink.ingest import Sink, TlsFiles
-
     from cloud_sink.metrics import DEFAULT_LISTEN, MetricsError, SinkMetrics, parse_listen
 
     host, _, port = args.broker.rpartition(":")
