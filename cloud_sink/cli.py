@@ -62,6 +62,9 @@ def register(sub: Sub) -> None:  # type: ignore[valid-type]
     run.add_argument("--metrics", metavar="HOST:PORT|off",
                      help="serve Prometheus metrics at http://HOST:PORT/metrics (default "
                      "127.0.0.1:9464; taken by another sink: a warning, no metrics; off: none)")
+    run.add_argument("--check", action="store_true",
+                     help="check the store, certificates, broker and metrics port; print a "
+                     "checklist and exit (1 on any failure) without running")
     run.set_defaults(func=_run)
 
     gaps = s.add_parser("gaps", help="devices whose seq has holes (a loss somewhere, or a replay)")
@@ -165,6 +168,8 @@ def _run(args: argparse.Namespace) -> int:
 
     host, _, port = args.broker.rpartition(":")
     listen = parse_listen(args.metrics or DEFAULT_LISTEN)
+    if args.check:
+        return _check(args, host or "127.0.0.1", int(port), listen)
     store = store_of(args, create=True)
     tls = None
     if args.ca or args.cert or args.key:
@@ -205,6 +210,18 @@ def _run(args: argparse.Namespace) -> int:
     logging.getLogger("ccus.sink").info("stopped: %d stored, %d repeated, %d dead letters",
                                         t.stored, t.repeated, t.dead)
     return 0
+
+
+def _check(args: argparse.Namespace, host: str, port: int, listen: tuple[str, int] | None) -> int:
+    from cloud_sink.check import format_checks, run_checks
+
+    if (args.ca or args.cert or args.key) and not (args.ca and args.cert and args.key):
+        print("ccus sink run: --ca, --cert and --key go together", file=sys.stderr)
+        return 2
+    tls = (args.ca, args.cert, args.key) if args.ca else None
+    checks = run_checks(args.store, host, port, tls, listen)
+    print(format_checks(checks))
+    return 0 if all(c.ok for c in checks) else 1
 
 
 def _import(args: argparse.Namespace) -> int:
