@@ -16,7 +16,7 @@ from cryptography.x509.oid import NameOID
 from broker.launcher import PrivateBroker, free_port
 from cloud_sink.store import open_store
 from ops import provision
-from ops.acl import render_acl
+from ops.acl import render_acl, render_dynsec
 from ops.inventory import InventoryFile
 from ops.pki import CA
 
@@ -35,9 +35,11 @@ def tls_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, 
     CA.init(root / "other")  # a foreign CA
     acl = root / "acl"
     acl.write_text(render_acl(InventoryFile(pki).inventory()))
+    dynsec = root / "dynamic-security.json"
+    dynsec.write_text(render_dynsec(InventoryFile(pki).inventory()))
     values = {"ca_file": pki / "ca.crt", "cert_file": pki / "server" / "server.crt",
               "key_file": pki / "server" / "server.key", "crl_file": pki / "crl.pem",
-              "acl_file": acl}
+              "acl_file": acl, "dynsec_file": dynsec}
     with PrivateBroker(root / "broker", template="cloud.conf", values=values) as b:
         yield root, b
 
