@@ -122,3 +122,41 @@ def test_a_store_moved_from_sqlite_to_postgresql_keeps_every_devices_acknowledge
             pub.publish(topics.touch_ack(SITE, dev), b"", qos=1, retain=True).wait_for_publish(5)
         pub.loop_stop()
         pub.disconnect()
+
+
+def test_postgresql_to_sqlite_in_chunks_keeps_touches_dead_letters_devices_courses(
+        pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The other direction, in process, with the export's chunks tiny (keyset pages across
+    devices), a registry and a course: the new store equals the old one."""
+    import psycopg
+    from sink_support import NOW
+
+    from cloud_sink import export
+    from cloud_sink.importer import import_file
+    from cloud_sink.model import Course, DeadLetter, Device
+
+    monkeypatch.setattr(export, "CHUNK", 3)
+    with psycopg.connect(pg_url, autocommit=True) as db:
+        db.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    src = open_store(pg_url)
+    src.register_devices([Device("gate-a", SITE, "gate")])
+    src.import_courses([Course("C-1", "足場", "2026-11-01", "2026-11-30", 12, SITE)])
+    bad = dict(to_map(touch(4, device="gate-b")), tid=1)
+    src.ingest([touch(s, device=d) for d in ("gate-a", "gate-b") for s in (1, 2, 3, 5)],
+               [DeadLetter(topics.touch(SITE, "gate-b"), cbor2.dumps(bad), "bad_field", "tid")],
+               now_ms=NOW)
+    before, counts, devices, courses = derived(src), src.counts(), src.devices(), src.courses()
+    n = export.export_store(src, tmp_path / "pg.cbor", progress=False)
+    src.close()
+    assert n == {"touch": 8, "_dead": 1, "_device": 1, "_course": 1}
+    dst = open_store(tmp_path / "new.sqlite")
+    try:
+        carried: dict[str, int] = {}
+        res = import_file(dst, tmp_path / "pg.cbor", progress=False, carried=carried)
+        assert (res.stored, carried) == (8, {"devices": 1, "courses": 1, "dead_letters": 1})
+        assert derived(dst) == before and dst.counts() == counts
+        assert dst.devices() == devices and dst.courses() == courses
+        # gate-a misses 4; gate-b's 4 is its dead letter: only gate-a has a gap
+        assert [(g[0], g[2], g[3]) for g in dst.gaps()] == [("gate-a", 4, 4)]  # type: ignore[attr-defined]
+    finally:
+        dst.close()
