@@ -243,7 +243,9 @@ def _import(args: argparse.Namespace) -> int:
         print(flag_advice(res))
     if carried:  # a file from `ccus sink export`
         print(f"carried over: {carried.get('dead_letters', 0)} dead letters, "
-              f"{carried.get('devices', 0)} devices, {carried.get('courses', 0)} courses")
+              f"{carried.get('devices', 0)} devices, {carried.get('courses', 0)} courses, "
+              f"{carried.get('sites', 0)} site rules, {carried.get('chain', 0)} contractor "
+              f"links, {carried.get('employers', 0)} technicians")
     return 0
 
 
@@ -256,7 +258,8 @@ def _export(args: argparse.Namespace) -> int:
     finally:
         store.close()
     print(f"{n['touch']} touches, {n['_dead']} dead letters, {n['_device']} devices, "
-          f"{n['_course']} courses written to {args.out}")
+          f"{n['_course']} courses, {n['_site']} site rules, {n['_chain']} contractor links, "
+          f"{n['_employer']} technicians written to {args.out}")
     return 0
 
 

@@ -7,7 +7,10 @@ Rules of this file:
   wire map (protocol.touch.to_map; in JSON Lines `card` as hex) plus ``"_rcv"``, the time the
   first sink received it, so the skew flag and the derived tables come out the same in the new
   store. Other records are one-key maps: ``{"_dead": {...}}`` (received_ms, topic, payload,
-  reason, detail; payload hex in JSON Lines), ``{"_device": {...}}``, ``{"_course": {...}}``.
+  reason, detail; payload hex in JSON Lines), ``{"_device": {...}}``, ``{"_course": {...}}``,
+  and the site registry: ``{"_site": {...}}`` (a SiteRule), ``{"_chain": {...}}`` (a
+  ChainLink), ``{"_employer": {...}}`` (a Technician). The registry comes first in the file, so
+  the import cuts each touch with its site's rules as it goes.
   The dead letters travel because a device's own refused touch accounts for its seq in the
   end-to-end acknowledgement: without it the new store would hold that device's ack back.
 - Touches are read in (device, seq) order in chunks (keyset pagination), so a store of
@@ -17,6 +20,7 @@ Rules of this file:
   would break the acknowledgement it exists to keep.
 """
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,7 +54,14 @@ def touch_of_row(r: tuple[Any, ...]) -> tuple[Touch, int]:
 
 
 def records(store: Any) -> Iterator[tuple[str, dict[str, Any]]]:
-    """('touch' | '_dead' | '_device' | '_course', map) for everything the export carries."""
+    """(kind, map) for everything the export carries: the registry first, then the touches
+    (kind 'touch') and the dead letters."""
+    for rule in store.sites():
+        yield "_site", dataclasses.asdict(rule)
+    for link in store.chain():
+        yield "_chain", dataclasses.asdict(link)
+    for tech in store.technicians():
+        yield "_employer", dataclasses.asdict(tech)
     for d in store.devices():
         yield "_device", {"device": d.device, "site": d.site, "role": d.role}
     for c in store.courses():
@@ -81,7 +92,8 @@ def records(store: Any) -> Iterator[tuple[str, dict[str, Any]]]:
 
 def total_rows(store: Any) -> int:
     return sum(int(store._rows(f"SELECT COUNT(*) FROM {t}")[0][0])
-               for t in ("touches", "dead_letters", "devices", "courses"))
+               for t in ("touches", "dead_letters", "devices", "courses", "sites", "site_chain",
+                         "technicians"))
 
 
 def _json_line(kind: str, m: dict[str, Any]) -> bytes:
@@ -120,7 +132,8 @@ def export_store(store: Any, out: str | Path, *, fmt: str | None = None,
     kind = fmt_of(path, fmt)
     write = _json_line if kind == "jsonl" else _cbor_item
     part = path.with_name(path.name + ".part")
-    counts = {"touch": 0, "_dead": 0, "_device": 0, "_course": 0}
+    counts = {"touch": 0, "_dead": 0, "_device": 0, "_course": 0, "_site": 0, "_chain": 0,
+              "_employer": 0}
     try:
         fp: BinaryIO
         with open(part, "wb") as fp, tqdm(total=total_rows(store), unit="rows",

@@ -23,10 +23,12 @@ import cbor2
 
 from cloud_sink.derive.rows import touch_row
 from cloud_sink.model import BATCH_MAX, Course, DeadLetter, Device, IngestResult
+from cloud_sink.registry import ChainLink, SiteRule, Technician
 from cloud_sink.store import Store
 from protocol.touch import Touch, TouchError, decode, to_map
 
-EXTRA_KINDS = ("_dead", "_device", "_course")
+# in the order a batch loads them: the registry before the touches it cuts
+EXTRA_KINDS = ("_site", "_chain", "_employer", "_device", "_course", "_dead")
 
 
 class Received(NamedTuple):
@@ -172,6 +174,15 @@ def import_file(store: Store, path: str | Path, *, fmt: str | None = None, batch
 
     def flush() -> None:
         nonlocal good, received, dead
+        if extras["_site"]:
+            carried["sites"] = carried.get("sites", 0) + store.import_sites(  # type: ignore[attr-defined]
+                [SiteRule(**m) for m in extras["_site"]]).imported
+        if extras["_chain"]:
+            carried["chain"] = carried.get("chain", 0) + store.import_chain(  # type: ignore[attr-defined]
+                [ChainLink(**m) for m in extras["_chain"]])
+        if extras["_employer"]:
+            carried["employers"] = carried.get("employers", 0) + store.import_technicians(  # type: ignore[attr-defined]
+                [Technician(**m) for m in extras["_employer"]])
         if received and not store.policy.require_registered:
             now = now_ms if now_ms is not None else received[0].received_ms
             total.add(store.ingest_rows(  # type: ignore[attr-defined]

@@ -127,13 +127,15 @@ def test_a_store_moved_from_sqlite_to_postgresql_keeps_every_devices_acknowledge
 def test_postgresql_to_sqlite_in_chunks_keeps_touches_dead_letters_devices_courses(
         pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The other direction, in process, with the export's chunks tiny (keyset pages across
-    devices), a registry and a course: the new store equals the old one."""
+    devices), the device registry, a course, the site registry (a 06:00 cut: a 05:00 touch is
+    the day before) with a contractor link and a technician: the new store equals the old."""
     import psycopg
-    from sink_support import NOW
+    from sink_support import NOW, tid
 
     from cloud_sink import export
     from cloud_sink.importer import import_file
     from cloud_sink.model import Course, DeadLetter, Device
+    from cloud_sink.registry import ChainLink, SiteRule, Technician
 
     monkeypatch.setattr(export, "CHUNK", 3)
     with psycopg.connect(pg_url, autocommit=True) as db:
@@ -141,21 +143,32 @@ def test_postgresql_to_sqlite_in_chunks_keeps_touches_dead_letters_devices_cours
     src = open_store(pg_url)
     src.register_devices([Device("gate-a", SITE, "gate")])
     src.import_courses([Course("C-1", "足場", "2026-11-01", "2026-11-30", 12, SITE)])
+    src.import_sites([SiteRule(SITE, "現場A", "site", "東京都", "13100000000009", 6,  # type: ignore[attr-defined]
+                               "2026-01-01")])
+    src.import_chain([ChainLink(SITE, "13100000000009", "", "元請")])  # type: ignore[attr-defined]
+    src.import_technicians([Technician(tid(1), "13100000000009", "山田")])  # type: ignore[attr-defined]
     bad = dict(to_map(touch(4, device="gate-b")), tid=1)
-    src.ingest([touch(s, device=d) for d in ("gate-a", "gate-b") for s in (1, 2, 3, 5)],
+    early = jst_ms(2026, 11, 26, 5)
+    src.ingest([touch(s, device=d, ts=early if s == 5 else 0)
+                for d in ("gate-a", "gate-b") for s in (1, 2, 3, 5)],
                [DeadLetter(topics.touch(SITE, "gate-b"), cbor2.dumps(bad), "bad_field", "tid")],
                now_ms=NOW)
     before, counts, devices, courses = derived(src), src.counts(), src.devices(), src.courses()
+    registry = (src.sites(), src.chain(), src.technicians())  # type: ignore[attr-defined]
+    assert {r[2] for r in before["work_history"]} == {"2026-11-25", "2026-11-26"}  # the cut
     n = export.export_store(src, tmp_path / "pg.cbor", progress=False)
     src.close()
-    assert n == {"touch": 8, "_dead": 1, "_device": 1, "_course": 1}
+    assert n == {"touch": 8, "_dead": 1, "_device": 1, "_course": 1, "_site": 1, "_chain": 1,
+                 "_employer": 1}
     dst = open_store(tmp_path / "new.sqlite")
     try:
         carried: dict[str, int] = {}
         res = import_file(dst, tmp_path / "pg.cbor", progress=False, carried=carried)
-        assert (res.stored, carried) == (8, {"devices": 1, "courses": 1, "dead_letters": 1})
+        assert (res.stored, carried) == (8, {"devices": 1, "courses": 1, "dead_letters": 1,
+                                             "sites": 1, "chain": 1, "employers": 1})
         assert derived(dst) == before and dst.counts() == counts
         assert dst.devices() == devices and dst.courses() == courses
+        assert (dst.sites(), dst.chain(), dst.technicians()) == registry  # type: ignore[attr-defined]
         # gate-a misses 4; gate-b's 4 is its dead letter: only gate-a has a gap
         assert [(g[0], g[2], g[3]) for g in dst.gaps()] == [("gate-a", 4, 4)]  # type: ignore[attr-defined]
     finally:
