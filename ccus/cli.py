@@ -152,7 +152,14 @@ def _main(argv: list[str]) -> int:
         import nfc  # noqa: F401 - nfcpy sets its logger to INFO on import; the user decides here
 
         logging.getLogger("nfc").setLevel(max(level, logging.WARNING))
-    return int(args.func(args) or 0)
+    from cloud_sink.errors import SinkError
+
+    try:
+        return int(args.func(args) or 0)
+    except SinkError as exc:  # an expected fault of the sink (a store it cannot open, a
+        # metrics port taken): one line
+        print(f"ccus {args.cmd}: {exc}", file=sys.stderr)
+        return 2
 
 
 def _stop_on_signal() -> threading.Event:

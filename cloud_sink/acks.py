@@ -11,6 +11,10 @@ Rules of this file:
   gaps persist (another sink in the shared-subscription group may have stored the missing
   touches), keeps the open and closed gaps in the ``seq_gaps`` table, and says which devices
   need an acknowledgement published. It is called only after the batch is committed.
+- seq_gaps is derived from what is stored, never from a process's memory: each write of a
+  device's gaps replaces that device's open rows by its current missing ranges (a shrunk gap
+  keeps the time it was first seen), so a restarted sink or writer can neither open a gap
+  again nor keep one open that is filled.
 - A gap means loss somewhere or a replay in progress: it is logged and kept in seq_gaps; the
   acknowledgement covers only the contiguous prefix, so the device keeps and replays the rest.
 - A dead letter of a device's own touch counts as accounted for (the store keeps its seq:
@@ -22,7 +26,7 @@ Rules of this file:
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -84,8 +88,9 @@ class _Device:
     site: str
     tracker: SeqTracker
     published: int = -1                  # last upto this process published
-    gaps: list[tuple[int, int]] = field(default_factory=list)
-    gap_seen: dict[tuple[int, int], int] = field(default_factory=dict)
+    # the gaps last written to seq_gaps; None: not yet reconciled with the store's rows (a
+    # fresh process must close what an earlier one left open, not trust an empty list)
+    gaps: list[tuple[int, int]] | None = None
     loaded_at: float = 0.0
 
 
@@ -98,7 +103,8 @@ class Ack:
 
 class AckLedger:
     """The sink's per-device acknowledgement state, read from and kept in the store itself
-    (SQLite or PostgreSQL: ``device_prefix`` and ``record_gaps`` of cloud_sink.stores.base)."""
+    (SQLite or PostgreSQL: ``device_prefix``, ``sync_gaps`` and ``known_devices`` of
+    cloud_sink.stores.base)."""
 
     def __init__(self, store: "SqlStore") -> None:
         self._devices: dict[str, _Device] = {}
@@ -109,6 +115,12 @@ class AckLedger:
         upto, above = self.store.device_prefix(device)
         return SeqTracker(upto, above)
 
+    def _device(self, site: str, device: str, now: float) -> _Device:
+        d = self._devices.get(device)
+        if d is None:
+            d = self._devices[device] = _Device(site, self._load(device), loaded_at=now)
+        return d
+
     def observe(self, stored: Iterable[tuple[str, str, int]]) -> list[Ack]:
         """(site, device, seq) of every touch in a committed batch, new or repeated.
 
@@ -118,10 +130,7 @@ class AckLedger:
         now = time.monotonic()
         touched: dict[str, bool] = {}    # device -> saw a repeat
         for site, device, seq in stored:
-            d = self._devices.get(device)
-            if d is None:
-                d = self._devices[device] = _Device(site, self._load(device), loaded_at=now)
-            new = d.tracker.add(seq)
+            new = self._device(site, device, now).tracker.add(seq)
             touched[device] = touched.get(device, False) or not new
         acks: list[Ack] = []
         for device, repeat in touched.items():
@@ -137,31 +146,32 @@ class AckLedger:
                 acks.append(Ack(d.site, device, d.tracker.upto))
         return acks
 
+    def current(self) -> list[Ack]:
+        """The acknowledgement of every device the store knows (stored touches, dead letters
+        with a seq, the registry) or this ledger has seen: what a sink that has just
+        (re)subscribed publishes under its new epoch. Also reconciles their gaps."""
+        now = time.monotonic()
+        for device, site in self.store.known_devices():
+            self._device(site, device, now)
+        acks = []
+        for device, d in sorted(self._devices.items()):
+            self._update_gaps(device, d)
+            d.published = d.tracker.upto
+            acks.append(Ack(d.site, device, d.tracker.upto))
+        return acks
+
     def _update_gaps(self, device: str, d: _Device) -> None:
-        if not d.tracker.has_gaps and not d.gaps:
-            return
-        gaps = d.tracker.gaps() if d.tracker.has_gaps else []
+        gaps = d.tracker.gaps()
         if gaps == d.gaps:
             return
-        now_ms = int(time.time() * 1000)
-        old, new = set(d.gaps), set(gaps)
-        closed = sorted(old - new)
-        opened = []
-        for g in sorted(new - old):
-            # a gap that shrank keeps the time it was first seen
-            seen = min([t for (a, b), t in d.gap_seen.items() if a <= g[1] and g[0] <= b],
-                       default=now_ms)
-            d.gap_seen[g] = seen
-            opened.append((g[0], g[1], seen))
-        self.store.record_gaps(device, d.site, closed, opened, now_ms)
-        for g in closed:
-            log.info("sink: gap in %s seq %d..%d closed", device, *g)
-        for a, b, _ in opened:
+        opened, closed = self.store.sync_gaps(device, d.site, gaps, int(time.time() * 1000))
+        for a, b in closed:
+            log.info("sink: gap in %s seq %d..%d closed", device, a, b)
+        for a, b in opened:
             self.gaps_opened += 1
             log.warning("sink: gap in %s: seq %d..%d missing (%d touches; a replay in "
                         "progress or a loss): acknowledging only up to %d",
                         device, a, b, b - a + 1, d.tracker.upto)
-        d.gap_seen = {g: d.gap_seen[g] for g in gaps if g in d.gap_seen}
         d.gaps = gaps
 
     def upto(self, device: str) -> int | None:
@@ -169,7 +179,7 @@ class AckLedger:
         return d.tracker.upto if d else None
 
     def open_gaps(self) -> int:
-        return sum(len(d.gaps) for d in self._devices.values())
+        return sum(len(d.gaps or ()) for d in self._devices.values())
 
 
 def gap_report(store: "SqlStore", *, include_closed: bool = False) -> list[tuple]:  # type: ignore[type-arg]

@@ -36,8 +36,12 @@ def policy_of(args: argparse.Namespace) -> Policy:
                   require_registered=args.registered_only)
 
 
-def store_of(args: argparse.Namespace) -> Store:
-    return open_store(args.store, policy_of(args) if hasattr(args, "cut_hour") else None)
+def store_of(args: argparse.Namespace, *, create: bool = False) -> Store:
+    """The command's store. Only `sink run` and the imports may create one: every other
+    command opens an existing store (a typo gives "no store at PATH", not an empty store).
+    A fault is a StoreError: ccus.cli prints its one line and exits 2."""
+    return open_store(args.store, policy_of(args) if hasattr(args, "cut_hour") else None,
+                      create=create)
 
 
 def register(sub: Sub) -> None:  # type: ignore[valid-type]
@@ -55,6 +59,12 @@ def register(sub: Sub) -> None:  # type: ignore[valid-type]
     run.add_argument("--ca", help="CA certificate (PEM): connect with TLS")
     run.add_argument("--cert", help="the sink's client certificate (PEM), from `ccus ops identity`")
     run.add_argument("--key", help="the sink's private key (PEM, mode 0600)")
+    run.add_argument("--metrics", metavar="HOST:PORT|off",
+                     help="serve Prometheus metrics at http://HOST:PORT/metrics (default "
+                     "127.0.0.1:9464; taken by another sink: a warning, no metrics; off: none)")
+    run.add_argument("--check", action="store_true",
+                     help="check the store, certificates, broker and metrics port; print a "
+                     "checklist and exit (1 on any failure) without running")
     run.set_defaults(func=_run)
 
     gaps = s.add_parser("gaps", help="devices whose seq has holes (a loss somewhere, or a replay)")
@@ -70,6 +80,14 @@ def register(sub: Sub) -> None:  # type: ignore[valid-type]
                      help=f"touches per transaction (default {BATCH_MAX})")
     imp.add_argument("--no-progress", action="store_true")
     imp.set_defaults(func=_import)
+
+    ex = s.add_parser("export", help="write every stored touch, dead letter, device and course "
+                      "to JSON Lines or CBOR (for `sink import` into another store)")
+    add_store_args(ex)
+    ex.add_argument("--out", required=True, metavar="FILE", help="FILE.jsonl or FILE.cbor")
+    ex.add_argument("--format", choices=["jsonl", "cbor"], help="default: by extension")
+    ex.add_argument("--no-progress", action="store_true")
+    ex.set_defaults(func=_export)
 
     dl = s.add_parser("dead-letters", help="list malformed touches kept with their reason")
     add_store_args(dl)
@@ -146,17 +164,34 @@ def register(sub: Sub) -> None:  # type: ignore[valid-type]
 
 def _run(args: argparse.Namespace) -> int:
     from cloud_sink.ingest import Sink, TlsFiles
+    from cloud_sink.metrics import DEFAULT_LISTEN, MetricsError, SinkMetrics, parse_listen
 
     host, _, port = args.broker.rpartition(":")
-    store = store_of(args)
+    listen = parse_listen(args.metrics or DEFAULT_LISTEN)
+    if args.check:
+        return _check(args, host or "127.0.0.1", int(port), listen)
+    store = store_of(args, create=True)
     tls = None
     if args.ca or args.cert or args.key:
         if not (args.ca and args.cert and args.key):
             print("ccus sink run: --ca, --cert and --key go together", file=sys.stderr)
             return 2
         tls = TlsFiles(args.ca, args.cert, args.key)
+    metrics = None
+    if listen is not None:
+        metrics = SinkMetrics()
+        try:
+            where = metrics.serve(*listen)
+            logging.getLogger("ccus.sink").info("metrics at http://%s:%d/metrics", *where)
+        except MetricsError as exc:
+            if args.metrics:  # asked for: a fault
+                store.close()
+                raise
+            # the default port, taken (a second sink on this host): run, say so once
+            logging.getLogger("ccus.sink").warning("%s; running without metrics", exc)
+            metrics = None
     sink = Sink(store, host or "127.0.0.1", int(port), group=args.group,  # type: ignore[arg-type]
-                client_id=args.client_id, batch_max=args.batch, tls=tls)
+                client_id=args.client_id, batch_max=args.batch, tls=tls, metrics=metrics)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
@@ -169,19 +204,34 @@ def _run(args: argparse.Namespace) -> int:
     done.wait()
     sink.stop()
     store.close()
+    if metrics is not None:
+        metrics.close()
     t = sink.totals
     logging.getLogger("ccus.sink").info("stopped: %d stored, %d repeated, %d dead letters",
                                         t.stored, t.repeated, t.dead)
     return 0
 
 
+def _check(args: argparse.Namespace, host: str, port: int, listen: tuple[str, int] | None) -> int:
+    from cloud_sink.check import format_checks, run_checks
+
+    if (args.ca or args.cert or args.key) and not (args.ca and args.cert and args.key):
+        print("ccus sink run: --ca, --cert and --key go together", file=sys.stderr)
+        return 2
+    tls = (args.ca, args.cert, args.key) if args.ca else None
+    checks = run_checks(args.store, host, port, tls, listen)
+    print(format_checks(checks))
+    return 0 if all(c.ok for c in checks) else 1
+
+
 def _import(args: argparse.Namespace) -> int:
     from cloud_sink.importer import import_file
 
-    store = store_of(args)
+    store = store_of(args, create=True)
+    carried: dict[str, int] = {}
     try:
         res = import_file(store, args.file, fmt=args.format, batch=args.batch,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, carried=carried)
     except OSError as exc:
         print(f"ccus sink import: {exc}", file=sys.stderr)
         return 2
@@ -191,6 +241,25 @@ def _import(args: argparse.Namespace) -> int:
           f"{res.dead} dead letters")
     if res.flagged:
         print(flag_advice(res))
+    if carried:  # a file from `ccus sink export`
+        print(f"carried over: {carried.get('dead_letters', 0)} dead letters, "
+              f"{carried.get('devices', 0)} devices, {carried.get('courses', 0)} courses, "
+              f"{carried.get('sites', 0)} site rules, {carried.get('chain', 0)} contractor "
+              f"links, {carried.get('employers', 0)} technicians")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from cloud_sink.export import export_store
+
+    store = store_of(args)
+    try:
+        n = export_store(store, args.out, fmt=args.format, progress=not args.no_progress)
+    finally:
+        store.close()
+    print(f"{n['touch']} touches, {n['_dead']} dead letters, {n['_device']} devices, "
+          f"{n['_course']} courses, {n['_site']} site rules, {n['_chain']} contractor links, "
+          f"{n['_employer']} technicians written to {args.out}")
     return 0
 
 
@@ -276,7 +345,7 @@ def _import_csv(args: argparse.Namespace, command: str, parse: Any,
     except (OSError, UnicodeDecodeError, CsvError) as exc:
         print(f"ccus sink {command}: {args.file}: {exc}", file=sys.stderr)
         return 2
-    store = store_of(args)
+    store = store_of(args, create=True)
     try:
         out = load(store, items)
     finally:
@@ -395,6 +464,7 @@ def _gaps(args: argparse.Namespace) -> int:
 
     store = store_of(args)
     try:
+        store.refresh_gaps()  # type: ignore[attr-defined]  # derived from what is stored
         print(format_gaps(gap_report(store, include_closed=args.all)))  # type: ignore[arg-type]
     finally:
         store.close()

@@ -2,11 +2,21 @@
 
 from dataclasses import dataclass
 
+from cloud_sink.errors import SinkError
+
 DAY_MS = 24 * 3600 * 1000
 # touches per write transaction at most: one commit (an fsync) and one pass over the day's
 # work-history pages serve more touches; a batch is cut from what has arrived, so a quiet
 # sink still writes each touch at once (bench/bench_sink.py: 300k touches, 0.73 -> 0.88 of bare)
 BATCH_MAX = 5000
+
+
+class StoreError(SinkError, RuntimeError):
+    """A store that cannot be opened or used, said in one line with what to do."""
+
+
+class NoStore(StoreError):
+    """A command that only reads was pointed at a store that does not exist (a typo?)."""
 
 
 @dataclass(frozen=True)

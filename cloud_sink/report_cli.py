@@ -88,7 +88,7 @@ def register(sub: Sub) -> None:  # type: ignore[valid-type]
 
 def _with_store(args: argparse.Namespace, func: Callable[[argparse.Namespace, Store], int]) -> int:
     try:
-        store = open_store(args.store)
+        store = open_store(args.store, create=False)  # a report never creates a store
     except (ValueError, RuntimeError) as exc:
         print(f"ccus report: {exc}", file=sys.stderr)
         return 2

@@ -15,8 +15,10 @@ from cloud_sink.model import (
     DeadLetter,
     Device,
     IngestResult,
+    NoStore,
     Policy,
     Rederived,
+    StoreError,
     TrainingMonth,
     VendingRow,
     WorkDay,
@@ -25,7 +27,12 @@ from cloud_sink.registry import ChainLink, SiteRule, Technician
 from cloud_sink.stores.sqlite import SqliteStore
 from protocol.touch import Touch
 
-__all__ = ["DeadLetter", "IngestResult", "Policy", "SqliteStore", "Store", "WorkDay", "open_store"]
+__all__ = ["DeadLetter", "IngestResult", "NoStore", "Policy", "SqliteStore", "Store", "StoreError",
+           "WorkDay", "open_store"]
+
+
+class BadStoreUrl(StoreError, ValueError):
+    """--store names no backend we know."""
 
 
 @runtime_checkable
@@ -91,17 +98,29 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
-def open_store(url: str | Path, policy: Policy | None = None) -> Store:
-    """A store for a URL or a path; migrations are applied before it is returned."""
+def open_store(url: str | Path, policy: Policy | None = None, *, create: bool = True) -> Store:
+    """A store for a URL or a path; migrations are applied before it is returned.
+
+    create=False (reports, listings, export: commands that only read): a store that does not
+    exist raises NoStore instead of being created empty (a typo must not print an empty
+    report with exit 0). A SQLite store's folder is never created. Faults are StoreError with
+    one line naming the store and what to do."""
     text = str(url)
     if text.startswith(("postgresql://", "postgres://")):
         from cloud_sink.stores.postgres import PostgresStore
 
-        return PostgresStore(text, policy=policy)
+        return PostgresStore(text, policy=policy, create=create)
     if text.startswith("sqlite:///"):
         text = text[len("sqlite:///"):]
         # sqlite:////abs/path and sqlite:///rel/path, as SQLAlchemy spells them
     elif "://" in text:
-        raise ValueError(f"unknown store URL scheme: {text.split('://')[0]}:// "
+        raise BadStoreUrl(f"unknown store URL scheme: {text.split('://')[0]}:// "
                          "(use sqlite:///path, a plain path, or postgresql://...)")
+    path = Path(text)
+    if not create and not path.exists():
+        raise NoStore(f"no store at {path}; create it with `ccus sink run --store {path}` or "
+                      f"`ccus sink import --store {path} FILE`")
+    if not path.parent.is_dir():
+        raise StoreError(f"cannot create the store {path}: the folder {path.parent} does not "
+                         "exist (create it, or check --store)")
     return SqliteStore(text, policy=policy)

@@ -113,11 +113,16 @@ def test_sink_gaps_lists_open_gaps_of_a_store_it_opens_and_closes(
     """`ccus sink gaps` opens the store, reads seq_gaps (cloud_sink.acks.gap_report) and
     closes it; an open gap shows with its range, `--all` adds the closed ones."""
     db = str(tmp_path / "s.sqlite")
+    assert main(["sink", "gaps", "--db", db]) == 2  # no store there: none is created
+    assert "no store at" in capsys.readouterr().err
+    open_store(db).close()
     assert main(["sink", "gaps", "--db", db]) == 0
     assert "no open gaps" in capsys.readouterr().out
     store = open_store(db)
-    store.record_gaps("gate-01", SITE, [], [(3, 4, NOW), (9, 9, NOW)], NOW)  # type: ignore[attr-defined]
-    store.record_gaps("gate-01", SITE, [(9, 9)], [], NOW)  # type: ignore[attr-defined]
+    store.ingest([touch(s) for s in (1, 2, 5, 6, 7, 8, 10)], now_ms=NOW)
+    store.sync_gaps("gate-01", SITE, [(3, 4), (9, 9)], NOW)  # type: ignore[attr-defined]
+    store.ingest([touch(9)], now_ms=NOW)
+    store.sync_gaps("gate-01", SITE, [(3, 4)], NOW)  # type: ignore[attr-defined]
     store.close()
     assert main(["sink", "gaps", "--db", db]) == 0
     out = capsys.readouterr().out

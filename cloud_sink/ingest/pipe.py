@@ -5,7 +5,9 @@ Rules of this file:
 - A frame is a 4-byte big-endian length, then a pickle. Three kinds go over the pair:
   the receiver's hello ``(store url, Policy, log level)``, once, first; a batch
   ``(batch_id, [(topic, payload), ...])``; and the writer's answer after its commit
-  ``(batch_id, (stored, repeated, dead, flagged), [(site, device, upto), ...], gaps_opened)``.
+  ``(batch_id, (stored, repeated, dead, flagged), [(site, device, upto), ...], gaps_opened,
+  {"dead": {reason: n}, "open_gaps": n})``. A batch whose list is ``ANNOUNCE`` asks for the
+  acknowledgement of every device the store knows (answered in the same shape, counts 0).
 - Pickle is safe here: both ends are this checkout's own processes, on a socketpair nobody
   else holds; what came from the network travels inside as plain bytes.
 - No I/O policy: the blocking reads are for the writer (one batch at a time); the receiver
@@ -18,6 +20,7 @@ import struct
 from typing import Any
 
 HEAD = struct.Struct("!I")
+ANNOUNCE = "announce"  # in place of a batch's items: every known device's acknowledgement
 
 
 def frame(obj: Any) -> bytes:

@@ -24,6 +24,14 @@ Rules of this file:
   reconnect is not acknowledged (the broker redelivers it, it is stored as a repeat and
   acknowledged then). A writer that dies is started again and given every batch not yet
   confirmed; a store error is retried every second in the writer, never fatal.
+- It subscribes on every connect, whatever the session-present flag says (Mosquitto 2.0 does
+  not restore a ``$share`` subscription after a kill -9), and each time the subscription is
+  granted it takes a new **epoch** (milliseconds, strictly increasing) and publishes, retained,
+  the current acknowledgement of every device the store knows with that epoch (the writer
+  answers an ANNOUNCE). Every acknowledgement carries the epoch; a device that sees a new one
+  replays what is unacknowledged at once (docs/delivery.md), so touches the broker accepted
+  while no sink was subscribed come back within a second or so, not after the device's
+  acknowledgement timeout.
 """
 
 import contextlib
@@ -46,7 +54,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from cloud_sink.ingest.pipe import frame, take_frames
+from cloud_sink.ingest.pipe import ANNOUNCE, frame, take_frames
 from cloud_sink.model import BATCH_MAX, IngestResult, Policy
 from protocol import topics
 from protocol.ack import encode_ack
@@ -55,6 +63,12 @@ log = logging.getLogger(__name__)
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PIPELINE = 2            # batches with the writer at once
+# The sink's reconnect backoff. Short on purpose: while no sink is subscribed the broker drops
+# every touch (after a kill -9 Mosquitto has no $share subscription), and devices replay only
+# once the sink is back and announces its epoch; one sink per machine is no thundering herd.
+# (It was 1 s doubling to 30 s: a broker down 5 s kept the sink away up to 4 s more.)
+RECONNECT_MIN_S = 0.5
+RECONNECT_MAX_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -70,13 +84,15 @@ class _Batch:
     items: list[tuple[str, bytes]]           # (topic, payload)
     mids: list[tuple[int, int]]              # (mid, qos)
     frame: bytes = b""
+    sent_at: float = 0.0                     # monotonic: handed to the writer
+    epoch: int | None = None                 # an ANNOUNCE: publish under this epoch
 
 
 class Sink:
     def __init__(self, store: Any, host: str, port: int, *, group: str = "sink",
                  client_id: str = "sink-1", batch_max: int = BATCH_MAX,
                  on_batch: Callable[[IngestResult], None] | None = None,
-                 tls: "TlsFiles | None" = None) -> None:
+                 tls: "TlsFiles | None" = None, metrics: Any = None) -> None:
         self.store, self.host, self.port, self.group = store, host, port, group
         self.url: str = store.url
         self.policy: Policy = store.policy
@@ -88,6 +104,10 @@ class Sink:
         self.gaps_opened = 0
         self.retained_dropped = 0
         self.batches = 0
+        self.metrics = metrics          # cloud_sink.metrics.SinkMetrics or None
+        self.epoch = 0                  # of the current subscription; 0: not yet subscribed
+        self.announced = threading.Event()  # the acks of the current epoch are out
+        self.writer_restarts = 0
         self._stop = threading.Event()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -164,6 +184,9 @@ class Sink:
         log.error("sink: the writer process ended (exit %s); starting it again",
                   self._proc.poll() if self._proc is not None else "?")
         self._stop_writer()
+        self.writer_restarts += 1
+        if self.metrics is not None:
+            self.metrics.writer_restarts.inc()
         if not self._stop.is_set():
             time.sleep(0.5)
             self._start_writer()
@@ -175,6 +198,7 @@ class Sink:
             log.error("sink: connect refused: %s", rc)
             return
         self._connected = True
+        # always, session present or not: Mosquitto 2.0 loses a $share subscription on kill -9
         client.subscribe(topics.shared(self.group, topics.ALL_TOUCHES),
                          options=SubscribeOptions(qos=1))
 
@@ -186,7 +210,18 @@ class Sink:
         if any(rc.is_failure for rc in rcs):
             log.error("sink: subscription refused: %s", rcs)
             return
-        log.info("sink: subscribed to %s", topics.shared(self.group, topics.ALL_TOUCHES))
+        # a new epoch: every device learns that what it sent before now may have been dropped
+        self.epoch = max(self.epoch + 1, int(time.time() * 1000))
+        self.announced.clear()
+        if self.metrics is not None:
+            self.metrics.epoch.set(self.epoch)
+        log.info("sink: subscribed to %s (epoch %d)",
+                 topics.shared(self.group, topics.ALL_TOUCHES), self.epoch)
+        self._next_id += 1
+        b = _Batch(self._gen, [], [], epoch=self.epoch, sent_at=time.monotonic())
+        b.frame = frame((self._next_id, ANNOUNCE))
+        self._sent[self._next_id] = b
+        self._out += b.frame
         self.subscribed.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, m: mqtt.MQTTMessage) -> None:
@@ -204,7 +239,7 @@ class Sink:
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 7 * 24 * 3600  # the broker queues for us while we are down
         props.ReceiveMaximum = self.receive_max
-        delay, first = 1.0, True
+        delay, first = RECONNECT_MIN_S, True
         while not self._stop.is_set():
             try:
                 if first:
@@ -222,12 +257,12 @@ class Sink:
                 started = time.monotonic()
                 self._serve()
                 if time.monotonic() - started > 60:
-                    delay = 1.0
+                    delay = RECONNECT_MIN_S
                 if self._stop.is_set():
                     break
                 log.warning("sink: connection lost; reconnecting")
             self._idle(delay)
-            delay = min(delay * 2, 30.0)
+            delay = min(delay * 2, RECONNECT_MAX_S)
         self._finish()
 
     def _idle(self, seconds: float) -> None:
@@ -272,11 +307,13 @@ class Sink:
 
     def _dispatch(self) -> None:
         """Hand what arrived to the writer when it has room (the batch forms meanwhile)."""
-        while self._pending and len(self._sent) < PIPELINE and self._wsock is not None:
+        while (self._pending and sum(b.epoch is None for b in self._sent.values()) < PIPELINE
+               and self._wsock is not None):
             take, self._pending = (self._pending[:self.batch_max],
                                    self._pending[self.batch_max:])
             self._next_id += 1
-            b = _Batch(self._gen, [(t, p) for t, p, _, _ in take], [(m, q) for _, _, m, q in take])
+            b = _Batch(self._gen, [(t, p) for t, p, _, _ in take], [(m, q) for _, _, m, q in take],
+                       sent_at=time.monotonic())
             b.frame = frame((self._next_id, b.items))
             self._sent[self._next_id] = b
             self._out += b.frame
@@ -318,17 +355,31 @@ class Sink:
             self._committed(*reply)
 
     def _committed(self, batch_id: int, counts: tuple[int, int, int, int],
-                   acks: list[tuple[str, str, int]], gaps_opened: int) -> None:
+                   acks: list[tuple[str, str, int]], gaps_opened: int,
+                   extra: dict[str, Any] | None = None) -> None:
         """The writer committed a batch: PUBACK it (same connection only), then the acks."""
         b = self._sent.pop(batch_id, None)
         if b is None:
             return
         c = self._client
+        extra = extra or {}
+        if self.metrics is not None:
+            self.metrics.batch_answered(b.epoch is None, time.monotonic() - b.sent_at, counts,
+                                        extra)
+        if b.epoch is not None:  # an ANNOUNCE: the acks of every known device, new epoch
+            if b.gen == self._gen and self._connected and b.epoch == self.epoch:
+                for site, device, upto in acks:
+                    c.publish(topics.touch_ack(site, device), encode_ack(upto, self.epoch),
+                              qos=1, retain=True)
+                log.info("sink: epoch %d announced to %d devices", b.epoch, len(acks))
+                self.announced.set()
+            return
         if b.gen == self._gen and self._connected:
             for mid, qos in b.mids:
                 c.ack(mid, qos)
             for site, device, upto in acks:
-                c.publish(topics.touch_ack(site, device), encode_ack(upto), qos=1, retain=True)
+                c.publish(topics.touch_ack(site, device), encode_ack(upto, self.epoch or None),
+                          qos=1, retain=True)
         res = IngestResult(*counts)
         self.batches += 1
         self.totals.add(res)

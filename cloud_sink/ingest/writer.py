@@ -15,6 +15,9 @@ Rules of this file:
   counts and the acknowledgements to publish.
 - A message that fails to map in an unforeseen way is dead-lettered as ``internal_error`` with
   its bytes: one bad touch must never hold back the batch behind it.
+- An ``ANNOUNCE`` request instead of a batch (the receiver has just subscribed) is answered with
+  the current acknowledgement of every device the store knows, for the receiver to publish
+  under its new epoch (docs/sink.md, "Epochs").
 """
 
 import contextlib
@@ -28,7 +31,7 @@ from cloud_sink.acks import AckLedger
 from cloud_sink.deadletters import dead_letter_key
 from cloud_sink.derive.rows import Row, touch_row
 from cloud_sink.ingest.fastpath import fast_row
-from cloud_sink.ingest.pipe import frame, read_frame
+from cloud_sink.ingest.pipe import ANNOUNCE, frame, read_frame
 from cloud_sink.isolate import write_isolating
 from cloud_sink.model import DeadLetter, Policy
 from cloud_sink.store import open_store
@@ -86,6 +89,10 @@ def serve(sock: socket.socket, url: str, policy: Policy, level: int) -> None:
                 batch_id, items = read_frame(sock)
             except (EOFError, OSError):
                 return
+            if items == ANNOUNCE:
+                if not _announce(sock, batch_id, ledger, parent):
+                    return
+                continue
             now = int(time.time() * 1000)
             rows, sources, dead = map_items(items, now, policy, slow)
             while True:
@@ -112,9 +119,13 @@ def serve(sock: socket.socket, url: str, policy: Policy, level: int) -> None:
                     time.sleep(1.0)
                     if os.getppid() != parent:
                         return  # the receiving process is gone; its broker session redelivers
+            reasons: dict[str, int] = {}
+            for d in [*dead, *refused]:
+                reasons[d.reason] = reasons.get(d.reason, 0) + 1
             reply = frame((batch_id, (res.stored, res.repeated, res.dead, res.flagged),
                            [(a.site, a.device, a.upto) for a in acks],
-                           ledger.gaps_opened - opened))
+                           ledger.gaps_opened - opened,
+                           {"dead": reasons, "open_gaps": ledger.open_gaps()}))
             try:
                 sock.sendall(reply)
             except OSError:
@@ -122,3 +133,22 @@ def serve(sock: socket.socket, url: str, policy: Policy, level: int) -> None:
     finally:
         with contextlib.suppress(Exception):
             store.close()
+
+
+def _announce(sock: socket.socket, batch_id: int, ledger: AckLedger, parent: int) -> bool:
+    """Answer an ANNOUNCE with every known device's acknowledgement. False: the receiver is gone."""
+    while True:
+        try:
+            acks = ledger.current()
+            break
+        except Exception:  # noqa: BLE001 - the store is down: retry, as a batch would
+            log.exception("sink: reading the devices' acknowledgements failed; retrying in 1 s")
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                return False
+    try:
+        sock.sendall(frame((batch_id, (0, 0, 0, 0), [(a.site, a.device, a.upto) for a in acks],
+                            0, {"open_gaps": ledger.open_gaps()})))
+    except OSError:
+        return False
+    return True

@@ -413,16 +413,68 @@ class SqlStore:
                 "SELECT seq FROM dead_letters WHERE device=? AND seq>?", (device, upto)).fetchall()]
         return upto, above
 
-    def record_gaps(self, device: str, site: str, closed: Sequence[tuple[int, int]],
-                    opened: Sequence[tuple[int, int, int]], now_ms: int) -> None:
-        """Close gaps that filled, open new ones (first, last, seen_ms); one transaction."""
+    def sync_gaps(self, device: str, site: str, gaps: Sequence[tuple[int, int]], now_ms: int
+                  ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """Make the device's open rows in seq_gaps exactly `gaps` (first, last missing), in one
+        transaction: open rows not in it are closed, the rest inserted; a gap that shrank (it
+        overlaps an open row) keeps that row's first-seen time. -> (new gaps that overlap no
+        open row, closed rows' ranges)."""
         with self._lock, self._tx():
-            for first, last in closed:
+            rows = [(int(a), int(b), int(t)) for a, b, t in self._x(
+                "SELECT first_missing, last_missing, seen_ms FROM seq_gaps WHERE device=? AND"
+                " closed_ms IS NULL", (device,)).fetchall()]
+            want = set(gaps)
+            closed = [(a, b) for a, b, _ in rows if (a, b) not in want]
+            for a, b in closed:
                 self._x("UPDATE seq_gaps SET closed_ms=? WHERE device=? AND first_missing=? AND"
-                        " last_missing=? AND closed_ms IS NULL", (now_ms, device, first, last))
-            for first, last, seen in opened:
+                        " last_missing=? AND closed_ms IS NULL", (now_ms, device, a, b))
+            have = {(a, b) for a, b, _ in rows}
+            fresh = []
+            for a, b in sorted(want - have):
+                seen = min([t for x, y, t in rows if x <= b and a <= y], default=None)
+                if seen is None:
+                    fresh.append((a, b))
                 self._x("INSERT INTO seq_gaps VALUES (?,?,?,?,?,NULL) ON CONFLICT DO NOTHING",
-                        (device, site, first, last, seen))
+                        (device, site, a, b, now_ms if seen is None else seen))
+        return fresh, closed
+
+    def stored_gaps(self, device: str) -> list[tuple[int, int]]:
+        """The device's missing seq ranges (first, last) below its highest stored seq, from the
+        stored touches and the dead letters that account for a seq."""
+        return [(int(a), int(b)) for a, b in self._rows(
+            "WITH s AS (SELECT seq FROM touches WHERE device=? UNION SELECT seq FROM dead_letters"
+            " WHERE device=? AND seq IS NOT NULL), o AS (SELECT seq, LAG(seq, 1, 0) OVER"
+            " (ORDER BY seq) AS prev FROM s) SELECT prev + 1, seq - 1 FROM o WHERE seq > prev + 1"
+            " ORDER BY 1", (device, device))]
+
+    def refresh_gaps(self, now_ms: int | None = None) -> None:
+        """Re-derive the open gaps of every device that has one from what is stored (another
+        sink, an import or a crash between commit and bookkeeping may have filled them)."""
+        now = int(time.time() * 1000) if now_ms is None else now_ms
+        for device, site in self._rows("SELECT DISTINCT device, site FROM seq_gaps"
+                                       " WHERE closed_ms IS NULL"):
+            self.sync_gaps(device, site, self.stored_gaps(device), now)
+
+    def known_devices(self) -> list[tuple[str, str]]:
+        """(device, site) of every device with a stored touch, a dead letter naming its seq, or
+        a registry entry: the devices whose acknowledgement a sink announces."""
+        # one probe of the (device, seq) key per device, not a scan of every touch
+        found: dict[str, str] = {}
+        for device, site in self._rows(
+                "WITH RECURSIVE d(device) AS (SELECT MIN(device) FROM touches UNION ALL"
+                " SELECT (SELECT MIN(device) FROM touches WHERE device > d.device) FROM d"
+                " WHERE d.device IS NOT NULL) SELECT d.device, (SELECT site FROM touches t"
+                " WHERE t.device = d.device ORDER BY seq DESC LIMIT 1) FROM d"
+                " WHERE d.device IS NOT NULL"):
+            found[device] = site
+        for device, topic in self._rows("SELECT device, MAX(topic) FROM dead_letters"
+                                        " WHERE device IS NOT NULL GROUP BY device"):
+            where = topics.parse_device_topic(topic)
+            if where is not None:
+                found.setdefault(device, where[0])
+        for device, site in self._rows("SELECT device, site FROM devices"):
+            found.setdefault(device, site)
+        return sorted(found.items())
 
     def gaps(self, include_closed: bool = False) -> list[tuple[Any, ...]]:
         """(device, site, first_missing, last_missing, seen_ms, closed_ms) from seq_gaps."""
@@ -525,6 +577,27 @@ class SqlStore:
         return self._rows("SELECT device, seq, site, role, ts_ms, received_ms, flag FROM touches"
                           " WHERE flag IS NOT NULL ORDER BY received_ms DESC, device, seq LIMIT ?",
                           (limit,))
+
+    def import_dead_letters(self, letters: Sequence[dict[str, Any]]) -> int:
+        """Dead letters from an export (received_ms, topic, payload, reason, detail), each kept
+        once: one already here with the same time, topic, reason and bytes is skipped, so an
+        import run twice does not double them. -> how many were added."""
+        added = 0
+        with self._lock, self._tx():
+            for m in letters:
+                d = DeadLetter(str(m["topic"]), bytes(m["payload"]), str(m["reason"]),
+                               str(m.get("detail") or ""))
+                rcv = int(m["received_ms"])
+                if self._x("SELECT 1 FROM dead_letters WHERE received_ms=? AND topic=? AND"
+                           " reason=? AND payload=?", (rcv, d.topic, d.reason, d.payload)
+                           ).fetchone():
+                    continue
+                k = dead_letter_key(d)
+                self._x("INSERT INTO dead_letters (received_ms, topic, payload, reason, detail,"
+                        " device, seq) VALUES (?,?,?,?,?,?,?)",
+                        (rcv, d.topic, d.payload, d.reason, d.detail, k and k[1], k and k[2]))
+                added += 1
+        return added
 
     def dead_letters(self, limit: int = 100) -> list[tuple[int, int, str, str, str, bytes]]:
         return [(i, r, t, re, d, bytes(p)) for i, r, t, re, d, p in self._rows(

@@ -12,8 +12,7 @@ import psycopg
 
 from cloud_sink.derive.rows import Row
 from cloud_sink.derive.sql import INCREMENTAL
-from cloud_sink.errors import SinkError
-from cloud_sink.model import Policy
+from cloud_sink.model import NoStore, Policy, StoreError
 from cloud_sink.stores import migrations
 from cloud_sink.stores.base import INSERT_FROM_STAGE_IN_KEY_ORDER, STORE_COLUMNS, SqlStore
 
@@ -22,18 +21,25 @@ _DERIVE_LOCK = 0x63637573_0002    # 'ccus' 2: derivations run one at a time
 _REGISTRY_LOCK = 0x63637573_0003  # 'ccus' 3: batches hold it shared, a registry change exclusively
 
 
-class StoreUnavailable(SinkError, RuntimeError):
+class StoreUnavailable(StoreError):
     pass
 
 
 class PostgresStore(SqlStore):
-    def __init__(self, url: str, *, policy: Policy | None = None, connect_timeout: int = 10) -> None:
+    def __init__(self, url: str, *, policy: Policy | None = None, connect_timeout: int = 10,
+                 create: bool = True) -> None:
         super().__init__(policy or Policy())
         self.url = url
         try:
             self._db = psycopg.connect(url, autocommit=True, connect_timeout=connect_timeout)
         except psycopg.OperationalError as exc:
             raise StoreUnavailable(f"cannot connect to PostgreSQL at {_redact(url)}: {exc}") from exc
+        if not create:
+            row = self._db.execute("SELECT to_regclass('schema_migrations')").fetchone()
+            if not row or row[0] is None:
+                self._db.close()
+                raise NoStore(f"no store in {_redact(url)} (no schema_migrations); create it "
+                              "with `ccus sink run --store URL` or `ccus sink import`")
         self._migrate()
         self._db.execute("CREATE TEMP TABLE stage (LIKE touches) ON COMMIT DELETE ROWS")
         self._db.execute("CREATE TEMP TABLE resite (site TEXT PRIMARY KEY) ON COMMIT DELETE ROWS")

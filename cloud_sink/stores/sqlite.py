@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from cloud_sink.derive.rows import Row
-from cloud_sink.model import Policy
+from cloud_sink.model import Policy, StoreError
 from cloud_sink.stores import migrations
 from cloud_sink.stores.base import STORE_COLUMNS, SqlStore
 
@@ -25,17 +25,29 @@ class SqliteStore(SqlStore):
         super().__init__(policy)
         self.path = Path(path)
         self.url = f"sqlite:///{self.path}"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # timeout: two sink processes on one file wait for each other's write transaction
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None,
-                                   timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA temp_store=MEMORY")  # the per-batch stage table
-        self._migrate()
-        self._db.execute("CREATE TEMP TABLE IF NOT EXISTS stage AS SELECT"
-                         f" {', '.join(STORE_COLUMNS)} FROM touches WHERE 0")
-        self._db.execute("CREATE TEMP TABLE IF NOT EXISTS resite (site TEXT PRIMARY KEY)")
+        try:
+            # timeout: two sink processes on one file wait for each other's write transaction
+            self._db = sqlite3.connect(str(self.path), check_same_thread=False,
+                                       isolation_level=None, timeout=30)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the store {self.path}: {exc} (check the path and "
+                             "its permissions)") from exc
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA temp_store=MEMORY")  # the per-batch stage table
+            self._migrate()
+            self._db.execute("CREATE TEMP TABLE IF NOT EXISTS stage AS SELECT"
+                             f" {', '.join(STORE_COLUMNS)} FROM touches WHERE 0")
+            self._db.execute("CREATE TEMP TABLE IF NOT EXISTS resite (site TEXT PRIMARY KEY)")
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+                raise StoreError(f"the store {self.path} is locked by another process: {exc}"
+                                 ) from exc
+            raise StoreError(f"the store {self.path} is not a usable SQLite store ({exc}): "
+                             "restore it from a backup or an export (`ccus sink import`), or "
+                             "point --store at the right file") from exc
 
     def _migrate(self) -> None:
         with self._lock:
