@@ -392,7 +392,7 @@ class Reader:
             self.events.append((kind, self.session, self.item, self.price))
 
     def _act(self, a, data, now):
-        if a == A_ACK or a == A_NONE:
+        if a in (A_ACK, A_NONE):
             return [MODE | ACK]
         if a == A_CONFIG:
             self.vmc_level = data[2]
@@ -436,7 +436,7 @@ class Reader:
                 return [MODE | ACK]
             self.out_of_sequence += 1
             return self._send(block((P_OUT_OF_SEQUENCE,)))
-        if a == A_SUCCESS or a == A_FAILURE:
+        if a in (A_SUCCESS, A_FAILURE):
             if not self.approved:  # a result for a vend we never approved: refuse it
                 self.state = VEND
                 self.out_of_sequence += 1
@@ -490,7 +490,7 @@ class Reader:
         elif a == A_DENY:
             self.pending = False
             self.queue.append(block((P_VEND_DENIED,)))
-        elif a == A_REVOKE or a == A_TIMEOUT:
+        elif a in (A_REVOKE, A_TIMEOUT):
             if a == A_TIMEOUT:
                 self._event(EV_TIMEOUT)
             self.funds = 0
@@ -520,9 +520,8 @@ class Reader:
         if not self.session:
             return
         el = ticks_diff(now, self.since)
-        if self.pending and el >= self.decision_timeout_ms:
-            self.host(T_TIMEOUT, now, self.session)
-        elif self.state == SESSION_IDLE and el >= self.session_timeout_ms:
+        pending_late = self.pending and el >= self.decision_timeout_ms
+        if pending_late or (self.state == SESSION_IDLE and el >= self.session_timeout_ms):
             self.host(T_TIMEOUT, now, self.session)
 
     def take_events(self):

@@ -30,6 +30,13 @@ class VmcError(Exception):
     """The reader did not answer as MDB requires (no reply after retries, a bad block)."""
 
 
+def _block_ok(r: list[int]) -> bool:
+    """A lone ACK, or data whose last word (mode bit set) is their checksum."""
+    if not r or not r[-1] & mdb.MODE:
+        return False
+    return len(r) == 1 or mdb.checksum(bytes(w & 0xFF for w in r[:-1])) == r[-1] & 0xFF
+
+
 @dataclass
 class Reply:
     words: list[int]
@@ -115,7 +122,7 @@ class Vmc:
                 self.resends += 1
                 continue
             for _ in range(self.retries):
-                if r[-1] & mdb.MODE and (len(r) == 1 or mdb.checksum(bytes(w & 0xFF for w in r[:-1])) == r[-1] & 0xFF):
+                if _block_ok(r):
                     break
                 self.rets += 1
                 self.wire.write([mdb.RET])
