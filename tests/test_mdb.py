@@ -4,14 +4,14 @@ word encoding, command framing, the state table under arbitrary VMC and host inp
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from firmware import frame
-from firmware import mdb
+from firmware import frame, mdb
 from sim.vmc import InProcess, Vmc
 from vending import transaction as tx
 from vending.controller import VendController
@@ -395,10 +395,8 @@ def test_host_books_never_commit_without_a_vend_success_and_never_twice(tmp_path
     for kind, arg in steps:
         try:
             if kind == "tap":
-                try:
+                with contextlib.suppress(LimitReached):
                     ch.open(ctl.reserve("T1"))
-                except LimitReached:
-                    pass
             elif kind == "vmc":
                 if arg == "poll":
                     vmc.poll()
@@ -431,3 +429,37 @@ def test_host_books_never_commit_without_a_vend_success_and_never_twice(tmp_path
         assert len(committed) + len(ctl.journal.in_state(*tx.HELD)) <= 2  # the limit
         assert r.approvals <= len(ctl.journal.in_state(tx.VENDING, tx.COMMITTED, tx.RELEASED,
                                                        tx.INDETERMINATE))
+
+
+class Lossy(InProcess):
+    """Corrupts the checksum of the first command it carries, or of the first reply."""
+
+    def __init__(self, reader: mdb.Reader, hit: str) -> None:
+        super().__init__(reader, lambda: 0)
+        self.hit = hit
+
+    def write(self, words: list[int]) -> None:
+        if self.hit == "command" and len(words) > 1:
+            self.hit = ""
+            words = [*words[:-1], (words[-1] + 1) & 0xFF]
+        super().write(words)
+
+    def read(self, timeout: float) -> list[int]:
+        out = super().read(timeout)
+        if self.hit == "reply" and len(out) > 1:
+            self.hit = ""
+            out = [*out[:-1], mdb.MODE | ((out[-1] + 1) & 0xFF)]
+        return out
+
+
+def test_vmc_resends_a_command_the_reader_naked():
+    v = Vmc(Lossy(mdb.Reader(), "command"))
+    v.setup()
+    assert v.resends == 1 and v.wire.reader.bad_checksums == 1  # type: ignore[union-attr]
+    assert v.wire.reader.state == mdb.ENABLED  # type: ignore[union-attr]
+
+
+def test_vmc_asks_ret_for_a_reply_with_a_bad_checksum():
+    v = Vmc(Lossy(mdb.Reader(), "reply"))
+    assert v.setup().data[0] == mdb.P_CONFIG
+    assert v.rets == 1

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 import tty
 from collections.abc import Callable
 
@@ -155,3 +154,17 @@ def test_board_killed_mid_vend_is_indeterminate_after_its_boot(rig):
     res, out, got = _run(vmc, kill, ch, ctl, wait=6.0)
     assert ctl.journal.get(res.vend_id).state == tx.INDETERMINATE
     assert ctl.billable() == []
+
+
+def test_ccus_vmc_simulate_board_runs_every_scenario():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ccus = Path(sys.executable).parent / "ccus"
+    p = subprocess.run([str(ccus), "vmc", "simulate", "--board", "--profile", "setup_twice"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+    for line in ("dispense: dispensed", "failure: failed", "cancel: denied",
+                 "out of sequence: True", "reset mid-vend: True", "reset_mid_vend session 4"):
+        assert line in p.stdout, p.stdout
