@@ -13,7 +13,8 @@ pulse channel (vending/transaction.py); only the mapping of channel events to ta
 | vend_cancel / denied       | vending           | not_dispensed    | - |
 | session_end / timeout / reset (no vend approved) | reserved | cancel / timeout | - |
 | reset_mid_vend (VMC reset after VEND APPROVED)   | vending  | interrupted -> indeterminate | - |
-| board BOOT (board reset)   | vending / reserved | interrupted / cancel | - |
+| board BOOT (board reset)   | vending            | interrupted      | - |
+| serve() wait over, reader silent | reserved     | timeout          | revoke |
 | host restart               | vending / reserved | power_loss (journal.recover) | - |
 
 Rule: `start` is journaled before the approval leaves the host, so a drink the VMC vends is
@@ -82,6 +83,15 @@ class MdbChannel:  # implements vending.channel.VendChannel
         self._pulse_on_boot = board.on_boot  # the pulse channel's handler (same board)
         board.on_boot = self._on_boot
 
+    def start(self) -> None:
+        """Before the first session: take what the port already holds (a BOOT notice sent
+        before this host opened it), so an old BOOT cannot cancel a session opened later.
+        (Were one to arrive late anyway, the row is released and the reader's VEND REQUEST
+        denied: a lost tap, never an unbilled drink.)"""
+        for _ in range(3):
+            self.board.pump(0.05)
+        self.board.take_mdb_events()  # reports about sessions of a previous run: journal has them
+
     # ------------------------------------------------------------ session
 
     def open(self, reservation: VendRecord) -> None:
@@ -118,6 +128,10 @@ class MdbChannel:  # implements vending.channel.VendChannel
                     self.revoke(vid)
                 except BoardError as e:
                     self.anomalies.append(f"mdb revoke {vid}: {e}")
+        if self.ctl.journal.get(vid).state == tx.RESERVED:
+            # never approved (START is journaled before an approval): nothing can have been
+            # vended from it, so it is given back
+            self._apply(vid, tx.TIMEOUT, reason="mdb session not settled by the reader")
         item, price = self.items.pop(vid, (None, None))
         return MdbVend(vid, item, price, VendOutcome.of(self.ctl.journal.get(vid)))
 
@@ -160,16 +174,16 @@ class MdbChannel:  # implements vending.channel.VendChannel
             self.anomalies.append(f"mdb op {op} for vend {vid}: {e}")
 
     def _on_boot(self, notice: BootNotice) -> None:
-        """The board reset: its reader forgot every session. A vend in progress is unknown."""
+        """The board reset: its reader forgot every session. A vend in progress is unknown.
+        `reserved` rows are left alone: the notice may be an old one (sent before the credit),
+        and a reserved row can never have been approved (START comes first); a reader that
+        really lost the session refuses or times out, and serve() releases it."""
         if self._pulse_on_boot is not None:
             self._pulse_on_boot(notice)
         for rec in self.ctl.journal.in_state(tx.VENDING):
             if rec.scope == self.ctl.scope:
                 self._apply(rec.vend_id, tx.INTERRUPTED, reason="board reset during an MDB vend",
                             board_result=frame.R_INTERRUPTED)
-        for rec in self.ctl.journal.in_state(tx.RESERVED):
-            if rec.scope == self.ctl.scope:
-                self._apply(rec.vend_id, tx.CANCEL, reason="board reset before the vend")
 
     def _apply(self, vid: int, event: str, **kw: object) -> None:
         try:

@@ -52,8 +52,12 @@ class VendingRole:
 
     def start(self) -> None:
         with self._lock:
-            for out in self.ctl.recover():
+            # an MDB vend is not in the board's pulse journal: a query would answer "not
+            # started" and release a drink the VMC may have vended (tests/test_mdb_agent.py)
+            for out in self.ctl.recover(ask_board=self.mdb is None):
                 log.warning("vend %d left open by a restart: %s", out.vend_id, out.result)
+            if self.mdb is not None:
+                self.mdb.start()
         self._poller.start()
 
     def stop(self) -> None:
