@@ -32,6 +32,7 @@ from firmware import mdb as wire
 
 from . import transaction as tx
 from .controller import VendController, VendOutcome
+from .errors import VendingError
 from .journal import VendRecord
 
 OP_CREDIT, OP_APPROVE, OP_DENY, OP_REVOKE = 1, 2, 3, 4
@@ -52,7 +53,7 @@ EVENT_TABLE: dict[int, tuple[tuple[str, ...], str]] = {
 # transaction table: it is applied as not_dispensed, which releases the same way.)
 
 
-class MdbError(BoardError):
+class MdbError(VendingError):
     """The MDB channel could not open a session (board silent or refused)."""
 
 
