@@ -463,3 +463,74 @@ def test_vmc_asks_ret_for_a_reply_with_a_bad_checksum():
     v = Vmc(Lossy(mdb.Reader(), "reply"))
     assert v.setup().data[0] == mdb.P_CONFIG
     assert v.rets == 1
+
+
+# ---------------------------------------------------------------- a public trace, byte for byte
+
+TRACE = Path(__file__).parent / "data" / "mdb" / "necta_kikko_max_pax_d200.txt"
+
+
+def _trace() -> list[tuple[str, bytes]]:
+    out = []
+    for line in TRACE.read_text().splitlines():
+        if line and not line.startswith("#"):
+            who, *hexes = line.split()
+            out.append((who, bytes(int(h, 16) for h in hexes)))
+    return out
+
+
+def test_trace_checksums_are_ours():
+    """Every block of the real trace, the VMC's and the Pax D200's, checks with mdb.checksum."""
+    blocks = _trace()
+    assert len(blocks) > 40
+    for who, b in blocks:
+        if len(b) > 1:
+            assert mdb.checksum(b[:-1]) == b[-1], (who, b.hex())
+
+
+def test_trace_replies_parse_in_the_vmc_simulator():
+    from sim.vmc import Reply, _block_ok
+
+    for who, b in _trace():
+        if who == "S":
+            words = [*b[:-1], mdb.MODE | b[-1]]
+            assert _block_ok(words), b.hex()
+            if b[0] == mdb.P_BEGIN_SESSION and len(b) > 2:
+                assert Reply(words).data[1:3] == bytes((0x4E, 0x20))  # funds 20000
+
+
+def test_trace_vmc_bytes_drive_our_reader_to_the_same_replies():
+    """The Kikko Max's exact command bytes, in order, into our reader; the host credits where
+    the Pax opened a session and approves the vend. Our reader takes every command (no NAK:
+    lengths and checksums agree with a real VMC) and gives the same reply codes; the Pax
+    answered config data, END SESSION and its JUST RESET one POLL later than we do, which the
+    spec allows, so codes are compared in order of appearance."""
+    r = mdb.Reader(country=0x1392)
+    ours: list[int] = []
+    theirs: list[int] = []
+    session = 0
+    trace = _trace()
+    for i, (who, b) in enumerate(trace):
+        if who == "S":
+            if len(b) > 1:
+                theirs.append(b[0])
+            continue
+        nxt = trace[i + 1][1]
+        if nxt[0] == mdb.P_BEGIN_SESSION and len(nxt) > 1:  # the Pax had a card: our tap
+            session += 1
+            assert r.credit(session, 20000, 0)
+        if nxt == bytes((0x04, 0x04)):  # the Pax cancelled the session: our host revokes
+            assert r.revoke(session, 0)
+        reply: list[int] = []
+        for j, x in enumerate(b):
+            reply = r.word((mdb.MODE | x) if j == 0 else x, 0)
+        assert reply != [mdb.NAK], b.hex()
+        if len(reply) > 1:
+            ours.append(reply[0])
+            r.word(mdb.ACK, 0)
+        if b[:2] == bytes((0x13, 0x00)):
+            assert r.take_events()[-1] == (mdb.EV_VEND_REQUEST, session, 6, 10)
+            assert r.approve(session, 0)
+    assert r.take_events()[-2:] == [(mdb.EV_VEND_SUCCESS, 2, 6, 10), (mdb.EV_SESSION_END, 2, 6, 10)]
+    assert ours == theirs, ([hex(x) for x in ours], [hex(x) for x in theirs])
+    assert r.bad_checksums == 0 and r.out_of_sequence == 0
