@@ -4,9 +4,10 @@ and the bridge between the reader and the host's frame link (MDB_HOST in, MDB_EV
 Rules: the MDB reply is written from inside step(), from state the reader already holds; the
 frame link only ever changes that state (credit / approve / deny / revoke) between POLLs.
 
-UART adapters (cfg "mdb_wire"):
-- "pair" (the simulator, and any bridge that carries the mode bit out of band): every word is
-  two bytes, flag (0/1) then data, see mdb.encode_words.
+UART adapters:
+- today: the two-byte word encoding (the simulator, or a bridge that carries the mode bit out
+  of band): every word is a flag byte (0/1) then the data byte, see mdb.encode_words. So
+  board_config's "mdb_uart" stays None on real boards until a 9-bit adapter exists;
 - on an RP2040 a PIO 9-bit UART program, on an ESP32 the UART parity trick (the parity of each
   byte set per byte so the parity bit is the mode bit): not written yet, docs/vending.md.
 """

@@ -534,3 +534,26 @@ def test_trace_vmc_bytes_drive_our_reader_to_the_same_replies():
     assert r.take_events()[-2:] == [(mdb.EV_VEND_SUCCESS, 2, 6, 10), (mdb.EV_SESSION_END, 2, 6, 10)]
     assert ours == theirs, ([hex(x) for x in ours], [hex(x) for x in theirs])
     assert r.bad_checksums == 0 and r.out_of_sequence == 0
+
+
+def test_serve_waits_for_a_running_vend_then_a_late_report_settles_it(tmp_path):
+    r, vmc, ch, ctl = _host(tmp_path)
+    board = ch.board
+    plain = board.request
+
+    def request(mtype: int, payload: bytes) -> int:  # the VMC reacts to the credit at once
+        n = plain(mtype, payload)
+        if frame.parse_mdb_host(payload)[0] == OP_CREDIT:
+            vmc.poll_until((mdb.P_BEGIN_SESSION,))
+            vmc.vend_request(item=3, price=110)
+        return n
+
+    board.request = request  # type: ignore[method-assign]
+    res = ctl.reserve("T1")
+    v = ch.serve(res, wait=0.05, vend_wait=0.2)  # the machine takes longer than that to vend
+    assert v.outcome.state == tx.VENDING and (v.item, v.price) == (3, 110)
+    assert r.approvals == 1
+    vmc.poll_until((mdb.P_VEND_APPROVED,))
+    vmc.vend_success(3)
+    ch.poll()  # the role's idle loop
+    assert ctl.journal.get(res.vend_id).state == tx.COMMITTED

@@ -108,21 +108,28 @@ class MdbChannel:  # implements vending.channel.VendChannel
     def revoke(self, vend_id: int) -> None:
         self.board.request(frame.MDB_HOST, frame.mdb_host(OP_REVOKE, vend_id, 0))
 
-    def serve(self, reservation: VendRecord, wait: float) -> MdbVend:
-        """Open a session and pump until it is settled (or `wait` s passed: then it is revoked
-        and pumped a little longer; a row still open stays for recover/poll)."""
+    def serve(self, reservation: VendRecord, wait: float, vend_wait: float = 30.0) -> MdbVend:
+        """Open a session and pump until it is settled. After `wait` s with no vend started the
+        session is revoked (2 s more for the VMC to close it); a vend the VMC is running gets
+        `vend_wait` s more for its result. A row still `vending` then stays open: the idle
+        poll() settles it from a late report, recover() makes it indeterminate."""
         vid = reservation.vend_id
         self.open(reservation)
         deadline = time.monotonic() + wait
-        revoked = False
+        revoked = extended = False
         while True:
             self.poll(0.01)
             rec = self.ctl.journal.get(vid)
             if rec.state in tx.FINAL or rec.state == tx.INDETERMINATE:
                 break
-            if time.monotonic() > deadline:
-                if revoked:
-                    break
+            if time.monotonic() <= deadline:
+                continue
+            if rec.state == tx.VENDING and not extended:
+                extended = True
+                deadline = time.monotonic() + vend_wait
+            elif rec.state == tx.VENDING or revoked:
+                break
+            else:
                 revoked = True
                 deadline = time.monotonic() + 2.0
                 try:

@@ -20,7 +20,7 @@ from edge.idlist.base import IdList
 from edge.roles import Facts, RoleContext
 from protocol.reasons import Reason
 from protocol.touch import Decision, Touch
-from vending.controller import DISPENSED, INDETERMINATE, VendController, VendOutcome
+from vending.controller import DISPENSED, INDETERMINATE, PENDING, VendController, VendOutcome
 from vending.journal import VendJournal, VendRecord
 from vending.ledger import LimitReached
 from vending.mdb import MdbChannel, MdbError
@@ -121,7 +121,10 @@ class VendingRole:
         except MdbError as e:  # board silent: the reservation is already released
             facts.update(vend_id=reservation.vend_id, result="failed", vend_reason=str(e)[:64])
             return facts
-        facts.update(vend_id=v.vend_id, result=RESULT.get(v.outcome.result, "failed"))
+        # a vend still running when the wait ended is not known yet: never "failed" on the touch
+        result = "indeterminate" if v.outcome.result == PENDING and v.item is not None else \
+            RESULT.get(v.outcome.result, "failed")
+        facts.update(vend_id=v.vend_id, result=result)
         if v.item is not None and v.price is not None:
             facts.update(slot=v.item, item=v.item, price=v.price)
         if v.outcome.reason:
