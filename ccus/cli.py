@@ -47,6 +47,7 @@ examples:
   ccus report work-history --store store.sqlite --site 13100000000001 --month 2026-11 --png wh.png
   ccus report days-worked --store store.sqlite --month 2026-11 --by main --ja --bom --out k.csv
   ccus ops --help                     provisioning, signed config, ID lists, the fleet
+  ccus vmc simulate --board           an MDB vending machine controller against the board
 """
 
 # name -> (one-line help, "module:function" that adds the command to the subparsers).
@@ -61,6 +62,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "card": ("emulated cards (nfcpy udp driver, or a PC/SC virtual card)", "sim.cli:register"),
     "board": ("a simulated controller board (the real firmware on a pty)",
               "sim.board.cli:register"),
+    "vmc": ("a vending machine controller (MDB master) simulator", "sim.vmc_cli:register"),
     "broker": ("run a private development broker in the foreground", "ccus.cli:_register_broker"),
 }
 

@@ -114,6 +114,7 @@ class BoardLink:
         self.boots: list[BootNotice] = []
         self.sensor_events: list[tuple[int, int, int]] = []
         self.errors: list[tuple[int, int]] = []
+        self.mdb_events: list[tuple[int, int, int, int, int]] = []  # MDB_EVENT (vending/mdb.py)
         self._inbox: deque[frame.Frame] = deque(maxlen=64)
         self._done: dict[int, Any] = {}  # seq -> True (acked) or failure reason
 
@@ -166,6 +167,8 @@ class BoardLink:
                 self.sensor_events.append(frame.parse_sensor(f.payload))
             elif f.type == frame.ERROR:
                 self.errors.append(frame.parse_error(f.payload))
+            elif f.type == frame.MDB_EVENT:
+                self.mdb_events.append(frame.parse_mdb_event(f.payload))
             else:
                 self._inbox.append(f)
 
@@ -266,6 +269,11 @@ class BoardLink:
     def feedback(self, led: int, buzzer: int = 0, duration_ms: int = 500) -> None:
         """led: bit 0 green, bit 1 red; buzzer: pattern number (0 = silent)."""
         self.request(frame.FEEDBACK, frame.feedback(led, buzzer, duration_ms))
+
+    def take_mdb_events(self) -> list[tuple[int, int, int, int, int]]:
+        """MDB_EVENTs in arrival order: (kind, session, item, price, reader state)."""
+        out, self.mdb_events = self.mdb_events, []
+        return out
 
     def take_results(self) -> list[VendReply]:
         """VEND_RESULTs that arrived and nobody waited for (late answers), oldest first."""

@@ -135,6 +135,9 @@ class VendingConfig:
     contractor: str = ""          # the main contractor (元請) who pays: 14-digit business ID
     pulse_ms: int = 200           # vend-line pulse
     drop_timeout_ms: int = 5000   # no drop sensed within this: the vend failed
+    channel: str = "pulse"        # pulse (vend line + drop sensor) | mdb (cashless reader)
+    price_ceiling: int = 200      # mdb: BEGIN SESSION funds (yen, scale 1): the dearest free drink
+    session_s: float = 60.0       # mdb: how long a technician has to choose after the tap
 
 
 @dataclass
@@ -267,6 +270,10 @@ def _check_vending(cfg: AgentConfig) -> None:
         raise ConfigError("vending.period: 'day' or 'week'")
     if v.scope not in ("machine", "site"):
         raise ConfigError("vending.scope: 'machine' or 'site'")
+    if v.channel not in ("pulse", "mdb"):
+        raise ConfigError("vending.channel: 'pulse' or 'mdb'")
+    if not 1 <= v.price_ceiling <= 0xFFFE:
+        raise ConfigError("vending.price_ceiling: 1..65534 (yen)")
     if not 0 <= v.cut_hour <= 23:
         raise ConfigError("vending.cut_hour: 0..23")
     if v.limit < 1 or not 1 <= v.slot <= 4:

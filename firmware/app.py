@@ -119,6 +119,11 @@ class Board:
             first_seq=first,
         )
         self.decoder = frame.Decoder()
+        self.mdb = None  # the MDB vend channel (firmware/vend_mdb.py), when the board has one
+        if cfg.get("mdb_uart") is not None:
+            import vend_mdb
+
+            self.mdb = vend_mdb.MdbPort(cfg, self.send)
 
         self.vstate = _IDLE
         self.v_id = 0
@@ -179,7 +184,7 @@ class Board:
         """One pass of the main loop. Returns True if it did something."""
         now = time.ticks_ms()
         self.wdt.feed()
-        busy = False
+        busy = self.mdb is not None and self.mdb.step(now)  # first: the VMC waits 5 ms at most
         n = self.uart.any()
         if n:
             busy = True
@@ -195,6 +200,8 @@ class Board:
             if ev[0] == EV_FAILED:
                 pass  # host did not ack; results stay in the journal for a query
         self._vend_step(now)
+        if self.mdb is not None and self.mdb.step(now):
+            busy = True
         if self.door.update(now):
             self.send(frame.SENSOR, frame.sensor(S_DOOR, 1 if self.door.state else 0, now))
         em = self.emergency
@@ -249,6 +256,8 @@ class Board:
             self.buzz_t0 = now
             self.buzz_ms = ms
             self.feedback_until = time.ticks_add(now, ms)
+        elif t == frame.MDB_HOST and self.mdb is not None:
+            self.mdb.host(f.payload, now)
         elif t == frame.ERROR:
             pass  # the host's errors are informational for the board
 

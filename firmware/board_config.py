@@ -28,6 +28,12 @@ RP2 = {
     "wdt_ms": 4000,  # RP2040 allows at most 8388 ms
     "journal": "/vend.jnl",
     "max_timeout_ms": 30000,
+    # MDB vend channel (firmware/vend_mdb.py). None until the PIO 9-bit UART adapter exists:
+    # today's adapter speaks the simulator's two-byte word encoding, not a real MDB bus.
+    "mdb_uart": None,
+    "mdb_tx": 14,
+    "mdb_rx": 15,
+    "mdb_country": 0x1392,  # BCD ISO 4217 numeric with a leading 1: 392 = yen
 }
 
 ESP32 = {
@@ -55,6 +61,10 @@ ESP32 = {
     "wdt_ms": 4000,
     "journal": "/vend.jnl",
     "max_timeout_ms": 30000,
+    "mdb_uart": None,  # UART1 with the parity trick, once written (docs/vending.md)
+    "mdb_tx": 4,
+    "mdb_rx": 5,
+    "mdb_country": 0x1392,
 }
 
 BOARDS = {"rp2": RP2, "esp32": ESP32}

@@ -39,11 +39,13 @@ VEND_RESULT = 0x21  # board -> host
 GATE_PULSE = 0x30  # host -> board: pulse the gate relay
 SENSOR = 0x40  # board -> host: a debounced sensor edge (door, drop outside a vend)
 FEEDBACK = 0x50  # host -> board: LED colour and buzzer pattern
+MDB_HOST = 0x60  # host -> board: the agent's decision for the MDB reader (firmware/mdb.py)
+MDB_EVENT = 0x61  # board -> host: what the VMC did (vend request, success, failure, ...)
 ERROR = 0x7E  # both: an error report (code, argument)
 
 # What each side accepts (Link(accept=...)).
-HOST_ACCEPTS = (BOOT, STATUS, VEND_RESULT, SENSOR, ERROR)
-BOARD_ACCEPTS = (STATUS_REQ, VEND_REQ, GATE_PULSE, FEEDBACK, ERROR)
+HOST_ACCEPTS = (BOOT, STATUS, VEND_RESULT, SENSOR, MDB_EVENT, ERROR)
+BOARD_ACCEPTS = (STATUS_REQ, VEND_REQ, GATE_PULSE, FEEDBACK, MDB_HOST, ERROR)
 
 PAYLOAD_LEN = {
     BOOT: 11,
@@ -56,6 +58,8 @@ PAYLOAD_LEN = {
     GATE_PULSE: 3,
     SENSOR: 6,
     FEEDBACK: 4,
+    MDB_HOST: 7,
+    MDB_EVENT: 10,
     ERROR: 5,
 }
 
@@ -70,6 +74,8 @@ TYPE_NAMES = {
     GATE_PULSE: "GATE_PULSE",
     SENSOR: "SENSOR",
     FEEDBACK: "FEEDBACK",
+    MDB_HOST: "MDB_HOST",
+    MDB_EVENT: "MDB_EVENT",
     ERROR: "ERROR",
 }
 
@@ -559,3 +565,21 @@ def error(code, arg):
 
 def parse_error(p):
     return p[0], get_u32(p, 1)
+
+
+def mdb_host(op, session, funds):
+    """op: 1 credit (begin a session with funds), 2 approve, 3 deny, 4 revoke."""
+    return bytes((op,)) + u32(session) + u16(funds & 0xFFFF)
+
+
+def parse_mdb_host(p):
+    return p[0], get_u32(p, 1), get_u16(p, 5)
+
+
+def mdb_event(kind, session, item, price, state):
+    return bytes((kind,)) + u32(session) + u16(item) + u16(price) + bytes((state,))
+
+
+def parse_mdb_event(p):
+    """-> (kind, session, item, price, reader state)"""
+    return p[0], get_u32(p, 1), get_u16(p, 5), get_u16(p, 7), p[9]

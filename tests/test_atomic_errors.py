@@ -84,6 +84,7 @@ def test_one_base_per_package_catches_every_family_member() -> None:
     from vending import InvalidTransition, LimitReached
     from vending.errors import VendingError
     from vending.ledger import LedgerError
+    from vending.mdb import MdbError
 
     families: dict[type[Exception], list[type[Exception]]] = {
         ListError: [ListFormatError, DeltaError, MergeConflict, ManifestError],
@@ -93,7 +94,7 @@ def test_one_base_per_package_catches_every_family_member() -> None:
         ProtocolError: [TouchError, AckError],
         OpsError: [PkiError, MqttError, PublishError],
         SinkError: [StoreUnavailable, CsvError],
-        VendingError: [LimitReached, LedgerError, InvalidTransition],
+        VendingError: [LimitReached, LedgerError, InvalidTransition, MdbError],
     }
     for base, members in families.items():
         for cls in members:

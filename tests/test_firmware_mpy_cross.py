@@ -14,7 +14,8 @@ FIRMWARE = sorted((ROOT / "firmware").glob("*.py"))
 
 def test_there_is_firmware():
     names = {p.name for p in FIRMWARE}
-    assert {"frame.py", "app.py", "journal.py", "board_config.py", "main.py"} <= names
+    assert {"frame.py", "app.py", "journal.py", "board_config.py", "main.py", "mdb.py",
+            "vend_mdb.py"} <= names
 
 
 @pytest.mark.parametrize("march", ["armv6m", "xtensawin"])

@@ -17,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 STUBS = ROOT / ".venv" / "mpy-stubs"
 CONFIG = ROOT / "tests" / "mpy" / "mypy-firmware.ini"
-MODULES = ["frame.py", "journal.py", "app.py", "board_config.py", "main.py"]
+MODULES = ["frame.py", "journal.py", "app.py", "board_config.py", "main.py", "mdb.py", "vend_mdb.py"]
 
 
 def stubs_for(port: str) -> Path:

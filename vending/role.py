@@ -20,9 +20,10 @@ from edge.idlist.base import IdList
 from edge.roles import Facts, RoleContext
 from protocol.reasons import Reason
 from protocol.touch import Decision, Touch
-from vending.controller import DISPENSED, INDETERMINATE, VendController, VendOutcome
-from vending.journal import VendJournal
+from vending.controller import DISPENSED, INDETERMINATE, PENDING, VendController, VendOutcome
+from vending.journal import VendJournal, VendRecord
 from vending.ledger import LimitReached
+from vending.mdb import MdbChannel, MdbError
 from vending.period import PeriodSpec
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,9 @@ class VendingRole:
                                   limit=cfg.limit, period=PeriodSpec(cfg.period, cut_hour=cfg.cut_hour),
                                   pulse_ms=cfg.pulse_ms, drop_timeout_ms=cfg.drop_timeout_ms,
                                   clock_ms=clock.now_ms)
+        self.mdb: MdbChannel | None = None  # channel "mdb": the board is the machine's reader
+        if cfg.channel == "mdb":
+            self.mdb = MdbChannel(self.ctl, self.board, cfg.price_ceiling)
         # BoardLink is driven from one thread at a time: taps and the idle poll share this lock
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -48,8 +52,12 @@ class VendingRole:
 
     def start(self) -> None:
         with self._lock:
-            for out in self.ctl.recover():
+            # an MDB vend is not in the board's pulse journal: a query would answer "not
+            # started" and release a drink the VMC may have vended (tests/test_mdb_agent.py)
+            for out in self.ctl.recover(ask_board=self.mdb is None):
                 log.warning("vend %d left open by a restart: %s", out.vend_id, out.result)
+            if self.mdb is not None:
+                self.mdb.start()
         self._poller.start()
 
     def stop(self) -> None:
@@ -61,6 +69,8 @@ class VendingRole:
         # late board results settle indeterminate vends (reported in the vend journal)
         while not self._stop.wait(0.5):
             with self._lock:
+                if self.mdb is not None:
+                    self.mdb.poll(0.0)  # late VMC reports (a result after the session wait)
                 for out in self.ctl.poll(0.0):
                     log.info("vend %d settled late: %s", out.vend_id, out.result)
 
@@ -94,11 +104,32 @@ class VendingRole:
             except LimitReached:  # the journal, not the figure read above, has the last word
                 return Verdict(Decision.DENY, Reason.LIMIT_REACHED, verdict.tid,
                                verdict.list_version), facts
+            if self.mdb is not None:
+                return verdict, self._mdb_facts(facts, reservation)
             outcome: VendOutcome = self.ctl.vend(reservation, self.cfg.slot)
         facts.update(vend_id=outcome.vend_id, result=RESULT.get(outcome.result, "failed"))
         if outcome.reason:
             facts["vend_reason"] = str(outcome.reason)[:64]
         return verdict, facts
+
+    def _mdb_facts(self, facts: dict[str, str | int | bool], reservation: VendRecord
+                   ) -> dict[str, str | int | bool]:
+        """One MDB session -> one touch with the item and price the VMC reported."""
+        assert self.mdb is not None
+        try:
+            v = self.mdb.serve(reservation, self.cfg.session_s)
+        except MdbError as e:  # board silent: the reservation is already released
+            facts.update(vend_id=reservation.vend_id, result="failed", vend_reason=str(e)[:64])
+            return facts
+        # a vend still running when the wait ended is not known yet: never "failed" on the touch
+        result = "indeterminate" if v.outcome.result == PENDING and v.item is not None else \
+            RESULT.get(v.outcome.result, "failed")
+        facts.update(vend_id=v.vend_id, result=result)
+        if v.item is not None and v.price is not None:
+            facts.update(slot=v.item, item=v.item, price=v.price)
+        if v.outcome.reason:
+            facts["vend_reason"] = str(v.outcome.reason)[:64]
+        return facts
 
     def billable(self) -> list[VendOutcome]:
         with self._lock:

@@ -3,6 +3,7 @@
 Scripted by a JSON file named in env CCUS_SIM:
   uart_fd      file descriptor of the "UART" (a pty end the test passes down), or
   uart_path    a path to open instead (e.g. /dev/pts/N)
+  uarts        {"<uart id>": fd}: other UARTs (the MDB bus of firmware/vend_mdb.py)
   reset_cause  value machine.reset_cause() returns (default PWRON_RESET)
   inputs       {"pin": level} initial input levels (default 1: pulled up)
   links        [{"out": p, "in": q, "delay_ms": d, "hold_ms": h, "level": 0, "times": n}]
@@ -159,7 +160,9 @@ class Pin:
 
 class UART:
     def __init__(self, id, baudrate=115200, tx=None, rx=None, **kw):
-        fd = SIM.get("uart_fd", SIM.get("uart_path"))
+        fd = SIM.get("uarts", {}).get(str(id))  # a second UART (the MDB bus): its own pty
+        if fd is None:
+            fd = SIM.get("uart_fd", SIM.get("uart_path"))
         if fd is None:
             raise OSError("CCUS_SIM has neither uart_fd nor uart_path")
         self._f = open(fd, "r+b")  # noqa: SIM115 (lives as long as the board)

@@ -9,5 +9,8 @@ cfg["journal"] = machine.SIM.get("journal", "vend.jnl")
 for k in ("wdt_ms", "debounce_ms", "max_timeout_ms"):
     if k in machine.SIM:
         cfg[k] = machine.SIM[k]
+for k in machine.SIM:
+    if k.startswith("mdb_"):  # the MDB vend channel (firmware/vend_mdb.py): uart id, timeouts
+        cfg[k] = machine.SIM[k]
 print("BOARD START")
 app.run(cfg)

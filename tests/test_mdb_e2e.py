@@ -1,0 +1,170 @@
+"""End to end over real ptys: the VMC simulator (sim/vmc.py) on the MDB pty, the real firmware
+(firmware/vend_mdb.py + mdb.py) under the MicroPython unix port, and the host MDB channel
+(vending/mdb.py) on the frame-link pty with the real SQLite journal."""
+
+from __future__ import annotations
+
+import os
+import threading
+import tty
+from collections.abc import Callable
+
+import pytest
+
+from edge.board import BoardLink
+from firmware import mdb
+from sim.board import BoardProcess
+from sim.vmc import PtyWire, Vmc
+from vending import transaction as tx
+from vending.controller import VendController
+from vending.journal import VendJournal
+from vending.mdb import MdbChannel
+from vending.period import PeriodSpec
+
+pytestmark = pytest.mark.e2e
+
+TECH = "12345678901234"
+
+
+@pytest.fixture
+def rig(tmp_path):
+    vm, vs = os.openpty()
+    tty.setraw(vm)
+    tty.setraw(vs)
+    board = BoardProcess(tmp_path, uarts={"1": os.ttyname(vs)}, mdb_uart=1, mdb_session_ms=3000,
+                         wdt_ms=3000)
+    parts: dict[str, object] = {}
+    try:
+        board.start()
+        link = BoardLink(board.port, ack_timeout=0.2, retries=3)
+        parts["link"] = link
+        assert link.wait_boot(5) is not None, board.log()
+        journal = VendJournal(str(tmp_path / "vend.db"))
+        parts["journal"] = journal
+        ctl = VendController(journal, link, scope="machine:VM02", limit=1,
+                             period=PeriodSpec("day", cut_hour=5))
+        ch = MdbChannel(ctl, link, price_ceiling=150)
+        vmc = Vmc(PtyWire(vm), reply_timeout=0.2)
+        vmc.setup()
+        yield board, vmc, ch, ctl
+    finally:
+        if "link" in parts:
+            parts["link"].close()  # type: ignore[attr-defined]
+        if "journal" in parts:
+            parts["journal"].close()  # type: ignore[attr-defined]
+        board.close()
+        for fd in (vm, vs):
+            os.close(fd)
+    for i in range(len(board.logs)):
+        assert "Traceback" not in board.log(i), board.log(i)
+        assert "WDT RESET" not in board.log(i), board.log(i)
+
+
+def _run(vmc: Vmc, vmc_script: Callable[[Vmc], object], ch: MdbChannel, ctl: VendController,
+         wait: float = 8.0) -> tuple:
+    """The VMC in a thread (a machine runs on its own), the host serving one tap."""
+    result: dict[str, object] = {}
+
+    def machine() -> None:
+        try:
+            vmc.poll_until((mdb.P_BEGIN_SESSION,), polls=400)
+            result["vmc"] = vmc_script(vmc)
+        except Exception as e:  # reported by the assertion below
+            result["error"] = repr(e)
+
+    th = threading.Thread(target=machine, daemon=True)
+    res = ctl.reserve(TECH)
+    th.start()
+    out = ch.serve(res, wait)
+    th.join(10)
+    assert "error" not in result, result
+    return res, out, result.get("vmc")
+
+
+def test_cfg_from_the_board_is_yen(rig):
+    board, vmc, ch, ctl = rig
+    cfg = vmc.send([0x11, 0x00, 0x01, 0x00, 0x00, 0x00])
+    assert cfg.data == bytes((0x01, 1, 0x13, 0x92, 1, 0, 5, 0))
+
+
+@pytest.mark.parametrize("dispense, final, result", [(True, tx.COMMITTED, "dispensed"),
+                                                     (False, tx.RELEASED, "not_dispensed")])
+def test_dispense_and_failure(rig, dispense, final, result):
+    board, vmc, ch, ctl = rig
+    res, out, got = _run(vmc, lambda v: v.select(7, 120, dispense=dispense), ch, ctl)
+    assert got == ("dispensed" if dispense else "failed")
+    assert ctl.journal.get(res.vend_id).state == final
+    assert out.outcome.result == result and (out.item, out.price) == (7, 120)
+    assert out.touch_facts()["item"] == 7
+    assert len(ctl.billable()) == (1 if dispense else 0)
+    assert ctl.remaining(TECH) == (0 if dispense else 1)
+
+
+def test_cancel_before_approval_releases(rig):
+    board, vmc, ch, ctl = rig
+
+    def cancel(v: Vmc) -> object:
+        v.vend_request(3, 100)
+        r = v.vend_cancel()
+        v.session_complete()
+        return r.code
+
+    res, out, got = _run(vmc, cancel, ch, ctl)
+    assert got == mdb.P_VEND_DENIED
+    assert ctl.journal.get(res.vend_id).state == tx.RELEASED and ctl.remaining(TECH) == 1
+
+
+def test_vmc_reset_mid_vend_is_indeterminate(rig):
+    board, vmc, ch, ctl = rig
+
+    def reset(v: Vmc) -> object:
+        v.vend_request(3, 100)
+        v.poll_until((mdb.P_VEND_APPROVED,))
+        return v.reset().ack
+
+    res, out, got = _run(vmc, reset, ch, ctl)
+    assert got is True
+    assert ctl.journal.get(res.vend_id).state == tx.INDETERMINATE
+    assert ctl.remaining(TECH) == 0 and ctl.billable() == []
+
+
+def test_session_timeout_releases(rig):
+    board, vmc, ch, ctl = rig
+
+    def idle(v: Vmc) -> object:
+        r = v.poll_until((mdb.P_SESSION_CANCEL,), polls=2000)
+        v.session_complete()
+        return r.code
+
+    res, out, got = _run(vmc, idle, ch, ctl)
+    assert got == mdb.P_SESSION_CANCEL
+    assert ctl.journal.get(res.vend_id).state == tx.RELEASED
+
+
+def test_board_killed_mid_vend_is_indeterminate_after_its_boot(rig):
+    board, vmc, ch, ctl = rig
+
+    def kill(v: Vmc) -> object:
+        v.vend_request(3, 100)
+        v.poll_until((mdb.P_VEND_APPROVED,))
+        board.kill()
+        board.start()
+        return True
+
+    res, out, got = _run(vmc, kill, ch, ctl, wait=6.0)
+    assert ctl.journal.get(res.vend_id).state == tx.INDETERMINATE
+    assert ctl.billable() == []
+
+
+def test_ccus_vmc_simulate_board_runs_every_scenario():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ccus = Path(sys.executable).parent / "ccus"
+    p = subprocess.run([str(ccus), "vmc", "simulate", "--board", "--profile", "setup_twice"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+    for line in ("dispense: dispensed", "failure: failed", "cancel: denied",
+                 "out of sequence: True", "reset mid-vend: True", "reset_mid_vend session 4"):
+        assert line in p.stdout, p.stdout
