@@ -216,6 +216,18 @@ def _agent(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"ccus agent: {exc}", file=sys.stderr)
         return 2
+    served = None
+    if cfg.metrics.listen:  # off by default: without it nothing of prometheus_client is imported
+        from edge.metrics import MetricsError, start
+
+        try:
+            served = start(agent)  # no prometheus_client: main() names the [metrics] extra
+        except (MetricsError, ModuleNotFoundError) as exc:
+            agent.outbox.close()
+            if isinstance(exc, ModuleNotFoundError):
+                raise
+            print(f"ccus agent: {exc}", file=sys.stderr)
+            return 2
     agent.start()
     # A signed config that changes more than its version needs a restart: exit 3 so that
     # systemd (Restart=always) starts the agent again with the applied config. A dead link
@@ -224,6 +236,8 @@ def _agent(args: argparse.Namespace) -> int:
     while not stop.is_set() and agent.fatal is None and not agent.restart_requested.wait(0.5):
         pass
     agent.stop()
+    if served is not None:
+        served.close()
     if agent.fatal is not None:
         print(f"ccus agent: {agent.fatal}", file=sys.stderr)
         return 1

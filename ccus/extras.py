@@ -13,12 +13,13 @@ EXTRA_OF: dict[str, tuple[str, tuple[str, ...]]] = {
     "psycopg_binary": ("psycopg", ("sink",)),
     "matplotlib": ("matplotlib", ("sink",)),
     "tqdm": ("tqdm", ("sink", "ops")),
+    "prometheus_client": ("prometheus-client", ("metrics", "sink")),
     "smartcard": ("pyscard", ("pcsc",)),
     "hypothesis": ("hypothesis", ("test",)),
     "pytest": ("pytest", ("test",)),
 }
 # the `ccus` command -> the extra it belongs to, when a module comes with several
-EXTRA_OF_COMMAND = {"sink": "sink", "report": "sink", "ops": "ops"}
+EXTRA_OF_COMMAND = {"agent": "metrics", "sink": "sink", "report": "sink", "ops": "ops"}
 
 
 class MissingExtra(Exception):

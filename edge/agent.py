@@ -125,6 +125,7 @@ class Agent:
         self._debounce = {r.name: Debouncer(r.retap_window_s) for r in cfg.readers}
         self._lock = threading.RLock()  # a role's follow-up record may come from inside a tap
         self.counts = {"taps": 0, "suppressed": 0, "allowed": 0, "denied": 0}
+        self.decisions: dict[tuple[str, str], int] = {}  # (decision, reason) -> taps: metrics
         # the role plug-in, found by name in the ccus.roles entry points (edge/roles/__init__.py)
         ctx = roles.RoleContext(cfg=cfg, clock=self.clock, record=self.record_follow_up,
                                 event=self.publish_event, state_changed=self.link.publish_state,
@@ -204,6 +205,8 @@ class Agent:
             touch = self._write(now, read.card, read.tech, verdict.tid, verdict.decision,
                                 verdict.reason, verdict.list_version, facts)
             self.counts["allowed" if verdict.decision.value == "allow" else "denied"] += 1
+            key = (touch.decision.value, touch.reason.value)
+            self.decisions[key] = self.decisions.get(key, 0) + 1
         self.link.notify()
         log.info("tap %s on %s: %s (%s) tid=%s seq=%d", read.card.hex(), reader.name,
                  touch.decision.value, touch.reason.value, touch.tid, touch.seq)

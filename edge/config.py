@@ -141,6 +141,13 @@ class VendingConfig:
 
 
 @dataclass
+class MetricsConfig:
+    # Prometheus endpoint (HOST:PORT, e.g. 127.0.0.1:9465; port 0: any free port); empty: off.
+    # Needs the [metrics] extra (prometheus-client); docs/operations.md, "Metrics".
+    listen: str = ""
+
+
+@dataclass
 class AgentConfig:
     device: DeviceConfig
     mqtt: MqttConfig = field(default_factory=MqttConfig)
@@ -152,6 +159,7 @@ class AgentConfig:
     gate: GateConfig = field(default_factory=GateConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     vending: VendingConfig = field(default_factory=VendingConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     version: int = 0              # config version, carried by every touch
 
     @property
@@ -192,6 +200,8 @@ def _check(cfg: AgentConfig) -> None:
     _check_mqtt_timing(cfg.mqtt)
     _check_vending(cfg)
     _check_gate(cfg.gate)
+    if cfg.metrics.listen:
+        parse_listen(cfg.metrics.listen)
     names = set()
     for i, r in enumerate(cfg.readers):
         if r.name in names:
@@ -249,6 +259,15 @@ def _check_profile(where: str, p: ProfileConfig) -> None:
             raise ConfigError(f"{where}.file_id: 2 bytes of hex, or empty")
         if not 0 <= p.read_offset <= 0x7FFF or not 1 <= p.read_length <= 255:
             raise ConfigError(f"{where}.read_length: 1..255, read_offset 0..32767")
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """metrics.listen 'HOST:PORT' -> (host, port); '[::1]:9465' too. Raises ConfigError."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"metrics.listen: {text!r}: HOST:PORT (e.g. 127.0.0.1:9465), "
+                          "or empty for off")
+    return host.strip("[]") or "127.0.0.1", int(port)
 
 
 def _check_gate(g: GateConfig) -> None:
