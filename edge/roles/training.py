@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import tomllib
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from edge.config import ConfigError
 from edge.decision import decide_training
 from edge.roles import Facts, NoFacts, RoleContext
 from protocol.touch import fact_text_ok
@@ -52,6 +54,11 @@ class Schedule:
             raw = tomllib.load(f)
         courses = []
         for i, c in enumerate(raw.get("course", [])):
+            naive = [k for k in ("start", "end") if isinstance(c, dict)
+                     and isinstance(c.get(k), datetime) and c[k].tzinfo is None]
+            if naive:  # the station's own time zone must not decide which course a tap is in
+                raise ValueError(f"{path}: course[{i}].{naive[0]}: give the UTC offset "
+                                 "(e.g. 2026-12-01T09:00:00+09:00)")
             try:
                 courses.append(Course(str(c["id"]), str(c["name"]),
                                       int(c["start"].timestamp() * 1000),
@@ -86,4 +93,9 @@ class TrainingRole(NoFacts):
 def make(ctx: RoleContext) -> TrainingRole:
     """Entry point `training` (group ccus.roles)."""
     path = ctx.cfg.training.schedule
-    return TrainingRole(Schedule.load(path) if path else None)
+    try:
+        return TrainingRole(Schedule.load(path) if path else None)
+    except OSError as exc:
+        raise ConfigError(f"training.schedule: cannot read {path}: {exc.strerror}") from exc
+    except ValueError as exc:  # TOMLDecodeError too  # ccus agent: one line, exit 2
+        raise ConfigError(f"training.schedule: {exc}") from exc
