@@ -2,7 +2,8 @@
 
 Checks, in order: the config, the trusted operator keys, the data folder, the TLS files (CA,
 client certificate and its expiry, key, and that they belong together), the ID list the
-agent will decide against, the controller board's port (when one is configured), and the
+agent will decide against, the controller board's port (when one is configured), the
+metrics endpoint (when [metrics] listen is set: the extra installed, the port free), and the
 broker (TCP, the TLS handshake with the client certificate, and the moment after it when a
 TLS 1.3 broker refuses a certificate; on plain TCP an MQTT CONNECT).
 
@@ -77,6 +78,8 @@ def check_agent(config_path: str | Path, *, keys_dir: str | None = None,
     out.append(_idlist(cfg, now))
     if cfg.vending.serial or cfg.device.role == "vending":
         out.append(_board(cfg))
+    if cfg.metrics.listen:
+        out.append(_metrics(cfg))
     out.append(_broker(cfg, timeout_s) if tls_ok else
                Check("broker", False, "not tried: fix the TLS files above first"))
     return out
@@ -224,6 +227,26 @@ def _idlist(cfg: AgentConfig, now: dt.datetime) -> Check:
         return Check("id list", False, f"{path}: version {lst.version} is {age_h:.0f} h old "
                                        f"(> idlist.max_age_h {cfg.idlist.max_age_h:g}): publish a fresh one")
     return Check("id list", True, f"{path}: version {lst.version}, {len(lst)} entries")
+
+
+def _metrics(cfg: AgentConfig) -> Check:
+    """[metrics] listen: prometheus_client present (looked up, not imported) and the port free."""
+    import importlib.util
+
+    from edge.config import parse_listen
+
+    host, port = parse_listen(cfg.metrics.listen)  # checked by load(): cannot raise here
+    if importlib.util.find_spec("prometheus_client") is None:
+        return Check("metrics", False, "metrics.listen is set but prometheus-client is not "
+                                       "installed: pip install 'ccus-touch[metrics]'")
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as exc:
+        return Check("metrics", False, f"{host}:{port}: cannot bind ({exc.strerror or exc}): "
+                                       "another process has it; set another metrics.listen")
+    return Check("metrics", True, f"{host}:{port}: free")
 
 
 def _board(cfg: AgentConfig) -> Check:

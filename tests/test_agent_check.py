@@ -3,6 +3,7 @@ certificates, CRL, ACL) with a good config, then with one thing broken at a time
 
 import datetime as dt
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -175,6 +176,20 @@ def test_the_board_port_is_opened(site: Site) -> None:
         os.close(slave)
     bad = failed(site, site.config("noboard", extra='[vending]\nserial = "/dev/ttyNOPE9"'))
     assert list(bad) == ["board"] and "/dev/ttyNOPE9" in bad["board"]
+
+
+def test_the_metrics_port_and_extra_are_checked_when_metrics_are_on(site: Site) -> None:
+    ok = {c.name: c for c in check_agent(site.config("m-on", extra='[metrics]\nlisten = "127.0.0.1:0"'),
+                                         keys_dir=str(site.keys), timeout_s=3)}
+    assert ok["metrics"].ok and ok["metrics"].detail == "127.0.0.1:0: free"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        bad = failed(site, site.config("m-taken", extra=f'[metrics]\nlisten = "127.0.0.1:{port}"'))
+    assert list(bad) == ["metrics"] and "cannot bind" in bad["metrics"]
+    off = check_agent(site.config("m-off"), keys_dir=str(site.keys), timeout_s=3)
+    assert "metrics" not in [c.name for c in off]  # off: no line at all
 
 
 def test_an_unreadable_config_exits_2_with_one_line(site: Site, tmp_path: Path) -> None:
