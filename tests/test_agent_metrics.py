@@ -2,7 +2,9 @@
 a private Mosquitto from the project's config: taps, decisions by reason, outbox backlog, link
 state and reconnects, list version; off by default; a missing prometheus_client is one line."""
 
+import os
 import re
+import signal
 import subprocess
 import sys
 import urllib.error
@@ -11,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from broker.launcher import PrivateBroker
-from broker.procs import wait_until
+from broker.launcher import PrivateBroker, free_port
+from broker.procs import stop_process, wait_until
 from cloud_sink.workday import jst_ms
 from edge import metrics
 from edge.agent import Agent
@@ -147,3 +149,32 @@ def test_ccus_agent_without_prometheus_client_names_the_extra(tmp_path: Path) ->
     assert r.stderr.strip().splitlines() == [
         "ccus agent: prometheus-client is not installed; install it with: "
         "pip install 'ccus-touch[metrics]'"]
+
+
+def test_ccus_agent_serves_metrics_until_it_stops(tmp_path: Path) -> None:
+    broker = PrivateBroker(tmp_path / "broker").start()
+    port = free_port()
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'[device]\nid = "gate-p"\nsite = "{SITE}"\ndata_dir = "{tmp_path}/d"\n'
+                   f'[mqtt]\ntls = false\nport = {broker.port}\n'
+                   f'[metrics]\nlisten = "127.0.0.1:{port}"\n')
+    proc = subprocess.Popen([sys.executable, "-m", "ccus.cli", "agent", "--config", str(cfg)],
+                            stderr=subprocess.PIPE, text=True, env={**os.environ,
+                            "CCUS_KEYS_DIR": str(tmp_path / "keys")})
+    try:
+        wait_until(lambda: _connected(port), 20, "the agent's endpoint, linked")
+        assert value(scrape(port), "ccus_agent_list_stale") == 1  # no list configured
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0, proc.stderr.read() if proc.stderr else ""
+        with pytest.raises(urllib.error.URLError):
+            scrape(port)
+    finally:
+        stop_process(proc)
+        broker.close()
+
+
+def _connected(port: int) -> bool:
+    try:
+        return value(scrape(port), "ccus_agent_link_connected") == 1
+    except (urllib.error.URLError, ConnectionError):
+        return False

@@ -18,14 +18,15 @@ from ccus.logs import JournalFormatter, JsonFormatter, priority, under_journal
 
 ROOT = Path(__file__).resolve().parent.parent
 # What a device must never load: the sink, the operator's tools, simulators, demo, charts.
-FOREIGN = {"cloud_sink", "ops", "sim", "demo", "matplotlib", "psycopg", "tqdm"}
+# prometheus_client: only with [metrics] listen set (edge/metrics.py is imported then)
+FOREIGN = {"cloud_sink", "ops", "sim", "demo", "matplotlib", "psycopg", "tqdm", "prometheus_client"}
 
 AGENT_PATH = """
 import contextlib, io, sys
 from ccus.cli import main
 with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):
     main(["agent", "--help"])
-import edge.agent, edge.config   # what `ccus agent` imports once its arguments are parsed
+import edge.agent, edge.config, edge.check   # what `ccus agent [--check]` imports
 """
 
 
