@@ -64,6 +64,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
               "sim.board.cli:register"),
     "vmc": ("a vending machine controller (MDB master) simulator", "sim.vmc_cli:register"),
     "broker": ("run a private development broker in the foreground", "ccus.cli:_register_broker"),
+    "console": ("the operator's web console (fleet, live touches, reports)", "console.cli:register"),
 }
 
 # Commands that are services: they log what they do at INFO even without -v.
