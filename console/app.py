@@ -86,7 +86,8 @@ def month_now(now_ms: int) -> str:
 
 def build_app(cfg: Config, bridge: Bridge) -> Starlette:
     users = Users(cfg.users_path)
-    limiter = auth.RateLimiter()
+    limiter = auth.RateLimiter()                          # per user name
+    ip_limiter = auth.RateLimiter(limit=auth.IP_LIMIT)    # per client address: a guesser's many names
     local = Stores()
     opened: list[Store] = []
     env = Environment(loader=FileSystemLoader(HERE / "templates"),
@@ -179,18 +180,18 @@ def build_app(cfg: Config, bridge: Bridge) -> Starlette:
         name, password = str(form.get("user", ""))[:64], str(form.get("password", ""))
         ip = req.client.host if req.client else "?"
         now = time.monotonic()
-        keys = (f"user:{name}", f"ip:{ip}")
-        if any(limiter.locked(k, now) for k in keys):
-            wait = max(limiter.retry_after(k, now) for k in keys)
+        pairs = ((limiter, f"user:{name}"), (ip_limiter, f"ip:{ip}"))
+        if any(lim.locked(k, now) for lim, k in pairs):
+            wait = max(lim.retry_after(k, now) for lim, k in pairs)
             return render(req, "login.html", 429, error=i18n.t("locked", lang).format(s=int(wait) + 1))
         user = users.get(name)
         ok = await run_in_threadpool(auth.verify_password,
                                      user.password_hash if user else None, password)
         if not ok or user is None:
-            for k in keys:
-                limiter.fail(k, now)
+            for lim, k in pairs:
+                lim.fail(k, now)
             return render(req, "login.html", 401, error=i18n.t("bad_login", lang))
-        limiter.clear(keys[0])
+        limiter.clear(pairs[0][1])
         req.session.clear()   # a new session (and CSRF token) at login: no fixation
         req.session.update({"user": user.name, "exp": time.time() + SESSION_S, "lang": lang,
                             "csrf": auth.new_token()})

@@ -1,6 +1,6 @@
 """Passwords (argon2id), the login rate limit (a pure state machine) and CSRF tokens.
 
-Rate limit: at most LIMIT failed logins per key (user name, and client address apart) within
+Rate limit: at most LIMIT failed logins per user name (IP_LIMIT per client address) within
 WINDOW_S; beyond that the key is locked until its oldest failure leaves the window. A success
 clears the user's failures (not the address's).
 """
@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
-LIMIT = 5
+LIMIT = 5          # failures per user name in the window
+IP_LIMIT = 30      # failures per client address (a site office may share one address)
 WINDOW_S = 300.0
 _hasher = PasswordHasher()  # argon2id, the library's current defaults (RFC 9106 low-memory)
 # verified against when the user does not exist, so a wrong name costs as long as a wrong password
