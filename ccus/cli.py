@@ -178,6 +178,8 @@ def _stop_on_signal() -> threading.Event:
 def _register_demo(sub: Any) -> None:
     demo = sub.add_parser("demo", help=COMMANDS["demo"][0])
     demo.add_argument("--data", default="demo-data", help="demo data folder (recreated each run)")
+    demo.add_argument("--console", action="store_true",
+                      help="then keep it up with the web console on it until Ctrl-C")
     demo.set_defaults(func=_demo)
 
 
@@ -200,7 +202,10 @@ def _register_broker(sub: Any) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from demo.site_day import run_demo
 
-    return run_demo(args.data)
+    keep = None
+    if args.console:
+        from console.demo import serve as keep
+    return run_demo(args.data, keep)
 
 
 def _agent(args: argparse.Namespace) -> int:
