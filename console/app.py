@@ -381,8 +381,7 @@ def build_app(cfg: Config, bridge: Bridge) -> Starlette:
                 async def html(req: Request, user: User) -> Response:
                     rows, filters = await rows_of(req, user)
                     columns = COLUMNS["vending-machines" if filters.get("machines") else cols]
-                    labels = [str(r[label]) + (f" {r['month']}" if label == "contractor" else "")
-                              for r in rows]
+                    labels = [str(r[label]) for r in rows]
                     chart = views.bars(labels, [[float(r[s] or 0) for r in rows] for s in series],
                                        stacked=name == "vending")
                     q = urlencode({k: v for k, v in filters.items() if v})
