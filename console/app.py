@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from markupsafe import Markup
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
@@ -210,16 +211,15 @@ def build_app(cfg: Config, bridge: Bridge) -> Starlette:
         mine = scope.sites_of(user)
         return rows if mine is None else [r for r in rows if r.site in mine]
 
-    def fleet_ctx(user: User) -> dict[str, Any]:
+    def fleet_ctx(user: User, lang: str) -> dict[str, Any]:
         now = cfg.now_ms()
         rows = fleet_rows(user)
-        return {"rows": rows, "now": now, "ago": lambda ms: fleet._ago(ms, now),
-                "problems": sum(bool(r.problems) for r in rows),
-                "local_time": lambda ms: local_time(ms) if ms else "-"}
+        return {"rows": rows, "problems": sum(bool(r.problems) for r in rows),
+                "rows_html": Markup(views.fleet_rows_html(rows, now, lang))}
 
     @page("fleet")
     async def fleet_page(req: Request, user: User) -> Response:
-        return render(req, "fleet.html", user=user, **fleet_ctx(user))
+        return render(req, "fleet.html", user=user, **fleet_ctx(user, lang_of(req)))
 
     @page("fleet")
     async def fleet_events(req: Request, user: User) -> Response:
@@ -236,7 +236,7 @@ def build_app(cfg: Config, bridge: Bridge) -> Starlette:
                 await asyncio.sleep(FLEET_THROTTLE_S)
                 while not lst.queue.empty():
                     lst.queue.get_nowait()
-                html = tmpl.render(t=lambda k: i18n.t(k, lang), lang=lang, **fleet_ctx(user))
+                html = tmpl.render(t=lambda k: i18n.t(k, lang), lang=lang, **fleet_ctx(user, lang))
                 yield sse("fleet", html)
         return sse_response(stream, None)
 

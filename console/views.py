@@ -15,6 +15,7 @@ from typing import Any
 from cloud_sink.model import WorkDay
 from cloud_sink.reports import shape
 from cloud_sink.workday import local_time
+from console import i18n
 from protocol.touch import Touch
 
 MISSING = "?"
@@ -127,3 +128,37 @@ def bars(labels: list[str], series: list[list[float]], *, height: float = 160.0,
     width = gap + n * (per + gap)
     return {"bars": out, "width": max(width, 120.0), "height": height, "top": top,
             "labels": [(gap + i * (per + gap) + per / 2, lab) for i, lab in enumerate(labels)]}
+
+
+def fleet_rows_html(rows: list[Any], now_ms: int, lang: str) -> str:
+    """The fleet table's rows as HTML, built here rather than in Jinja2: a 1,000-device fleet
+    is redrawn on every state change, and the template spent ~110 µs a row on calls and
+    escaping (bench/bench_console.py). Every value goes through html.escape."""
+    from html import escape
+
+    from ops.fleet import _ago
+
+    def t(key: str) -> str:
+        return escape(i18n.t(key, lang))
+
+    def v(x: Any) -> str:
+        return "-" if x is None or x == "" else escape(str(x))
+
+    on, off, ok = t("online"), t("offline"), t("ok")
+    out = []
+    for r in rows:
+        readers = " ".join(
+            f'<span class="{"okc" if h == "ok" else "badc"}">{escape(n)}:{escape(h)}</span>'
+            for n, h in sorted(r.readers.items())) or "-"
+        seen = local_time(r.last_seen_ms) if r.last_seen_ms else "-"
+        out.append(
+            f'<tr class="{"bad" if r.problems else "good"}" data-device="{escape(r.dev)}">'
+            f"<td>{escape(r.site)}</td><td>{escape(r.dev)}</td><td>{v(r.role)}</td>"
+            f'<td class="{"on" if r.online else "off"}">{on if r.online else off}</td>'
+            f'<td title="{seen}">{_ago(r.last_seen_ms, now_ms)}</td><td>{v(r.sw)}</td>'
+            f"<td>{v(r.cv)}</td><td>{v(r.lv)}</td><td>{v(r.backlog)}</td>"
+            f"<td>{_ago(r.oldest_ms, now_ms) if r.oldest_ms else '-'}</td><td>{readers}</td>"
+            f"<td>{v(getattr(r, 'board', None))}</td><td>{v(r.tq)}</td>"
+            f"<td>{v(getattr(r, 'disk', None))}</td>"
+            f'<td class="problems">{escape(", ".join(r.problems)) or ok}</td></tr>')
+    return "\n".join(out)

@@ -218,3 +218,17 @@ def test_the_bridge_keeps_state_and_routes_touches_by_site() -> None:
         await asyncio.sleep(0.01)
         assert here.queue.empty()
     asyncio.run(main())
+
+
+def test_fleet_rows_escape_and_show_problems() -> None:
+    from ops import fleet
+
+    now = jst_ms(2026, 11, 26, 12)
+    msgs = {topics.state(SITE, "gate-01"): cbor2.dumps(
+        {"online": True, "ts": now, "sw": "<script>", "lv": 1, "cv": 2, "backlog": 500,
+         "readers": {"entry": "lost", "<b>": "ok"}, "tq": "synced"}),
+        topics.state(SITE, "gate-02"): cbor2.dumps({"online": False, "ts": now - 60_000})}
+    html = views.fleet_rows_html(fleet.fleet(msgs, now), now, "ja")
+    assert "<script>" not in html and "&lt;script&gt;" in html and "&lt;b&gt;:ok" in html
+    assert html.count("<tr ") == 2 and "backlog 500" in html and "reader entry lost" in html
+    assert "オフライン" in html and "badc" in html
