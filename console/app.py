@@ -315,6 +315,20 @@ def build_app(cfg: Config, bridge: Bridge) -> Starlette:
         g = await wh_grid(req)
         return csv_response(g.csv(), f"work-history-{g.site}-{g.month}.csv")
 
+    @page("technician")
+    async def technician_page(req: Request, user: User) -> Response:
+        """One technician's month across the sites the user sees."""
+        tid, month = req.path_params["tid"], param_month(req)
+        if not (len(tid) == 14 and tid.isdigit()):
+            raise ValueError(f"technician {tid!r}: a 14-digit technician ID")
+        days = await read(lambda s: s.work_history(None, month))
+        mine = scope.sites_of(user)
+        rows = [r for r in shape.work_history([d for d in days if d.tid == tid])
+                if mine is None or r["site"] in mine]
+        rows.sort(key=lambda r: (r["work_day"], r["site"]))
+        return render(req, "technician.html", user=user, tid=tid, month=month, rows=rows,
+                      columns=COLUMNS["work-history"])
+
     # -- reports ---------------------------------------------------------------------------
     def check_site(user: User, site: str | None) -> None:
         if site and not scope.may_site(user, site):
@@ -440,6 +454,7 @@ def build_app(cfg: Config, bridge: Bridge) -> Starlette:
         Route("/sites/{site}/onsite", onsite_page),
         Route("/sites/{site}/work-history", wh_page),
         Route("/sites/{site}/work-history.csv", wh_csv),
+        Route("/technicians/{tid}", technician_page),
         *report_routes(),
         Route("/ops", ops_page),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),

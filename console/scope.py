@@ -19,6 +19,7 @@ PAGES: dict[str, frozenset[str]] = {
     "onsite": frozenset({"operator", "site_manager", "contractor"}),
     "work_history": frozenset({"operator", "site_manager", "contractor"}),
     "days_worked": frozenset({"operator", "site_manager", "contractor"}),
+    "technician": frozenset({"operator", "site_manager", "contractor"}),
     "training": frozenset({"operator", "training"}),
     "vending": frozenset({"operator", "contractor"}),
     "ops": frozenset({"operator"}),

@@ -320,6 +320,7 @@ MATRIX: list[tuple[str, set[str]]] = [
     ("/training.csv?center=27299999999999", {"op"}),
     ("/training-courses.csv", {"op", "tr"}),
     ("/ops", {"op"}),
+    (f"/technicians/10000000000001?month={MONTH}", {"op", "sm", "ct", "sm2"}),   # narrowed
     (f"/sites/{OTHER_SITE}/live/events", {"op", "sm2"}),   # allowed ones stream: not fetched
     (f"/sites/{SITE}/live/events", {"op", "sm", "ct"}),
 ]
@@ -338,6 +339,11 @@ def test_every_page_outside_a_role_s_scope_is_403(site: Site, browser: Any, user
     if user == "sm2":  # the other site's manager: the month's days worked hold none of SITE
         body = page.context.request.get(f"{site.url}/days-worked.csv?month={MONTH}").text()
         assert SITE not in body
+        page.goto(f"{site.url}/technicians/10000000000001?month={MONTH}")
+        assert SITE not in page.inner_text("#table")     # the technician worked only at SITE
+    if user == "sm":
+        page.goto(f"{site.url}/technicians/10000000000001?month={MONTH}")
+        assert "07:32" in page.inner_text("#table") and "2026年11月26日" in page.inner_text("#table")
     if user == "sm":
         page.goto(f"{site.url}/ops")
         assert "権限がありません" in page.inner_text("main")
