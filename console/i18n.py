@@ -71,6 +71,8 @@ REASONS: dict[str, tuple[str, str]] = {
     "no_list": ("IDリスト未配信", "no ID list on the device"),
     "limit_reached": ("本日の上限に達しました", "allowance used up"),
     "anti_passback": ("同じ方向の二重タッチ", "same direction twice"),
+    "not_actuated": ("許可（制御基板オフラインのため開扉せず）", "allowed, board offline: not opened"),
+    "emergency_open": ("許可（非常開放中）", "allowed while the emergency release holds the gate open"),
     "registered": ("登録済み", "registered"),
     "unregistered": ("未登録（記録のみ）", "unregistered (counted)"),
     "truncated_read": ("読み取りが途中で切れました", "truncated read"),

@@ -133,7 +133,8 @@ def bars(labels: list[str], series: list[list[float]], *, height: float = 160.0,
 def fleet_rows_html(rows: list[Any], now_ms: int, lang: str) -> str:
     """The fleet table's rows as HTML, built here rather than in Jinja2: a 1,000-device fleet
     is redrawn on every state change, and the template spent ~110 µs a row on calls and
-    escaping (bench/bench_console.py). Every value goes through html.escape."""
+    escaping (bench/bench_console.py). Every value goes through html.escape. Board health is
+    the gate's `board` (ops.fleet.Row.gate); disk shows once ops.fleet.Row carries it."""
     from html import escape
 
     from ops.fleet import _ago
@@ -158,7 +159,7 @@ def fleet_rows_html(rows: list[Any], now_ms: int, lang: str) -> str:
             f'<td title="{seen}">{_ago(r.last_seen_ms, now_ms)}</td><td>{v(r.sw)}</td>'
             f"<td>{v(r.cv)}</td><td>{v(r.lv)}</td><td>{v(r.backlog)}</td>"
             f"<td>{_ago(r.oldest_ms, now_ms) if r.oldest_ms else '-'}</td><td>{readers}</td>"
-            f"<td>{v(getattr(r, 'board', None))}</td><td>{v(r.tq)}</td>"
+            f"<td>{v((getattr(r, 'gate', None) or {}).get('board'))}</td><td>{v(r.tq)}</td>"
             f"<td>{v(getattr(r, 'disk', None))}</td>"
             f'<td class="problems">{escape(", ".join(r.problems)) or ok}</td></tr>')
     return "\n".join(out)

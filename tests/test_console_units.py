@@ -73,7 +73,7 @@ def test_scope_table() -> None:
     tr = users.User("tr", "training", "h", centers=("27200000000001",))
     assert all(scope.may_open(op, p) for p in scope.PAGES)
     assert [p for p in scope.PAGES if scope.may_open(sm, p)] == [
-        "fleet", "sites", "live", "onsite", "work_history", "days_worked"]
+        "fleet", "sites", "live", "onsite", "work_history", "days_worked", "technician"]
     assert scope.may_open(ct, "vending") and not scope.may_open(sm, "vending")
     assert scope.may_open(tr, "training") and not scope.may_open(tr, "work_history")
     assert not scope.may_open(op, "no-such-page")
@@ -226,9 +226,11 @@ def test_fleet_rows_escape_and_show_problems() -> None:
     now = jst_ms(2026, 11, 26, 12)
     msgs = {topics.state(SITE, "gate-01"): cbor2.dumps(
         {"online": True, "ts": now, "sw": "<script>", "lv": 1, "cv": 2, "backlog": 500,
-         "readers": {"entry": "lost", "<b>": "ok"}, "tq": "synced"}),
+         "readers": {"entry": "lost", "<b>": "ok"}, "tq": "synced",
+         "gate": {"board": "lost"}}),
         topics.state(SITE, "gate-02"): cbor2.dumps({"online": False, "ts": now - 60_000})}
     html = views.fleet_rows_html(fleet.fleet(msgs, now), now, "ja")
     assert "<script>" not in html and "&lt;script&gt;" in html and "&lt;b&gt;:ok" in html
     assert html.count("<tr ") == 2 and "backlog 500" in html and "reader entry lost" in html
     assert "オフライン" in html and "badc" in html
+    assert "<td>lost</td>" in html and "gate board lost" in html   # the board's health
