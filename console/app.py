@@ -30,6 +30,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response, Stream
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from cloud_sink import report_cli
 from cloud_sink.report_cli import COLUMNS
 from cloud_sink.reports import output, shape
 from cloud_sink.store import Store, open_store
@@ -343,22 +344,28 @@ def build_app(cfg: Config, bridge: Bridge) -> Starlette:
             rows = [r for r in rows if r["site"] in mine]
         return rows, {"month": month, "site": site or ""}
 
+    def my_centers(user: User, center: str | None) -> list[str | None]:
+        if center and not scope.may_center(user, center):
+            raise PermissionError(center)
+        if center or user.role == "operator":
+            return [center]
+        return list(user.centers)
+
     async def training_rows(req: Request, user: User) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         month, center = req.query_params.get("month") or None, req.query_params.get("center") or None
         if month:
             param_month(req)
-        if center and not scope.may_center(user, center):
-            raise PermissionError(center)
-        rows = shape.training_monthly(await read(lambda s: s.training_monthly(center, month)))
-        if user.role != "operator":
-            rows = [r for r in rows if r["center"] in user.centers]
+        rows: list[dict[str, Any]] = []
+        for c in my_centers(user, center):   # the `ccus report training-monthly` rows per center
+            rows += await read(lambda s, c=c: report_cli.training_monthly_rows(s, c, month, month))
         return rows, {"month": month or "", "center": center or ""}
 
     async def course_rows(req: Request, user: User) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        rows = shape.training_courses(await read(lambda s: s.training_courses()))
-        if user.role != "operator":
-            rows = [r for r in rows if r["center"] in user.centers]
-        return rows, {}
+        center = req.query_params.get("center") or None
+        rows: list[dict[str, Any]] = []
+        for c in my_centers(user, center):
+            rows += await read(lambda s, c=c: report_cli.training_course_rows(s, c))
+        return rows, {"center": center or ""}
 
     async def vending_rows(req: Request, user: User) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         month = req.query_params.get("month") or None

@@ -55,6 +55,8 @@ L: dict[str, tuple[str, str]] = {
     "onsite_now": ("現在入場中", "On site now"), "people": ("名", " people"),
     "denials_only": ("拒否のみ", "Denials only"), "detail": ("詳細", "Detail"),
     "seq": ("連番", "Seq"), "from": ("から", "from"), "to": ("まで", "to"),
+    "persons_unique": ("実人数（期間内の重複なし）", "Persons, each once"),
+    "cut_hour": ("日付の区切り（時）", "Day cut (hour)"),
     "machine": ("自販機", "Machine"), "per_machine": ("自販機別", "Per machine"),
 }
 

@@ -19,6 +19,7 @@ import pytest
 import uvicorn
 from sink_support import SITE, fresh_store, touch
 
+from cloud_sink import report_cli
 from cloud_sink.report_cli import COLUMNS
 from cloud_sink.reports import output, shape
 from cloud_sink.workday import jst_ms
@@ -29,8 +30,14 @@ from console.live import Bridge
 PASSWORD = "store-test-password"
 
 
+CENTER = "27200000000001"
+
+
 def day_touches() -> list:
     out, seq = [], 0
+    for who in range(1, 4):   # a training center: three persons, two courses
+        out.append(touch(100 + who, device="train-01", site=CENTER, role="training", who=who,
+                         ts=jst_ms(2026, 11, 20, 9, who), facts={"course": f"C{who % 2}"}))
     for who in range(1, 6):
         for day in (24, 25, 26):
             seq += 1
@@ -89,6 +96,15 @@ def test_sqlite_and_postgresql_pages_agree_with_the_report(tmp_path: Path, pg: s
             b = web.base  # type: ignore[attr-defined]
             grid = web.open(f"{b}/sites/{SITE}/work-history.csv?month=2026-11").read()
             days = web.open(f"{b}/days-worked.csv?month=2026-11&site={SITE}").read()
+            for page, argv in ((f"/training.csv?month=2026-11&center={CENTER}",
+                                ["training-monthly", "--month", "2026-11", "--site", CENTER]),
+                               ("/training-courses.csv", ["training-courses"])):
+                out = tmp_path / f"{kind}-{argv[0]}.csv"
+                assert report_cli.main(["report", *argv[:1], "--store", url, *argv[1:], "--out",
+                                        str(out)]) == 0
+                want = out.read_text(encoding="utf-8")
+                assert "C1" in want or "27200000000001" in want
+                assert web.open(b + page).read().decode("utf-8-sig") == want
         assert days.decode("utf-8-sig") == want_days
         text = grid.decode("utf-8-sig")
         assert len(rows) == 15 and text.count("-?") == 1          # the one missing exit
