@@ -429,19 +429,7 @@ def build_app(cfg: Config, bridge: Bridge) -> Starlette:
             return {"dead": s.dead_letters(50), "flagged": s.flagged(50), "gaps": gaps,
                     "counts": s.counts()}
         data = await read(gather)
-        lists = []
-        import cbor2
-        for topic, payload in sorted(bridge.manifest_snapshot().items()):
-            try:
-                doc = cbor2.loads(payload)
-            except Exception:  # an unreadable manifest is shown as such, not a crash
-                doc = None
-            doc = doc if isinstance(doc, dict) else {}
-            lists.append({"topic": topic, "name": doc.get("name", "?"),
-                          "version": doc.get("version", "?"), "records": doc.get("records", "?"),
-                          "issued": dt.datetime.fromtimestamp(doc["issued_ms"] / 1000, JST)
-                          .strftime("%Y-%m-%d %H:%M") if isinstance(doc.get("issued_ms"), int)
-                          else "?"})
+        lists = [views.manifest_row(t, p) for t, p in sorted(bridge.manifest_snapshot().items())]
         return render(req, "ops.html", user=user, lists=lists, local_time=local_time, **data)
 
     @contextlib.asynccontextmanager

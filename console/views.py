@@ -163,3 +163,29 @@ def fleet_rows_html(rows: list[Any], now_ms: int, lang: str) -> str:
             f"<td>{v(getattr(r, 'disk', None))}</td>"
             f'<td class="problems">{escape(", ".join(r.problems)) or ok}</td></tr>')
     return "\n".join(out)
+
+
+def manifest_row(topic: str, payload: bytes) -> dict[str, Any]:
+    """A retained ID-list manifest for the operations page: name, version, records, issued.
+    The manifest is a signed envelope {v, kid, sig, body}; the console shows its body without
+    verifying it (it holds no operator key; the devices verify), '?' for what it cannot read."""
+    import datetime as dt
+
+    import cbor2
+
+    from cloud_sink.workday import JST
+
+    doc: Any = None
+    try:
+        env = cbor2.loads(payload)
+        body = env.get("body") if isinstance(env, dict) else None
+        doc = cbor2.loads(body) if isinstance(body, bytes) else env
+    except Exception:  # any unreadable manifest is shown as '?', not a crash
+        doc = None
+    doc = doc if isinstance(doc, dict) else {}
+    issued = doc.get("issued_ms")
+    return {"topic": topic, "name": str(doc.get("name", "?")),
+            "version": doc.get("version", "?"), "records": doc.get("records", "?"),
+            "issued": dt.datetime.fromtimestamp(issued / 1000, JST).strftime("%Y-%m-%d %H:%M")
+            if isinstance(issued, int) and not isinstance(issued, bool) and 0 <= issued < 1 << 48
+            else "?"}

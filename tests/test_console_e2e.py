@@ -401,6 +401,8 @@ def test_the_session_cookie_is_secure_httponly_and_strict(site: Site, browser: A
     cookie = next(c for c in page.context.cookies() if c["name"] == "ccus_console")
     assert cookie["secure"] and cookie["httpOnly"] and cookie["sameSite"] == "Strict"
     page.goto(f"{site.url}/ops")
+    lists = page.locator("main table").first.inner_text()
+    assert "ccus-demo" in lists and "12" in lists   # the signed list the demo published, retained
     shot(site, page, "ops")
     page.goto(f"{site.url}/sites")
     shot(site, page, "sites")

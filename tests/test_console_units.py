@@ -234,3 +234,14 @@ def test_fleet_rows_escape_and_show_problems() -> None:
     assert html.count("<tr ") == 2 and "backlog 500" in html and "reader entry lost" in html
     assert "オフライン" in html and "badc" in html
     assert "<td>lost</td>" in html and "gate board lost" in html   # the board's health
+
+
+def test_manifest_rows_read_the_signed_envelope_or_say_what_they_cannot() -> None:
+    body = cbor2.dumps({"kind": "snapshot", "name": "ccus-demo", "version": 3,
+                        "issued_ms": jst_ms(2026, 11, 26, 6), "records": 12})
+    env = cbor2.dumps({"v": 1, "kid": b"k", "sig": b"s", "body": body})
+    row = views.manifest_row("ccus/v1/list/ccus-demo/snapshot/manifest", env)
+    assert (row["name"], row["version"], row["records"], row["issued"]) == (
+        "ccus-demo", 3, 12, "2026-11-26 06:00")
+    bad = views.manifest_row("t", b"\xff\x00")
+    assert (bad["name"], bad["version"], bad["issued"]) == ("?", "?", "?")
