@@ -49,7 +49,7 @@ L: dict[str, tuple[str, str]] = {
     "print": ("印刷", "Print"), "filter": ("絞り込み", "Filter"),
     "dead_letters": ("受信エラー", "Dead letters"), "gaps": ("連番の欠け", "Sequence gaps"),
     "flagged": ("時刻異常のタッチ", "Flagged touches"), "id_list": ("IDリスト", "ID list"),
-    "version": ("版", "Version"), "records": ("件数", "Records"), "age": ("経過", "Age"),
+    "version": ("版", "Version"), "records": ("件数", "Records"), "age": ("発行日時", "Issued"),
     "forbidden": ("この画面を表示する権限がありません", "You may not see this page"),
     "no_rows": ("データなし", "No data"), "waiting": ("タッチ待ち…", "Waiting for touches…"),
     "onsite_now": ("現在入場中", "On site now"), "people": ("名", " people"),
