@@ -130,14 +130,27 @@ def bars(labels: list[str], series: list[list[float]], *, height: float = 160.0,
             "labels": [(gap + i * (per + gap) + per / 2, lab) for i, lab in enumerate(labels)]}
 
 
+# (limit in seconds, divisor, ja unit, en unit): seconds under 2 min, minutes under 2 h, hours
+AGE_UNITS = ((120, 1, "秒", "s"), (7200, 60, "分", "m"), (None, 3600, "時間", "h"))
+
+
+def ago(ms: int | None, now_ms: int, lang: str = "ja") -> str:
+    """How long ago, in the fleet table's words: '45秒', '3分', '2時間' ('45s' in English)."""
+    if ms is None:
+        return "-"
+    s = max(0, (now_ms - ms) // 1000)
+    for limit, div, ja, en in AGE_UNITS:
+        if limit is None or s < limit:
+            return f"{s // div}{en if lang == 'en' else ja}"
+    return "-"
+
+
 def fleet_rows_html(rows: list[Any], now_ms: int, lang: str) -> str:
     """The fleet table's rows as HTML, built here rather than in Jinja2: a 1,000-device fleet
     is redrawn on every state change, and the template spent ~110 µs a row on calls and
     escaping (bench/bench_console.py). Every value goes through html.escape. Board health is
     the gate's `board` (ops.fleet.Row.gate); disk shows once ops.fleet.Row carries it."""
     from html import escape
-
-    from ops.fleet import _ago
 
     def t(key: str) -> str:
         return escape(i18n.t(key, lang))
@@ -156,9 +169,9 @@ def fleet_rows_html(rows: list[Any], now_ms: int, lang: str) -> str:
             f'<tr class="{"bad" if r.problems else "good"}" data-device="{escape(r.dev)}">'
             f"<td>{escape(r.site)}</td><td>{escape(r.dev)}</td><td>{v(r.role)}</td>"
             f'<td class="{"on" if r.online else "off"}">{on if r.online else off}</td>'
-            f'<td title="{seen}">{_ago(r.last_seen_ms, now_ms)}</td><td>{v(r.sw)}</td>'
+            f'<td title="{seen}">{ago(r.last_seen_ms, now_ms, lang)}</td><td>{v(r.sw)}</td>'
             f"<td>{v(r.cv)}</td><td>{v(r.lv)}</td><td>{v(r.backlog)}</td>"
-            f"<td>{_ago(r.oldest_ms, now_ms) if r.oldest_ms else '-'}</td><td>{readers}</td>"
+            f"<td>{ago(r.oldest_ms, now_ms, lang) if r.oldest_ms else '-'}</td><td>{readers}</td>"
             f"<td>{v((getattr(r, 'gate', None) or {}).get('board'))}</td><td>{v(r.tq)}</td>"
             f"<td>{v(getattr(r, 'disk', None))}</td>"
             f'<td class="problems">{escape(", ".join(r.problems)) or ok}</td></tr>')

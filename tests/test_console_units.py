@@ -245,3 +245,11 @@ def test_manifest_rows_read_the_signed_envelope_or_say_what_they_cannot() -> Non
         "ccus-demo", 3, 12, "2026-11-26 06:00")
     bad = views.manifest_row("t", b"\xff\x00")
     assert (bad["name"], bad["version"], bad["issued"]) == ("?", "?", "?")
+
+
+def test_ago_in_words() -> None:
+    now = 10_000_000
+    assert views.ago(None, now) == "-"
+    assert views.ago(now - 45_000, now) == "45秒" and views.ago(now - 45_000, now, "en") == "45s"
+    assert views.ago(now - 180_000, now) == "3分" and views.ago(now - 7_300_000, now) == "2時間"
+    assert views.ago(now + 5_000, now) == "0秒"     # a device clock ahead: not negative
