@@ -115,6 +115,9 @@ def _serve_checked(args: argparse.Namespace) -> int:
         open_store(args.store).close()   # a bad URL or an unreachable database: say so now
     except (ValueError, RuntimeError, OSError) as exc:
         raise ConsoleError(f"store {args.store}: {exc}") from None
+    from console.users import load
+
+    load(args.users)   # a missing or malformed users file: say so before anything starts
     secret = secret_of(Path(args.secret_file or f"{args.users}.secret"))
     cfg = Config(args.store, Path(args.users), secret, secure_cookies=not args.insecure_cookies)
     bridge = Bridge()
@@ -122,7 +125,7 @@ def _serve_checked(args: argparse.Namespace) -> int:
         opts = broker_opts(args)
         bridge.start(opts, args.client_id)
     except (ValueError, MqttError) as exc:
-        raise ConsoleError(f"broker: {exc}") from None
+        raise ConsoleError(str(exc) if "broker" in str(exc) else f"broker: {exc}") from None
     app = build_app(cfg, bridge)
     scheme = "https" if args.tls_cert else "http"
     print(f"ccus console on {scheme}://{host}:{port}/ (store {args.store}, broker {args.broker})",

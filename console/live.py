@@ -2,9 +2,10 @@
 stream, fanned out to the browsers' server-sent-event queues.
 
 Plain (non-shared) subscriptions: the console sees every touch without taking any from the
-sinks' $share group. Retained touches are ignored (the sink drops them too). paho's thread
-hands messages to asyncio queues with call_soon_threadsafe; a slow browser loses touches
-(its queue is bounded), never the broker connection.
+sinks' $share group. Retained touches are ignored (the sink drops them too); a touch sent
+again (same device and seq, until the sink acknowledges it) shows once. paho's thread hands
+messages to asyncio queues with call_soon_threadsafe; a slow browser loses touches (its queue
+is bounded), never the broker connection.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +26,7 @@ from protocol.touch import TouchError, decode
 
 log = logging.getLogger("ccus.console")
 QUEUE_MAX = 1000
+SEEN_MAX = 20_000   # (device, seq) remembered: a touch the agent sends again shows once
 MANIFESTS = f"{topics.LIST_ROOT}/+/snapshot/manifest"
 
 
@@ -45,6 +48,7 @@ class Bridge:
         self._listeners: set[Listener] = set()
         self.client: mqtt.Client | None = None
         self.touches_seen = 0
+        self._seen: OrderedDict[tuple[str, int], None] = OrderedDict()
 
     # -- input (paho's thread, or a test) --------------------------------------------------
     def feed(self, topic: str, payload: bytes, retain: bool = False) -> None:
@@ -73,6 +77,14 @@ class Bridge:
                 return  # the sink dead-letters it; the live page shows only what decodes
             if t.site != site:
                 return
+            key = (t.device, t.seq)
+            with self._lock:
+                # QoS 1 and the end-to-end ack resend a touch until the sink confirms it
+                if key in self._seen:
+                    return
+                self._seen[key] = None
+                if len(self._seen) > SEEN_MAX:
+                    self._seen.popitem(last=False)
             self.touches_seen += 1
             self._send(lambda lst: lst.site == site, ("touch", t))
 

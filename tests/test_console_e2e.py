@@ -171,6 +171,9 @@ def test_a_tap_shows_on_the_live_page_within_a_second(site: Site, browser: Any) 
             assert "未登録のカード" in row.inner_text()   # unknown_card, in words, in Japanese
         else:
             assert t.tid is not None and t.tid in row.inner_text()
+    site.run.wait_delivered()   # acknowledged by the sink: nothing is sent again after this
+    rows = page.eval_on_selector_all("#touches tr", "trs => trs.map(t => t.dataset.device + ':' + t.dataset.seq)")
+    assert len(rows) == len(set(rows)) == 2, rows   # a resent touch shows once
     print(f"live page: tap -> row {', '.join(f'{w * 1000:.0f} ms' for w in waits)}")
     assert max(waits) < 1.0
     # the denial is red: its computed colour differs from an allowed row's

@@ -204,6 +204,7 @@ def test_the_bridge_keeps_state_and_routes_touches_by_site() -> None:
         st_topic = topics.state(SITE, "gate-01")
         b.feed(st_topic, cbor2.dumps({"online": True}), retain=True)
         b.feed(topics.touch(SITE, "gate-01"), encode(touch(1)))
+        b.feed(topics.touch(SITE, "gate-01"), encode(touch(1)))                 # sent again: once
         b.feed(topics.touch(SITE, "gate-01"), encode(touch(2)), retain=True)   # ignored
         b.feed(topics.touch(SITE, "gate-01"), b"\xff garbage")                  # ignored
         b.feed(topics.touch("13100000000002", "gate-01"), encode(touch(3)))    # site mismatch
