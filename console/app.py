@@ -287,7 +287,8 @@ def build_app(cfg: Config, bridge: Bridge) -> Starlette:
                 if denials and t.decision.value != "deny":
                     continue
                 yield sse("touch", tmpl.render(t=lambda k: i18n.t(k, lang), lang=lang,
-                                               reason_words=i18n.reason, r=views.touch_row(t)))
+                                               reason_words=i18n.reason,
+                                               passage_words=i18n.passage, r=views.touch_row(t)))
         return sse_response(stream, site)
 
     @page("onsite")

@@ -60,6 +60,15 @@ L: dict[str, tuple[str, str]] = {
     "machine": ("自販機", "Machine"), "per_machine": ("自販機別", "Per machine"),
 }
 
+# a gate's passage (edge/roles/gate.py): pending on the tap, then a follow-up with the outcome
+PASSAGE: dict[str, tuple[str, str]] = {
+    "pending": ("通過待ち", "passage pending"),
+    "passed": ("通過", "passed"),
+    "not_passed": ("通過せず", "did not pass"),
+    "unconfirmed": ("通過未確認", "passage unconfirmed"),
+    "not_actuated": ("開扉せず", "gate not opened"),
+}
+
 # decision reasons in words (protocol/reasons.py codes)
 REASONS: dict[str, tuple[str, str]] = {
     "ok": ("OK", "ok"),
@@ -94,6 +103,11 @@ def t(key: str, lang: str) -> str:
 
 def reason(code: str, lang: str) -> str:
     pair = REASONS.get(code)
+    return code if pair is None else pair[1 if lang == "en" else 0]
+
+
+def passage(code: str, lang: str) -> str:
+    pair = PASSAGE.get(code)
     return code if pair is None else pair[1 if lang == "en" else 0]
 
 

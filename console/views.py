@@ -90,7 +90,9 @@ def touch_row(t: Touch) -> dict[str, Any]:
             "device": t.device, "site": t.site, "role": t.role.value,
             "direction": str(t.facts.get("dir", "")), "technician": t.tid or "",
             "card": t.card.hex(), "decision": t.decision.value, "reason": t.reason.value,
-            "seq": t.seq, "result": str(t.facts.get("result", ""))}
+            "seq": t.seq, "result": str(t.facts.get("result", "")),
+            # a gate's passage: `pending` on the tap, the outcome on a follow-up naming its tap
+            "passage": str(t.facts.get("passage", "")), "tap": t.facts.get("tap")}
 
 
 @dataclass(frozen=True)

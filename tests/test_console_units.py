@@ -182,6 +182,9 @@ def test_i18n() -> None:
     assert i18n.fmt_date("garbage", "ja") == "garbage"
     assert i18n.reason("unknown_card", "ja") == "未登録のカード"
     assert i18n.reason("no_such", "ja") == "no_such"
+    assert i18n.passage("passed", "ja") == "通過" and i18n.passage("x", "en") == "x"
+    row = views.touch_row(touch(5, facts={"passage": "passed", "tap": 4}))
+    assert (row["passage"], row["tap"], row["direction"]) == ("passed", 4, "in")
     assert i18n.t("fleet", "en") == "Fleet" and i18n.t("fleet", "ja") == "端末一覧"
 
 
