@@ -15,6 +15,8 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
+from operator import methodcaller
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -358,14 +360,14 @@ def build_app(cfg: Config, bridge: Bridge) -> Starlette:
             param_month(req)
         rows: list[dict[str, Any]] = []
         for c in my_centers(user, center):   # the `ccus report training-monthly` rows per center
-            rows += await read(lambda s, c=c: report_cli.training_monthly_rows(s, c, month, month))
+            rows += await read(partial(report_cli.training_monthly_rows, site=c, first=month, last=month))
         return rows, {"month": month or "", "center": center or ""}
 
     async def course_rows(req: Request, user: User) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         center = req.query_params.get("center") or None
         rows: list[dict[str, Any]] = []
         for c in my_centers(user, center):
-            rows += await read(lambda s, c=c: report_cli.training_course_rows(s, c))
+            rows += await read(partial(report_cli.training_course_rows, site=c))
         return rows, {"center": center or ""}
 
     async def vending_rows(req: Request, user: User) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -378,7 +380,7 @@ def build_app(cfg: Config, bridge: Bridge) -> Starlette:
         wanted = [contractor] if contractor or user.role == "operator" else list(user.contractors)
         ledger = []
         for c in wanted:
-            ledger += await read(lambda s, c=c: s.vending_ledger(month, c))
+            ledger += await read(methodcaller("vending_ledger", month, c))
         machines = req.query_params.get("machines") == "1"
         rows = shape.vending_machines(ledger) if machines else shape.vending_billing(ledger)
         return rows, {"month": month or "", "contractor": contractor or "",

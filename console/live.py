@@ -117,7 +117,7 @@ class Bridge:
     def start(self, opts: BrokerOpts, client_id: str = "") -> None:
         filters = [(topics.every(topics.STATE), 1), (topics.ALL_TOUCHES, 0), (MANIFESTS, 1)]
         self.client = connect(opts, client_id,
-                              on_message=lambda m: self.feed(m.topic, m.payload, bool(m.retain)))
+                              on_message=lambda m: self.feed(m.topic, bytes(m.payload), bool(m.retain)))
         sub = self.client.subscribe(filters)
 
         def resubscribe(c: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
