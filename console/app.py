@@ -300,6 +300,11 @@ def build_app(cfg: Config, bridge: Bridge) -> Starlette:
         dt.date.fromisoformat(day)
         days = await read(lambda s: s.work_history(site, day[:7]))
         people = views.on_site(days, site, day)
+        # names and employers from the registry `ccus sink employers import` fills, if any
+        known = {t.tid: t for t in await read(lambda s: s.technicians())}
+        for p in people:
+            t = known.get(p["technician"])
+            p["name"], p["employer"] = (t.name, t.employer) if t else ("", "")
         return render(req, "onsite.html", user=user, site=site, day=day, people=people,
                       now=dt.datetime.now(JST).strftime("%H:%M"))
 

@@ -20,6 +20,7 @@ import uvicorn
 from sink_support import SITE, fresh_store, touch
 
 from cloud_sink import report_cli
+from cloud_sink.registry import Technician
 from cloud_sink.report_cli import COLUMNS
 from cloud_sink.reports import output, shape
 from cloud_sink.workday import jst_ms
@@ -87,6 +88,7 @@ def test_sqlite_and_postgresql_pages_agree_with_the_report(tmp_path: Path, pg: s
     for kind in ("sqlite", "postgresql"):
         with fresh_store(kind, tmp_path, pg) as store:
             store.ingest(day_touches(), now_ms=jst_ms(2026, 11, 30, 12))
+            store.import_technicians([Technician("10000000000003", "20000000000009", "山田 太郎")])
             url = store.url
             want_days = output.to_csv(shape.days_worked(store.days_worked(SITE, "2026-11")),
                                       COLUMNS["days-worked"])
@@ -96,6 +98,9 @@ def test_sqlite_and_postgresql_pages_agree_with_the_report(tmp_path: Path, pg: s
             b = web.base  # type: ignore[attr-defined]
             grid = web.open(f"{b}/sites/{SITE}/work-history.csv?month=2026-11").read()
             days = web.open(f"{b}/days-worked.csv?month=2026-11&site={SITE}").read()
+            # on site at the end of the 26th: technician 3 (no exit), by name and employer
+            onsite = web.open(f"{b}/sites/{SITE}/onsite?day=2026-11-26").read().decode()
+            assert 'id="count">1<' in onsite and "山田 太郎" in onsite and "20000000000009" in onsite
             for page, argv in ((f"/training.csv?month=2026-11&center={CENTER}",
                                 ["training-monthly", "--month", "2026-11", "--site", CENTER]),
                                ("/training-courses.csv", ["training-courses"])):
