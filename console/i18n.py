@@ -58,7 +58,7 @@ L: dict[str, tuple[str, str]] = {
     "persons_unique": ("実人数（期間内の重複なし）", "Persons, each once"),
     "cut_hour": ("日付の区切り（時）", "Day cut (hour)"),
     "machine": ("自販機", "Machine"), "employer": ("所属事業者", "Employer"),
-    "per_machine": ("自販機別", "Per machine"),
+    "per_machine": ("自販機別", "Per machine"), "person_name": ("氏名", "Name"),
 }
 
 # a gate's passage (edge/roles/gate.py): pending on the tap, then a follow-up with the outcome
