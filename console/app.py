@@ -101,7 +101,7 @@ def build_app(cfg: Config, bridge: Bridge) -> Starlette:
 
     def store() -> Store:
         if local.store is None:
-            local.store = open_store(cfg.store_url)
+            local.store = open_store(cfg.store_url, create=False)   # the console only reads
             opened.append(local.store)
         return local.store
 

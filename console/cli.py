@@ -112,7 +112,7 @@ def _serve_checked(args: argparse.Namespace) -> int:
     from ops.mqttc import MqttError, broker_opts
 
     try:
-        open_store(args.store).close()   # a bad URL or an unreachable database: say so now
+        open_store(args.store, create=False).close()   # a typo or an unreachable database: say so now
     except (ValueError, RuntimeError, OSError) as exc:
         raise ConsoleError(f"store {args.store}: {exc}") from None
     from console.users import load

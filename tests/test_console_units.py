@@ -257,3 +257,23 @@ def test_ago_in_words() -> None:
     assert views.ago(now - 45_000, now) == "45秒" and views.ago(now - 45_000, now, "en") == "45s"
     assert views.ago(now - 180_000, now) == "3分" and views.ago(now - 7_300_000, now) == "2時間"
     assert views.ago(now + 5_000, now) == "0秒"     # a device clock ahead: not negative
+
+
+def test_console_refuses_a_missing_store_or_users_file_in_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from cloud_sink.store import open_store
+
+    users.save(tmp_path / "u.toml", {"op": users.User("op", "operator", "h")})
+    open_store(tmp_path / "real.sqlite").close()
+    for store, extra, says in (
+            ("typo.sqlite", ["--users", str(tmp_path / "u.toml")], "no store at"),
+            ("real.sqlite", ["--users", str(tmp_path / "none.toml")], "no users file"),
+            ("real.sqlite", ["--users", str(tmp_path / "u.toml")], "connection refused")):
+        out = subprocess.run([sys.executable, "-m", "ccus.cli", "console", "--store",
+                              str(tmp_path / store), *extra, "--broker", "127.0.0.1:1"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and says in out.stderr and "Traceback" not in out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "typo.sqlite").exists()    # a typo never becomes an empty store
