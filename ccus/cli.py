@@ -64,6 +64,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
               "sim.board.cli:register"),
     "vmc": ("a vending machine controller (MDB master) simulator", "sim.vmc_cli:register"),
     "broker": ("run a private development broker in the foreground", "ccus.cli:_register_broker"),
+    "console": ("the operator's web console (fleet, live touches, reports)", "console.cli:register"),
 }
 
 # Commands that are services: they log what they do at INFO even without -v.
@@ -177,6 +178,8 @@ def _stop_on_signal() -> threading.Event:
 def _register_demo(sub: Any) -> None:
     demo = sub.add_parser("demo", help=COMMANDS["demo"][0])
     demo.add_argument("--data", default="demo-data", help="demo data folder (recreated each run)")
+    demo.add_argument("--console", action="store_true",
+                      help="then keep it up with the web console on it until Ctrl-C")
     demo.set_defaults(func=_demo)
 
 
@@ -199,7 +202,10 @@ def _register_broker(sub: Any) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from demo.site_day import run_demo
 
-    return run_demo(args.data)
+    keep = None
+    if args.console:
+        from console.demo import serve as keep
+    return run_demo(args.data, keep)
 
 
 def _agent(args: argparse.Namespace) -> int:

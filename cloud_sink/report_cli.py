@@ -162,16 +162,22 @@ def _days_worked(args: argparse.Namespace, store: Store) -> int:
     return 0
 
 
-def _training_monthly(args: argparse.Namespace, store: Store) -> int:
-    first, last = (args.month, args.month) if args.month else (args.first, args.last)
+def training_monthly_rows(store: Store, site: str | None, first: str | None,
+                          last: str | None) -> list[dict[str, Any]]:
+    """The training-monthly table (also the console's): months first..last of one center or all."""
     for m in (first, last):
         if m:
             month_bounds(m)
-    months = [r for r in store.training_monthly(args.site)
+    months = [r for r in store.training_monthly(site)
               if (not first or r.month >= first) and (not last or r.month <= last)]
-    centers = {r.site for r in months} | ({args.site} if args.site else set())
+    centers = {r.site for r in months} | ({site} if site else set())
     unique = {c: store.training_persons(c, first, last) for c in centers}
-    rows = shape.training_monthly_table(months, unique, first, last)
+    return shape.training_monthly_table(months, unique, first, last)
+
+
+def _training_monthly(args: argparse.Namespace, store: Store) -> int:
+    first, last = (args.month, args.month) if args.month else (args.first, args.last)
+    rows = training_monthly_rows(store, args.site, first, last)
     _emit(args, "training-monthly", rows, center=args.site, first=first, last=last)
     if args.png:
         from cloud_sink.reports.charts import training_bars
@@ -180,16 +186,22 @@ def _training_monthly(args: argparse.Namespace, store: Store) -> int:
     return 0
 
 
-def _training_courses(args: argparse.Namespace, store: Store) -> int:
-    stats = store.training_courses(args.site)
+def training_course_rows(store: Store, site: str | None,
+                         fold: int | None = None) -> list[dict[str, Any]]:
+    """The training-courses table (also the console's): one center's courses, or all."""
+    stats = store.training_courses(site)
     unique = {c: store.training_persons(c, with_course=True) for c in {s.center or "" for s in stats}}
     centers = set(unique)
-    if args.fold is not None:
-        folds = dict.fromkeys(centers, args.fold)
+    if fold is not None:
+        folds = dict.fromkeys(centers, fold)
     else:   # each center's own N, from its latest registry row
         latest = {r.site: r for r in store.sites()}
         folds = {c: f for c in centers if c in latest and (f := latest[c].fold_persons) is not None}
-    rows = shape.training_course_table(stats, folds, unique)
+    return shape.training_course_table(stats, folds, unique)
+
+
+def _training_courses(args: argparse.Namespace, store: Store) -> int:
+    rows = training_course_rows(store, args.site, args.fold)
     _emit(args, "training-courses", rows, center=args.site, fold=args.fold)
     if args.png:
         from cloud_sink.reports.charts import course_bars

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -353,7 +354,8 @@ class DemoRun:
             self.broker.close()
 
 
-def run_demo(data_dir: str | Path) -> int:
+def run_demo(data_dir: str | Path, keep: Callable[[DemoRun], None] | None = None) -> int:
+    """keep: called with the running demo after the last tap (`--console` serves on it)."""
     from cloud_sink.cli import format_work_history
 
     started = time.monotonic()
@@ -387,6 +389,8 @@ def run_demo(data_dir: str | Path) -> int:
         totals = run.counts()
         vend = run.agents[VEND_DEVICE].plugin
         drinks = vend.billable() if isinstance(vend, VendingRole) else []
+        if keep is not None:
+            keep(run)
     finally:
         run.stop()
     store = SqliteStore(run.store_path)

@@ -18,6 +18,15 @@ if ! [ -x /usr/sbin/pcscd ] || ! dpkg -s vsmartcard-vpcd >/dev/null 2>&1; then
         pcscd vsmartcard-vpcd >/dev/null
 fi
 
+# the console's browser tests drive Debian's chromium through Playwright (Playwright's own
+# browser download is never used: `playwright install` needs a network this CI lacks)
+if ! [ -x /usr/bin/chromium ]; then
+    say "installing Debian's chromium (the console's browser tests)"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        chromium >/dev/null
+fi
+
 if ! command -v pg_ctlcluster >/dev/null 2>&1; then
     say "installing Debian's postgresql (the tests' production store backend)"
     as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq

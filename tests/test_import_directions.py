@@ -22,6 +22,7 @@ ALLOWED: dict[str, set[str] | str] = {
     "cloud_sink": {"protocol"},                 # from the device side only the wire contract
     "ops": {"edge", "protocol", "broker"},
     "sim": {"protocol", "firmware", "edge"},
+    "console": {"cloud_sink", "ops", "protocol"},   # the web console reads the store and MQTT
     "demo": ANY,
     "ccus": ANY,                                # the command, lazily
 }
