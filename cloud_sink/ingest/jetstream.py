@@ -183,7 +183,7 @@ class JetStreamSink:
                     await js.add_stream(stream)
                 psub = await js.pull_subscribe(topics.ALL_TOUCH_SUBJECTS, durable=self.group,
                                                stream=topics.TOUCH_STREAM, config=consumer)
-            except (nats.errors.Error, asyncio.TimeoutError) as exc:
+            except (TimeoutError, nats.errors.Error) as exc:
                 log.warning("sink: JetStream not ready (%s); retrying", exc)
                 await asyncio.sleep(0.5)
         if psub is None:
@@ -198,7 +198,7 @@ class JetStreamSink:
                     msgs = await psub.fetch(self.batch_max, timeout=0.5)
                 except nats.errors.TimeoutError:
                     continue
-                except (nats.errors.Error, asyncio.TimeoutError) as exc:
+                except (TimeoutError, nats.errors.Error) as exc:
                     log.warning("sink: fetch failed (%s); retrying", exc)
                     await asyncio.sleep(0.2)
                     continue
