@@ -203,3 +203,67 @@ def test_kill_9_of_a_nats_node_under_load_loses_and_doubles_nothing(
         sink.stop()
         store.close()
 
+
+
+def _consumer_state(c: NatsCluster, durable: str) -> tuple[int, int]:
+    """(touches not yet delivered, delivered but not acked) of the sinks' durable consumer."""
+    import nats
+
+    async def ask() -> tuple[int, int]:
+        nc = await nats.connect(servers=c.urls)
+        try:
+            info = await nc.jetstream().consumer_info(topics.TOUCH_STREAM, durable)
+            return int(info.num_pending or 0), int(info.num_ack_pending or 0)
+        finally:
+            await nc.close()
+    return asyncio.run(ask())
+
+
+@pytest.mark.e2e
+def test_two_sinks_one_from_the_cli_share_the_durable_consumer_and_ack_everything(
+        cluster: NatsCluster, tmp_path: Path) -> None:
+    db = tmp_path / "store.sqlite"
+    store = open_store(db)
+    inproc = JetStreamSink(store, cluster.urls[:1], client_id="sink-1")
+    inproc.start()
+    ready = tmp_path / "ready"
+    cli = subprocess.Popen([sys.executable, "-m", "ccus.cli", "sink", "run", "--store", str(db),
+                            "--nats", ",".join(cluster.urls[1:]), "--client-id", "sink-2",
+                            "--batch", "20", "--ready-file", str(ready)], cwd=ROOT,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        assert inproc.subscribed.wait(20), inproc.error
+        wait_until(lambda: ready.exists() or cli.poll() is not None, 30, "the CLI sink subscribed")
+        assert cli.poll() is None
+        devs = [Device311(f"gate-{i}", cluster.mqtt_ports, first=i) for i in range(3)]
+        for d in devs:
+            d.connect()
+        for _ in range(200):
+            for d in devs:
+                d.tap()
+            time.sleep(0.005)
+        def tended() -> bool:  # a device replays when its ack stalls (two sinks: each sees half)
+            for d in devs:
+                d.tend()
+            return all(d.acked == 200 for d in devs)
+        done = poll_until(tended, 30)
+        assert done, (f"acked {[(d.acked, d.pending, d.replays) for d in devs]}; stored "
+                      f"{ {k: len(v) for k, v in _seqs(db).items()} }, in-process sink "
+                      f"{inproc.totals}, CLI sink alive {cli.poll() is None}")
+        assert _seqs(db) == {d.name: list(range(1, 201)) for d in devs}
+        assert 0 < inproc.totals.stored < 600       # the CLI sink took its share
+        assert _consumer_state(cluster, "sink") == (0, 0)   # nothing left unacked in JetStream
+        for d in devs:
+            d.close()
+    finally:
+        cli.terminate()
+        _, err = cli.communicate(timeout=20)
+        inproc.stop()
+        store.close()
+    assert cli.returncode == 0, err
+    assert "stopped:" in err and "stored" in err
+
+
+def test_sink_run_refuses_an_empty_nats_list(tmp_path: Path) -> None:
+    r = _ccus("sink", "run", "--store", str(tmp_path / "s.sqlite"), "--nats", ",")
+    assert r.returncode == 2 and "--nats needs at least one URL" in r.stderr
