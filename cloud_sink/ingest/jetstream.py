@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from cloud_sink.errors import SinkError
 from cloud_sink.ingest.pipe import frame, read_frame
 from cloud_sink.model import BATCH_MAX, IngestResult, Policy
 from protocol import topics
@@ -48,7 +49,7 @@ STREAM_MAX_AGE_S = 7 * 86400
 STREAM_MAX_BYTES = 1 << 30
 
 
-class JetStreamSinkError(RuntimeError):
+class JetStreamSinkError(SinkError, RuntimeError):
     pass
 
 
@@ -164,9 +165,20 @@ class JetStreamSink:
             StreamConfig,
         )
 
+        async def on_error(exc: Exception) -> None:  # a node down is expected: one line, no trace
+            log.warning("sink: NATS: %s", exc or type(exc).__name__)
+
+        async def on_disconnected() -> None:
+            log.warning("sink: NATS connection lost; reconnecting to another node")
+
+        async def on_reconnected() -> None:
+            log.info("sink: NATS connected to %s", nc.connected_url.netloc if nc.connected_url else "?")
+
         nc = await nats.connect(servers=self.servers, name=self.client_id,
                                 max_reconnect_attempts=-1, reconnect_time_wait=0.25,
-                                connect_timeout=2, ping_interval=2, max_outstanding_pings=2)
+                                connect_timeout=2, ping_interval=2, max_outstanding_pings=2,
+                                error_cb=on_error, disconnected_cb=on_disconnected,
+                                reconnected_cb=on_reconnected)
         js = nc.jetstream(timeout=5)
         stream = StreamConfig(name=topics.TOUCH_STREAM, subjects=[topics.ALL_TOUCH_SUBJECTS],
                               retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
@@ -199,7 +211,7 @@ class JetStreamSink:
                 except nats.errors.TimeoutError:
                     continue
                 except (TimeoutError, nats.errors.Error) as exc:
-                    log.warning("sink: fetch failed (%s); retrying", exc)
+                    log.warning("sink: fetch failed (%s); retrying", exc or type(exc).__name__)
                     await asyncio.sleep(0.2)
                     continue
                 if msgs:
