@@ -222,7 +222,9 @@ class JetStreamSink:
 
     async def _store(self, nc: Any, msgs: list[Any]) -> None:
         items = [(topics.mqtt_topic(m.subject), m.data) for m in msgs]
-        _, counts, acks, gaps_opened = await asyncio.to_thread(self._writer.call, items)
+        # (batch_id, counts, acks, gaps_opened[, extra]): extra (dead-letter reasons, open
+        # gaps) feeds the MQTT sink's metrics, not wired here yet
+        _, counts, acks, gaps_opened, *_extra = await asyncio.to_thread(self._writer.call, items)
         # committed: now JetStream may forget them, and the devices may too
         for m in msgs:
             with contextlib.suppress(Exception):  # lost ack: redelivered, stored as a repeat
