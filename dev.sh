@@ -78,7 +78,7 @@ setup_python() {
         fi
         say "installing Python packages into .venv"
         .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-        if ! .venv/bin/python -m pip install -q -e ".[test,sink,ops,pcsc,metrics,console]" >.venv/pip.log 2>&1; then
+        if ! .venv/bin/python -m pip install -q -e ".[test,sink,ops,pcsc,metrics,console,cluster]" >.venv/pip.log 2>&1; then
             cat .venv/pip.log >&2
             die "installing the Python packages failed (log above, also in .venv/pip.log)"
         fi

@@ -65,6 +65,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "vmc": ("a vending machine controller (MDB master) simulator", "sim.vmc_cli:register"),
     "broker": ("run a private development broker in the foreground", "ccus.cli:_register_broker"),
     "console": ("the operator's web console (fleet, live touches, reports)", "console.cli:register"),
+    "cluster": ("a local 3-node NATS cluster (JetStream R3, MQTT) on loopback",
+                "broker.cluster_cli:register"),
 }
 
 # Commands that are services: they log what they do at INFO even without -v.

@@ -51,7 +51,11 @@ def register(sub: Sub) -> None:  # type: ignore[valid-type]
     run = s.add_parser("run", help="subscribe to all touches and store them")
     add_store_args(run, policy=True)
     run.add_argument("--broker", default="127.0.0.1:1883", metavar="HOST:PORT")
-    run.add_argument("--group", default="sink", help="shared-subscription group (default: sink)")
+    run.add_argument("--nats", metavar="URL[,URL...]",
+                     help="consume from the NATS cluster tier (JetStream pull consumer) instead of "
+                          "--broker: nats://HOST:PORT of one or more nodes")
+    run.add_argument("--group", default="sink",
+                     help="shared-subscription group; with --nats the durable consumer (default: sink)")
     run.add_argument("--client-id", default="sink-1", help="MQTT client id, unique per process")
     run.add_argument("--batch", type=int, default=BATCH_MAX,
                      help=f"touches per transaction at most (default {BATCH_MAX})")
@@ -177,21 +181,44 @@ def _run(args: argparse.Namespace) -> int:
             print("ccus sink run: --ca, --cert and --key go together", file=sys.stderr)
             return 2
         tls = TlsFiles(args.ca, args.cert, args.key)
-    metrics = None
-    if listen is not None:
-        metrics = SinkMetrics()
+    sink: Any
+    metrics = None  # not wired to the JetStream sink yet (docs/operations.md, National layout)
+    if args.nats:
         try:
-            where = metrics.serve(*listen)
-            logging.getLogger("ccus.sink").info("metrics at http://%s:%d/metrics", *where)
-        except MetricsError as exc:
-            if args.metrics:  # asked for: a fault
-                store.close()
-                raise
-            # the default port, taken (a second sink on this host): run, say so once
-            logging.getLogger("ccus.sink").warning("%s; running without metrics", exc)
-            metrics = None
-    sink = Sink(store, host or "127.0.0.1", int(port), group=args.group,  # type: ignore[arg-type]
-                client_id=args.client_id, batch_max=args.batch, tls=tls, metrics=metrics)
+            from cloud_sink.ingest.jetstream import JetStreamSink, JetStreamSinkError, parse_servers
+        except ImportError:
+            print("ccus sink run --nats: nats-py is missing: pip install -e '.[cluster]'",
+                  file=sys.stderr)
+            store.close()
+            return 2
+        if tls:
+            print("ccus sink run: --nats has no TLS yet (docs/operations.md, National layout)",
+                  file=sys.stderr)
+            store.close()
+            return 2
+        try:
+            servers = parse_servers(args.nats)
+        except JetStreamSinkError as exc:
+            print(f"ccus sink run: {exc}", file=sys.stderr)
+            store.close()
+            return 2
+        sink = JetStreamSink(store, servers, group=args.group, client_id=args.client_id,
+                             batch_max=args.batch)
+    else:
+        if listen is not None:
+            metrics = SinkMetrics()
+            try:
+                where = metrics.serve(*listen)
+                logging.getLogger("ccus.sink").info("metrics at http://%s:%d/metrics", *where)
+            except MetricsError as exc:
+                if args.metrics:  # asked for: a fault
+                    store.close()
+                    raise
+                # the default port, taken (a second sink on this host): run, say so once
+                logging.getLogger("ccus.sink").warning("%s; running without metrics", exc)
+                metrics = None
+        sink = Sink(store, host or "127.0.0.1", int(port), group=args.group,  # type: ignore[arg-type]
+                    client_id=args.client_id, batch_max=args.batch, tls=tls, metrics=metrics)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())

@@ -117,3 +117,21 @@ def list_delta(name: str, from_version: int, to_version: int, count: int = 1, in
 
 
 ALL_LISTS = f"{LIST_ROOT}/#"
+
+
+# The NATS cluster tier (docs/operations.md "National layout"): NATS's MQTT gateway carries an
+# MQTT topic as the NATS subject with '/' -> '.', and a filter's '+' -> '*', '#' -> '>'. Our
+# levels never hold '.', '*', '>' or spaces (site and device IDs, fixed kinds), so the mapping
+# is one to one on the topic tree.
+def nats_subject(topic: str) -> str:
+    """The NATS subject of an MQTT topic or filter of the tree."""
+    return ".".join("*" if lv == "+" else ">" if lv == "#" else lv for lv in topic.split("/"))
+
+
+def mqtt_topic(subject: str) -> str:
+    """The MQTT topic of a NATS subject (the inverse of nats_subject on topics)."""
+    return subject.replace(".", "/")
+
+
+ALL_TOUCH_SUBJECTS = nats_subject(ALL_TOUCHES)   # ccus.v1.*.*.touch
+TOUCH_STREAM = "CCUS_TOUCHES"                    # the JetStream stream that keeps them (R3)

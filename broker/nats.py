@@ -1,0 +1,219 @@
+"""A local 3-node NATS cluster with JetStream and the MQTT gateway, on free loopback ports.
+
+Rules of this file:
+
+- The cloud tier's opt-in layout (docs/operations.md "National layout"): the single-machine
+  default (one Mosquitto, broker/launcher.py) is not touched by anything here.
+- One folder holds everything: a config, a log and a JetStream store per node, and
+  ``cluster.json`` (names, ports, pids), so ``ccus cluster down --dir DIR`` from another
+  process finds what ``ccus cluster up --dir DIR`` started. A pid is signalled only while
+  /proc says it is still a nats-server on that node's config (a reused pid is left alone).
+- Nodes are Debian's ``nats-server`` (2.9 here); a newer build is used when ``CCUS_NATS_SERVER``
+  names it. Never the system one's ports: every port is a free loopback one.
+- Streams are not created here: the sink creates the touch stream it consumes (it knows the
+  topic tree; broker/ imports nothing of ours). Touches published before that are replayed by
+  the devices, which forget a touch only on the end-to-end acknowledgement.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from broker.launcher import TEMPLATES, BrokerError, free_port
+from broker.procs import stop_process
+
+SEARCH = ("/usr/sbin/nats-server", "/usr/local/bin/nats-server", "/usr/bin/nats-server")
+STATE = "cluster.json"
+NODES = 3
+
+
+def find_nats_server() -> str:
+    path = (os.environ.get("CCUS_NATS_SERVER") or shutil.which("nats-server")
+            or next((p for p in SEARCH if Path(p).exists()), None))
+    if not path:
+        raise BrokerError("nats-server is not installed: 'sudo apt-get install nats-server' "
+                          "(or set CCUS_NATS_SERVER to a nats-server binary)")
+    return path
+
+
+@dataclass
+class Node:
+    name: str
+    client_port: int
+    route_port: int
+    mqtt_port: int
+    http_port: int
+    pid: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.client_port}"
+
+
+def render_node(node: Node, peers: list[Node], folder: Path) -> str:
+    """The config text of one node (pure but for reading the template)."""
+    routes = ",\n".join(f"        nats-route://127.0.0.1:{p.route_port}" for p in peers
+                        if p.name != node.name)
+    text = (TEMPLATES / "nats-node.conf").read_text()
+    return text.format(name=node.name, client_port=node.client_port, http_port=node.http_port,
+                       route_port=node.route_port, mqtt_port=node.mqtt_port, routes=routes,
+                       store_dir=folder / node.name / "js", log_file=folder / node.name / "nats.log")
+
+
+def _distinct_ports(n: int) -> list[int]:
+    ports: set[int] = set()
+    while len(ports) < n:
+        ports.add(free_port())
+    return sorted(ports)
+
+
+class NatsCluster:
+    """``with NatsCluster(folder) as c: c.urls, c.mqtt_ports; c.kill(1); c.start_node(1)``."""
+
+    def __init__(self, folder: str | Path, nodes: int = NODES) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        state = self.folder / STATE
+        if state.exists():  # the same folder again: same ports, same JetStream data
+            self.nodes = [Node(**n) for n in json.loads(state.read_text())["nodes"]]
+        else:
+            ports = _distinct_ports(4 * nodes)
+            self.nodes = [Node(f"n{i + 1}", *ports[4 * i:4 * i + 4]) for i in range(nodes)]
+
+    @property
+    def urls(self) -> list[str]:
+        return [n.url for n in self.nodes]
+
+    @property
+    def mqtt_ports(self) -> list[int]:
+        return [n.mqtt_port for n in self.nodes]
+
+    def conf_path(self, node: Node) -> Path:
+        return self.folder / node.name / "nats.conf"
+
+    def write_configs(self) -> None:
+        for node in self.nodes:
+            (self.folder / node.name / "js").mkdir(parents=True, exist_ok=True)
+            self.conf_path(node).write_text(render_node(node, self.nodes, self.folder))
+
+    def _save(self) -> None:
+        (self.folder / STATE).write_text(json.dumps({"nodes": [asdict(n) for n in self.nodes]},
+                                                    indent=1) + "\n")
+
+    def start(self, timeout: float = 30.0, *, detach: bool = False) -> "NatsCluster":
+        """Every node, then wait until each answers /healthz (JetStream current)."""
+        self.write_configs()
+        for node in self.nodes:
+            self.start_node(node.name, wait=False, detach=detach)
+        self.wait_healthy(timeout)
+        return self
+
+    def start_node(self, name: str, *, wait: bool = True, detach: bool = False,
+                   timeout: float = 30.0) -> None:
+        node = self.node(name)
+        # detach: `ccus cluster up` returns and the nodes keep running in their own session
+        proc = subprocess.Popen([find_nats_server(), "-c", str(self.conf_path(node))],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=detach)
+        self.procs[name] = proc
+        node.pid = proc.pid
+        self._save()
+        if wait:
+            self.wait_healthy(timeout, [node])
+
+    def node(self, name: str) -> Node:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise BrokerError(f"no node {name!r} in {self.folder / STATE}")
+
+    def healthy(self, node: Node) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{node.http_port}/healthz",
+                                        timeout=1) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_healthy(self, timeout: float, nodes: list[Node] | None = None) -> None:
+        deadline = time.monotonic() + timeout
+        for node in nodes or self.nodes:
+            while not self.healthy(node):
+                proc = self.procs.get(node.name)
+                if proc is not None and proc.poll() is not None:
+                    raise BrokerError(f"nats-server {node.name} exited ({proc.returncode}): "
+                                      f"{self._log_tail(node)}")
+                if time.monotonic() > deadline:
+                    raise BrokerError(f"nats-server {node.name} not healthy within {timeout:.0f}s "
+                                      f"(log {self.folder / node.name / 'nats.log'})")
+                time.sleep(0.1)
+
+    def _log_tail(self, node: Node) -> str:
+        try:
+            return (self.folder / node.name / "nats.log").read_text()[-400:]
+        except OSError:
+            return ""
+
+    def kill(self, name: str) -> None:
+        """kill -9 one node: no clean shutdown, no leadership hand-over."""
+        proc = self.procs.get(name)
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
+    def _ours(self, node: Node) -> bool:
+        """Is node.pid still the nats-server started on this node's config?"""
+        try:
+            cmd = Path(f"/proc/{node.pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        return str(self.conf_path(node)).encode() in cmd
+
+    def stop(self) -> None:
+        """SIGTERM every node (ours as children, or by the pids in cluster.json)."""
+        for node in self.nodes:
+            proc = self.procs.get(node.name)
+            if proc is not None:
+                stop_process(proc)
+            elif node.pid and self._ours(node):
+                os.kill(node.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for node in self.nodes:
+            while node.pid and self._ours(node) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if node.pid and self._ours(node):
+                os.kill(node.pid, signal.SIGKILL)
+
+    def __enter__(self) -> "NatsCluster":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def up(folder: str | Path) -> NatsCluster:
+    """`ccus cluster up`: start (detached) the nodes of the folder, or fail on a running one."""
+    c = NatsCluster(folder)
+    running = [n.name for n in c.nodes if n.pid and c._ours(n)]
+    if running:
+        raise BrokerError(f"{folder}: nodes {', '.join(running)} are running already "
+                          f"(ccus cluster down --dir {folder})")
+    return c.start(detach=True)
+
+
+def down(folder: str | Path) -> int:
+    """`ccus cluster down`: stop the nodes named in the folder's cluster.json; how many ran."""
+    if not (Path(folder) / STATE).exists():
+        raise BrokerError(f"{folder}: no {STATE} here (nothing started with ccus cluster up)")
+    c = NatsCluster(folder)
+    n = sum(1 for node in c.nodes if node.pid and c._ours(node))
+    c.stop()
+    return n
