@@ -98,6 +98,9 @@ def _hidden(module: str, argv: list[str]) -> subprocess.CompletedProcess[str]:
 
 
 def test_png_without_matplotlib_names_the_extra(tmp_path: Path) -> None:
+    from cloud_sink.store import open_store
+
+    open_store(tmp_path / "s.sqlite").close()  # reports read existing stores only
     r = _hidden("matplotlib", ["report", "work-history", "--db", str(tmp_path / "s.sqlite"),
                                "--site", "13100000000001", "--month", "2026-11",
                                "--png", str(tmp_path / "wh.png")])

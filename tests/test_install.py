@@ -62,6 +62,9 @@ def test_base_install_has_the_agent_and_none_of_the_extras(agent_venv: Path, tmp
 
 
 def test_missing_extras_are_one_line_each(agent_venv: Path, tmp_path: Path) -> None:
+    from cloud_sink.store import open_store
+
+    open_store(tmp_path / "s.sqlite").close()  # reports read existing stores only
     r = _run(agent_venv, "report", "work-history", "--db", str(tmp_path / "s.sqlite"), "--site",
              SITE, "--month", "2026-11", "--png", str(tmp_path / "wh.png"), cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.strip() == (
