@@ -63,8 +63,8 @@ def test_simulated_gate_board_opens_for_a_pulse_and_obeys_typed_lines(tmp_path: 
         lines = [first, *out.splitlines()]
     finally:
         if p.poll() is None:
-            p.kill()
-            p.wait()
+            p.terminate()  # SIGTERM: the command stops its board before it exits
+            p.wait(timeout=20)
     assert p.returncode == 0, err
     assert "Traceback" not in err
     assert "gate relay (entry) on" in lines and "gate relay (entry) off" in lines, lines
@@ -79,3 +79,18 @@ def test_board_simulate_stops_by_itself(tmp_path: Path) -> None:
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith("board (vending) on /dev/")
     assert poll_until(lambda: True, 0.1) and time.monotonic() - t0 < 30
+
+
+@pytest.mark.e2e
+def test_sigterm_stops_the_board_too(tmp_path: Path) -> None:
+    p = subprocess.Popen([str(CCUS), "board", "simulate", "--data", str(tmp_path)],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert p.stdout
+    assert p.stdout.readline().startswith("board (gate) on /dev/")
+    boards = subprocess.run(["pgrep", "-f", "run_board.py"], capture_output=True, text=True)
+    assert boards.stdout.split(), "no board process"
+    p.terminate()
+    assert p.wait(timeout=20) == 0
+    assert poll_until(lambda: not any(
+        Path(f"/proc/{pid}").exists() for pid in boards.stdout.split()), 10.0), \
+        "the board outlived its command"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import select
+import signal
 import sys
 import tempfile
 import time
@@ -88,6 +89,8 @@ def _simulate(args: argparse.Namespace) -> int:
     print(f"board ({args.kind}) on {board.port}: set `serial = \"{board.port}\"` in the agent's "
           f"[{args.kind}] table; flash and logs in {data}", flush=True)
     deadline = time.monotonic() + args.seconds if args.seconds > 0 else None
+    # systemd's stop or a test's terminate(): leave through `finally`, so the board goes too
+    signal.signal(signal.SIGTERM, _stop)
     seen = 0
     try:
         while deadline is None or time.monotonic() < deadline:
@@ -127,3 +130,7 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+
+
+def _stop(*_: object) -> None:
+    raise KeyboardInterrupt
