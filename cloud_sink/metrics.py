@@ -11,9 +11,8 @@ Rules of this file:
 - parse_listen() is pure: "off" or HOST:PORT (PORT 0: any free port, for tests).
 """
 
-import threading
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.simple_server import WSGIServer
 
 from cloud_sink.errors import SinkError
 
@@ -34,11 +33,6 @@ def parse_listen(text: str) -> tuple[str, int] | None:
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise MetricsError(f"--metrics {text!r}: say HOST:PORT (e.g. {DEFAULT_LISTEN}) or off")
     return host.strip("[]") or "127.0.0.1", int(port)
-
-
-class _Quiet(WSGIRequestHandler):
-    def log_message(self, *args: Any) -> None:  # a scrape every 15 s is not news
-        pass
 
 
 class SinkMetrics:
@@ -66,7 +60,6 @@ class SinkMetrics:
         self.epoch = Gauge("ccus_sink_epoch_ms", "the epoch of the current subscription",
                            registry=r)
         self._server: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
 
     def batch_answered(self, is_batch: bool, seconds: float, counts: tuple[int, int, int, int],
                        extra: dict[str, Any]) -> None:
@@ -86,19 +79,16 @@ class SinkMetrics:
 
     # -- the endpoint ---------------------------------------------------------------------------
     def serve(self, host: str, port: int) -> tuple[str, int]:
-        """Serve /metrics on host:port in a daemon thread. -> the address bound."""
-        from prometheus_client import make_wsgi_app
+        """Serve /metrics on host:port (prometheus_client's own server, a daemon thread; it
+        logs no scrape). -> the address bound (port 0: the one the kernel chose)."""
+        from prometheus_client import start_http_server
 
         try:
-            self._server = make_server(host, port, make_wsgi_app(self.registry),
-                                       handler_class=_Quiet)
+            self._server, _thread = start_http_server(port, host, self.registry)
         except OSError as exc:
             raise MetricsError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc} "
                                "(another sink on this port? use --metrics HOST:PORT or off)"
                                ) from exc
-        self._thread = threading.Thread(target=self._server.serve_forever, name="sink-metrics",
-                                        daemon=True)
-        self._thread.start()
         return host, int(self._server.server_port)
 
     def close(self) -> None:

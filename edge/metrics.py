@@ -11,10 +11,9 @@ Rules of this file:
   (tests) never collide; the endpoint serves exactly that registry at /metrics.
 """
 
-import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.simple_server import WSGIServer
 
 from edge.errors import EdgeError
 
@@ -28,11 +27,6 @@ DISK_STATES = ("ok", "low", "reserve", "full")
 
 class MetricsError(EdgeError):
     """The metrics port cannot be bound."""
-
-
-class _Quiet(WSGIRequestHandler):
-    def log_message(self, *args: Any) -> None:  # a scrape every 15 s is not news
-        pass
 
 
 def families(agent: "Agent") -> Iterator[Any]:
@@ -120,18 +114,16 @@ class AgentMetrics:
         self._server: WSGIServer | None = None
 
     def serve(self, host: str, port: int) -> tuple[str, int]:
-        """Serve /metrics on host:port in a daemon thread. -> the address bound."""
-        from prometheus_client import make_wsgi_app
+        """Serve /metrics on host:port (prometheus_client's own server, a daemon thread; it
+        logs no scrape). -> the address bound (port 0: the one the kernel chose)."""
+        from prometheus_client import start_http_server
 
         try:
-            self._server = make_server(host, port, make_wsgi_app(self.registry),
-                                       handler_class=_Quiet)
+            self._server, _thread = start_http_server(port, host, self.registry)
         except OSError as exc:
             raise MetricsError(f"metrics.listen {host}:{port}: cannot serve metrics: "
                                f"{exc.strerror or exc} (port taken? set another, or \"\" for off)"
                                ) from exc
-        threading.Thread(target=self._server.serve_forever, name="agent-metrics",
-                         daemon=True).start()
         return host, int(self._server.server_port)
 
     def close(self) -> None:
