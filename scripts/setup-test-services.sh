@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Services the test suite needs beyond the private Mosquitto it starts itself: a PostgreSQL
+# Services and programs the test suite needs beyond the private Mosquitto it starts itself
+# (pcscd + vpcd, chromium, nats-server) and a PostgreSQL
 # server on 127.0.0.1:5432 with a test role that may create databases (each test module makes
 # its own database and drops it). Installs and starts what is missing; idempotent.
 set -euo pipefail
@@ -25,6 +26,14 @@ if ! [ -x /usr/bin/chromium ]; then
     as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
         chromium >/dev/null
+fi
+
+# the cluster tier's tests start private NATS nodes (JetStream, MQTT) from Debian's nats-server
+if ! [ -x /usr/sbin/nats-server ] && ! command -v nats-server >/dev/null 2>&1; then
+    say "installing Debian's nats-server (the cluster tier's tests)"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        nats-server >/dev/null
 fi
 
 if ! command -v pg_ctlcluster >/dev/null 2>&1; then
