@@ -6,7 +6,9 @@ over TLS, taps on emulated cards, two SIGKILL "reboots"; every tap stored exactl
 
 from __future__ import annotations
 
+import csv
 import getpass
+import io
 import os
 import re
 import shlex
@@ -31,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "operations.md"
 BIN = Path(sys.executable).parent
 SITE = "12345678901234"
-AGENTS = {"gate-01": "in", "gate-02": "out", "train-01": None}  # vend-01: see the report
+AGENTS = ("gate-01", "gate-02", "vend-01", "train-01")
 T0 = time.monotonic()
 
 
@@ -86,10 +88,11 @@ class Supervisor:
         self.thread.join(10)
 
 
-def rebase(toml: str, root: Path, port: int, reader_port: int) -> str:
+def rebase(toml: str, root: Path, port: int, reader_port: int, serial: str) -> str:
     toml = toml.replace("/etc/ccus-touch", str(root / "etc/ccus-touch"))
     toml = toml.replace("/var/lib/ccus-touch", str(root / "var/lib/ccus-touch"))
     toml = toml.replace("port = 8883", f"port = {port}")
+    toml = toml.replace('serial = "/dev/ttyACM0"', f'serial = "{serial}"')
     return toml.replace('path = "usb"', f'path = "udp:127.0.0.1:{reader_port}"\ntargets = ["212F"]')
 
 
@@ -125,6 +128,7 @@ def test_documented_deployment(tmp_path: Path) -> None:
     broker = subprocess.Popen([find_mosquitto(), "-c", str(inst / "mosquitto.conf")],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     procs: list[Supervisor] = []
+    board: subprocess.Popen | None = None
     try:
         wait_until(lambda: _listening(port), 10, "the cloud broker", poll_s=0.1)
         pki = op / "pki"
@@ -153,6 +157,14 @@ def test_documented_deployment(tmp_path: Path) -> None:
         keys = root / "keys"
         keys.mkdir()
         shutil.copy(op / "alice-signing.key.pub", keys / "alice.pub")
+        say("vending board: ccus board simulate --kind vending")
+        board_log = tmp_path / "board.log"
+        board = subprocess.Popen([str(BIN / "ccus"), "board", "simulate", "--kind", "vending"],
+                                 env=env, stdin=subprocess.PIPE, stdout=board_log.open("w"),
+                                 stderr=subprocess.STDOUT)
+        wait_until(lambda: re.search(r" on (/dev/\S+):", board_log.read_text()), 30,
+                   "the simulated board's pty", poll_s=0.2)
+        pty = re.search(r" on (/dev/\S+):", board_log.read_text()).group(1)
         ports = {}
         for dev in AGENTS:
             files = pki / "sites" / SITE / "devices" / dev
@@ -164,7 +176,7 @@ def test_documented_deployment(tmp_path: Path) -> None:
                 shutil.copy(files / f, etc / f)
             ports[dev] = free_udp_port()
             (etc / "agent.toml").write_text(
-                rebase((files / "agent.toml").read_text(), droot, port, ports[dev]))
+                rebase((files / "agent.toml").read_text(), droot, port, ports[dev], pty))
             say(f"agent {dev} from its generated agent.toml (reader udp:{ports[dev]})")
             procs.append(Supervisor(dev, [str(BIN / "ccus"), "agent", "--config",
                                           str(etc / "agent.toml")],
@@ -184,13 +196,15 @@ def test_documented_deployment(tmp_path: Path) -> None:
             ths = []
             for dev in AGENTS:
                 tid, idm = list(techs.items())[rnd % 3]
-                ths.append(threading.Thread(target=taps, args=(dev, 2, idm, tid)))
-                expected[dev] += 2
+                n = 1 if dev == "vend-01" else 2  # one vend a round: limit 1 a day, then denials
+                ths.append(threading.Thread(target=taps, args=(dev, n, idm, tid)))
+                expected[dev] += n
             for t in ths:
                 t.start()
             for t in ths:
                 t.join()
             if rnd < 2:
+                time.sleep(2)  # a vend (pulse, can past the sensor) ends before the power cut
                 say(f"reboot {rnd + 1}: SIGKILL every agent")
                 for p in procs[1:]:
                     p.kill()
@@ -237,19 +251,24 @@ def test_documented_deployment(tmp_path: Path) -> None:
         say("ccus ops devices: online, backlogs at zero, no problems")
         wait_until(backlog_zero, 60, "backlogs at zero, fleet clean", poll_s=2)
         say("ccus report work-history")
-        month = time.strftime("%Y-%m")
+        month = time.strftime("%Y-%m", time.gmtime(time.time() + 9 * 3600))  # JST
         rep = subprocess.run([str(BIN / "ccus"), "report", "work-history", "--db", str(store),
                               "--site", SITE, "--month", month, "--format", "csv"], env=env,
                              capture_output=True, text=True, timeout=30)
         assert rep.returncode == 0, rep.stderr
         print(rep.stdout)
         for tid in techs:  # every technician entered at gate-01 and left at gate-02
-            line = next(ln for ln in rep.stdout.splitlines() if tid in ln)
-            say(f"work-history: {line}")
+            row = next(r for r in csv.DictReader(io.StringIO(rep.stdout))
+                       if r["technician"] == tid)
+            say(f"work-history {tid}: entry {row['entry']} exit {row['exit']} taps {row['taps']}")
+            assert (row["entry_missing"], row["exit_missing"], row["taps"]) == (
+                "false", "false", "4")  # two taps in at gate-01, two out at gate-02
         say("done")
     finally:
         for p in reversed(procs):
             p.stop()
+        if board is not None:
+            stop_process(board)
         stop_process(broker)
 
 
