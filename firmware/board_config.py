@@ -28,8 +28,10 @@ RP2 = {
     "wdt_ms": 4000,  # RP2040 allows at most 8388 ms
     "journal": "/vend.jnl",
     "max_timeout_ms": 30000,
-    # MDB vend channel (firmware/vend_mdb.py). None until the PIO 9-bit UART adapter exists:
-    # today's adapter speaks the simulator's two-byte word encoding, not a real MDB bus.
+    # MDB vend channel (firmware/vend_mdb.py): the PIO 9-bit UART (firmware/mdb_uart_rp2.py).
+    # mdb_uart: None = no MDB interface fitted; else the first of two PIO state machines (0: RX
+    # on SM 0, TX on SM 1). Unproven on a real bus: docs/vending.md.
+    "mdb_adapter": "rp2_pio",
     "mdb_uart": None,
     "mdb_tx": 14,
     "mdb_rx": 15,
@@ -61,7 +63,10 @@ ESP32 = {
     "wdt_ms": 4000,
     "journal": "/vend.jnl",
     "max_timeout_ms": 30000,
-    "mdb_uart": None,  # UART1 with the parity trick, once written (docs/vending.md)
+    # MDB: UART 1 with the parity bit as the mode bit (firmware/mdb_uart_esp32.py); None = no MDB
+    # interface fitted. Receive infers the mode bit from gaps: docs/vending.md.
+    "mdb_adapter": "esp32_parity",
+    "mdb_uart": None,
     "mdb_tx": 4,
     "mdb_rx": 5,
     "mdb_country": 0x1392,

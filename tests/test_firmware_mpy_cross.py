@@ -15,7 +15,7 @@ FIRMWARE = sorted((ROOT / "firmware").glob("*.py"))
 def test_there_is_firmware():
     names = {p.name for p in FIRMWARE}
     assert {"frame.py", "app.py", "journal.py", "board_config.py", "main.py", "mdb.py",
-            "vend_mdb.py"} <= names
+            "vend_mdb.py", "mdb_bits.py", "mdb_uart_rp2.py", "mdb_uart_esp32.py"} <= names
 
 
 @pytest.mark.parametrize("march", ["armv6m", "xtensawin"])
