@@ -8,6 +8,10 @@ sends (both on PIO block n // 4, so n is 0..2 or 4..6).
 Unproven without hardware: timing at the real bus, a framing error is dropped silently.
 """
 
+# The PIO programs use the assembler's names (label, wait, pin, x, ...), which rp2.asm_pio puts
+# into the module's globals while it assembles them: they are undefined to linters.
+# ruff: noqa: F821
+
 import mdb_bits
 import rp2
 from machine import Pin
