@@ -3,17 +3,22 @@
 A private Mosquitto, the sink as its own process writing SQLite, an emulated-card process
 speaking nfcpy's udp wire protocol, a gate agent with two nfcpy readers (entry, exit) whose
 controller board (relay per direction, door sensor) is the real firmware under the MicroPython
-unix port on a pty, and a vending machine with a board of its own. Only the wall clock is the
+unix port on a pty, a vending machine with a board of its own (vend line + drop sensor), and a
+second vending machine of the MDB kind: its board (the real firmware, MDB cashless reader) sits
+on the machine's MDB bus, where sim/vmc.py plays the vending machine controller. Only the wall
+clock is the
 demo's: a ManualClock set to each tap's time, so a day takes seconds. Everything under it
 (readers, decision, outbox, board link, MQTT, sink) is production code.
 """
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 import threading
 import time
+import tty
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,20 +33,24 @@ from edge.config import AgentConfig, load
 from edge.idlist import Entry, Status
 from edge.roles.gate import GateRole
 from edge.signing import generate_key
+from firmware import mdb
 from ops.list_publish import publish_list
 from protocol.touch import Touch
 from sim.board import DOOR, DROP, GATE, GATE_OUT, VEND_PIN, BoardProcess
 from sim.cards import EmulatedCard, felica_card
 from sim.nfc_card import free_udp_port
+from sim.vmc import PtyWire, Vmc
 from vending.role import VendingRole
 
 SITE = "13100000000001"   # a 14-digit site ID (現場ID)
 DEVICE = "gate-01"
 VEND_DEVICE = "vend-01"
+MDB_DEVICE = "vend-02"  # the MDB vending machine: the board is its cashless reader
+MDB_ITEM, MDB_PRICE = 11, 130  # what every technician picks there (yen; the ceiling is 150)
 CONTRACTOR = "20000000000001"  # the main contractor (元請) who pays for the drinks: 事業者ID
 DAY = (2026, 11, 26)
 LIST_NAME = "ccus-demo"
-READERS = {"entry": DEVICE, "exit": DEVICE, "vend": VEND_DEVICE}  # reader -> device
+READERS = {"entry": DEVICE, "exit": DEVICE, "vend": VEND_DEVICE, "mdb": MDB_DEVICE}  # -> device
 PASSAGE_TIMEOUT_S = 8
 RELAY_PIN = {"entry": GATE, "exit": GATE_OUT}  # the gate board's relay line per reader
 
@@ -49,7 +58,7 @@ RELAY_PIN = {"entry": GATE, "exit": GATE_OUT}  # the gate board's relay line per
 @dataclass(frozen=True)
 class Tap:
     at_ms: int
-    reader: str          # "entry" | "exit" | "vend"
+    reader: str          # "entry" | "exit" | "vend" | "mdb"
     card: EmulatedCard
     note: str = ""
     passes: bool = True  # at a gate: walks through once it opens
@@ -72,7 +81,8 @@ def tid_of(i: int) -> str:
 def site_day(n: int = 12) -> SiteDay:
     """Twelve technicians in and out; one unknown card; one double tap; one forgotten exit;
     one allowed at the gate who turns back and taps again a minute later; five take their free
-    drink at lunch, and one comes back for a second."""
+    drink at lunch, and one comes back for a second; two more pick a drink at the MDB machine,
+    and one of them comes back there too."""
     y, m, d = DAY
     techs = [Entry(tid_of(i), Status.ACTIVE, level=1 + i % 4, cards=(card_of(i).ident,))
              for i in range(1, n + 1)]
@@ -90,7 +100,10 @@ def site_day(n: int = 12) -> SiteDay:
             taps.append(Tap(at + 60_000, "entry", card_of(i), "taps again and passes"))
     for i in range(1, 6):
         taps.append(Tap(jst_ms(y, m, d, 12, 3 * i), "vend", card_of(i)))
+    for i in (6, 7):
+        taps.append(Tap(jst_ms(y, m, d, 12, 30 + 3 * (i - 6)), "mdb", card_of(i)))
     taps.append(Tap(jst_ms(y, m, d, 15, 0), "vend", card_of(2), "second drink: limit reached"))
+    taps.append(Tap(jst_ms(y, m, d, 15, 5), "mdb", card_of(6), "second drink: limit reached"))
     for i in range(1, n + 1):
         if i == n:
             continue  # forgets to tap out: the work-history row shows the exit as missing
@@ -149,16 +162,23 @@ targets = ["212F"]
 """
 
 
-def vending_toml(data: Path, broker_port: int, vend_port: int, serial_port: str) -> str:
+def vending_toml(data: Path, broker_port: int, vend_port: int, serial_port: str,
+                 device: str = VEND_DEVICE, reader: str = "vend") -> str:
+    if device == MDB_DEVICE:
+        channel = """channel = "mdb"            # the board is the machine's MDB cashless reader
+price_ceiling = 150        # BEGIN SESSION funds (yen): the dearest free drink
+session_s = 8.0"""
+    else:
+        channel = "slot = 1"
     return f"""\
 # CCUS support vending machine for the demo: one free drink a day per technician.
 version = 1
 
 [device]
-id = "{VEND_DEVICE}"
+id = "{device}"
 site = "{SITE}"
 role = "vending"
-data_dir = "{data / 'vend'}"
+data_dir = "{data / device}"
 
 [mqtt]
 host = "127.0.0.1"
@@ -171,16 +191,38 @@ name = "{LIST_NAME}"
 
 [vending]
 serial = "{serial_port}"   # the controller board (here: the firmware under MicroPython on a pty)
-slot = 1
+{channel}
 limit = 1
 period = "day"
 contractor = "{CONTRACTOR}"
 
 [[readers]]
-name = "vend"
+name = "{reader}"
 path = "udp:127.0.0.1:{vend_port}"
 targets = ["212F"]
 """
+
+
+class VmcLoop(threading.Thread):
+    """The MDB machine's controller (sim/vmc.py) on its own: polls the reader; when a session
+    begins (a technician tapped), picks MDB_ITEM and reports the vend."""
+
+    def __init__(self, vmc: Vmc) -> None:
+        super().__init__(name="vmc", daemon=True)
+        self.vmc = vmc
+        self.vends: list[tuple[int, int, str]] = []  # (item, price, outcome)
+        self.error: str | None = None
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        try:
+            while not self.halt.is_set():
+                if self.vmc.poll().code == mdb.P_BEGIN_SESSION:
+                    self.vends.append((MDB_ITEM, MDB_PRICE, self.vmc.select(MDB_ITEM, MDB_PRICE)))
+                else:
+                    self.halt.wait(0.02)  # a real VMC polls every 25..200 ms
+        except Exception as e:  # shown by stop() and asserted empty by the test
+            self.error = repr(e)
 
 
 @dataclass
@@ -193,6 +235,9 @@ class DemoRun:
     emulator: subprocess.Popen[str] | None = None
     board: BoardProcess | None = None
     gate_board: BoardProcess | None = None
+    mdb_board: BoardProcess | None = None
+    vmc: VmcLoop | None = None
+    _mdb_fds: tuple[int, int] | None = None
     passages: dict[int, Touch] = field(default_factory=dict)   # tap seq -> its outcome record
     agents: dict[str, Agent] = field(default_factory=dict)   # device id -> agent
     clock: ManualClock = field(default_factory=lambda: ManualClock(jst_ms(*DAY, 6)))
@@ -237,6 +282,20 @@ class DemoRun:
             {"out": pin, "in": DOOR, "delay_ms": 150, "hold_ms": 200, "level": 0}
             for pin in (GATE, GATE_OUT)])
         self.gate_board.start()
+        # the MDB machine: its bus is a pty pair, the VMC simulator on one end, the board's MDB
+        # UART on the other (the two-byte word encoding); the VMC sets the reader up first
+        vm, vs = os.openpty()
+        self._mdb_fds = (vm, vs)
+        tty.setraw(vm)
+        tty.setraw(vs)
+        (self.data / "mdb-board").mkdir()
+        self.mdb_board = BoardProcess(self.data / "mdb-board", uarts={"1": os.ttyname(vs)},
+                                      mdb_uart=1)
+        self.mdb_board.start()
+        vmc = Vmc(PtyWire(vm), reply_timeout=0.2)  # MDB allows 5 ms; the pty on a loaded PC
+        vmc.setup()
+        self.vmc = VmcLoop(vmc)
+        self.vmc.start()
         # the operator signs the technician list and publishes it, retained; the agents verify
         # it against the operator's public key, apply it atomically and decide with it
         write_idlist_csv(self.data / "technicians.csv", day.technicians)
@@ -249,6 +308,8 @@ class DemoRun:
                                self.gate_board.port),
             VEND_DEVICE: vending_toml(self.data, self.broker.port, self.ports["vend"],
                                       self.board.port),
+            MDB_DEVICE: vending_toml(self.data, self.broker.port, self.ports["mdb"],
+                                     self.mdb_board.port, device=MDB_DEVICE, reader="mdb"),
         }
         for device, text in confs.items():
             conf = self.data / f"{device}.toml"
@@ -342,9 +403,16 @@ class DemoRun:
     def stop(self) -> None:
         for a in self.agents.values():
             a.stop()
-        for board in (self.board, self.gate_board):
+        if self.vmc is not None:
+            self.vmc.halt.set()
+            self.vmc.join(5)
+        for board in (self.board, self.gate_board, self.mdb_board):
             if board:
                 board.close()
+        if self._mdb_fds is not None:
+            for fd in self._mdb_fds:
+                os.close(fd)
+            self._mdb_fds = None
         if self.emulator:
             if self.emulator.stdin:
                 self.emulator.stdin.close()
@@ -363,13 +431,15 @@ def run_demo(data_dir: str | Path, keep: Callable[[DemoRun], None] | None = None
     run = DemoRun(Path(data_dir).resolve())
     date = f"{DAY[0]}-{DAY[1]:02d}-{DAY[2]:02d}"
     print(f"ccus-touch demo: site {SITE}, {date}: gate {DEVICE} (entry and exit readers), "
-          f"vending machine {VEND_DEVICE}, {len(day.technicians)} technicians")
+          f"vending machines {VEND_DEVICE} (vend line) and {MDB_DEVICE} (MDB), "
+          f"{len(day.technicians)} technicians")
     try:
         run.start(day)
         print(f"broker 127.0.0.1:{run.broker.port if run.broker else '?'}; readers "
               + ", ".join(f"{r} udp:{p}" for r, p in run.ports.items())
               + f"; boards: vending {run.board.port if run.board else '?'}, gate "
-              + f"{run.gate_board.port if run.gate_board else '?'}")
+              + f"{run.gate_board.port if run.gate_board else '?'}, MDB "
+              + f"{run.mdb_board.port if run.mdb_board else '?'}")
         print(f"signed ID list {LIST_NAME} v1 ({len(day.technicians)} technicians) applied by "
               + " and ".join(run.agents) + "\n")
         for tap in day.taps:
@@ -380,6 +450,8 @@ def run_demo(data_dir: str | Path, keep: Callable[[DemoRun], None] | None = None
                 continue
             who = t.tid or "-" * 14
             extra = f"  {t.facts['result']}" if "result" in t.facts else ""
+            if "item" in t.facts:  # the MDB machine says what was chosen and its price
+                extra += f" item {t.facts['item']} ({t.facts['price']} yen)"
             passage = run.passages.get(t.seq) if t.device == DEVICE else None
             if passage is not None:
                 extra = f"  gate opened: {passage.facts['passage']} (seq {passage.seq})"
@@ -387,8 +459,14 @@ def run_demo(data_dir: str | Path, keep: Callable[[DemoRun], None] | None = None
                   f"{t.decision.value:<5} {t.reason.value}{extra}  seq {t.seq}")
         counts = run.wait_delivered()
         totals = run.counts()
-        vend = run.agents[VEND_DEVICE].plugin
-        drinks = vend.billable() if isinstance(vend, VendingRole) else []
+        if run.vmc is not None:
+            print(f"\nthe MDB machine's controller (sim/vmc.py): {len(run.vmc.vends)} vends "
+                  + ", ".join(f"item {i} {p} yen {o}" for i, p, o in run.vmc.vends)
+                  + (f"; it stopped: {run.vmc.error}" if run.vmc.error else ""))
+        drinks = []
+        for device in (VEND_DEVICE, MDB_DEVICE):
+            vend = run.agents[device].plugin
+            drinks += vend.billable() if isinstance(vend, VendingRole) else []
         if keep is not None:
             keep(run)
     finally:

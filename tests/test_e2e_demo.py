@@ -1,6 +1,7 @@
 """The demo's path end to end: real Mosquitto, the sink as a process on SQLite, nfcpy's udp
-reader reading emulated FeliCa cards, the production agents, and two controller boards (the
-real firmware under MicroPython on ptys). Asserts the exact rows."""
+reader reading emulated FeliCa cards, the production agents, and three controller boards (the
+real firmware under MicroPython on ptys; one of them the MDB reader of a machine whose VMC is
+sim/vmc.py). Asserts the exact rows."""
 
 from pathlib import Path
 
@@ -8,7 +9,17 @@ import pytest
 
 from cloud_sink.store import SqliteStore
 from cloud_sink.workday import local_time
-from demo.site_day import CONTRACTOR, DEVICE, SITE, VEND_DEVICE, DemoRun, site_day
+from demo.site_day import (
+    CONTRACTOR,
+    DEVICE,
+    MDB_DEVICE,
+    MDB_ITEM,
+    MDB_PRICE,
+    SITE,
+    VEND_DEVICE,
+    DemoRun,
+    site_day,
+)
 from protocol.reasons import Reason
 from protocol.touch import Decision
 from sim.board import GATE, GATE_OUT
@@ -44,23 +55,30 @@ def test_site_day_end_to_end(tmp_path: Path) -> None:
         vend = run.agents[VEND_DEVICE].plugin
         assert isinstance(vend, VendingRole)
         drinks = [d.technician for d in vend.billable()]
+        mdb_vend = run.agents[MDB_DEVICE].plugin
+        assert isinstance(mdb_vend, VendingRole)
+        mdb_drinks = [d.technician for d in mdb_vend.billable()]
     finally:
         run.stop()
+    assert run.vmc is not None and run.vmc.error is None, run.vmc.error
+    assert not run.vmc.is_alive()
 
     # every process the demo started is gone
     board = run.board.proc if run.board else None
     gate_board = run.gate_board.proc if run.gate_board else None
+    mdb_board = run.mdb_board.proc if run.mdb_board else None
     for proc in (run.sink, run.emulator, run.broker.proc if run.broker else None, board,
-                 gate_board):
+                 gate_board, mdb_board):
         assert proc is not None and proc.poll() is not None
 
-    # 25 gate taps (24 allowed: each followed by its passage record), 6 at the vending machine
-    assert len(day.taps) == 32
-    assert totals == {"taps": 31, "suppressed": 1, "allowed": 29, "denied": 2, "followups": 24}
-    assert counts == {"touches": 55, "allowed": 53, "denied": 2, "dead_letters": 0}
+    # 25 gate taps (24 allowed: each followed by its passage record), 6 at the vending machine,
+    # 3 at the MDB machine
+    assert len(day.taps) == 35
+    assert totals == {"taps": 34, "suppressed": 1, "allowed": 31, "denied": 3, "followups": 24}
+    assert counts == {"touches": 58, "allowed": 55, "denied": 3, "dead_letters": 0}
 
     made = [t for t in results if t is not None]
-    for device, n in ((DEVICE, 49), (VEND_DEVICE, 6)):  # seq per device starts at 1, no gaps
+    for device, n in ((DEVICE, 49), (VEND_DEVICE, 6), (MDB_DEVICE, 3)):  # seq per device starts at 1, no gaps
         assert sorted(t.seq for t in run.touches if t.device == device) == list(range(1, n + 1))
     assert {t.list_version for t in made} == {1}  # decided with the signed list the operator sent
     # the gate: every allowed tap opened it (the relay of its direction) and has its passage
@@ -81,7 +99,8 @@ def test_site_day_end_to_end(tmp_path: Path) -> None:
     assert results[repeat] is None
     denied = [t for t in made if t.decision is Decision.DENY]
     assert [(t.device, t.reason, t.tid) for t in denied] == [
-        (DEVICE, Reason.UNKNOWN_CARD, None), (VEND_DEVICE, Reason.LIMIT_REACHED, "10000000000002")]
+        (DEVICE, Reason.UNKNOWN_CARD, None), (VEND_DEVICE, Reason.LIMIT_REACHED, "10000000000002"),
+        (MDB_DEVICE, Reason.LIMIT_REACHED, "10000000000006")]
 
     # the vending machine: five free drinks, the second one refused, the contractor billed
     vends = [t for t in made if t.device == VEND_DEVICE and t.decision is Decision.ALLOW]
@@ -92,12 +111,20 @@ def test_site_day_end_to_end(tmp_path: Path) -> None:
     vend_pulses = [p for p in run.board.pins() if p[0] == 2 and p[1] == 1]  # slot 1 line high
     assert len(vend_pulses) == 5
 
+    # the MDB machine: two drinks chosen at the VMC, the refused one never got a session
+    mdb_vends = [t for t in made if t.device == MDB_DEVICE and t.decision is Decision.ALLOW]
+    assert [(t.tid, t.facts["result"], t.facts["item"], t.facts["price"]) for t in mdb_vends] == [
+        (tid, "dispensed", MDB_ITEM, MDB_PRICE) for tid in ("10000000000006", "10000000000007")]
+    assert mdb_drinks == ["10000000000006", "10000000000007"]
+    assert run.vmc.vends == [(MDB_ITEM, MDB_PRICE, "dispensed")] * 2
+
     store = SqliteStore(run.store_path)
     rows = store.work_history()
     ledger = [(r.device, r.contractor, r.month, r.dispensed, r.failed, r.indeterminate)
               for r in store.vending_ledger()]
     store.close()
-    assert ledger == [(VEND_DEVICE, CONTRACTOR, "2026-11", 5, 0, 0)]
+    assert ledger == [(VEND_DEVICE, CONTRACTOR, "2026-11", 5, 0, 0),
+                      (MDB_DEVICE, CONTRACTOR, "2026-11", 2, 0, 0)]
     got = [(r.tid, local_time(r.first_in_ms) if r.first_in_ms else None,
             local_time(r.last_out_ms) if r.last_out_ms else None) for r in rows]
     assert got == EXPECTED
