@@ -94,7 +94,7 @@ class _Uart:
     """A stand-in machine.UART that records what would go on the wire: (byte, parity bit)."""
 
     def __init__(self, _id: int, **kw: object) -> None:
-        self.parity = kw["parity"]
+        self.parity = kw.get("parity")
         self.wire: list[tuple[int, int]] = []
         self.rx = b""
         self.flushed = 0
@@ -133,6 +133,42 @@ def test_esp32_adapter_sends_each_mode_bit_as_the_parity_bit(ws: list[int]) -> N
         assert port.uart.wire == [(w & 0xFF, w >> 8) for w in ws]
         port.uart.rx = b"\x12\x12"
         assert port.read_words(100) == [0x112, 0x12]
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+
+
+def test_board_configs_select_their_adapter_and_fit_none() -> None:
+    from firmware import board_config
+
+    rp2, esp = board_config.for_platform("rp2"), board_config.for_platform("esp32")
+    assert (rp2["mdb_adapter"], rp2["mdb_uart"]) == ("rp2_pio", None)
+    assert (esp["mdb_adapter"], esp["mdb_uart"]) == ("esp32_parity", None)
+
+
+@pytest.mark.parametrize("kind, cls", [("pty", "PtyWords"), ("esp32_parity", "Esp32Words"),
+                                       (None, "PtyWords"), ("9bit", None)])
+def test_open_words_picks_the_adapter(kind: str | None, cls: str | None) -> None:
+    from firmware import frame, mdb
+
+    machine = types.ModuleType("machine")
+    machine.UART = _Uart  # type: ignore[attr-defined]
+    names = ("machine", "mdb_bits", "mdb", "frame", "mdb_uart_esp32")
+    saved = {k: sys.modules.get(k) for k in names}
+    sys.modules.update({"machine": machine, "mdb_bits": mdb_bits, "mdb": mdb, "frame": frame})
+    try:  # the board imports its adapter flat, by name
+        sys.modules["mdb_uart_esp32"] = importlib.reload(
+            importlib.import_module("firmware.mdb_uart_esp32"))
+        vend = importlib.reload(importlib.import_module("firmware.vend_mdb"))
+        cfg = {"mdb_uart": 1} if kind is None else {"mdb_uart": 1, "mdb_adapter": kind}
+        if cls is None:
+            with pytest.raises(mdb.MdbError, match="unknown mdb_adapter"):
+                vend.open_words(cfg)
+        else:
+            assert type(vend.open_words(cfg)).__name__ == cls
     finally:
         for k, v in saved.items():
             if v is None:
