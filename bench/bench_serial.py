@@ -66,9 +66,8 @@ def codec_micropython(n: int) -> tuple[float, float]:
 
 
 def round_trips(rounds: int) -> dict[str, list[float]]:
-    from harness import DROP, VEND_PIN, BoardProcess
-
     from edge.board import BoardLink
+    from sim.board import DROP, VEND_PIN, BoardProcess
 
     res: dict[str, list[float]] = {"status": [], "vend": []}
     with tempfile.TemporaryDirectory() as d:
