@@ -60,6 +60,29 @@ def big_store(target: int) -> tuple[Path, dict[str, object] | None]:
     return path, built
 
 
+def serve(app: object) -> tuple[uvicorn.Server, threading.Thread, str]:
+    """The console under uvicorn on a free loopback port, in a thread of this process."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    th = threading.Thread(target=server.run, daemon=True)
+    th.start()
+    while not server.started:
+        time.sleep(0.05)
+    return server, th, f"http://127.0.0.1:{port}"
+
+
+def login(base: str, user: str, password: str) -> urllib.request.OpenerDirector:
+    """A urllib opener holding a logged-in session (the login form's CSRF token included)."""
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(CookieJar()))
+    token = re.search(r'name="csrf" value="([^"]+)"', opener.open(base + "/").read().decode())
+    assert token, "no CSRF token on the login page"
+    opener.open(base + "/login", urllib.parse.urlencode(
+        {"csrf": token.group(1), "user": user, "password": password}).encode()).read()
+    return opener
+
+
 def median_ms(times: list[float]) -> float:
     return round(statistics.median(times) * 1000, 2)
 
@@ -83,26 +106,14 @@ def main() -> int:
         msg = {"online": i % 17 != 0, "ts": now - (i % 400) * 1000, "role": "gate", "sw": "0.1.0",
                "lv": 3, "cv": 1, "backlog": i % 150, "oldest_ms": now - (i % 700) * 1000,
                "readers": {"entry": "ok" if i % 23 else "lost", "exit": "ok"},
-               "tq": "synced" if i % 31 else "drifting"}
+               "tq": "synced" if i % 31 else "drifting", "disk": "ok" if i % 29 else "low"}
         topic = f"ccus/v1/{site}/gate-{i:04d}/state"
         states[topic] = cbor2.dumps(msg)
         bridge.feed(topic, states[topic], retain=True)
     app = build_app(Config(str(path), tmp / "users.toml", "bench-secret", secure_cookies=False),
                     bridge)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    th = threading.Thread(target=server.run, daemon=True)
-    th.start()
-    while not server.started:
-        time.sleep(0.05)
-    base = f"http://127.0.0.1:{port}"
-    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(CookieJar()))
-    token = re.search(r'name="csrf" value="([^"]+)"', opener.open(base + "/").read().decode())
-    assert token
-    opener.open(base + "/login", urllib.parse.urlencode(
-        {"csrf": token.group(1), "user": "op", "password": password}).encode()).read()
+    server, th, base = serve(app)
+    opener = login(base, "op", password)
 
     store = open_store(path)
     sites = sorted({d.site for d in store.work_history(None, bench_sink.MONTHS[-1])})[:50]

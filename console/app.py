@@ -22,7 +22,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
-from markupsafe import Markup
+from markupsafe import Markup, escape
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
@@ -38,7 +38,7 @@ from cloud_sink.reports import output, shape
 from cloud_sink.store import Store, open_store
 from cloud_sink.workday import JST, local_time, work_day
 from console import auth, i18n, scope, views
-from console.live import Bridge
+from console.live import Bridge, drain
 from console.users import User, load
 from ops import fleet
 
@@ -53,6 +53,7 @@ HEADERS = {
 }
 FLEET_THROTTLE_S = 0.5   # at most two fleet redraws a second per browser
 PING_S = 15.0
+LIVE_BATCH = 200         # touches per live SSE event at most (what is queued already, no waiting)
 
 
 @dataclass
@@ -280,17 +281,27 @@ def build_app(cfg: Config, bridge: Bridge) -> Starlette:
         tmpl = env.get_template("_touch_row.html")
 
         async def stream(lst: Any) -> AsyncIterator[str]:
+            shown_dropped = 0
             while True:
                 try:
-                    kind, t = await asyncio.wait_for(lst.queue.get(), PING_S)
+                    first = await asyncio.wait_for(lst.queue.get(), PING_S)
                 except TimeoutError:
                     yield ": ping\n\n"
                     continue
-                if denials and t.decision.value != "deny":
-                    continue
-                yield sse("touch", tmpl.render(t=lambda k: i18n.t(k, lang), lang=lang,
-                                               reason_words=i18n.reason,
-                                               passage_words=i18n.passage, r=views.touch_row(t)))
+                batch = [t for _kind, t in drain(lst.queue, first, LIVE_BATCH)
+                         if not denials or t.decision.value == "deny"]
+                out = ""
+                if batch:
+                    # newest first: the page prepends each event (hx-swap="afterbegin")
+                    out = sse("touch", "\n".join(
+                        tmpl.render(t=lambda k: i18n.t(k, lang), lang=lang,
+                                    reason_words=i18n.reason, passage_words=i18n.passage,
+                                    r=views.touch_row(t)) for t in reversed(batch)))
+                if lst.dropped != shown_dropped:
+                    shown_dropped = lst.dropped
+                    out += sse("dropped", escape(i18n.t("dropped", lang).format(n=shown_dropped)))
+                if out:
+                    yield out
         return sse_response(stream, site)
 
     @page("onsite")
@@ -317,7 +328,9 @@ def build_app(cfg: Config, bridge: Bridge) -> Starlette:
     @page("work_history")
     async def wh_page(req: Request, user: User) -> Response:
         g = await wh_grid(req)
-        return render(req, "work_history.html", user=user, g=g, site=g.site, month=g.month)
+        rows_html = Markup(views.grid_rows_html(g, lang_of(req)))
+        return render(req, "work_history.html", user=user, g=g, site=g.site, month=g.month,
+                      rows_html=rows_html)
 
     @page("work_history")
     async def wh_csv(req: Request, user: User) -> Response:
@@ -438,7 +451,11 @@ def build_app(cfg: Config, bridge: Bridge) -> Starlette:
                     "counts": s.counts()}
         data = await read(gather)
         lists = [views.manifest_row(t, p) for t, p in sorted(bridge.manifest_snapshot().items())]
-        return render(req, "ops.html", user=user, lists=lists, local_time=local_time, **data)
+        configs, acks = bridge.config_snapshot()
+        devices = [(r.site, r.dev) for r in fleet.fleet(bridge.snapshot(), cfg.now_ms())]
+        pushes = views.config_rows(configs, acks, devices)
+        return render(req, "ops.html", user=user, lists=lists, local_time=local_time,
+                      pushes=pushes, **data)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:

@@ -1,11 +1,13 @@
-"""The console's MQTT link: retained device state (the fleet), list manifests, and the touch
-stream, fanned out to the browsers' server-sent-event queues.
+"""The console's MQTT link: retained device state (the fleet), list manifests, retained config
+pushes and their acks (the operations page), and the touch stream, fanned out to the browsers'
+server-sent-event queues.
 
 Plain (non-shared) subscriptions: the console sees every touch without taking any from the
 sinks' $share group. Retained touches are ignored (the sink drops them too); a touch sent
 again (same device and seq, until the sink acknowledges it) shows once. paho's thread hands
 messages to asyncio queues with call_soon_threadsafe; a slow browser loses touches (its queue
-is bounded), never the broker connection.
+is bounded, QUEUE_MAX), never the broker connection, and each listener counts what it lost
+(`Listener.dropped`) so the live page can say so.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class Listener:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[Any]
     site: str | None          # touches of this site; None: fleet changes only
+    dropped: int = 0          # items not queued because the queue was full (a slow browser)
 
 
 class Bridge:
@@ -43,6 +46,8 @@ class Bridge:
     def __init__(self) -> None:
         self.states: dict[str, bytes] = {}
         self.manifests: dict[str, bytes] = {}
+        self.configs: dict[str, bytes] = {}    # retained config pushes (site-wide and per device)
+        self.acks: dict[str, bytes] = {}       # retained config acknowledgements, per device
         self.version = 0
         self._lock = threading.Lock()
         self._listeners: set[Listener] = set()
@@ -52,6 +57,14 @@ class Bridge:
 
     # -- input (paho's thread, or a test) --------------------------------------------------
     def feed(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        kept = self._retained_config(topic)
+        if kept is not None:
+            with self._lock:
+                if payload:
+                    kept[topic] = payload
+                else:
+                    kept.pop(topic, None)   # a cleared retained push or ack
+            return
         where = topics.parse_device_topic(topic)
         if where is None:
             if topic.startswith(topics.LIST_ROOT) and topic.endswith("/snapshot/manifest"):
@@ -88,11 +101,21 @@ class Bridge:
             self.touches_seen += 1
             self._send(lambda lst: lst.site == site, ("touch", t))
 
+    def _retained_config(self, topic: str) -> dict[str, bytes] | None:
+        """Which map keeps this topic: config acks, config pushes (`_site` included, which
+        parse_device_topic refuses as a device id), or None for any other topic."""
+        if topics.parse_config_ack(topic) is not None:
+            return self.acks
+        parts = topic.split("/")
+        if len(parts) == 5 and parts[4] == topics.CONFIG and topic.startswith(topics.PREFIX + "/"):
+            return self.configs
+        return None
+
     def _send(self, want: Callable[[Listener], bool], item: Any) -> None:
         with self._lock:
             targets = [lst for lst in self._listeners if want(lst)]
         for lst in targets:
-            lst.loop.call_soon_threadsafe(_offer, lst.queue, item)
+            lst.loop.call_soon_threadsafe(_offer, lst, item)
 
     # -- listeners (the event loop) --------------------------------------------------------
     def listen(self, site: str | None) -> Listener:
@@ -113,9 +136,15 @@ class Bridge:
         with self._lock:
             return dict(self.manifests)
 
+    def config_snapshot(self) -> tuple[dict[str, bytes], dict[str, bytes]]:
+        """(retained config pushes, retained config acks), topic -> payload."""
+        with self._lock:
+            return dict(self.configs), dict(self.acks)
+
     # -- the broker ------------------------------------------------------------------------
     def start(self, opts: BrokerOpts, client_id: str = "") -> None:
-        filters = [(topics.every(topics.STATE), 1), (topics.ALL_TOUCHES, 0), (MANIFESTS, 1)]
+        filters = [(topics.every(topics.STATE), 1), (topics.ALL_TOUCHES, 0), (MANIFESTS, 1),
+                   (topics.every(topics.CONFIG), 1), (topics.every(topics.CONFIG_ACK), 1)]
         self.client = connect(opts, client_id,
                               on_message=lambda m: self.feed(m.topic, bytes(m.payload), bool(m.retain)))
         sub = self.client.subscribe(filters)
@@ -133,6 +162,18 @@ class Bridge:
             self.client = None
 
 
-def _offer(q: asyncio.Queue[Any], item: Any) -> None:
-    if not q.full():
-        q.put_nowait(item)
+def _offer(lst: Listener, item: Any) -> None:
+    if lst.queue.full():
+        lst.dropped += 1
+    else:
+        lst.queue.put_nowait(item)
+
+
+def drain(q: asyncio.Queue[Any], first: Any, limit: int) -> list[Any]:
+    """`first` and whatever else is queued already, up to `limit` items, oldest first: the live
+    stream sends one SSE event per batch, not per touch (at 1,000 touches/s a write and an
+    htmx swap per touch is what falls behind)."""
+    out = [first]
+    while len(out) < limit and not q.empty():
+        out.append(q.get_nowait())
+    return out

@@ -71,6 +71,32 @@ def grid(site: str, month: str, days: list[WorkDay]) -> Grid:
     return Grid(site, month, dates, techs, cells)
 
 
+def grid_rows_html(g: Grid, lang: str) -> str:
+    """The work-history grid's body rows as HTML, built here rather than in Jinja2: a site-month
+    is ~40 technicians x 30 days, and the template's per-cell calls and escaping made the page
+    1.52x the report (bench/bench_console.py); this keeps it within 1.5x. Every value goes
+    through html.escape; the markup is the template's (tests/test_console_e2e.py reads it)."""
+    from html import escape
+
+    l_entry, l_exit, l_missing = (escape(i18n.t(k, lang)) for k in ("entry", "exit", "missing"))
+    month = escape(g.month, quote=True)
+    out = []
+    for i, tech in enumerate(g.technicians):
+        te = escape(tech, quote=True)
+        cells = []
+        for d, c in zip(g.dates, g.cells[i], strict=True):
+            if c is None:
+                cells.append("<td></td>")
+                continue
+            en = escape(c.entry) if c.entry else l_missing
+            ex = escape(c.exit) if c.exit else l_missing
+            cells.append(f'<td class="{"miss" if c.missing else "ok"}" data-date="{d}" '
+                         f'title="{l_entry} {en} / {l_exit} {ex}">{escape(c.text)}</td>')
+        out.append(f'<tr data-technician="{te}"><th><a href="/technicians/{te}?month={month}">'
+                   f'{te}</a></th>\n{"".join(cells)}\n<td class="num">{g.days(i)}</td></tr>')
+    return "\n".join(out)
+
+
 def on_site(days: list[WorkDay], site: str, day: str) -> list[dict[str, Any]]:
     """Who entered on `day` and has no exit after their first entry, earliest first.
     The work history keeps only the first entry and the last exit, so someone who tapped out
@@ -178,6 +204,76 @@ def fleet_rows_html(rows: list[Any], now_ms: int, lang: str) -> str:
             f"<td>{v(getattr(r, 'disk', None))}</td>"
             f'<td class="problems">{escape(", ".join(r.problems)) or ok}</td></tr>')
     return "\n".join(out)
+
+
+def _cbor_map(payload: bytes) -> dict[str, Any]:
+    import cbor2
+    try:
+        doc = cbor2.loads(payload)
+    except Exception:  # an unreadable retained payload is shown as '?', not a crash
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _sealed_body(payload: bytes) -> dict[str, Any]:
+    """The body of a signed envelope {v, kid, sig, body} without verifying it: the console holds
+    no operator key (the devices verify); {} for anything it cannot read."""
+    body = _cbor_map(payload).get("body")
+    return _cbor_map(body) if isinstance(body, bytes) else {}
+
+
+def _int(v: Any) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def config_rows(configs: dict[str, bytes], acks: dict[str, bytes],
+                devices: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """Config pushes and their acknowledgements per device, from the retained topics: the push
+    that applies to a device is the newer of its own and its site's (versions are issue times,
+    docs/config.md), its ack the device's retained config/ack. status: applied (the ack names
+    that version and says applied), refused (it names it and says anything else), waiting (no
+    ack for it yet). An ack is attributed to its topic's device, as ops.configpush does.
+    `devices` (the fleet's) adds the devices a site-wide push is waiting for."""
+    from protocol import topics
+
+    pushed: dict[tuple[str, str], dict[str, Any]] = {}   # (site, dev or _site) -> push
+    for topic, payload in configs.items():
+        parts = topic.split("/")
+        doc = _sealed_body(payload)
+        pushed[(parts[2], parts[3])] = {"version": _int(doc.get("version")),
+                                        "issued_ms": _int(doc.get("issued_ms"))}
+    got: dict[tuple[str, str], dict[str, Any]] = {}
+    for topic, payload in acks.items():
+        where = topics.parse_config_ack(topic)
+        if where is not None:
+            got[where] = _cbor_map(payload)
+    keys = {k for k in pushed if k[1] != topics.SITE_LEVEL} | set(got)
+    keys |= {d for d in devices if (d[0], topics.SITE_LEVEL) in pushed}
+    out = []
+    for site, dev in sorted(keys):
+        own, whole = pushed.get((site, dev)), pushed.get((site, topics.SITE_LEVEL))
+        cands = [(p["version"], scope, p) for scope, p in (("device", own), ("site", whole))
+                 if p is not None and p["version"] is not None]
+        version, scope, push = max(cands, key=lambda c: c[0]) if cands else (None, "-", {})
+        ack = got.get((site, dev), {})
+        acked = _int(ack.get("version"))
+        result = str(ack.get("result", "")) if ack else ""
+        status = ("waiting" if version is None or acked != version
+                  else "applied" if result == "applied" else "refused")
+        if version is None and ack:
+            status = "applied" if result == "applied" else "refused"
+        issued, ts = push.get("issued_ms"), _int(ack.get("ts"))
+        out.append({"site": site, "device": dev, "scope": scope,
+                    "version": "-" if version is None else version,
+                    "issued": local_time(issued) if issued is not None and 0 <= issued < 1 << 48
+                    else "-",
+                    "acked": "-" if acked is None else acked, "result": result or "-",
+                    "reason": str(ack.get("reason") or ""), "cv": ack.get("cv", "-"),
+                    "ack_time": local_time(ts) if ts is not None and 0 <= ts < 1 << 48 else "-",
+                    "status": status})
+    # problems first, as the fleet: refused, then waiting, then applied
+    rank = {"refused": 0, "waiting": 1, "applied": 2}
+    return sorted(out, key=lambda r: rank[r["status"]])
 
 
 def manifest_row(topic: str, payload: bytes) -> dict[str, Any]:

@@ -147,6 +147,21 @@ def test_the_grid_is_the_report_and_its_csv_the_grid() -> None:
     rep = shape.work_history([d for d in days if d.site == SITE])
     assert {(r["technician"], r["work_day"]) for r in rep} == {
         (t, g.dates[j]) for i, t in enumerate(g.technicians) for j, x in enumerate(g.cells[i]) if x}
+    # the page's rows (built in Python, not Jinja2): one dated cell per report row, in its column
+    html = views.grid_rows_html(g, "ja")
+    import re
+    assert re.findall(r'data-technician="(\d+)"', html) == g.technicians
+    assert sorted(re.findall(r'data-date="([\d-]+)"[^>]*>([^<]+)</td>', html)) == sorted(
+        (r["work_day"], f"{r['entry'] or '?'}-{r['exit'] or '?'}") for r in rep)
+    assert 'class="miss" data-date="2026-11-27" title="入場 打刻なし / 退場 17:00"' in html
+    assert html.count('<td class="num">2</td>') == 1 and html.count("<td></td>") == 60 - 3
+
+
+def test_grid_rows_escape() -> None:
+    g = views.Grid(SITE, "2026-11", ["2026-11-01"], ['<b>"x'], [[views.Cell("<i>", "", False, True)]])
+    html = views.grid_rows_html(g, "en")
+    assert "<b>" not in html and "<i>" not in html and "&lt;b&gt;&quot;x" in html
+    assert "&lt;i&gt;-?" in html
 
 
 def test_on_site_now() -> None:
@@ -224,6 +239,74 @@ def test_the_bridge_keeps_state_and_routes_touches_by_site() -> None:
     asyncio.run(main())
 
 
+def test_a_full_queue_counts_what_it_drops_and_drain_batches() -> None:
+    from console import live
+
+    async def main() -> None:
+        b = Bridge()
+        here = b.listen(SITE)
+        for seq in range(1, live.QUEUE_MAX + 6):
+            b.feed(topics.touch(SITE, "gate-01"), encode(touch(seq)))
+        await asyncio.sleep(0.05)
+        assert here.queue.full() and here.dropped == 5
+        first = here.queue.get_nowait()
+        batch = live.drain(here.queue, first, 300)
+        assert [t.seq for _k, t in batch] == list(range(1, 301))      # oldest first, capped
+        rest = live.drain(here.queue, here.queue.get_nowait(), 10_000)
+        assert len(rest) == live.QUEUE_MAX - 300 and here.queue.empty()
+    asyncio.run(main())
+
+
+def test_the_bridge_keeps_retained_config_pushes_and_acks() -> None:
+    b = Bridge()
+    push, ack = topics.site_config(SITE), topics.config_ack(SITE, "gate-01")
+    b.feed(push, b"envelope", retain=True)
+    b.feed(ack, cbor2.dumps({"version": 1}), retain=True)
+    b.feed(topics.config(SITE, "gate-02"), b"e2", retain=True)
+    assert b.config_snapshot() == ({push: b"envelope", topics.config(SITE, "gate-02"): b"e2"},
+                                   {ack: cbor2.dumps({"version": 1})})
+    assert b.snapshot() == {}                        # not taken for a device state
+    b.feed(push, b"", retain=True)
+    b.feed(ack, b"", retain=True)
+    assert b.config_snapshot() == ({topics.config(SITE, "gate-02"): b"e2"}, {})
+
+
+def test_config_rows_pair_each_device_with_its_push_and_ack() -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from edge import config_apply
+
+    key = Ed25519PrivateKey.generate()
+    issued = jst_ms(2026, 11, 26, 9)
+
+    def env(dev: str, version: int) -> bytes:
+        return config_apply.encode(key, version=version, site=SITE, dev=dev, body={},
+                                   issued_ms=issued)
+
+    def ack(version: int, result: str = "applied", **kw: object) -> bytes:
+        return cbor2.dumps({"v": 1, "site": SITE, "dev": "x", "version": version,
+                            "result": result, "reason": kw.get("reason", ""), "cv": version,
+                            "ts": issued + 5000})
+    configs = {topics.site_config(SITE): env(config_apply.SITE_LEVEL, 20),
+               topics.config(SITE, "gate-01"): env("gate-01", 30),     # newer than the site's
+               topics.config(SITE, "gate-02"): env("gate-02", 10)}     # older: the site's applies
+    acks = {topics.config_ack(SITE, "gate-01"): ack(30),
+            topics.config_ack(SITE, "gate-02"): ack(20, "refused", reason="protected"),
+            topics.config_ack(SITE, "gate-03"): ack(10),              # an older version
+            topics.config_ack(SITE, "gate-09"): b"\xff"}              # unreadable
+    rows = views.config_rows(configs, acks, [(SITE, "gate-04"), ("13100000000002", "gate-05")])
+    by = {r["device"]: r for r in rows}
+    assert set(by) == {"gate-01", "gate-02", "gate-03", "gate-04", "gate-09"}
+    assert (by["gate-01"]["scope"], by["gate-01"]["version"], by["gate-01"]["status"]) == (
+        "device", 30, "applied")
+    assert (by["gate-02"]["scope"], by["gate-02"]["version"], by["gate-02"]["status"],
+            by["gate-02"]["reason"]) == ("site", 20, "refused", "protected")
+    assert (by["gate-03"]["acked"], by["gate-03"]["status"]) == (10, "waiting")
+    assert (by["gate-04"]["acked"], by["gate-04"]["status"]) == ("-", "waiting")  # the fleet's
+    assert by["gate-09"]["status"] == "waiting" and by["gate-01"]["issued"] == "09:00"
+    assert [r["status"] for r in rows][0] == "refused"               # problems first
+
+
 def test_fleet_rows_escape_and_show_problems() -> None:
     from ops import fleet
 
@@ -231,13 +314,14 @@ def test_fleet_rows_escape_and_show_problems() -> None:
     msgs = {topics.state(SITE, "gate-01"): cbor2.dumps(
         {"online": True, "ts": now, "sw": "<script>", "lv": 1, "cv": 2, "backlog": 500,
          "readers": {"entry": "lost", "<b>": "ok"}, "tq": "synced",
-         "gate": {"board": "lost"}}),
+         "gate": {"board": "lost"}, "disk": "low"}),
         topics.state(SITE, "gate-02"): cbor2.dumps({"online": False, "ts": now - 60_000})}
     html = views.fleet_rows_html(fleet.fleet(msgs, now), now, "ja")
     assert "<script>" not in html and "&lt;script&gt;" in html and "&lt;b&gt;:ok" in html
     assert html.count("<tr ") == 2 and "backlog 500" in html and "reader entry lost" in html
     assert "オフライン" in html and "badc" in html
     assert "<td>lost</td>" in html and "gate board lost" in html   # the board's health
+    assert "<td>low</td>" in html and "disk low" in html            # the outbox's disk
 
 
 def test_manifest_rows_read_the_signed_envelope_or_say_what_they_cannot() -> None:
