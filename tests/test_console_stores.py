@@ -50,11 +50,12 @@ def day_touches() -> list:
 
 
 @contextmanager
-def serving(store_url: str, tmp: Path) -> Iterator[urllib.request.OpenerDirector]:
+def serving(store_url: str, tmp: Path,
+            bridge: Bridge | None = None) -> Iterator[urllib.request.OpenerDirector]:
     users.save(tmp / "users.toml", {"op": users.User("op", "operator",
                                                      auth.hash_password(PASSWORD))})
     app = build_app(Config(store_url, tmp / "users.toml", "test-secret", secure_cookies=False),
-                    Bridge())
+                    bridge or Bridge())
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
