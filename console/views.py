@@ -231,8 +231,9 @@ def config_rows(configs: dict[str, bytes], acks: dict[str, bytes],
     """Config pushes and their acknowledgements per device, from the retained topics: the push
     that applies to a device is the newer of its own and its site's (versions are issue times,
     docs/config.md), its ack the device's retained config/ack. status: applied (the ack names
-    that version and says applied), refused (it names it and says anything else), waiting (no
-    ack for it yet). An ack is attributed to its topic's device, as ops.configpush does.
+    that version and says applied), refused (it names it and says anything else, or names no
+    version, as for a bad signature, and came after the push), waiting (no ack for it yet).
+    An ack is attributed to its topic's device, as ops.configpush does.
     `devices` (the fleet's) adds the devices a site-wide push is waiting for."""
     from protocol import topics
 
@@ -258,11 +259,16 @@ def config_rows(configs: dict[str, bytes], acks: dict[str, bytes],
         ack = got.get((site, dev), {})
         acked = _int(ack.get("version"))
         result = str(ack.get("result", "")) if ack else ""
+        issued, ts = push.get("issued_ms"), _int(ack.get("ts"))
         status = ("waiting" if version is None or acked != version
                   else "applied" if result == "applied" else "refused")
         if version is None and ack:
             status = "applied" if result == "applied" else "refused"
-        issued, ts = push.get("issued_ms"), _int(ack.get("ts"))
+        # a push the device cannot verify is refused by an ack naming no version (it could not
+        # read one): it answers this push when it came after the push was issued
+        if (acked is None and ack and result == "refused" and ts is not None
+                and issued is not None and ts >= issued):
+            status = "refused"
         out.append({"site": site, "device": dev, "scope": scope,
                     "version": "-" if version is None else version,
                     "issued": local_time(issued) if issued is not None and 0 <= issued < 1 << 48

@@ -408,6 +408,39 @@ def test_csrf_and_the_login_rate_limit(site: Site, browser: Any) -> None:
     ctx.close()
 
 
+def test_a_config_push_and_its_ack_show_on_the_operations_page(site: Site, browser: Any) -> None:
+    """A push signed by a key the agents do not trust: the real agent refuses it and answers on
+    its retained config/ack; the operations page pairs the two for gate-01."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from edge import config_apply
+    from protocol import topics
+
+    assert site.run.broker is not None
+    version = int(time.time() * 1000)
+    envelope = config_apply.encode(Ed25519PrivateKey.generate(), version=version, site=SITE,
+                                   dev="gate-01", body={})
+    client = connect(BrokerOpts("127.0.0.1", site.run.broker.port), "console-test-push")
+    page = login(browser, site, "op")
+    try:
+        publish(client, topics.config(SITE, "gate-01"), envelope, retain=True)
+        row = page.locator("#pushes tr[data-device='gate-01']")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:     # the page reads the retained topics on load
+            page.goto(f"{site.url}/ops")
+            if row.count() and row.get_attribute("data-status") == "refused":
+                break
+            time.sleep(0.3)
+        assert row.get_attribute("data-status") == "refused", row.inner_text()
+        text = row.inner_text()
+        assert str(version) in text and "拒否" in text
+    finally:
+        publish(client, topics.config(SITE, "gate-01"), b"", retain=True)
+        client.disconnect()
+        client.loop_stop()
+    page.context.close()
+
+
 def test_the_session_cookie_is_secure_httponly_and_strict(site: Site, browser: Any) -> None:
     page = login(browser, site, "op")
     cookie = next(c for c in page.context.cookies() if c["name"] == "ccus_console")

@@ -283,20 +283,28 @@ def test_config_rows_pair_each_device_with_its_push_and_ack() -> None:
         return config_apply.encode(key, version=version, site=SITE, dev=dev, body={},
                                    issued_ms=issued)
 
-    def ack(version: int, result: str = "applied", **kw: object) -> bytes:
+    def ack(version: int | None, result: str = "applied", **kw: object) -> bytes:
         return cbor2.dumps({"v": 1, "site": SITE, "dev": "x", "version": version,
-                            "result": result, "reason": kw.get("reason", ""), "cv": version,
-                            "ts": issued + 5000})
+                            "result": result, "reason": kw.get("reason", ""), "cv": 1,
+                            "ts": kw.get("ts", issued + 5000)})
     configs = {topics.site_config(SITE): env(config_apply.SITE_LEVEL, 20),
                topics.config(SITE, "gate-01"): env("gate-01", 30),     # newer than the site's
-               topics.config(SITE, "gate-02"): env("gate-02", 10)}     # older: the site's applies
+               topics.config(SITE, "gate-02"): env("gate-02", 10),     # older: the site's applies
+               topics.config(SITE, "gate-05"): env("gate-05", 40),
+               topics.config(SITE, "gate-06"): env("gate-06", 40)}
     acks = {topics.config_ack(SITE, "gate-01"): ack(30),
             topics.config_ack(SITE, "gate-02"): ack(20, "refused", reason="protected"),
             topics.config_ack(SITE, "gate-03"): ack(10),              # an older version
-            topics.config_ack(SITE, "gate-09"): b"\xff"}              # unreadable
+            topics.config_ack(SITE, "gate-09"): b"\xff",             # unreadable
+            # a bad signature: the ack names no version; after the push it answers it
+            topics.config_ack(SITE, "gate-05"): ack(None, "refused", reason="bad_signature"),
+            topics.config_ack(SITE, "gate-06"): ack(None, "refused", ts=issued - 1)}
     rows = views.config_rows(configs, acks, [(SITE, "gate-04"), ("13100000000002", "gate-05")])
     by = {r["device"]: r for r in rows}
-    assert set(by) == {"gate-01", "gate-02", "gate-03", "gate-04", "gate-09"}
+    assert set(by) == {"gate-01", "gate-02", "gate-03", "gate-04", "gate-05", "gate-06",
+                       "gate-09"}
+    assert (by["gate-05"]["status"], by["gate-05"]["reason"]) == ("refused", "bad_signature")
+    assert by["gate-06"]["status"] == "waiting"                      # an older answer
     assert (by["gate-01"]["scope"], by["gate-01"]["version"], by["gate-01"]["status"]) == (
         "device", 30, "applied")
     assert (by["gate-02"]["scope"], by["gate-02"]["version"], by["gate-02"]["status"],
