@@ -160,7 +160,7 @@ def test_the_grid_is_the_report_and_its_csv_the_grid() -> None:
 def test_grid_rows_escape() -> None:
     g = views.Grid(SITE, "2026-11", ["2026-11-01"], ['<b>"x'], [[views.Cell("<i>", "", False, True)]])
     html = views.grid_rows_html(g, "en")
-    assert "<b>" not in html and "<i>" not in html and "&lt;b&gt;&quot;x" in html
+    assert "<b>" not in html and "<i>" not in html and "&lt;b&gt;&#34;x" in html
     assert "&lt;i&gt;-?" in html
 
 
