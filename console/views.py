@@ -203,12 +203,21 @@ def fleet_rows_html(rows: list[Any], now_ms: int, lang: str) -> str:
         return "-" if x is None or x == "" else escape(x)
 
     on, off, ok = t("online"), t("offline"), t("ok")
+    minutes: dict[int, str] = {}
+
+    def hhmm(ms: int) -> str:
+        # 'HH:MM' depends on the minute only (JST is a whole-hour offset): 1,000 devices seen in
+        # the last minutes share a few strftime calls
+        m = ms // 60_000
+        if m not in minutes:
+            minutes[m] = local_time(m * 60_000)
+        return minutes[m]
     out = []
     for r in rows:
         readers = " ".join(
             f'<span class="{"okc" if h == "ok" else "badc"}">{escape(n)}:{escape(h)}</span>'
             for n, h in sorted(r.readers.items())) or "-"
-        seen = local_time(r.last_seen_ms) if r.last_seen_ms else "-"
+        seen = hhmm(r.last_seen_ms) if r.last_seen_ms else "-"
         out.append(
             f'<tr class="{"bad" if r.problems else "good"}" data-device="{escape(r.dev)}">'
             f"<td>{escape(r.site)}</td><td>{escape(r.dev)}</td><td>{v(r.role)}</td>"
