@@ -87,10 +87,28 @@ def test_sigterm_stops_the_board_too(tmp_path: Path) -> None:
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert p.stdout
     assert p.stdout.readline().startswith("board (gate) on /dev/")
-    boards = subprocess.run(["pgrep", "-f", "run_board.py"], capture_output=True, text=True)
-    assert boards.stdout.split(), "no board process"
+    boards = _descendants(p.pid)  # this command's board (the micropython process tree)
+    assert boards, "no board process"
     p.terminate()
     assert p.wait(timeout=20) == 0
-    assert poll_until(lambda: not any(
-        Path(f"/proc/{pid}").exists() for pid in boards.stdout.split()), 10.0), \
+    assert poll_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in boards), 10.0), \
         "the board outlived its command"
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (from /proc: the parent of each)."""
+    parent: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(stat.parent.name)] = int(fields[1])
+    out: set[int] = set()
+    todo = [pid]
+    while todo:
+        here = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == here and c not in out]
+        out.update(kids)
+        todo += kids
+    return out
