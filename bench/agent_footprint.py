@@ -21,6 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from broker.launcher import PrivateBroker  # noqa: E402
+from sim.agent_config import gate_agent_toml  # noqa: E402
+from sim.nfc_card import free_udp_port  # noqa: E402
 
 # The agent's import path, as `ccus agent` walks it: the command line parsed, then the agent.
 AGENT_PATH = ("import contextlib, io, ccus.cli\n"
@@ -79,22 +81,9 @@ def main() -> None:
         t = Path(tmp)
         (t / "list.csv").write_text("tid,status,level,cards\n10000000000001,active,1,0102030405060708\n")
         conf = t / "agent.toml"
-        conf.write_text(f"""
-[device]
-id = "gate-fp"
-site = "13100000000002"
-data_dir = "{t / 'data'}"
-[mqtt]
-host = "{b.host}"
-port = {b.port}
-tls = false
-[idlist]
-path = "{t / 'list.csv'}"
-[[readers]]
-name = "entry"
-path = "udp:127.0.0.1:{_free_udp_port()}"
-targets = ["212F"]
-""")
+        conf.write_text(gate_agent_toml(dev="gate-fp", site="13100000000002", data_dir=t / "data",
+                                        host=b.host, port=b.port, list_path=t / "list.csv",
+                                        udp_port=free_udp_port()))
         proc = subprocess.Popen([sys.executable, "-m", "ccus.cli", "agent", "--config", str(conf)],
                                 cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
@@ -106,14 +95,6 @@ targets = ["212F"]
             proc.terminate()
             proc.wait(15)
     print(json.dumps(out))
-
-
-def _free_udp_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from cloud_sink.store import SqliteStore
 from demo.site_day import card_of, write_idlist_csv
 from edge.idlist import Entry, Status
 from protocol import topics
+from sim.agent_config import gate_agent_toml
 from sim.nfc_card import CardField, free_udp_port
 
 SITE = "13100000000002"
@@ -46,22 +47,9 @@ def test_agent_process(broker: PrivateBroker, tmp_path: Path) -> None:
     write_idlist_csv(tmp_path / "list.csv", [Entry("10000000000001", Status.ACTIVE,
                                                    cards=(card_of(1).ident,))])
     conf = tmp_path / "agent.toml"
-    conf.write_text(f"""
-[device]
-id = "gate-proc"
-site = "{SITE}"
-data_dir = "{tmp_path / 'data'}"
-[mqtt]
-host = "{broker.host}"
-port = {broker.port}
-tls = false
-[idlist]
-path = "{tmp_path / 'list.csv'}"
-[[readers]]
-name = "entry"
-path = "udp:127.0.0.1:{port}"
-targets = ["212F"]
-""")
+    conf.write_text(gate_agent_toml(dev="gate-proc", site=SITE, data_dir=tmp_path / "data",
+                                    host=broker.host, port=broker.port,
+                                    list_path=tmp_path / "list.csv", udp_port=port))
     store = SqliteStore(tmp_path / "store.sqlite")
     sink = Sink(store, broker.host, broker.port, client_id="sink-proc")
     sink.start()

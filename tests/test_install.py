@@ -21,6 +21,7 @@ from demo.site_day import card_of, write_idlist_csv
 from edge.idlist import Entry, Status
 from protocol import topics
 from protocol.touch import decode
+from sim.agent_config import gate_agent_toml
 from sim.nfc_card import CardField, free_udp_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,22 +81,9 @@ def test_agent_from_the_base_install_publishes_a_tap(agent_venv: Path, tmp_path:
                      [Entry("10000000000001", Status.ACTIVE, cards=(card_of(1).ident,))])
     with PrivateBroker(tmp_path / "broker") as b:
         conf = tmp_path / "agent.toml"
-        conf.write_text(f"""
-[device]
-id = "gate-pip"
-site = "{SITE}"
-data_dir = "{tmp_path / 'data'}"
-[mqtt]
-host = "{b.host}"
-port = {b.port}
-tls = false
-[idlist]
-path = "{tmp_path / 'list.csv'}"
-[[readers]]
-name = "entry"
-path = "udp:127.0.0.1:{port}"
-targets = ["212F"]
-""")
+        conf.write_text(gate_agent_toml(dev="gate-pip", site=SITE, data_dir=tmp_path / "data",
+                                        host=b.host, port=b.port, list_path=tmp_path / "list.csv",
+                                        udp_port=port))
         got: list[bytes] = []
         c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         c.on_message = lambda cl, u, m: got.append(bytes(m.payload))
