@@ -26,8 +26,9 @@ words = st.integers(0, 0x1FF)
 
 
 def _model():
-    # the mpy script holds the PIO shift-register model; import it without running main()
-    src = SCRIPT.read_text().replace("\nmain()\n", "\n").replace("\nimport mdb_bits\n", "\n")
+    # the mpy script holds the PIO shift-register model; import it without running its tests
+    src = (SCRIPT.read_text().replace("\nrun(TESTS)\n", "\n").replace("\nimport mdb_bits\n", "\n")
+           .replace("\nfrom mpy_runner import run\n", "\n"))
     mod = types.ModuleType("mdb_bits_mpy")
     mod.mdb_bits = mdb_bits  # type: ignore[attr-defined]
     exec(compile(src, str(SCRIPT), "exec"), mod.__dict__)

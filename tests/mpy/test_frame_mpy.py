@@ -5,10 +5,10 @@ Prints one "PASS <name>" per test and "ALL OK <n>" at the end; any failure exits
 """
 
 import os
-import sys
 
 import frame
 import journal
+from mpy_runner import run
 
 
 class Rng:
@@ -203,20 +203,4 @@ TESTS = [
 ]
 
 
-def main():
-    failed = 0
-    for t in TESTS:
-        try:
-            t()
-            print("PASS", t.__name__)
-        except Exception as e:
-            failed += 1
-            print("FAIL", t.__name__, repr(e))
-            sys.print_exception(e) if hasattr(sys, "print_exception") else None
-    if failed:
-        print("FAILED", failed)
-        sys.exit(1)
-    print("ALL OK", len(TESTS))
-
-
-main()
+run(TESTS)

@@ -6,9 +6,8 @@ Run: MICROPYPATH=firmware:.frozen micropython -X heapsize=192K tests/mpy/test_md
 Prints one "PASS <name>" per test and "ALL OK <n>" at the end; any failure exits 1.
 """
 
-import sys
-
 import mdb_bits
+from mpy_runner import run
 
 
 def wire_bits(word):
@@ -82,19 +81,4 @@ TESTS = [test_pio_rx_every_word, test_pio_tx_every_word, test_out_of_range_is_re
          test_parity_is_the_mode_bit, test_gap_framer_marks_addresses]
 
 
-def main():
-    failed = 0
-    for t in TESTS:
-        try:
-            t()
-            print("PASS", t.__name__)
-        except Exception as e:
-            failed += 1
-            print("FAIL", t.__name__, repr(e))
-    if failed:
-        print("FAILED", failed)
-        sys.exit(1)
-    print("ALL OK", len(TESTS))
-
-
-main()
+run(TESTS)
