@@ -40,24 +40,10 @@ import uvicorn  # noqa: E402
 
 from cloud_sink.reports import output, shape  # noqa: E402
 from cloud_sink.store import open_store  # noqa: E402
-from cloud_sink.stores import migrations  # noqa: E402
 from console import auth, users  # noqa: E402
 from console.app import Config, build_app  # noqa: E402
 from console.live import Bridge  # noqa: E402
 from ops import fleet  # noqa: E402
-
-
-def big_store(target: int) -> tuple[Path, dict[str, object] | None]:
-    cache = Path(tempfile.gettempdir()) / "ccus-bench"
-    cache.mkdir(exist_ok=True)
-    path = cache / f"store-{target}-s{len(migrations.SQLITE)}.sqlite"
-    built = None
-    if not path.exists():
-        partial = path.with_suffix(".building")
-        partial.unlink(missing_ok=True)
-        built = bench_sink.build_big_store(partial, target)
-        partial.rename(path)
-    return path, built
 
 
 def serve(app: object) -> tuple[uvicorn.Server, threading.Thread, str]:
@@ -93,7 +79,7 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=30)
     ap.add_argument("--devices", type=int, default=1000)
     a = ap.parse_args()
-    path, built = big_store(a.touches)
+    path, built = bench_sink.cached_big_store(a.touches)
     tmp = Path(tempfile.mkdtemp(prefix="bench-console-"))
     password = "bench-password-1"
     users.save(tmp / "users.toml", {"op": users.User("op", "operator",

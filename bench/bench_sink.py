@@ -373,8 +373,9 @@ def build_big_store(path: Path, target: int) -> dict[str, object]:
             "index_s": round(time.perf_counter() - t1, 1)}
 
 
-def bench_report(target: int, samples: int = 30) -> dict[str, object]:
-    from cloud_sink.reports import output, shape
+def cached_big_store(target: int) -> tuple[Path, dict[str, object] | None]:
+    """The big store of `target` touches, built once into the temp folder and kept for later
+    runs; -> (path, the build figures, or None when it came from the cache)."""
     from cloud_sink.stores import migrations
 
     cache = Path(tempfile.gettempdir()) / "ccus-bench"
@@ -387,6 +388,13 @@ def bench_report(target: int, samples: int = 30) -> dict[str, object]:
         partial.unlink(missing_ok=True)
         built = build_big_store(partial, target)
         partial.rename(path)
+    return path, built
+
+
+def bench_report(target: int, samples: int = 30) -> dict[str, object]:
+    from cloud_sink.reports import output, shape
+
+    path, built = cached_big_store(target)
     store = open_store(path)
     total = store.counts()["touches"]
     sites = sorted({r[0] for r in sqlite3.connect(path).execute(
