@@ -25,24 +25,20 @@ Rules of this file:
 import asyncio
 import contextlib
 import logging
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from cloud_sink.errors import SinkError
-from cloud_sink.ingest.pipe import frame, read_frame
+from cloud_sink.ingest.pipe import frame, read_frame, start_writer, stop_writer
 from cloud_sink.model import BATCH_MAX, IngestResult, Policy
 from protocol import topics
 from protocol.ack import encode_ack
 
 log = logging.getLogger(__name__)
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ACK_WAIT_S = 10.0          # a fetched touch not acked within this goes to another fetch
 MAX_ACK_PENDING = 20_000   # fetched, not yet acked, over all sinks of the group
 STREAM_MAX_AGE_S = 7 * 86400
@@ -75,27 +71,11 @@ class _Writer:
         self._next = 0
 
     def start(self) -> None:
-        parent, child = socket.socketpair()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([_ROOT, *filter(None, [env.get("PYTHONPATH")])])
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from cloud_sink.ingest.writer import main; main()",
-             str(child.fileno())], pass_fds=[child.fileno()], env=env)
-        child.close()
-        parent.sendall(frame((self.url, self.policy, logging.getLogger().level)))
-        self.sock = parent
+        self.proc, self.sock = start_writer(self.url, self.policy)
 
     def stop(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-        if self.proc is not None:
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.terminate()
-                self.proc.wait(5)
-            self.proc = None
+        stop_writer(self.proc, self.sock)
+        self.proc, self.sock = None, None
 
     def call(self, items: list[tuple[str, bytes]]) -> tuple[Any, ...]:
         """Store one batch; the writer's answer after its commit. A writer that dies is started

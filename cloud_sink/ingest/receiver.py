@@ -36,12 +36,9 @@ Rules of this file:
 
 import contextlib
 import logging
-import os
 import select
 import socket
 import ssl
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -54,14 +51,13 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from cloud_sink.ingest.pipe import ANNOUNCE, frame, take_frames
+from cloud_sink.ingest.pipe import ANNOUNCE, frame, start_writer, stop_writer, take_frames
 from cloud_sink.model import BATCH_MAX, IngestResult, Policy
 from protocol import topics
 from protocol.ack import encode_ack
 
 log = logging.getLogger(__name__)
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PIPELINE = 2            # batches with the writer at once
 # The sink's reconnect backoff. Short on purpose: while no sink is subscribed the broker drops
 # every touch (after a kill -9 Mosquitto has no $share subscription), and devices replay only
@@ -153,32 +149,15 @@ class Sink:
 
     # -- the writer process ---------------------------------------------------------------------
     def _start_writer(self) -> None:
-        parent, child = socket.socketpair()
-        # a fresh interpreter (not multiprocessing: that re-imports the caller's __main__), the
-        # socket as its fd; it ends on EOF, so it never outlives this process for long
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([_ROOT, *filter(None, [env.get("PYTHONPATH")])])
-        self._proc = subprocess.Popen(
-            [sys.executable, "-c", "from cloud_sink.ingest.writer import main; main()",
-             str(child.fileno())], pass_fds=[child.fileno()], env=env)
-        child.close()
-        parent.sendall(frame((self.url, self.policy, logging.getLogger().level)))
+        self._proc, parent = start_writer(self.url, self.policy)
         parent.setblocking(False)
         self._wsock, self._out, self._in = parent, bytearray(), bytearray()
         for b in self._sent.values():  # a restarted writer gets what the old one did not confirm
             self._out += b.frame
 
     def _stop_writer(self) -> None:
-        if self._wsock is not None:
-            self._wsock.close()
-            self._wsock = None
-        if self._proc is not None:
-            try:
-                self._proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self._proc.terminate()
-                self._proc.wait(5)
-            self._proc = None
+        stop_writer(self._proc, self._wsock)
+        self._wsock = self._proc = None
 
     def _writer_lost(self) -> None:
         log.error("sink: the writer process ended (exit %s); starting it again",
