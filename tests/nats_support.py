@@ -23,6 +23,8 @@ from protocol import topics
 from protocol.ack import decode_ack
 from protocol.touch import encode
 
+FAILOVER_S = 30.0  # how long a device keeps trying the other nodes after losing its own
+
 
 class Device311:
     def __init__(self, name: str, ports: list[int], first: int = 0, *,
@@ -136,7 +138,9 @@ class Device311:
                 self._client.loop_stop()
                 self._client = None
             self.node = (self.node + 1) % len(self.ports)
-            self.connect()
+            # after a node's kill -9 the others take MQTT sessions only once JetStream has a new
+            # meta leader: measured ~7 s here, so a 10 s wait failed now and then under load
+            self.connect(timeout=FAILOVER_S)
             return
         with self._lock:
             stalled = self._unacked and time.monotonic() - self._progress > self.e2e_timeout_s
