@@ -57,7 +57,8 @@ def register(sub: Sub) -> None:  # type: ignore[valid-type]
     q.add_argument("--month", required=True, help="YYYY-MM")
     q.add_argument("--site")
     q.add_argument("--by", choices=shape.DAYS_BY,
-                   help="main: 元請一括 (per main contractor, all its sites); first-tier: "
+                   help="main: 元請一括 (per main contractor, all its sites); site: the same rows "
+                   "per site, with the names; first-tier: "
                    "一次下請一括; technician: per technician with the employer")
     q.add_argument("--contractor", help="with --by: one contractor (事業者ID)")
     q.add_argument("--ja", action="store_true", help="Japanese column names (with --by)")

@@ -60,6 +60,20 @@ def test_main_contractor_gets_all_its_sites(db: str, capsys: pytest.CaptureFixtu
         (MAIN, SITE_B, tid(2), "1")]
 
 
+def test_per_site_export_names_site_contractor_and_technician(
+        db: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["report", "days-worked", "--store", db, "--month", "2026-11", "--by", "site"]) == 0
+    got = [(r["site"], r["site_name"], r["contractor"], r["contractor_name"], r["technician"],
+            r["technician_name"], r["days"])
+           for r in csv.DictReader(io.StringIO(capsys.readouterr().out))]
+    assert got == [
+        (SITE_A, "日勤現場", MAIN, "元請建設", tid(1), "山田 太郎", "3"),
+        (SITE_A, "日勤現場", MAIN, "元請建設", tid(2), "佐藤 花子", "2"),
+        (SITE_A, "日勤現場", MAIN, "元請建設", tid(3), "鈴木 一郎", "1"),
+        (SITE_B, "夜間現場", MAIN, "元請建設", tid(2), "佐藤 花子", "1"),
+        (SITE_X, "他社現場", MAIN2, "", tid(4), "", "1")]
+
+
 def test_first_tier_gets_its_own_and_those_below_it_on_sites_with_a_chain(
         db: str, capsys: pytest.CaptureFixture[str]) -> None:
     # SITE_B has no chain: nobody there can be put under a first tier; tid(3) is the main's own

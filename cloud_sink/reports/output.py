@@ -15,12 +15,16 @@ def to_csv(rows: Table, columns: list[str] | None = None,
     """CSV of the columns (a row's other keys are left out); `header` renames them."""
     cols = columns or (list(rows[0]) if rows else [])
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n", extrasaction="ignore")
-    w.writerow({c: (header or {}).get(c, c) for c in cols})
-    for r in rows:
-        w.writerow({k: ("" if v is None else str(v).lower() if isinstance(v, bool) else v)
-                    for k, v in r.items()})
+    # a plain writer over lists: DictWriter's per-row dict checks were half the time of a
+    # national export (460,000 rows)
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow([(header or {}).get(c, c) for c in cols])
+    w.writerows([_cell(r.get(c)) for c in cols] for r in rows)
     return buf.getvalue()
+
+
+def _cell(v: Any) -> Any:
+    return "" if v is None else str(v).lower() if isinstance(v, bool) else v
 
 
 def to_json(rows: Table, meta: dict[str, Any] | None = None) -> str:

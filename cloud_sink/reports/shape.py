@@ -189,7 +189,7 @@ def training_course_table(stats: list[CourseStats], folds: dict[str, int],
     return out
 
 
-DAYS_BY = ("main", "first-tier", "technician")
+DAYS_BY = ("main", "site", "first-tier", "technician")
 DAYS_COLUMNS = ["contractor", "contractor_name", "site", "site_name", "month", "technician",
                 "technician_name", "employer", "days"]
 DAYS_JA = {"contractor": "事業者ID", "contractor_name": "事業者名", "site": "現場ID",
@@ -203,6 +203,8 @@ def days_worked_by(rows: list[tuple[str, str, str, int]], by: str,
     """The 建退共 figure in CCUS's three ways, one row per (contractor, site, month, technician):
     - main (元請一括): the contractor is the site's main contractor (the registry row in force
       on the month's last day), for all its sites;
+    - site (現場別): the same rows (the main contractor named) in site order, one site after
+      the other: the per-site export with names;
     - first-tier (一次下請一括): the first-tier subcontractor on that site the technician's
       employer works under (the employer itself, or one below it in the site's chain);
       technicians of the main contractor itself or outside the chain are in no first tier's;
@@ -223,7 +225,7 @@ def days_worked_by(rows: list[tuple[str, str, str, int]], by: str,
         main = rule.main_contractor if rule else ""
         tech = techs.get(tid)
         employer = tech.employer if tech else ""
-        if by == "main":
+        if by in ("main", "site"):
             who = main
         elif by == "technician":
             who = employer
@@ -239,7 +241,8 @@ def days_worked_by(rows: list[tuple[str, str, str, int]], by: str,
                     "site_name": rule.name if rule else "", "month": month, "technician": tid,
                     "technician_name": tech.name if tech else "", "employer": employer,
                     "days": days})
-    out.sort(key=lambda r: (r["contractor"], r["site"], r["month"], r["technician"]))
+    first = ("site", "contractor") if by == "site" else ("contractor", "site")
+    out.sort(key=lambda r: (r[first[0]], r[first[1]], r["month"], r["technician"]))
     return out
 
 

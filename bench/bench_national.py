@@ -1,0 +1,251 @@
+"""National month benchmark: a month of the whole country in PostgreSQL, the 建退共 days-worked
+export for every site and contractor (with names), beside a naive GROUP BY over raw touches.
+
+    .venv/bin/python bench/bench_national.py [--fraction 1.0] [--sites 230000] [--month 2026-10]
+                                             [--samples 30] [--rebuild]
+
+The database is generated server-side (INSERT ... SELECT over generate_series: no Python row
+formatting, which would cost more than the load itself; COPY would still need Python to format
+10 M rows) into the schema the store migrates to, secondary keys built after the load, and kept
+as ``ccus_nat_<key>`` where the key hashes the parameters and the schema version: a rerun with
+the same parameters reuses it (``built`` is null then). Shape: ``--sites`` x ``--fraction``
+sites, TECHS technicians a site, DAYS work days each, an entry and an exit a day (230,000
+sites -> 5.06 M site-days, 10.1 M touches); 20 sites per main contractor, a first-tier
+contractor per site; every site, contractor and technician has a name.
+
+Timed in one run, each the best of --repeat: the CLI exports (`ccus report days-worked`:
+per site without names; --by site and --by main with names), the naive GROUP BY over the
+month's raw touches, and a single site-month work-history report (query + shaping + CSV) over
+random sites. Prints one JSON document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cloud_sink.store import open_store  # noqa: E402
+from cloud_sink.stores import migrations  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PG_ADMIN = os.environ.get("CCUS_TEST_PG_URL",
+                          "postgresql://ccus_test:ccus_test@127.0.0.1:5432/postgres")
+TECHS, DAYS, SITES_PER_MAIN = 2, 11, 20
+GENERATOR = 1   # bump when the generated data changes: the cache key changes with it
+
+# (table, the constraint or index to drop before the load and build after it)
+PKEYS = {"touches": "PRIMARY KEY (device, seq)", "work_history": "PRIMARY KEY (site, work_day, tid)",
+         "technicians": "PRIMARY KEY (tid)", "sites": "PRIMARY KEY (site, valid_from)",
+         "site_chain": "PRIMARY KEY (site, contractor)"}
+
+
+def db_name(sites: int, month: str) -> str:
+    key = f"{sites}-{TECHS}-{DAYS}-{SITES_PER_MAIN}-{month}-g{GENERATOR}-s{len(migrations.POSTGRES)}"
+    return "ccus_nat_" + hashlib.sha1(key.encode()).hexdigest()[:10]
+
+
+def _url(name: str) -> str:
+    return PG_ADMIN.rsplit("/", 1)[0] + "/" + name
+
+
+def _load(url: str, sites: int, month: str) -> dict[str, float]:
+    """Fill an empty store's tables; -> seconds per phase."""
+    import psycopg
+
+    y, m = int(month[:4]), int(month[5:])
+    phases: dict[str, float] = {}
+    with psycopg.connect(url, autocommit=True) as db:
+        db.execute("SET synchronous_commit = off")
+        db.execute("SET maintenance_work_mem = '512MB'")
+        secondary = db.execute(
+            "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'touches'"
+            " AND indexname <> 'touches_pkey'").fetchall()
+        for name, _ in secondary:
+            db.execute(f"DROP INDEX {name}")
+        for table in PKEYS:
+            db.execute(f"ALTER TABLE {table} DROP CONSTRAINT {table}_pkey")
+        # one row per (site s, technician k, work day d): day-of-month 1 + (2d + k) mod 28
+        grid = (f"FROM generate_series(0, {sites - 1}) s, generate_series(0, {TECHS - 1}) k,"
+                f" generate_series(0, {DAYS - 1}) d, LATERAL (SELECT"
+                f" make_date({y}, {m}, 1 + (2 * d + k) % 28) AS day,"
+                " (10000000000000 + s::bigint * " + str(TECHS) + " + k) AS tid) g,"
+                " LATERAL (SELECT (extract(epoch FROM (g.day::timestamp AT TIME ZONE"
+                " 'Asia/Tokyo')) * 1000)::bigint AS day_ms) j")
+        site = "lpad((13100000000000 + s)::text, 14, '0')"
+        t0 = time.perf_counter()
+        db.execute(
+            "INSERT INTO touches (device, seq, site, role, ts_ms, tq, card, card_tech, tid,"
+            " decision, reason, lv, cv, facts, dir, work_day, received_ms, flag, month, person,"
+            " course, contractor, slot, result, cut_hour)"
+            f" SELECT 'gate-' || {site}, (k * {DAYS} + d) * 2 + x.n, {site}, 'gate', ts.ms,"
+            " 'synced', int8send(g.tid), 'felica', g.tid::text, 'allow', 'ok', 3, 1,"
+            " '{\"dir\": \"' || x.dir || '\"}', x.dir, g.day::text, ts.ms, NULL,"
+            f" '{month}', g.tid::text, NULL, NULL, NULL, NULL, 4 {grid},"
+            " (VALUES (1, 'in', 450), (2, 'out', 1020)) x(n, dir, minute),"
+            " LATERAL (SELECT j.day_ms + (x.minute + k) * 60000 AS ms) ts")
+        phases["touches_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        db.execute(
+            "INSERT INTO work_history (tid, site, work_day, first_in_ms, last_out_ms, taps,"
+            f" cut_hour) SELECT g.tid::text, {site}, g.day::text, j.day_ms + (450 + k) * 60000,"
+            f" j.day_ms + (1020 + k) * 60000, 2, 4 {grid}")
+        main = f"(20000000000000 + s / {SITES_PER_MAIN})"
+        tier = "(30000000000000 + s)"
+        db.execute(
+            "INSERT INTO sites (site, valid_from, name, kind, prefecture, main_contractor,"
+            f" day_cut_hour, fold_persons) SELECT {site}, '2020-01-01', '現場 ' || s, 'site',"
+            f" '東京都', {main}::text, 4, NULL FROM generate_series(0, {sites - 1}) s")
+        db.execute(
+            "INSERT INTO site_chain (site, contractor, parent, name)"
+            f" SELECT {site}, {main}::text, '', '元請建設 ' || {main} FROM"
+            f" generate_series(0, {sites - 1}) s UNION ALL SELECT {site}, {tier}::text,"
+            f" {main}::text, '一次工業 ' || s FROM generate_series(0, {sites - 1}) s")
+        db.execute(
+            "INSERT INTO technicians (tid, employer, name) SELECT"
+            f" (10000000000000 + s::bigint * {TECHS} + k)::text, {tier}::text,"
+            f" '技能者 ' || s || '-' || k FROM generate_series(0, {sites - 1}) s,"
+            f" generate_series(0, {TECHS - 1}) k")
+        phases["registry_and_work_history_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for table, key in PKEYS.items():
+            db.execute(f"ALTER TABLE {table} ADD {key}")
+        for _, sql in secondary:
+            db.execute(sql)
+        db.execute("ANALYZE")
+        phases["keys_and_analyze_s"] = time.perf_counter() - t0
+    return {k: round(v, 1) for k, v in phases.items()}
+
+
+def cached_national(sites: int, month: str, rebuild: bool = False
+                    ) -> tuple[str, dict[str, object] | None]:
+    """The national store's URL, built unless a complete one of the same key exists."""
+    import psycopg
+
+    name = db_name(sites, month)
+    try:
+        admin = psycopg.connect(PG_ADMIN, autocommit=True)
+    except psycopg.OperationalError as exc:
+        sys.exit(f"PostgreSQL is not reachable at {PG_ADMIN}: {exc}")
+    with admin:
+        exists = admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+        if exists and not rebuild:
+            with psycopg.connect(_url(name)) as db:
+                done = db.execute("SELECT to_regclass('bench_built')").fetchone()[0]
+            if done:
+                return _url(name), None
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.execute(f'CREATE DATABASE "{name}"')
+    url = _url(name)
+    t0 = time.perf_counter()
+    open_store(url).close()   # the schema at the current migration
+    phases = _load(url, sites, month)
+    build_s = round(time.perf_counter() - t0, 1)
+    with psycopg.connect(url, autocommit=True) as db:   # the mark of a complete build
+        db.execute("CREATE TABLE bench_built (build_s REAL NOT NULL)")
+        db.execute("INSERT INTO bench_built VALUES (%s)", (build_s,))
+    return url, {"build_s": build_s, **phases}
+
+
+def _timed_cli(args: list[str], out: Path, repeat: int) -> dict[str, object]:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "ccus.cli", "report", "days-worked", *args,
+                        "--out", str(out)], cwd=ROOT, check=True)
+        times.append(time.perf_counter() - t0)
+    with open(out, encoding="utf-8") as f:
+        rows = sum(1 for _ in f) - 1
+    return {"command": "ccus report days-worked " + " ".join(args), "best_s": round(min(times), 2),
+            "all_s": [round(t, 2) for t in times], "rows": rows}
+
+
+NAIVE = ("SELECT site, tid, COUNT(DISTINCT work_day) FROM touches WHERE month = %s"
+         " AND role = 'gate' AND decision = 'allow' AND tid IS NOT NULL GROUP BY site, tid")
+
+
+def bench(url: str, month: str, repeat: int, samples: int) -> dict[str, object]:
+    import psycopg
+
+    from cloud_sink.reports import output, shape
+
+    out: dict[str, object] = {}
+    with psycopg.connect(url) as db:
+        out["store"] = {t: db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
+                        for t in ("touches", "work_history", "sites", "technicians", "site_chain")}
+        naive = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            n = len(db.execute(NAIVE, (month,)).fetchall())
+            naive.append(time.perf_counter() - t0)
+    out["naive_group_by"] = {"sql": NAIVE.replace("%s", f"'{month}'"),
+                             "best_s": round(min(naive), 2),
+                             "all_s": [round(t, 2) for t in naive], "rows": n}
+    with tempfile.TemporaryDirectory(prefix="ccus-nat-") as tmp:
+        base = ["--store", url, "--month", month]
+        out["export_per_site"] = _timed_cli(base, Path(tmp) / "a.csv", repeat)
+        out["export_per_site_named"] = _timed_cli([*base, "--by", "site"], Path(tmp) / "b.csv",
+                                                  repeat)
+        out["export_per_main_contractor"] = _timed_cli([*base, "--by", "main"],
+                                                       Path(tmp) / "c.csv", repeat)
+    for k in ("export_per_site", "export_per_site_named", "export_per_main_contractor"):
+        out[k]["ratio_to_naive"] = round(out[k]["best_s"] / max(min(naive), 0.001), 2)  # type: ignore[index]
+    store = open_store(url, create=False)
+    rng = random.Random(7)
+    n_sites = out["store"]["sites"]  # type: ignore[index]
+    times = []
+    rows = 0
+    for i in range(samples + 1):
+        site = f"{13100000000000 + rng.randrange(n_sites):014d}"
+        t0 = time.perf_counter()
+        table = shape.work_history(store.work_history(site, month))
+        output.to_csv(table)
+        if i:  # the first warms the connection
+            times.append((time.perf_counter() - t0) * 1000)
+            rows = len(table)
+    store.close()
+    out["site_month_report"] = {"samples": samples, "rows": rows,
+                                "ms_median": round(statistics.median(times), 2),
+                                "ms_max": round(max(times), 2), "target_ms": 100,
+                                "schema": "current (touches not partitioned)"}
+    out["target_s"] = 10
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sites", type=int, default=230_000, help="the whole country's sites")
+    ap.add_argument("--fraction", type=float, default=1.0, help="of the country, e.g. 0.2")
+    ap.add_argument("--month", default="2026-10")
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--samples", type=int, default=30, help="site-month reports timed")
+    ap.add_argument("--rebuild", action="store_true", help="build even when cached")
+    ap.add_argument("--drop", action="store_true", help="drop the database afterwards")
+    args = ap.parse_args()
+    sites = max(1, round(args.sites * args.fraction))
+    url, built = cached_national(sites, args.month, args.rebuild)
+    out: dict[str, object] = {"python": sys.version.split()[0], "cpus": os.cpu_count(),
+                              "sites": sites, "fraction": args.fraction, "month": args.month,
+                              "database": url.rsplit("/", 1)[1], "built": built}
+    out.update(bench(url, args.month, args.repeat, args.samples))
+    if args.drop:
+        import psycopg
+
+        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
+    print(json.dumps(out, indent=1, ensure_ascii=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
