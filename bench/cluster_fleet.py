@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import select
+import selectors
 import sys
 import time
 from pathlib import Path
@@ -107,8 +108,34 @@ class Device:
         self.c.publish(self.topic, payload, qos=1)
 
 
+class Steady:
+    """The loop while tapping: an epoll over the connected sockets, registered once, and
+    writes only for the devices that still have bytes queued (paho writes a PUBLISH at once
+    when it can): a select() over every socket each round cost more than the taps."""
+
+    def __init__(self, devs: list[Device]) -> None:
+        self.sel = selectors.DefaultSelector()
+        for d in devs:
+            sock = d.c.socket()
+            if sock is not None:
+                self.sel.register(sock, selectors.EVENT_READ, d)
+        self.dirty: set[Device] = set()
+
+    def __call__(self, timeout: float) -> None:
+        for key, _ in self.sel.select(timeout):
+            key.data.c.loop_read(100)
+        for d in list(self.dirty):
+            if d.c.want_write():
+                d.c.loop_write()
+            else:
+                self.dirty.discard(d)
+
+    def close(self) -> None:
+        self.sel.close()
+
+
 def pump(devs: list[Device], timeout: float) -> None:
-    """One round of the loop: read what arrived, write what is queued."""
+    """One round of the loop (connecting, draining): read what arrived, write what is queued."""
     socks = {}
     for d in devs:
         s = d.c.socket()
@@ -162,6 +189,7 @@ def run(ports: list[int], first: int, n: int, rate: float, seconds: float, warmu
         start_at = float(go.read_text())
     while time.time() < start_at:
         pump(devs, min(0.05, max(0.0, start_at - time.time())))
+    steady = Steady(devs)
     begin = time.monotonic()
     interval = 1.0 / rate
     k = 0
@@ -176,13 +204,17 @@ def run(ports: list[int], first: int, n: int, rate: float, seconds: float, warmu
             for d in devs:
                 d.counted_from = d.seq
         while k * interval <= now - begin:  # catch up when a round ran late
-            devs[k % n].tap(int(time.time() * 1000))
+            d = devs[k % n]
+            d.tap(int(time.time() * 1000))
+            if d.c.want_write():
+                steady.dirty.add(d)
             k += 1
         if now - last_misc > 1:
             for d in devs:
                 d.c.loop_misc()
             last_misc = now
-        pump(devs, max(0.0, min(0.01, begin + k * interval - time.monotonic())))
+        steady(max(0.0, min(0.01, begin + k * interval - time.monotonic())))
+    steady.close()
     drain_end = time.monotonic() + 15   # let the last acknowledgements come in
     while any(d.taps for d in devs) and time.monotonic() < drain_end:
         pump(devs, 0.05)
