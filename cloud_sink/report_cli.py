@@ -144,18 +144,18 @@ def _names(store: Store) -> dict[str, str]:
 
 
 def _days_worked(args: argparse.Namespace, store: Store) -> int:
-    raw = store.days_worked(args.site, args.month)
     if args.by:
-        rows = shape.days_worked_by(raw, args.by, by_site(store.sites()), store.chain(),
-                                    {t.tid: t for t in store.technicians()}, args.contractor)
+        rows = shape.days_worked_by(store.days_worked_named(args.site, args.month), args.by,
+                                    by_site(store.sites()), store.chain(), args.contractor)
         _emit(args, "days-worked-by", rows, header=shape.DAYS_JA if args.ja else None,
               by=args.by, contractor=args.contractor, site=args.site, month=args.month)
     else:
-        rows = shape.days_worked(raw)
+        rows = shape.days_worked(store.days_worked(args.site, args.month))
         _emit(args, "days-worked", rows, site=args.site, month=args.month)
     if args.png:
         from cloud_sink.reports.charts import days_bars
 
+        raw = store.days_worked(args.site, args.month)
         names = _names(store)
         site_names = {r.site: r.name for r in store.sites()}   # the latest row's name
         days_bars(raw, names, f"days worked, {args.month}"

@@ -11,7 +11,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 from cloud_sink.model import CourseStats, TrainingMonth, VendingRow, WorkDay
-from cloud_sink.registry import ChainLink, SiteRule, Technician, first_tier_of, rule_on
+from cloud_sink.registry import ChainLink, SiteRule, first_tier_of, rule_on
 from cloud_sink.workday import local_time
 
 Table = list[dict[str, Any]]
@@ -197,10 +197,11 @@ DAYS_JA = {"contractor": "事業者ID", "contractor_name": "事業者名", "site
            "technician_name": "技能者氏名", "employer": "所属事業者ID", "days": "就業日数"}
 
 
-def days_worked_by(rows: list[tuple[str, str, str, int]], by: str,
+def days_worked_by(rows: list[tuple[str, str, str, int, str, str]], by: str,
                    sites: dict[str, list[SiteRule]], chain: list[ChainLink],
-                   techs: dict[str, Technician], contractor: str | None = None) -> Table:
-    """The 建退共 figure in CCUS's three ways, one row per (contractor, site, month, technician):
+                   contractor: str | None = None) -> Table:
+    """The 建退共 figure in CCUS's three ways, one row per (contractor, site, month, technician),
+    from Store.days_worked_named() rows (site, month, technician, days, employer, name):
     - main (元請一括): the contractor is the site's main contractor (the registry row in force
       on the month's last day), for all its sites;
     - site (現場別): the same rows (the main contractor named) in site order, one site after
@@ -219,12 +220,14 @@ def days_worked_by(rows: list[tuple[str, str, str, int]], by: str,
         if link.name:
             names.setdefault(link.contractor, link.name)
     tiers: dict[str, dict[str, str]] = {}
+    rules: dict[tuple[str, str], SiteRule | None] = {}   # one lookup a site-month, not a row
     out: Table = []
-    for site, month, tid, days in rows:
-        rule = rule_on(sites.get(site), f"{month}-31")
+    for site, month, tid, days, employer, tech_name in rows:
+        key = (site, month)
+        if key not in rules:
+            rules[key] = rule_on(sites.get(site), f"{month}-31")
+        rule = rules[key]
         main = rule.main_contractor if rule else ""
-        tech = techs.get(tid)
-        employer = tech.employer if tech else ""
         if by in ("main", "site"):
             who = main
         elif by == "technician":
@@ -239,8 +242,7 @@ def days_worked_by(rows: list[tuple[str, str, str, int]], by: str,
             continue
         out.append({"contractor": who, "contractor_name": names.get(who, ""), "site": site,
                     "site_name": rule.name if rule else "", "month": month, "technician": tid,
-                    "technician_name": tech.name if tech else "", "employer": employer,
-                    "days": days})
+                    "technician_name": tech_name, "employer": employer, "days": days})
     first = ("site", "contractor") if by == "site" else ("contractor", "site")
     out.sort(key=lambda r: (r[first[0]], r[first[1]], r["month"], r["technician"]))
     return out

@@ -502,6 +502,18 @@ class SqlStore:
             "SELECT site, substr(work_day, 1, 7) AS m, tid, COUNT(*) FROM work_history"
             f"{where} GROUP BY site, substr(work_day, 1, 7), tid ORDER BY site, m, tid", args)]
 
+    def days_worked_named(self, site: str | None = None, month: str | None = None
+                          ) -> list[tuple[str, str, str, int, str, str]]:
+        """days_worked() with each technician's employer and name ('' when not registered),
+        joined here: a national export touches ~460,000 of 1.6 million technicians, and
+        loading them all into Python took longer than the join."""
+        where, args = _where(site=site, month=month)
+        return [(s, m, t, int(n), e or "", nm or "") for s, m, t, n, e, nm in self._rows(
+            "SELECT d.site, d.m, d.tid, d.n, t.employer, t.name FROM (SELECT site,"
+            " substr(work_day, 1, 7) AS m, tid, COUNT(*) AS n FROM work_history"
+            f"{where} GROUP BY site, substr(work_day, 1, 7), tid) d"
+            " LEFT JOIN technicians t ON t.tid = d.tid ORDER BY d.site, d.m, d.tid", args)]
+
     def training_monthly(self, site: str | None = None,
                          month: str | None = None) -> list[TrainingMonth]:
         cond, args = [], []
