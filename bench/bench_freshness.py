@@ -17,7 +17,9 @@ is the commit seen from the store plus one delivery back to the device: an upper
 tap-to-committed, taken without a poller's own load on the store and its polling interval
 (a poller at 1,000 touches/s would add up to its interval to every figure). The store is
 checked afterwards: every acknowledged touch stored once, work-history rows present.
-Touches of the first --warmup seconds are left out (connections settling). Prints JSON.
+Touches of the first --warmup seconds are left out (connections settling). The machine's
+1-minute load average before and after each path is printed with it (the box is shared):
+``tap_late_s`` says how far the fleet itself fell behind its tapping schedule. Prints JSON.
 """
 
 from __future__ import annotations
@@ -40,9 +42,11 @@ def one_path(name: str, devices: int, rate: float, seconds: float, procs: int, w
     with cb.open_path(name, tmp / name) as path, cb.pg_store() as url:
         sinks = cb.start_sinks(path, url, tmp, name)
         try:
+            load0 = os.getloadavg()[0]
             t0 = time.monotonic()
             fleet = cb.run_fleet(path.mqtt_ports, devices, rate, seconds, procs, tmp, name, warmup)
             wall = time.monotonic() - t0
+            load1 = os.getloadavg()[0]
             time.sleep(1.0)   # anything doubled would be in by now
             counts = cb.store_counts(url)
         finally:
@@ -54,7 +58,10 @@ def one_path(name: str, devices: int, rate: float, seconds: float, procs: int, w
             "offered_per_s": round(sent / seconds), "wall_s": round(wall, 1),
             "fleet_connect_s": max(float(f["fleet_connect_s"]) for f in fleet),  # type: ignore[arg-type]
             "tap_late_s": max(float(f["tap_late_s"]) for f in fleet),  # type: ignore[arg-type]
-            "store": counts, "stored_exactly_once": counts["touches"] == sent,
+            "replays": sum(int(f["replays"]) for f in fleet),  # type: ignore[call-overload]
+            "reconnects": sum(int(f["reconnects"]) for f in fleet),  # type: ignore[call-overload]
+            "load_avg_1m": [round(load0, 1), round(load1, 1)],
+            "store": counts, "all_stored_once": counts["touches"] == sent,
             "latency": cb.percentiles(lat)}
 
 

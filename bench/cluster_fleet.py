@@ -21,11 +21,17 @@ Rules of this file:
   committed, so this is commit latency plus one delivery back: an upper bound of
   tap-to-committed, seen by the device.
 - Touches tapped in the first --warmup seconds are sent but left out of the figures.
+- Delivery as the agent's: a touch is kept until acknowledged; a device whose connection is
+  lost connects again and replays its unacknowledged touches, and one whose acknowledgement
+  has not progressed for E2E_TIMEOUT_S replays them too (NATS 2.9 PUBACKs an MQTT QoS 1
+  publish before JetStream has stored it, docs/operations.md). A replayed touch keeps its
+  tap time: its latency includes the replay.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import select
 import selectors
@@ -45,6 +51,7 @@ from protocol.timequality import TimeQuality  # noqa: E402
 from protocol.touch import CardTech, Decision, Role, Touch, encode  # noqa: E402
 
 DEVICES_PER_SITE = 10
+E2E_TIMEOUT_S = 3.0
 
 
 def site_of(index: int) -> str:
@@ -63,6 +70,10 @@ class Device:
         self.seq = 0
         self.acked = 0
         self.taps: dict[int, float] = {}     # seq -> monotonic tap time, until acknowledged
+        self.unacked: dict[int, bytes] = {}  # seq -> payload, until acknowledged
+        self.progress = 0.0                  # monotonic time the acknowledgement last grew
+        self.replays = 0
+        self.reconnects = 0
         self.ready = False
         self.dropped = 0.0                   # monotonic time of a loss before ready, 0: none
         self.tried = 0.0                     # monotonic time of the last connection attempt
@@ -83,6 +94,8 @@ class Device:
             self.dropped = time.monotonic()
 
     def _on_subscribe(self, *a: object) -> None:
+        if self.unacked and not self.ready:   # connected again: replay what is unacknowledged
+            self.replay(time.monotonic())
         self.ready = True
 
     def _on_message(self, c: mqtt.Client, u: object, m: mqtt.MQTTMessage) -> None:
@@ -92,10 +105,13 @@ class Device:
         except AckError:
             return
         for seq in range(self.acked + 1, upto + 1):
+            self.unacked.pop(seq, None)
             t = self.taps.pop(seq, None)
             if t is not None and 0 <= self.counted_from < seq:
                 self.lat_ms.append((now - t) * 1000)
-        self.acked = max(self.acked, upto)
+        if upto > self.acked:
+            self.acked = upto
+            self.progress = now
 
     def tap(self, now_ms: int) -> None:
         self.seq += 1
@@ -105,7 +121,32 @@ class Device:
                   Reason.OK, 3, 1, {"dir": "in" if self.seq % 2 else "out"})
         payload = encode(t)
         self.taps[self.seq] = time.monotonic()
+        if not self.unacked:
+            self.progress = time.monotonic()
+        self.unacked[self.seq] = payload
         self.c.publish(self.topic, payload, qos=1)
+
+    def tend(self, now: float) -> bool:
+        """Once a second: connect again when lost (True: the socket changed), replay when the
+        acknowledgement stalls."""
+        if self.c.socket() is None:
+            self.reconnects += 1
+            self.ready = False
+            try:
+                self.c.reconnect()
+            except OSError:
+                return False
+            self.progress = now   # the replay follows the SUBACK (in ready_replay)
+            return True
+        if self.ready and self.unacked and now - self.progress > E2E_TIMEOUT_S:
+            self.replay(now)
+        return False
+
+    def replay(self, now: float) -> None:
+        self.replays += 1
+        self.progress = now
+        for _, payload in sorted(self.unacked.items()):
+            self.c.publish(self.topic, payload, qos=1)
 
 
 class Steady:
@@ -115,11 +156,21 @@ class Steady:
 
     def __init__(self, devs: list[Device]) -> None:
         self.sel = selectors.DefaultSelector()
+        self.socks: dict[Device, object] = {}
         for d in devs:
-            sock = d.c.socket()
-            if sock is not None:
-                self.sel.register(sock, selectors.EVENT_READ, d)
+            self.update(d)
         self.dirty: set[Device] = set()
+
+    def update(self, d: Device) -> None:
+        """(Re-)register the device's current socket (after it connected again)."""
+        old = self.socks.pop(d, None)
+        if old is not None:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self.sel.unregister(old)  # type: ignore[arg-type]
+        sock = d.c.socket()
+        if sock is not None:
+            self.sel.register(sock, selectors.EVENT_READ, d)
+            self.socks[d] = sock
 
     def __call__(self, timeout: float) -> None:
         for key, _ in self.sel.select(timeout):
@@ -212,12 +263,22 @@ def run(ports: list[int], first: int, n: int, rate: float, seconds: float, warmu
         if now - last_misc > 1:
             for d in devs:
                 d.c.loop_misc()
+                if d.tend(now):
+                    steady.update(d)
+                if d.c.want_write():
+                    steady.dirty.add(d)
             last_misc = now
         steady(max(0.0, min(0.01, begin + k * interval - time.monotonic())))
     steady.close()
-    drain_end = time.monotonic() + 15   # let the last acknowledgements come in
+    drain_end = time.monotonic() + 20   # the last acknowledgements, replays included
     while any(d.taps for d in devs) and time.monotonic() < drain_end:
         pump(devs, 0.05)
+        now = time.monotonic()
+        if now - last_misc > 1:
+            for d in devs:
+                d.c.loop_misc()
+                d.tend(now)
+            last_misc = now
     sent = sum(d.seq for d in devs)
     lat = [x for d in devs for x in d.lat_ms]
     unacked = sum(len(d.taps) for d in devs)
@@ -226,6 +287,8 @@ def run(ports: list[int], first: int, n: int, rate: float, seconds: float, warmu
     pump(devs, 0.1)
     return {"devices": n, "sent": sent, "unacked": unacked, "connect_s": round(connect_s, 2),
             "connect_retries": sum(d.retries for d in devs),
+            "replays": sum(d.replays for d in devs),
+            "reconnects": sum(d.reconnects for d in devs),
             "tap_late_s": round(time.monotonic() - begin - seconds, 2), "lat_ms": lat}
 
 

@@ -21,7 +21,7 @@ def test_freshness_path_stores_every_touch_once_and_times_each(tmp_path: Path, p
     res = bench_freshness.one_path(path, devices=6, rate=20, seconds=3, procs=2, warmup=0.5,
                                    tmp=tmp_path)
     assert res["sent"] == 60 and res["unacked_at_end"] == 0
-    assert res["stored_exactly_once"] and res["store"]["work_history"] > 0  # type: ignore[index]
+    assert res["all_stored_once"] and res["store"]["work_history"] > 0  # type: ignore[index]
     lat = res["latency"]
     # the warm-up's touches are sent but not timed
     assert 0 < lat["n"] < 60 and 0 < lat["p50_ms"] <= lat["p99_ms"] <= lat["max_ms"]  # type: ignore[index, operator]
