@@ -67,7 +67,8 @@ def _split(tmp: Path, tag: str) -> list[dict[str, object]]:
 def one_path(name: str, n: int, tmp: Path, r: int) -> dict[str, object]:
     tag = f"{name}-{r}"
     with cb.open_path(name, tmp / tag) as path, cb.pg_store() as url:
-        cb.stop_sinks(cb.start_sinks(path, url, tmp, f"{tag}-register", 2, group="rep"))
+        cb.stop_sinks(cb.start_sinks(path, url, tmp, f"{tag}-register", 2, group="rep",
+                                     ids=tag))
         msgs = payloads(n)
         pub_s = publish_311(path.mqtt_ports[0], msgs)
         import psycopg

@@ -58,8 +58,10 @@ def pg_store() -> Iterator[str]:
 
 
 def start_sinks(path: Path_, url: str, tmp: Path, tag: str, n: int = 1,
-                group: str = "sink") -> list[subprocess.Popen[bytes]]:
-    """n `ccus sink run` processes of one group on the path, each subscribed when this returns."""
+                group: str = "sink", ids: str | None = None) -> list[subprocess.Popen[bytes]]:
+    """n `ccus sink run` processes of one group on the path, each subscribed when this returns.
+    Client ids are ``bench-{ids or tag}-{i}``: the same ids come back to the same Mosquitto
+    sessions (and the touches queued for them)."""
     procs = []
     for i in range(1, n + 1):
         ready, log = tmp / f"sink-{tag}-{i}.ready", tmp / f"sink-{tag}-{i}.log"
@@ -67,7 +69,7 @@ def start_sinks(path: Path_, url: str, tmp: Path, tag: str, n: int = 1,
         with open(log, "ab") as err:
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "ccus.cli", "sink", "run", "--store", url, *path.sink_args,
-                 "--group", group, "--client-id", f"bench-{tag}-{i}", "--metrics", "off",
+                 "--group", group, "--client-id", f"bench-{ids or tag}-{i}", "--metrics", "off",
                  "--ready-file", str(ready)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err))
         deadline = time.monotonic() + 60
         while not ready.exists():

@@ -33,7 +33,8 @@ def test_replication_path_splits_the_touches_between_two_sinks(tmp_path: Path, p
     assert res["lost"] == 0 and res["store"]["touches"] == 400  # type: ignore[index]
     split = res["per_sink"]
     assert sum(s["stored"] for s in split) == 400  # type: ignore[attr-defined, misc]
-    assert res["publish_per_s"] > 0 and res["drain_per_s"]
+    # (400 touches may be one batch: one receive stamp, no store-side span)
+    assert res["publish_per_s"] > 0 and res["drain_wall_per_s"] > 0  # type: ignore[operator]
 
 
 def test_national_generator_and_its_exports_at_small_scale() -> None:
