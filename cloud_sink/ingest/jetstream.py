@@ -43,6 +43,11 @@ ACK_WAIT_S = 10.0          # a fetched touch not acked within this goes to anoth
 MAX_ACK_PENDING = 20_000   # fetched, not yet acked, over all sinks of the group
 STREAM_MAX_AGE_S = 7 * 86400
 STREAM_MAX_BYTES = 1 << 30
+# How long one fetch waits for touches. nats-py's fetch(n) keeps its pull request open until n
+# messages or this deadline, so a caught-up sink committed once per deadline: at 0.5 s a touch
+# waited 0-500 ms before its batch even began (bench/bench_freshness.py). Short, the batches
+# still grow under load: what arrived during a commit is there for the next fetch at once.
+FETCH_WAIT_S = 0.02
 
 
 class JetStreamSinkError(SinkError, RuntimeError):
@@ -187,7 +192,7 @@ class JetStreamSink:
         try:
             while not self._stop.is_set():
                 try:
-                    msgs = await psub.fetch(self.batch_max, timeout=0.5)
+                    msgs = await psub.fetch(self.batch_max, timeout=FETCH_WAIT_S)
                 except nats.errors.TimeoutError:
                     continue
                 except (TimeoutError, nats.errors.Error) as exc:
