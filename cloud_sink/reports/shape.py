@@ -8,6 +8,7 @@ decimal (half up), None when the enrolled count is unknown or zero.
 from collections import defaultdict
 from datetime import date, timedelta
 from decimal import ROUND_HALF_UP, Decimal
+from operator import itemgetter
 from typing import Any
 
 from cloud_sink.model import CourseStats, TrainingMonth, VendingRow, WorkDay
@@ -244,7 +245,7 @@ def days_worked_by(rows: list[tuple[str, str, str, int, str, str]], by: str,
                     "site_name": rule.name if rule else "", "month": month, "technician": tid,
                     "technician_name": tech_name, "employer": employer, "days": days})
     first = ("site", "contractor") if by == "site" else ("contractor", "site")
-    out.sort(key=lambda r: (r[first[0]], r[first[1]], r["month"], r["technician"]))
+    out.sort(key=itemgetter(*first, "month", "technician"))
     return out
 
 
