@@ -45,9 +45,13 @@ STREAM_MAX_AGE_S = 7 * 86400
 STREAM_MAX_BYTES = 1 << 30
 # How long one fetch waits for touches. nats-py's fetch(n) keeps its pull request open until n
 # messages or this deadline, so a caught-up sink committed once per deadline: at 0.5 s a touch
-# waited 0-500 ms before its batch even began (bench/bench_freshness.py). Short, the batches
-# still grow under load: what arrived during a commit is there for the next fetch at once.
+# waited 0-500 ms before its batch even began (bench/bench_freshness.py). Caught up (the last
+# fetch brought fewer than BACKLOG_AT), the short wait; draining a backlog, the long one, so
+# batches fill to batch_max (a fetch returns as soon as they do) instead of to what 20 ms of
+# parsing brings.
 FETCH_WAIT_S = 0.02
+FETCH_WAIT_BACKLOG_S = 0.5
+BACKLOG_AT = 200
 
 
 class JetStreamSinkError(SinkError, RuntimeError):
@@ -189,16 +193,19 @@ class JetStreamSink:
         log.info("sink: pulling %s from stream %s (durable %s)", topics.ALL_TOUCH_SUBJECTS,
                  topics.TOUCH_STREAM, self.group)
         self.subscribed.set()
+        wait = FETCH_WAIT_S
         try:
             while not self._stop.is_set():
                 try:
-                    msgs = await psub.fetch(self.batch_max, timeout=FETCH_WAIT_S)
+                    msgs = await psub.fetch(self.batch_max, timeout=wait)
                 except nats.errors.TimeoutError:
+                    wait = FETCH_WAIT_S
                     continue
                 except (TimeoutError, nats.errors.Error) as exc:
                     log.warning("sink: fetch failed (%s); retrying", exc or type(exc).__name__)
                     await asyncio.sleep(0.2)
                     continue
+                wait = FETCH_WAIT_BACKLOG_S if len(msgs) >= BACKLOG_AT else FETCH_WAIT_S
                 if msgs:
                     await self._store(nc, msgs)
         finally:
