@@ -1,0 +1,132 @@
+"""The agent's MQTT 3.1.1 mode and its broker list (edge/link.py, [mqtt] protocol, brokers,
+subscribe_qos): the keys are checked; the real `ccus agent` process speaking 3.1.1 to a real
+Mosquitto and to the NATS cluster (JetStream sink) stores every tap once; the link fails over
+to the next broker when its broker dies; kill -9 of the NATS node the agent is on, under load,
+loses and doubles nothing."""
+
+import re
+from pathlib import Path
+
+import pytest
+from agent_proc import TappingAgent, stored_seqs
+from hypothesis import given
+from hypothesis import strategies as st
+
+from broker.launcher import PrivateBroker
+from broker.procs import poll_until
+from cloud_sink.ingest import Sink
+from cloud_sink.store import SqliteStore
+from edge.config import ConfigError, from_dict, parse_broker
+
+SITE = "13100000000031"
+
+
+# -- the keys ---------------------------------------------------------------------------------
+hosts = st.one_of(st.from_regex(r"[a-z0-9][a-z0-9.-]{0,30}", fullmatch=True),
+                  st.ip_addresses(v=6).map(lambda a: f"[{a}]"))
+
+
+@given(hosts, st.integers(1, 65535))
+def test_a_broker_address_round_trips(host: str, port: int) -> None:
+    assert parse_broker(f"{host}:{port}", "k") == (host.strip("[]"), port)
+
+
+@pytest.mark.parametrize("mqtt, key", [
+    ({"protocol": "3"}, "mqtt.protocol"),
+    ({"protocol": 5}, "mqtt.protocol"),                         # a string, not a number
+    ({"brokers": ["nats-1:4222", "nats-2"]}, r"mqtt.brokers\[1\]"),
+    ({"brokers": ["nats-1:0"]}, r"mqtt.brokers\[0\]"),
+    ({"subscribe_qos": 2}, "mqtt.subscribe_qos"),
+])
+def test_bad_mqtt_keys_are_named(mqtt: dict[str, object], key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.", 1)):
+        from_dict({"device": {"id": "gate-1", "site": SITE}, "mqtt": mqtt})
+
+
+def test_brokers_replace_host_and_port() -> None:
+    cfg = from_dict({"device": {"id": "gate-1", "site": SITE},
+                     "mqtt": {"protocol": "3.1.1", "brokers": ["a:1", "[::1]:2"]}}).mqtt
+    assert cfg.endpoints() == [("a", 1), ("::1", 2)]
+    assert from_dict({"device": {"id": "gate-1", "site": SITE}}).mqtt.endpoints() == \
+        [("127.0.0.1", 8883)]
+
+
+# -- a real Mosquitto, 3.1.1 on the wire --------------------------------------------------------
+def _protocol_of(broker: PrivateBroker, client_id: str) -> str:
+    """Mosquitto's connection line says the protocol: p2 is 3.1.1, p5 is 5.0."""
+    found = re.findall(rf"as {re.escape(client_id)} \((p\d)", broker.log_path.read_text())
+    return found[-1] if found else ""
+
+
+@pytest.mark.e2e
+def test_agent_process_in_311_mode_through_mosquitto(broker: PrivateBroker, tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "store.sqlite")
+    sink = Sink(store, broker.host, broker.port, client_id="sink-311")
+    sink.start()
+    # the first broker of the list is a closed port: the agent moves on to the next one
+    dead = f"127.0.0.1:{_closed_port()}"
+    agent = TappingAgent(tmp_path, "gate-311", SITE, protocol="3.1.1",
+                         brokers=[dead, f"127.0.0.1:{broker.port}"])
+    try:
+        assert sink.subscribed.wait(10)
+        agent.start()
+        for _ in range(12):
+            assert agent.tap()
+        assert poll_until(lambda: agent.made() == 12 and agent.backlog() == 0, 20, 0.1), \
+            agent.log_text()[-2000:]
+        assert stored_seqs(tmp_path / "store.sqlite") == {"gate-311": list(range(1, 13))}
+        assert _protocol_of(broker, "gate-311") == "p2"     # 3.1.1 on the wire
+        assert agent.broker_port() == broker.port
+    finally:
+        rc = agent.stop()
+        sink.stop()
+        store.close()
+    assert rc == 0, agent.log_text()[-2000:]
+    assert "Traceback" not in agent.log_text()
+
+
+def _closed_port() -> int:
+    from broker.launcher import free_port
+
+    return free_port()  # bound and released: nobody listens there
+
+
+@pytest.mark.e2e
+def test_link_fails_over_to_the_next_broker_and_back(tmp_path: Path) -> None:
+    """Two Mosquittos, one agent with both in `brokers`: kill -9 the one it is on, it goes to
+    the other (a sink on each: both write the same store); every tap stored once."""
+    a = PrivateBroker(tmp_path / "a").start()
+    b = PrivateBroker(tmp_path / "b").start()
+    store_path = tmp_path / "store.sqlite"
+    stores = [SqliteStore(store_path), SqliteStore(store_path)]
+    sinks = [Sink(stores[0], a.host, a.port, client_id="sink-a"),
+             Sink(stores[1], b.host, b.port, client_id="sink-b")]
+    for s in sinks:
+        s.start()
+    agent = TappingAgent(tmp_path, "gate-fo", SITE, protocol="3.1.1",
+                         brokers=[f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"])
+    try:
+        assert all(s.subscribed.wait(10) for s in sinks)
+        agent.start()
+        for _ in range(5):
+            assert agent.tap()
+        assert poll_until(lambda: agent.backlog() == 0 and agent.made() == 5, 20, 0.1)
+        first = agent.broker_port()
+        victim, other = (a, b) if first == a.port else (b, a)
+        victim.kill()
+        for _ in range(5):
+            assert agent.tap()
+        assert poll_until(lambda: agent.broker_port() == other.port, 20, 0.1), \
+            agent.log_text()[-2000:]
+        assert poll_until(lambda: agent.backlog() == 0 and agent.made() == 10, 30, 0.1), \
+            agent.log_text()[-2000:]
+        assert stored_seqs(store_path) == {"gate-fo": list(range(1, 11))}
+        assert "lost" in agent.log_text() and f"at 127.0.0.1:{other.port}" in agent.log_text()
+    finally:
+        agent.stop()
+        for s in sinks:
+            s.stop()
+        for st_ in stores:
+            st_.close()
+        a.close()
+        b.close()
