@@ -86,6 +86,11 @@ class TappingAgent:
         self._thread = threading.Thread(target=run, name=f"taps-{self.dev}", daemon=True)
         self._thread.start()
 
+    def wait_tapping(self, timeout: float = 60) -> None:
+        """Until the background taps are all made."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+
     def stop_tapping(self) -> None:
         self._stop.set()
         if self._thread is not None:

@@ -5,6 +5,8 @@ to the next broker when its broker dies; kill -9 of the NATS node the agent is o
 loses and doubles nothing."""
 
 import re
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,9 +15,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from broker.launcher import PrivateBroker
+from broker.nats import NatsCluster
 from broker.procs import poll_until
 from cloud_sink.ingest import Sink
-from cloud_sink.store import SqliteStore
+from cloud_sink.ingest.jetstream import JetStreamSink
+from cloud_sink.store import SqliteStore, open_store
 from edge.config import ConfigError, from_dict, parse_broker
 
 SITE = "13100000000031"
@@ -130,3 +134,93 @@ def test_link_fails_over_to_the_next_broker_and_back(tmp_path: Path) -> None:
             st_.close()
         a.close()
         b.close()
+
+
+# -- the NATS cluster: 3.1.1 is all its MQTT gateway speaks ----------------------------------
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[NatsCluster]:
+    with NatsCluster(tmp_path / "nats") as c:
+        yield c
+
+
+def _nats_agent(tmp: Path, dev: str, c: NatsCluster) -> TappingAgent:
+    # subscribe_qos 0: on NATS a QoS 1 subscription is a replicated JetStream consumer per
+    # device, and the sink's acks come as QoS 0 whatever was asked (docs/delivery.md)
+    return TappingAgent(tmp, dev, SITE, protocol="3.1.1", subscribe_qos=0,
+                        brokers=[f"127.0.0.1:{p}" for p in c.mqtt_ports])
+
+
+def _all_stored_once(agents: list[TappingAgent], db: Path) -> None:
+    made = {a.dev: a.made() for a in agents}
+    assert all(made.values()), made
+    assert stored_seqs(db) == {dev: list(range(1, n + 1)) for dev, n in made.items()}
+
+
+@pytest.mark.e2e
+def test_agent_processes_in_311_mode_through_the_nats_cluster(cluster: NatsCluster,
+                                                              tmp_path: Path) -> None:
+    db = tmp_path / "store.sqlite"
+    store = open_store(db)
+    sink = JetStreamSink(store, cluster.urls)
+    sink.start()
+    agents = [_nats_agent(tmp_path, f"gate-n{i}", cluster) for i in range(3)]
+    try:
+        assert sink.subscribed.wait(20), sink.error
+        for a in agents:
+            a.start()
+        for a in agents:
+            a.tap_in_background(until=20)
+        for a in agents:
+            a.wait_tapping()
+        assert poll_until(lambda: all(a.backlog() == 0 for a in agents), 30, 0.2), \
+            [(a.dev, a.made(), a.backlog()) for a in agents]
+        _all_stored_once(agents, db)
+        assert sum(a.made() for a in agents) == 60 == sink.totals.stored
+        # the agents spread over the nodes (the first broker tried comes from the device id)
+        assert len({a.broker_port() for a in agents}) > 1
+    finally:
+        for a in agents:
+            a.stop()
+        sink.stop()
+        store.close()
+    assert not any("Traceback" in a.log_text() for a in agents)
+
+
+@pytest.mark.e2e
+def test_kill_9_of_the_node_an_agent_is_on_under_load_loses_and_doubles_nothing(
+        cluster: NatsCluster, tmp_path: Path) -> None:
+    db = tmp_path / "store.sqlite"
+    store = open_store(db)
+    sink = JetStreamSink(store, cluster.urls)
+    sink.start()
+    agents = [_nats_agent(tmp_path, f"gate-k{i}", cluster) for i in range(4)]
+    try:
+        assert sink.subscribed.wait(20), sink.error
+        for a in agents:
+            a.start()
+        assert poll_until(lambda: all(a.broker_port() for a in agents), 30, 0.1)
+        for a in agents:
+            a.tap_in_background(until=10_000)
+        time.sleep(3)                                         # taps flowing
+        port = agents[0].broker_port()
+        victim = next(n.name for n in cluster.nodes if n.mqtt_port == port)
+        on_victim = [a.dev for a in agents if a.broker_port() == port]
+        before = sum(a.taps for a in agents)
+        cluster.kill(victim)
+        time.sleep(6)                                         # tapping on, into the outboxes
+        for a in agents:
+            a.stop_tapping()
+        during = sum(a.taps for a in agents) - before
+        drained = poll_until(lambda: all(a.backlog() == 0 for a in agents), 60, 0.2)
+        moved = agents[0].broker_port()
+        print(f"\nkill -9 of {victim} (agents {on_victim} on it): {before} taps before, "
+              f"{during} in the 6 s after; agent 0 moved to port {moved}; sink {sink.totals}")
+        assert drained, [(a.dev, a.made(), a.backlog(), a.broker_port()) for a in agents]
+        assert moved != port
+        _all_stored_once(agents, db)
+        assert sink.totals.stored == sum(a.made() for a in agents)   # each stored once
+    finally:
+        for a in agents:
+            a.stop()
+        sink.stop()
+        store.close()
