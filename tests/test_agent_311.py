@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import cbor2
 import pytest
 from agent_proc import TappingAgent, stored_seqs
 from hypothesis import given
@@ -20,7 +21,10 @@ from broker.procs import poll_until
 from cloud_sink.ingest import Sink
 from cloud_sink.ingest.jetstream import JetStreamSink
 from cloud_sink.store import SqliteStore, open_store
-from edge.config import ConfigError, from_dict, parse_broker
+from edge.config import ConfigError, MqttConfig, from_dict, parse_broker
+from edge.link import Link
+from edge.outbox import Outbox
+from protocol import topics
 
 SITE = "13100000000031"
 
@@ -224,3 +228,48 @@ def test_kill_9_of_the_node_an_agent_is_on_under_load_loses_and_doubles_nothing(
             a.stop()
         sink.stop()
         store.close()
+
+
+ACL_CONF = """\
+per_listener_settings false
+listener {port} 127.0.0.1
+allow_anonymous true
+user {user}
+acl_file {data_dir}/acl
+persistence false
+log_dest file {log_file}
+connection_messages true
+"""
+
+
+def test_a_refused_touch_in_311_is_kept_and_replayed_with_backoff_not_a_spin(
+        tmp_path: Path) -> None:
+    """3.1.1 has no reason codes: Mosquitto PUBACKs a touch its ACL drops. The link must not
+    take the PUBACK for delivery: the touches stay in the outbox, and come again only when the
+    end-to-end acknowledgement times out (doubling), not in a loop."""
+    (tmp_path / "acl.conf").write_text(ACL_CONF)
+    data = tmp_path / "broker"
+    data.mkdir()
+    dev = "gate-acl"
+    (data / "acl").write_text(f"topic read {topics.touch_ack(SITE, dev)}\n"
+                              f"topic write {topics.state(SITE, dev)}\n")
+    with PrivateBroker(data, template=str(tmp_path / "acl.conf")) as b:
+        ob = Outbox(tmp_path / "outbox.sqlite", reserve_bytes=0)
+        cfg = MqttConfig(host="127.0.0.1", port=b.port, tls=False, protocol="3.1.1",
+                         state_interval_s=60)
+        link = Link(cfg, SITE, dev, ob, lambda: {"v": 1, "online": True}, backoff_min_s=0.1,
+                    backoff_max_s=0.5, e2e_timeout_s=0.5)
+        link.start()
+        try:
+            for _ in range(3):
+                ob.append(lambda s: cbor2.dumps({"seq": s}), created_ms=0)
+            link.notify()
+            assert poll_until(lambda: link.published >= 3, 10)
+            time.sleep(3.0)        # timeouts 0.5, 1, 2 s: a few replays in 3 s, not thousands
+            assert 1 <= link.replays <= 4, link.replays
+            assert link.published <= 3 * (link.replays + 1)
+            assert ob.depth() == 3 and link.refused == 0     # nothing forgotten, nothing to count
+            assert _protocol_of(b, dev) == "p2"
+        finally:
+            link.stop()
+            ob.close()

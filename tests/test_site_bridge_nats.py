@@ -161,3 +161,46 @@ def test_kill_9_of_the_site_broker_under_load_and_restart_loses_and_doubles_noth
         bridge.stop()
         sink.stop()
         store.close()
+
+
+def _bridge_port(bridge: SiteBridge) -> int | None:
+    """The node port the bridge connected to last (Mosquitto logs each attempt)."""
+    found = re.findall(r"Connecting bridge .*\(127\.0\.0\.1:(\d+)\)",
+                       bridge.log_path.read_text(errors="replace"))
+    return int(found[-1]) if found else None
+
+
+@pytest.mark.e2e
+def test_kill_9_of_the_node_the_bridge_is_on_under_load_loses_and_doubles_nothing(
+        cluster: NatsCluster, tmp_path: Path) -> None:
+    db = tmp_path / "store.sqlite"
+    store = open_store(db)
+    sink = JetStreamSink(store, cluster.urls)
+    sink.start()
+    bridge = SiteBridge(tmp_path / "site", SITE, cluster.mqtt_ports).start()
+    agents = _site_agents(tmp_path, bridge, 3)
+    try:
+        assert sink.subscribed.wait(20), sink.error
+        for a in agents:
+            a.start()
+            a.tap_in_background(until=10_000)
+        time.sleep(4)
+        port = _bridge_port(bridge)
+        victim = next(n.name for n in cluster.nodes if n.mqtt_port == port)
+        cluster.kill(victim)
+        time.sleep(8)
+        for a in agents:
+            a.stop_tapping()
+        drained = poll_until(lambda: all(a.backlog() == 0 for a in agents), 60, 0.2)
+        print(f"\nkill -9 of node {victim} (the bridge's): the bridge went on to port "
+              f"{_bridge_port(bridge)}; made {[a.made() for a in agents]}; sink {sink.totals}")
+        assert drained, [(a.dev, a.made(), a.backlog()) for a in agents]
+        assert _bridge_port(bridge) != port
+        _all_stored_once(agents, db)
+        assert sink.totals.stored == sum(a.made() for a in agents)
+    finally:
+        for a in agents:
+            a.stop()
+        bridge.stop()
+        sink.stop()
+        store.close()
