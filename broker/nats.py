@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import urllib.error
@@ -65,6 +66,27 @@ def render_node(node: Node, peers: list[Node], folder: Path) -> str:
     return text.format(name=node.name, client_port=node.client_port, http_port=node.http_port,
                        route_port=node.route_port, mqtt_port=node.mqtt_port, routes=routes,
                        store_dir=folder / node.name / "js", log_file=folder / node.name / "nats.log")
+
+
+def mqtt_hello(port: int, client_id: str, timeout: float = 20.0) -> bool:
+    """One MQTT 3.1.1 CONNECT (clean session) to 127.0.0.1:port, then DISCONNECT: True once the
+    CONNACK accepts it. Raw bytes: broker/ does not depend on paho."""
+    cid = client_id.encode()
+    body = b"\x00\x04MQTT\x04\x02\x00\x3c" + len(cid).to_bytes(2, "big") + cid
+    assert len(body) < 128  # one-byte remaining length
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+            s.sendall(b"\x10" + bytes([len(body)]) + body)
+            ack = b""
+            while len(ack) < 4:
+                chunk = s.recv(4 - len(ack))
+                if not chunk:
+                    return False
+                ack += chunk
+            s.sendall(b"\xe0\x00")
+            return ack[0] == 0x20 and ack[3] == 0
+    except OSError:
+        return False
 
 
 def _distinct_ports(n: int) -> list[int]:
@@ -114,6 +136,7 @@ class NatsCluster:
         for node in self.nodes:
             self.start_node(node.name, wait=False, detach=detach)
         self.wait_healthy(timeout)
+        self.warm_mqtt(timeout)
         return self
 
     def start_node(self, name: str, *, wait: bool = True, detach: bool = False,
@@ -128,6 +151,17 @@ class NatsCluster:
         self._save()
         if wait:
             self.wait_healthy(timeout, [node])
+
+    def warm_mqtt(self, timeout: float = 30.0, nodes: list[Node] | None = None) -> None:
+        """One MQTT client on each node while all are up: a node makes its MQTT gateway's
+        per-server JetStream state (a retained-messages consumer, R3) at its first MQTT client.
+        Seen on 2.9.10: a node whose first MQTT client came after another node's kill -9 hung
+        that client's CONNECT for good (a bridge failing over to it never got its CONNACK)."""
+        for node in nodes or self.nodes:
+            if not mqtt_hello(node.mqtt_port, f"ccus-warmup-{node.name}", timeout):
+                raise BrokerError(f"nats-server {node.name}: its MQTT port {node.mqtt_port} did "
+                                  f"not accept a connection within {timeout:.0f}s "
+                                  f"(log {self.folder / node.name / 'nats.log'})")
 
     def node(self, name: str) -> Node:
         for n in self.nodes:

@@ -107,6 +107,10 @@ class TappingAgent:
         found = re.findall(r"mqtt: connected to [^ ]+:(\d+)", self.log_text())
         return int(found[-1]) if found else None
 
+    def downtimes(self) -> list[float]:
+        """Seconds down of each reconnection, from the link's "connected ... again after" lines."""
+        return [float(x) for x in re.findall(r"again after ([\d.]+) s down", self.log_text())]
+
     def made(self) -> int:
         """The agent's next_seq - 1: how many touches it has made (read from its outbox)."""
         db = sqlite3.connect(self.dir / "data" / "outbox.sqlite", timeout=10)
