@@ -1,8 +1,8 @@
 """Helpers for the NATS cluster tests: a small MQTT 3.1.1 device that keeps every touch until
 the sink's end-to-end acknowledgement covers it, and fails over between the cluster's nodes.
 
-It stands in for the agent's 3.1.1 mode (not built yet: edge/link.py speaks MQTT 5), with the
-same delivery rules as edge/link.py: a fresh paho client per connection, the backlog replayed
+It is lighter than the agent's own 3.1.1 mode (edge/link.py, `[mqtt] protocol = "3.1.1"`,
+tested as real agent processes in tests/test_agent_311.py), with the same delivery rules: a fresh paho client per connection, the backlog replayed
 in seq order after every connect, and replayed again when no acknowledgement progresses for
 ``e2e_timeout_s``. It counts as connected only once its acknowledgement subscription is granted.
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from agent_proc import TappingAgent, stored_seqs
 
-from broker.launcher import TEMPLATES
-from broker.nats import NatsCluster
+from broker.launcher import TEMPLATES, PrivateBroker, free_port
+from broker.nats import NatsCluster, mqtt_hello
 from broker.procs import poll_until
 from broker.site_bridge import SiteBridge, cloud_addresses
 from cloud_sink.ingest.jetstream import JetStreamSink
@@ -208,3 +208,9 @@ def test_kill_9_of_the_node_the_bridge_is_on_under_load_loses_and_doubles_nothin
         bridge.stop()
         sink.stop()
         store.close()
+
+
+def test_mqtt_hello_is_a_real_311_connect(broker: PrivateBroker) -> None:
+    assert mqtt_hello(broker.port, "hello-1")
+    assert "as hello-1 (p2, c1" in broker.log_path.read_text()      # 3.1.1, clean session
+    assert not mqtt_hello(free_port(), "hello-2", timeout=2)         # nobody listens
