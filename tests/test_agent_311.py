@@ -100,7 +100,7 @@ def _closed_port() -> int:
 
 
 @pytest.mark.e2e
-def test_link_fails_over_to_the_next_broker_and_back(tmp_path: Path) -> None:
+def test_agent_fails_over_to_the_next_broker_when_its_broker_dies(tmp_path: Path) -> None:
     """Two Mosquittos, one agent with both in `brokers`: kill -9 the one it is on, it goes to
     the other (a sink on each: both write the same store); every tap stored once."""
     a = PrivateBroker(tmp_path / "a").start()
