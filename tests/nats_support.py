@@ -2,9 +2,10 @@
 the sink's end-to-end acknowledgement covers it, and fails over between the cluster's nodes.
 
 It is lighter than the agent's own 3.1.1 mode (edge/link.py, `[mqtt] protocol = "3.1.1"`,
-tested as real agent processes in tests/test_agent_311.py), with the same delivery rules: a fresh paho client per connection, the backlog replayed
-in seq order after every connect, and replayed again when no acknowledgement progresses for
-``e2e_timeout_s``. It counts as connected only once its acknowledgement subscription is granted.
+tested as real agent processes in tests/test_agent_311.py), with the same delivery rules: a
+fresh paho client per connection, the backlog replayed in seq order after every connect, and
+replayed again when no acknowledgement progresses for ``e2e_timeout_s``. It counts as
+connected only once its acknowledgement subscription is granted.
 
 The acknowledgement subscription is QoS 0: the sink publishes the acknowledgement from NATS,
 which reaches an MQTT subscriber as QoS 0 whatever it asked for, and on NATS a QoS 1

@@ -85,12 +85,32 @@ def test_agent_process_in_311_mode_through_mosquitto(broker: PrivateBroker, tmp_
         assert stored_seqs(tmp_path / "store.sqlite") == {"gate-311": list(range(1, 13))}
         assert _protocol_of(broker, "gate-311") == "p2"     # 3.1.1 on the wire
         assert agent.broker_port() == broker.port
+        # the state message says which broker of the list the device is on
+        assert poll_until(lambda: (_state(broker, "gate-311").get("link") or {}).get("broker")
+                          == f"127.0.0.1:{broker.port}", 15, 0.5)
     finally:
         rc = agent.stop()
         sink.stop()
         store.close()
     assert rc == 0, agent.log_text()[-2000:]
     assert "Traceback" not in agent.log_text()
+
+
+def _state(broker: PrivateBroker, dev: str) -> dict:  # type: ignore[type-arg]
+    """The device's retained state message (empty if none yet)."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    got: list[bytes] = []
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    c.on_message = lambda _c, _u, m: got.append(m.payload)
+    c.connect(broker.host, broker.port)
+    c.subscribe(topics.state(SITE, dev), qos=1)
+    c.loop_start()
+    poll_until(lambda: got, 3, 0.05)
+    c.loop_stop()
+    c.disconnect()
+    return cbor2.loads(got[-1]) if got else {}  # type: ignore[no-any-return]
 
 
 def _closed_port() -> int:
