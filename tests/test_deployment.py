@@ -178,9 +178,11 @@ def test_documented_deployment(tmp_path: Path, pg_url: str) -> None:
         env_args = shlex.split(re.search(r"^CCUS_SINK_ARGS=(.*)$", envfile, re.M).group(1))
 
         def sink_args(db: str) -> list[str]:
+            # the metrics port (default 127.0.0.1:9464) is a free one: others run beside us
             return [db if a.startswith("postgresql://") else
                     a.replace("/etc/ccus-touch", str(sink_etc))
-                    .replace("broker.example.jp:8883", f"localhost:{port}") for a in env_args]
+                    .replace("broker.example.jp:8883", f"localhost:{port}")
+                    for a in env_args] + ["--metrics", f"127.0.0.1:{free_port()}"]
         args = sink_args(str(store))
         say("sink: ccus sink run " + " ".join(args))
         sink_log = tmp_path / "sink.log"
@@ -341,10 +343,11 @@ def test_documented_deployment(tmp_path: Path, pg_url: str) -> None:
             wait_until(lambda: in_pg() == expected, 90, "every tap in PostgreSQL", poll_s=0.5)
         finally:
             say(f"stored {in_pg()} expected {expected}")
-        with psycopg.connect(pg_url) as db:
-            dup = db.execute("SELECT count(*) - count(DISTINCT (device, seq)) FROM touches"
-                             ).fetchone()[0]
-        assert dup == 0
+        with psycopg.connect(pg_url) as db:  # exactly once: seqs 1..n, none twice
+            seqs = {d: (lo, hi, n, k) for d, lo, hi, n, k in db.execute(
+                "SELECT device, min(seq), max(seq), count(*), count(DISTINCT seq) FROM touches"
+                " GROUP BY device")}
+        assert seqs == {d: (1, n, n, n) for d, n in expected.items()}, seqs
 
         # this host's own clock: an unsynchronized one (a CI container) is a true finding, and
         # `clock never_synced` is then the one problem allowed; nothing else ever is
@@ -356,6 +359,8 @@ def test_documented_deployment(tmp_path: Path, pg_url: str) -> None:
                    90, "backlogs at zero, fleet clean", poll_s=2)
         for log in (sink_log, pg_log):  # the site is registered (step sites-import)
             assert "not in the site registry" not in log.read_text(), log
+        for log in tmp_path.glob("*.log"):  # every fault on the way was an expected one
+            assert "Traceback" not in log.read_text(), log
 
         say("ccus report work-history (PostgreSQL)")
         month = time.strftime("%Y-%m", time.gmtime(time.time() + 9 * 3600))  # JST
@@ -388,3 +393,26 @@ def _listening(port: int) -> bool:
         return True
     except OSError:
         return False
+
+
+@pytest.mark.e2e
+def test_journal_sample() -> None:
+    """scripts/journal-sample.py: a real agent under JOURNAL_STREAM, its broker killed and back
+    ~5 s later; what `journalctl -u ccus-agent -p warning` would show (docs/operations.md,
+    "Troubleshooting"). Every line had a <N> prefix (exit 0), the outage is one warning with
+    its cause and next attempt, the recovery another."""
+    if not Path(find_mosquitto()).exists():
+        pytest.skip("no mosquitto")
+    run = subprocess.run([sys.executable, str(REPO / "scripts/journal-sample.py")],
+                         capture_output=True, text=True, timeout=180)
+    print(run.stdout)
+    assert run.returncode == 0, run.stderr
+    head, *lines = run.stdout.splitlines()
+    assert head == "$ journalctl -u ccus-agent -p warning"
+    shape = re.compile(r"^\w{3} \d\d \d\d:\d\d:\d\d \S+ ccus-agent\[\d+\]: [\w.]+: ")
+    assert lines and all(shape.match(x) for x in lines), lines
+    down = [x for x in lines if re.search(r"mqtt: (connection to \S+ lost|cannot connect to)"
+                                          r".*; next attempt in ", x)]
+    back = [x for x in lines if re.search(r"mqtt: connected to \S+ again after [\d.]+ s down", x)]
+    assert down and back and lines.index(down[0]) < lines.index(back[-1]), lines
+    assert "Traceback" not in run.stdout
