@@ -262,10 +262,16 @@ def test_documented_deployment(tmp_path: Path, pg_url: str) -> None:
             AGENTS, (version, "applied"))
         wait_until(lambda: all(3 in a.exits for a in agents.values()), 30,
                    "every agent exited 3 to restart", poll_s=0.5)
-        wait_until(lambda: fleet_is(lambda r: r["online"] and r["cv"] == version,
-                                    f"config v{version} in force"),
-                   90, "every agent back with the pushed config", poll_s=2)
+
+        def back(since_ms: int, what: str) -> None:
+            """Every agent online again in a state sent after `since_ms`, its reader ok."""
+            wait_until(lambda: fleet_is(lambda r: r["online"] and r["cv"] == version and (
+                r["last_seen_ms"] or 0) >= since_ms and r["readers"] and set(
+                r["readers"].values()) == {"ok"}, what), 90, what, poll_s=1)
+        back(int(time.time() * 1000), f"back with config v{version}")
         say("exits: " + str({a.name: a.exits for a in agents.values()}))
+
+        missed: list[str] = []
 
         def taps(dev: str, n: int, idm: str, tid: str) -> None:
             run = subprocess.run([str(BIN / "ccus"), "card", "emulate", "felica", "--port",
@@ -273,6 +279,8 @@ def test_documented_deployment(tmp_path: Path, pg_url: str) -> None:
                                   "--interval", "2.5"], env=env, capture_output=True,
                                  text=True, timeout=90)
             assert run.returncode == 0, run.stderr
+            if run.stdout.count("read by the reader") != n:  # its reader is up: it must read
+                missed.append(f"{dev}: {run.stdout.strip()}")
 
         expected: dict[str, int] = dict.fromkeys(AGENTS, 0)
         gate_taps: dict[str, int] = dict.fromkeys(techs, 0)
@@ -292,6 +300,7 @@ def test_documented_deployment(tmp_path: Path, pg_url: str) -> None:
                 during()
             for th in ths:
                 th.join()
+            assert not missed, missed
 
         def kill_sink() -> None:
             time.sleep(1.5)  # mid-round: the taps go on while it is down
@@ -303,9 +312,10 @@ def test_documented_deployment(tmp_path: Path, pg_url: str) -> None:
             if rnd < 2:
                 time.sleep(2)  # a vend (pulse, can past the sensor) ends before the power cut
                 say(f"reboot {rnd + 1}: SIGKILL every agent")
+                cut = int(time.time() * 1000)
                 for a in agents.values():
                     a.kill()
-                time.sleep(3)
+                back(cut, f"back after reboot {rnd + 1}")
 
         def stored(db) -> dict[str, int]:
             return dict(db.execute("SELECT device, count(*) FROM touches GROUP BY device"
@@ -362,20 +372,34 @@ def test_documented_deployment(tmp_path: Path, pg_url: str) -> None:
         for log in tmp_path.glob("*.log"):  # every fault on the way was an expected one
             assert "Traceback" not in log.read_text(), log
 
-        say("ccus report work-history (PostgreSQL)")
         month = time.strftime("%Y-%m", time.gmtime(time.time() + 9 * 3600))  # JST
-        rep = subprocess.run([str(BIN / "ccus"), "report", "work-history", "--db", pg_url,
-                              "--site", SITE, "--month", month, "--format", "csv"], env=env,
-                             capture_output=True, text=True, timeout=30)
-        assert rep.returncode == 0, rep.stderr
-        print(rep.stdout)
-        rows = {r["technician"]: r for r in csv.DictReader(io.StringIO(rep.stdout))}
+
+        def report(name: str, *opts: str) -> list[dict[str, str]]:
+            say(f"ccus report {name} {' '.join(opts)} (PostgreSQL)")
+            rep = subprocess.run([str(BIN / "ccus"), "report", name, "--db", pg_url,
+                                  "--month", month, *opts, "--format", "csv"], env=env,
+                                 capture_output=True, text=True, timeout=30)
+            assert rep.returncode == 0, rep.stderr
+            print(rep.stdout, end="")
+            return list(csv.DictReader(io.StringIO(rep.stdout)))
+
+        rows = {r["technician"]: r for r in report("work-history", "--site", SITE)}
+        assert set(rows) == set(techs)
         for tid in techs:  # every technician entered at gate-01 and left at gate-02
             row = rows[tid]
             say(f"work-history {tid}: entry {row['entry']} exit {row['exit']} taps {row['taps']}")
             assert (row["entry_missing"], row["exit_missing"], row["taps"]) == (
                 "false", "false", str(gate_taps[tid]))
-        assert set(rows) == set(techs)
+        assert {r["technician"]: r["days"] for r in report("days-worked", "--site", SITE)} == \
+            dict.fromkeys(techs, "1")
+        # one free drink a day each: rounds 0-2 dispensed (techs 1, 2, 3), round 3 denied
+        # (tech 1 again); the pushed overlay named the contractor who pays
+        assert [(r["contractor"], r["site"], r["machine"], r["dispensed"], r["failed"],
+                 r["indeterminate"]) for r in report("vending", "--machines")] == [
+            ("20000000000001", SITE, "vend-01", "3", "0", "0")]
+        total = [r for r in report("training-monthly", "--site", SITE) if r["month"] == "total"]
+        assert [(r["persons"], r["touches"]) for r in total] == [
+            ("3", str(expected["train-01"]))]
         say("done")
     finally:
         for p in reversed(procs):
