@@ -65,13 +65,21 @@ def run_block(text: str, cwd: Path, subs: dict[str, str], env: dict[str, str]) -
     return run.stdout
 
 
+def restart_sec(unit: str) -> float:
+    """RestartSec of deploy/systemd/UNIT, which must say Restart=always."""
+    text = (REPO / "deploy/systemd" / unit).read_text()
+    assert re.search(r"^Restart=always$", text, re.M), unit
+    return float(re.search(r"^RestartSec=(\d+)$", text, re.M).group(1))
+
+
 class Supervisor:
-    """Restart=always: starts the command again whenever it exits (after RestartSec)."""
+    """systemd's Restart=always: starts the command again whenever it exits, RestartSec (of
+    the project's unit file) later."""
 
     def __init__(self, name: str, argv: list[str], env: dict[str, str], log: Path,
-                 restart_s: float = 0.5) -> None:
+                 unit: str) -> None:
         self.name, self.argv, self.env, self.log = name, argv, env, log
-        self.restart_s = restart_s
+        self.restart_s = restart_sec(unit)
         self.proc: subprocess.Popen | None = None
         self.starts = 0
         self.exits: list[int] = []  # each exit status (-9: SIGKILL), in order
@@ -187,7 +195,7 @@ def test_documented_deployment(tmp_path: Path, pg_url: str) -> None:
         say("sink: ccus sink run " + " ".join(args))
         sink_log = tmp_path / "sink.log"
         sink = Supervisor("sink", [str(BIN / "ccus"), "sink", "run", *args], env, sink_log,
-                          restart_s=2)  # ccus-sink.service: RestartSec=2
+                          "ccus-sink.service")
         procs.append(sink)
         # the list: three technicians, their FeliCa IDm as the card
         techs = {f"1000000000000{i}": f"01020304050607{i:02x}" for i in (1, 2, 3)}
@@ -224,7 +232,7 @@ def test_documented_deployment(tmp_path: Path, pg_url: str) -> None:
             agents[dev] = Supervisor(dev, [str(BIN / "ccus"), "agent", "--config",
                                            str(etc / "agent.toml")],
                                      {**env, "CCUS_KEYS_DIR": str(keys)},
-                                     tmp_path / f"{dev}.log")
+                                     tmp_path / f"{dev}.log", "ccus-agent.service")
             procs.append(agents[dev])
 
         fleet_cmd = [str(BIN / "ccus"), "ops", "devices", "--site", SITE, "--broker",
@@ -341,7 +349,7 @@ def test_documented_deployment(tmp_path: Path, pg_url: str) -> None:
         say("sink on PostgreSQL: ccus sink run " + " ".join(args))
         pg_log = tmp_path / "sink-pg.log"
         sink = Supervisor("sink-pg", [str(BIN / "ccus"), "sink", "run", *args], env, pg_log,
-                          restart_s=2)
+                          "ccus-sink.service")
         procs.append(sink)
         tap_round(3)
 
