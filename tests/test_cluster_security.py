@@ -521,3 +521,42 @@ def test_revoked_certificate_and_removed_device(tier: Tier) -> None:
     assert poll_until(lambda: gone.disconnects > 0, 5), "the removed device stayed connected"
     gone.close()
     assert mqtt_refused(tier, "gate-gone")
+
+
+# -- the commands ------------------------------------------------------------------------------
+def _ccus(*args: str) -> "subprocess.CompletedProcess[str]":
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "ccus.cli", *args], capture_output=True,
+                          text=True, cwd=Path(__file__).resolve().parents[1], timeout=90)
+
+
+def test_nats_auth_and_cluster_up_secure_from_the_command_line(tmp_path: Path) -> None:
+    pki = tmp_path / "pki"
+    CA.init(pki)
+    provision.add_site(pki, SITE, ["gate-01"])
+    bundle = tmp_path / "bundle"
+    r = _ccus("ops", "nats-auth", "--pki", str(pki), "--out", str(bundle))
+    assert r.returncode == 2 and "no server certificate" in r.stderr, r.stderr   # one line
+    assert "Traceback" not in r.stderr
+    CA(pki).issue_server(pki / "server", ["127.0.0.1", "localhost"])
+    r = _ccus("ops", "nats-auth", "--pki", str(pki), "--out", str(bundle))
+    assert r.returncode == 0, r.stderr
+    assert (bundle / "route.key").stat().st_mode & 0o077 == 0      # keys stay 0600
+    assert (bundle / "server.key").stat().st_mode & 0o077 == 0
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = _ccus("cluster", "up", "--dir", str(tmp_path / "c0"), "--secure", str(empty))
+    assert r.returncode == 1 and "ccus ops nats-auth" in r.stderr, r.stderr
+    r = _ccus("cluster", "up", "--dir", str(tmp_path / "c"), "--secure", str(bundle))
+    try:
+        assert r.returncode == 0, r.stderr
+        assert "TLS, client certificates" in r.stdout and "--cert SINK.crt" in r.stdout
+        c = NatsCluster(tmp_path / "c")
+        t = Tier(pki, bundle, c)
+        mqtt_peer(t, "gate-01").close()
+        assert mqtt_refused(t, None)
+    finally:
+        down = _ccus("cluster", "down", "--dir", str(tmp_path / "c"))
+    assert down.returncode == 0 and "stopped 3 node(s)" in down.stdout, down.stderr
