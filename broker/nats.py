@@ -127,7 +127,10 @@ class NatsCluster:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         state = self.folder / STATE
         if state.exists():  # the same folder again: same ports, same JetStream data
-            self.nodes = [Node(**n) for n in json.loads(state.read_text())["nodes"]]
+            saved = json.loads(state.read_text())
+            self.nodes = [Node(**n) for n in saved["nodes"]]
+            if self.secure is None and saved.get("secure"):
+                self.secure = Path(saved["secure"])
         else:
             ports = _distinct_ports(4 * nodes)
             self.nodes = [Node(f"n{i + 1}", *ports[4 * i:4 * i + 4]) for i in range(nodes)]
@@ -150,8 +153,10 @@ class NatsCluster:
                                                         self.secure))
 
     def _save(self) -> None:
-        (self.folder / STATE).write_text(json.dumps({"nodes": [asdict(n) for n in self.nodes]},
-                                                    indent=1) + "\n")
+        doc: dict[str, object] = {"nodes": [asdict(n) for n in self.nodes]}
+        if self.secure is not None:
+            doc["secure"] = str(self.secure)
+        (self.folder / STATE).write_text(json.dumps(doc, indent=1) + "\n")
 
     def start(self, timeout: float = 30.0, *, detach: bool = False) -> "NatsCluster":
         """Every node, then wait until each answers /healthz (JetStream current)."""
@@ -280,6 +285,32 @@ def up(folder: str | Path, secure: str | Path | None = None) -> NatsCluster:
         raise BrokerError(f"{folder}: nodes {', '.join(running)} are running already "
                           f"(ccus cluster down --dir {folder})")
     return c.start(detach=True)
+
+
+def _running(folder: str | Path) -> NatsCluster:
+    if not (Path(folder) / STATE).exists():
+        raise BrokerError(f"{folder}: no {STATE} here (nothing started with ccus cluster up)")
+    c = NatsCluster(folder)
+    if not any(n.pid and c._ours(n) for n in c.nodes):
+        raise BrokerError(f"{folder}: no node is running (ccus cluster up --dir {folder})")
+    return c
+
+
+def reload(folder: str | Path) -> int:
+    """`ccus cluster reload`: SIGHUP every running node (users, native pins); how many."""
+    c = _running(folder)
+    n = sum(1 for node in c.nodes if node.pid and c._ours(node))
+    c.reload()
+    return n
+
+
+def restart(folder: str | Path) -> int:
+    """`ccus cluster restart`: one node after the other (each healthy before the next), so
+    the MQTT listeners pin the bundle's current certificates; how many were restarted."""
+    c = _running(folder)
+    for node in c.nodes:
+        c.restart_node(node.name)
+    return len(c.nodes)
 
 
 def down(folder: str | Path) -> int:

@@ -557,6 +557,16 @@ def test_nats_auth_and_cluster_up_secure_from_the_command_line(tmp_path: Path) -
         t = Tier(pki, bundle, c)
         mqtt_peer(t, "gate-01").close()
         assert mqtt_refused(t, None)
+        provision.add_device(pki, SITE, "gate-02")           # a new device...
+        assert _ccus("ops", "nats-auth", "--pki", str(pki), "--out", str(bundle)).returncode == 0
+        r = _ccus("cluster", "reload", "--dir", str(tmp_path / "c"))
+        assert r.returncode == 0 and "reloaded 3 node(s)" in r.stdout, r.stderr
+        assert mqtt_refused(t, "gate-02")                    # ...on MQTT after the restart
+        r = _ccus("cluster", "restart", "--dir", str(tmp_path / "c"))
+        assert r.returncode == 0 and "restarted 3 node(s)" in r.stdout, r.stderr
+        c = NatsCluster(tmp_path / "c")
+        assert all(c._ours(n) and c.healthy(n) for n in c.nodes)
+        mqtt_peer(Tier(pki, bundle, c), "gate-02", node=2).close()
     finally:
         down = _ccus("cluster", "down", "--dir", str(tmp_path / "c"))
     assert down.returncode == 0 and "stopped 3 node(s)" in down.stdout, down.stderr
