@@ -9,6 +9,8 @@ import asyncio
 import datetime as dt
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -524,10 +526,7 @@ def test_revoked_certificate_and_removed_device(tier: Tier) -> None:
 
 
 # -- the commands ------------------------------------------------------------------------------
-def _ccus(*args: str) -> "subprocess.CompletedProcess[str]":
-    import subprocess
-    import sys
-
+def _ccus(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "ccus.cli", *args], capture_output=True,
                           text=True, cwd=Path(__file__).resolve().parents[1], timeout=90)
 
