@@ -14,9 +14,10 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -154,8 +155,8 @@ def puback(p: Peer, topic: str, payload: bytes = b"x", *, retain: bool = False,
     return info.is_published()
 
 
-def native(t: Tier, who: str | None, coro: "callable", *, files: tuple | None = None,
-           port: int | None = None) -> object:
+def native(t: Tier, who: str | None, coro: Callable[..., Awaitable[Any]], *,
+           files: tuple[str, str, str] | None = None, port: int | None = None) -> Any:
     """Run `coro(nc, errors)` on a native NATS connection with `who`'s certificate."""
     import nats
 
@@ -426,6 +427,28 @@ def test_device_reads_its_config_but_not_anothers(tier: Tier) -> None:
         gate1.close()
 
 
+def test_bridge_speaks_for_its_own_site_only(tier: Tier) -> None:
+    """A site broker's bridge (bridge:{site}, MQTT 3.1.1 like the real bridge) publishes and
+    reads for every device of its site, and nothing of another site."""
+    watch = Watch(tier)
+    bridge = mqtt_peer(tier, f"bridge:{SITE}", f"bridge-{SITE}")
+    try:
+        puback(bridge, topics.touch(SITE, "gate-02"), b"bridged")
+        assert poll_until(lambda: (topics.nats_subject(topics.touch(SITE, "gate-02")),
+                                   b"bridged") in watch.got, 5)       # the control
+        puback(bridge, topics.touch(SITE2, "gate-09"), b"forged")
+        subject = topics.nats_subject(topics.touch(SITE2, "gate-09"))
+        assert poll_until(lambda: f'Subject "{subject}"' in violations(tier), 5)
+        assert subscribe(bridge, f"ccus/v1/{SITE}/+/config") == 1
+        assert subscribe(bridge, f"ccus/v1/{SITE}/+/ack", qos=0) == 0
+        assert subscribe(bridge, f"ccus/v1/{SITE2}/+/config") == 0x80
+        assert subscribe(bridge, topics.every(topics.TOUCH)) == 0x80
+        assert not [m for m in watch.got if m[1] == b"forged"]
+    finally:
+        bridge.close()
+        watch.close()
+
+
 def test_client_id_of_another_device_kicks_it_but_takes_nothing(tier: Tier) -> None:
     """A row that differs from Mosquitto: NATS 2.9 binds no client id to the certificate, so
     gate-01 asking for gate-02's client id replaces gate-02's connection (a nuisance the
@@ -497,8 +520,10 @@ def test_revoked_certificate_and_removed_device(tier: Tier) -> None:
 
     for dev in ("gate-lost", "gate-gone"):
         provision.add_device(tier.pki, SITE, dev)
+    provision.add_identity(tier.pki, "sink", "sink-2")
     tier.regenerate()
     assert reloaded(tier) == 3
+    assert not native_refused(tier, "sink:sink-2")  # natively: a new identity from the reload
     # a new certificate on MQTT: only after a restart (the start-time pins), as Mosquitto's
     # dynamic-security file wants a restart for a new identity
     assert mqtt_refused(tier, "gate-lost")
@@ -507,8 +532,11 @@ def test_revoked_certificate_and_removed_device(tier: Tier) -> None:
     assert puback(live, topics.touch(SITE, "gate-lost"))
     # 1. the certificate revoked (CRL, revoked.txt -> pinned.conf)
     CA(tier.pki).revoke(serial_of(tier.files("gate-lost")[1]))
+    CA(tier.pki).revoke(serial_of(tier.files("sink:sink-2")[1]))
     tier.regenerate()
     assert reloaded(tier) == 3
+    assert native_refused(tier, "sink:sink-2"), "natively, a revoked certificate after reload"
+    assert not native_refused(tier, "sink:sink-1")
     assert live.disconnects == 0                 # its identity is still a user: it stays
     assert not mqtt_refused(tier, "gate-lost")   # the gap until the restart: documented
     live.close()
