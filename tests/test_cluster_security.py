@@ -589,7 +589,10 @@ def test_nats_auth_and_cluster_up_secure_from_the_command_line(tmp_path: Path) -
         r = _ccus("cluster", "reload", "--dir", str(tmp_path / "c"))
         assert r.returncode == 0 and "reloaded 3 node(s)" in r.stdout, r.stderr
         assert mqtt_refused(t, "gate-02")                    # ...on MQTT after the restart
+        t0 = time.monotonic()
         r = _ccus("cluster", "restart", "--dir", str(tmp_path / "c"))
+        print(f"\nMEASURED: `ccus cluster restart` (3 nodes, one after another) "
+              f"{time.monotonic() - t0:.1f} s")
         assert r.returncode == 0 and "restarted 3 node(s)" in r.stdout, r.stderr
         c = NatsCluster(tmp_path / "c")
         assert all(c._ours(n) and c.healthy(n) for n in c.nodes)
