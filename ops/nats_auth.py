@@ -17,8 +17,9 @@ Rules of this file:
 - A MQTT filter ending in ``/#`` also matches its parent level; the gateway subscribes to both
   (``ccus.v1.list.>`` and ``ccus.v1.list``), so both are allowed.
 - Revocation without a CRL (NATS 2.9 reads none): ``pinned_certs`` lists the public-key hash of
-  every certificate of the PKI that is neither revoked (revoked.txt) nor expired; a node
-  refuses any other at the handshake after a reload. Removing an identity from the inventory
+  every client certificate of the PKI that is neither revoked (revoked.txt) nor expired; a
+  node refuses any other at the handshake: natively after a reload (SIGHUP), over MQTT after
+  the node's restart (broker/nats.py says why). Removing an identity from the inventory
   removes its user; on reload NATS closes that user's live connections.
 """
 
@@ -36,7 +37,7 @@ from cryptography.hazmat.primitives import serialization
 from edge.atomic import write_atomic
 from ops.acl import OPERATOR_RULES, SINK_RULES, Inventory, bridge_rules, device_rules, render_acl
 from ops.inventory import InventoryFile
-from ops.pki import CA, ROUTE_URI, PkiError
+from ops.pki import CA, PkiError
 from ops.provision import copy_secret
 from protocol import topics as t
 
@@ -157,7 +158,8 @@ def write_bundle(pki: str | Path, out: str | Path, *, names: Iterable[str] = ("1
     """The folder `ccus cluster up --secure` reads: ca.crt, server.crt/.key (the PKI's
     server certificate), route.crt/.key (issued into pki/nats/ once), auth.conf, pinned.conf.
 
-    Run it again after any provisioning or revocation, then reload the nodes (SIGHUP)."""
+    Run it again after any provisioning or revocation, then `ccus cluster reload` (and
+    `ccus cluster restart` for a new or revoked certificate on the MQTT listeners)."""
     pki, out = Path(pki), Path(out)
     server = pki / "server"
     if not (server / "server.key").exists():
@@ -175,5 +177,3 @@ def write_bundle(pki: str | Path, out: str | Path, *, names: Iterable[str] = ("1
     write_atomic(out / PINNED_FILE, render_pinned(pinned(pki)))
     return out
 
-
-__all__ = ["ROUTE_URI", "device_user", "identity_user", "render_auth", "write_bundle"]

@@ -242,6 +242,38 @@ def test_permissions_are_the_acl_rules_in_nats_subjects() -> None:
     assert "jetstream: enabled" in text and text.count('"user"') == 4
 
 
+def test_route_certificate_and_the_pinned_list(tmp_path: Path) -> None:
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID as EKU
+
+    from ops.nats_auth import pinned, spki_sha256
+    from ops.pki import ROUTE_URI, serial_of
+
+    pki = tmp_path / "pki"
+    ca = CA.init(pki)
+    ca.issue_server(pki / "server", ["127.0.0.1"])
+    route = ca.issue_route(pki / "nats", ["127.0.0.1", "localhost"])
+    cert = x509.load_pem_x509_certificate(route.cert.read_bytes())
+    assert set(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == {
+        EKU.SERVER_AUTH, EKU.CLIENT_AUTH}
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert ROUTE_URI in san.get_values_for_type(x509.UniformResourceIdentifier)
+    provision.add_site(pki, SITE, ["gate-01", "gate-02"])
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
+    ca.issue_device(pki / "old", SITE, "gate-01", not_before=past,
+                    not_after=past + dt.timedelta(days=1))
+    hashes = pinned(pki)
+    load = lambda p: x509.load_pem_x509_certificate(Path(p).read_bytes())  # noqa: E731
+    g1, g2 = (provision.device_dir(pki, SITE, d) / "device.crt" for d in ("gate-01", "gate-02"))
+    assert spki_sha256(load(g1)) in hashes and spki_sha256(load(g2)) in hashes
+    assert spki_sha256(load(pki / "old" / "device.crt")) not in hashes          # expired
+    assert spki_sha256(cert) not in hashes                                      # no client
+    assert spki_sha256(load(pki / "server" / "server.crt")) not in hashes
+    ca.revoke(serial_of(g2))
+    assert spki_sha256(load(g2)) not in pinned(pki)                              # revoked
+    assert spki_sha256(load(g1)) in pinned(pki)
+
+
 def test_a_secure_node_config_has_tls_on_every_listener(tmp_path: Path) -> None:
     from broker.nats import Node
 
