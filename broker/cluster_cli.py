@@ -10,7 +10,16 @@ def register(sub: Any) -> None:
     s = p.add_subparsers(dest="cluster_cmd", required=True, metavar="COMMAND")
     up = s.add_parser("up", help="start the nodes (detached); their state lives in DIR")
     up.add_argument("--dir", required=True, help="folder for configs, logs, JetStream data")
+    up.add_argument("--secure", metavar="BUNDLE", help="TLS with client certificates and "
+                    "per-identity permissions from the folder `ccus ops nats-auth` wrote")
     up.set_defaults(func=_up)
+    for name, what in (("reload", "SIGHUP every node: auth.conf and the native listener's "
+                                  "pinned certificates again (after `ccus ops nats-auth`)"),
+                       ("restart", "restart the nodes one by one: the MQTT listeners pin the "
+                                   "current certificates (a new or revoked one)")):
+        sp = s.add_parser(name, help=what)
+        sp.add_argument("--dir", required=True)
+        sp.set_defaults(func=_again, cluster_cmd=name)
     down = s.add_parser("down", help="stop the nodes started with `ccus cluster up --dir DIR`")
     down.add_argument("--dir", required=True)
     down.set_defaults(func=_down)
@@ -21,13 +30,28 @@ def _up(args: argparse.Namespace) -> int:
     from broker.nats import up
 
     try:
-        c = up(args.dir)
+        c = up(args.dir, secure=args.secure)
     except BrokerError as exc:
         print(f"ccus cluster up: {exc}", file=sys.stderr)
         return 1
+    tls = " (TLS, client certificates)" if args.secure else ""
     for n in c.nodes:
-        print(f"{n.name}: nats {n.url}  mqtt 127.0.0.1:{n.mqtt_port}  pid {n.pid}")
-    print(f"sink: ccus sink run --store STORE --nats {','.join(c.urls)}")
+        print(f"{n.name}: nats {n.url}  mqtt 127.0.0.1:{n.mqtt_port}  pid {n.pid}{tls}")
+    certs = " --ca CA --cert SINK.crt --key SINK.key" if args.secure else ""
+    print(f"sink: ccus sink run --store STORE --nats {','.join(c.urls)}{certs}")
+    return 0
+
+
+def _again(args: argparse.Namespace) -> int:
+    from broker import nats
+    from broker.launcher import BrokerError
+
+    try:
+        n = (nats.reload if args.cluster_cmd == "reload" else nats.restart)(args.dir)
+    except BrokerError as exc:
+        print(f"ccus cluster {args.cluster_cmd}: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.cluster_cmd}ed {n} node(s)")
     return 0
 
 

@@ -191,11 +191,6 @@ def _run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             store.close()
             return 2
-        if tls:
-            print("ccus sink run: --nats has no TLS yet (docs/operations.md, National layout)",
-                  file=sys.stderr)
-            store.close()
-            return 2
         try:
             servers = parse_servers(args.nats)
         except JetStreamSinkError as exc:
@@ -203,7 +198,7 @@ def _run(args: argparse.Namespace) -> int:
             store.close()
             return 2
         sink = JetStreamSink(store, servers, group=args.group, client_id=args.client_id,
-                             batch_max=args.batch)
+                             batch_max=args.batch, tls=tls)
     else:
         if listen is not None:
             metrics = SinkMetrics()
