@@ -66,14 +66,23 @@ ON CONFLICT (site, course) DO UPDATE SET persons=excluded.persons, touches=exclu
 _VL_WHERE = ("role='vending' AND flag IS NULL"
              " AND result IN ('dispensed', 'failed', 'indeterminate')")
 _VL_SCOPE = f" AND (device, month) IN (SELECT device, month FROM stage WHERE {_VL_WHERE})"
+# Who pays: the machine's own `[vending] contractor` when its touch names one, else the main
+# contractor of the site's registry row in force on the touch's work day (the first row before
+# any is in force, as registry.rule_on), else '' (reported as "unknown"). A registry change of a
+# site's main contractor re-derives that site (store import_sites).
+_PAYER = """COALESCE(contractor,
+    (SELECT s.main_contractor FROM sites s WHERE s.site = touches.site
+     AND s.valid_from <= touches.work_day ORDER BY s.valid_from DESC LIMIT 1),
+    (SELECT s.main_contractor FROM sites s WHERE s.site = touches.site
+     ORDER BY s.valid_from LIMIT 1), '')"""
 _VL = f"""
 INSERT INTO vending_ledger (device, site, contractor, month, dispensed, failed, indeterminate)
-SELECT device, site, COALESCE(contractor, ''), month,
+SELECT device, site, {_PAYER}, month,
        COUNT(CASE WHEN result='dispensed' THEN 1 END),
        COUNT(CASE WHEN result='failed' THEN 1 END),
        COUNT(CASE WHEN result='indeterminate' THEN 1 END)
 FROM touches WHERE {_VL_WHERE}{{scope}}
-GROUP BY device, site, COALESCE(contractor, ''), month
+GROUP BY device, site, 3, month
 ON CONFLICT (device, site, contractor, month) DO UPDATE SET dispensed=excluded.dispensed,
     failed=excluded.failed, indeterminate=excluded.indeterminate
 """

@@ -304,13 +304,14 @@ class SqlStore:
         return res
 
     def import_sites(self, rules: Iterable[SiteRule]) -> Rederived:
-        """Add or correct registry rows (key: site, valid_from); the sites whose cut rules
-        changed are re-derived from their stored touches in the same transaction."""
+        """Add or correct registry rows (key: site, valid_from); the sites whose cut rules or
+        main contractor (who pays for its drinks) changed are re-derived from their stored
+        touches in the same transaction."""
         rows = list(rules)
         with self._lock, self._tx():
             self._registry_lock(exclusive=True)
             self._load_rules()
-            before = {s: [(r.valid_from, r.kind, r.day_cut_hour) for r in v]
+            before = {s: [(r.valid_from, r.kind, r.day_cut_hour, r.main_contractor) for r in v]
                       for s, v in self._rules.items()}
             self._many(f"INSERT INTO sites ({_SITE_COLS}) VALUES (?,?,?,?,?,?,?,?)"
                        " ON CONFLICT (site, valid_from) DO UPDATE SET name=excluded.name,"
@@ -323,7 +324,8 @@ class SqlStore:
             self._x("DELETE FROM sites_unregistered WHERE site IN (SELECT site FROM sites)")
             self._load_rules()
             changed = sorted(s for s in {r.site for r in rows}
-                             if before.get(s) != [(r.valid_from, r.kind, r.day_cut_hour)
+                             if before.get(s) != [(r.valid_from, r.kind, r.day_cut_hour,
+                                                   r.main_contractor)
                                                   for r in self._rules.get(s, [])])
             res = self._rederive_sites(changed) if changed else Rederived()
             res.imported = len(rows)
