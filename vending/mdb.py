@@ -12,6 +12,7 @@ pulse channel (vending/transaction.py); only the mapping of channel events to ta
 | vend_failure               | vending           | not_dispensed    | - |
 | vend_cancel / denied       | vending           | not_dispensed    | - |
 | session_end / timeout / reset (no vend approved) | reserved | cancel / timeout | - |
+| disabled (READER DISABLE in the session) | reserved | cancel           | - |
 | reset_mid_vend (VMC reset after VEND APPROVED)   | vending  | interrupted -> indeterminate | - |
 | board BOOT (board reset)   | vending            | interrupted      | - |
 | serve() wait over, reader silent | reserved     | timeout          | revoke |
@@ -48,6 +49,9 @@ EVENT_TABLE: dict[int, tuple[tuple[str, ...], str]] = {
     wire.EV_RESET: ((tx.RESERVED, tx.VENDING), tx.CANCEL),  # VENDING here: never approved
     wire.EV_RESET_MID_VEND: ((tx.VENDING,), tx.INTERRUPTED),
     wire.EV_REFUSED: ((tx.RESERVED,), tx.CANCEL),
+    # READER DISABLE in a session: the reader approves nothing more in it, so a reservation
+    # not yet asked for is given back now; a vend already asked for runs to its result
+    wire.EV_DISABLED: ((tx.RESERVED,), tx.CANCEL),
 }
 # (CANCEL on a VENDING row, a reset or refusal before the reader approved, is not in the
 # transaction table: it is applied as not_dispensed, which releases the same way.)
