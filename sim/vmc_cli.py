@@ -74,6 +74,7 @@ def _with_board(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="ccus-vmc-"))
     board = BoardProcess(work, uarts={"1": os.ttyname(vs)}, mdb_uart=1, wdt_ms=3000)
     stop = threading.Event()
+    th: threading.Thread | None = None
     try:
         board.start()
         link = BoardLink(board.port, ack_timeout=0.2)
@@ -114,12 +115,14 @@ def _with_board(args: argparse.Namespace) -> int:
         vmc.poll_until((mdb.P_VEND_APPROVED,))
         print(f"reset mid-vend: {vmc.reset().ack}")
         time.sleep(0.3)
-        print(f"RETs {vmc.rets}, resends {vmc.resends}")
+        print(f"RETs {vmc.rets}, resends {vmc.resends}, polls {vmc.polls}")
     except VmcError as e:
         print(f"ccus vmc: {e}", file=sys.stderr)
         return 1
     finally:
         stop.set()
+        if th is not None:
+            th.join(2)  # before the board's pty goes: the host thread reads it
         board.close()
         shutil.rmtree(work, ignore_errors=True)
         os.close(vm)

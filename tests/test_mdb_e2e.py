@@ -28,6 +28,15 @@ TECH = "12345678901234"
 
 @pytest.fixture
 def rig(tmp_path):
+    yield from _rig(tmp_path, "standard")
+
+
+@pytest.fixture
+def fast_rig(tmp_path):
+    yield from _rig(tmp_path, "fast")
+
+
+def _rig(tmp_path, profile: str):
     vm, vs = os.openpty()
     tty.setraw(vm)
     tty.setraw(vs)
@@ -44,7 +53,7 @@ def rig(tmp_path):
         ctl = VendController(journal, link, scope="machine:VM02", limit=1,
                              period=PeriodSpec("day", cut_hour=5))
         ch = MdbChannel(ctl, link, price_ceiling=150)
-        vmc = Vmc(PtyWire(vm), reply_timeout=0.2)
+        vmc = Vmc(PtyWire(vm), profile=profile, reply_timeout=0.2)
         vmc.setup()
         yield board, vmc, ch, ctl
     finally:
@@ -156,13 +165,61 @@ def test_board_killed_mid_vend_is_indeterminate_after_its_boot(rig):
     assert ctl.billable() == []
 
 
-def test_ccus_vmc_simulate_board_runs_every_scenario():
+@pytest.mark.parametrize("dispense", [True, False])
+def test_fast_machine_dispense_and_failure(fast_rig, dispense):
+    """The fast profile: setup, then VEND REQUEST straight after BEGIN SESSION and POLLs back
+    to back while the host journals START and approves; one commit or one release."""
+    board, vmc, ch, ctl = fast_rig
+    res, out, got = _run(vmc, lambda v: v.select(4, 110, dispense=dispense), ch, ctl)
+    assert got == ("dispensed" if dispense else "failed")
+    final = tx.COMMITTED if dispense else tx.RELEASED
+    assert ctl.journal.get(res.vend_id).state == final and (out.item, out.price) == (4, 110)
+    assert len(ctl.billable()) == (1 if dispense else 0) and ctl.anomalies == []
+    assert vmc.wire.dec.skipped == 0  # type: ignore[union-attr]  (no word lost or split badly)
+
+
+def test_fast_machine_cancel_disable_and_reset(fast_rig):
+    """Back-to-back: a cancel right after the request; a disable in an idle session; a reset
+    right after the approval. Each settles as on a standard machine."""
+    board, vmc, ch, ctl = fast_rig
+
+    def cancel(v: Vmc) -> object:
+        v.vend_request(3, 100)
+        r = v.vend_cancel()
+        v.session_complete()
+        return r.code
+
+    res, out, got = _run(vmc, cancel, ch, ctl)
+    assert got == mdb.P_VEND_DENIED and ctl.journal.get(res.vend_id).state == tx.RELEASED
+
+    def disable(v: Vmc) -> object:
+        v.reader_disable()
+        v.poll_until((mdb.P_SESSION_CANCEL,))
+        r = v.session_complete()
+        v.send([0x14, 0x01])  # enabled again for the next tap
+        return r.code
+
+    res, out, got = _run(vmc, disable, ch, ctl)
+    assert got == mdb.P_END_SESSION and ctl.journal.get(res.vend_id).state == tx.RELEASED
+
+    def reset(v: Vmc) -> object:
+        v.vend_request(3, 100)
+        v.poll_until((mdb.P_VEND_APPROVED,))
+        return v.reset().ack
+
+    res, out, got = _run(vmc, reset, ch, ctl)
+    assert got is True and ctl.journal.get(res.vend_id).state == tx.INDETERMINATE
+    assert ctl.billable() == []
+
+
+@pytest.mark.parametrize("profile", ["setup_twice", "fast"])
+def test_ccus_vmc_simulate_board_runs_every_scenario(profile):
     import subprocess
     import sys
     from pathlib import Path
 
     ccus = Path(sys.executable).parent / "ccus"
-    p = subprocess.run([str(ccus), "vmc", "simulate", "--board", "--profile", "setup_twice"],
+    p = subprocess.run([str(ccus), "vmc", "simulate", "--board", "--profile", profile],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stdout + p.stderr
     for line in ("dispense: dispensed", "failure: failed", "cancel: denied",
