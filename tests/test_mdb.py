@@ -430,6 +430,30 @@ def test_host_reader_disable_in_a_session(tmp_path, when):
     assert ctl.anomalies == []
 
 
+@pytest.mark.parametrize("state, result, same, final", [
+    (frame.J_DONE, frame.R_DISPENSED, True, tx.COMMITTED),  # the board saw VEND SUCCESS
+    (frame.J_DONE, frame.R_NO_DROP, True, tx.RELEASED),  # VEND FAILURE / CANCEL after approval
+    (frame.J_DONE, frame.R_INTERRUPTED, True, tx.INDETERMINATE),  # the VMC reset mid-vend
+    (frame.J_IN_PROGRESS, frame.R_NONE, True, tx.INDETERMINATE),  # the board reset mid-vend
+    (frame.J_DONE, frame.R_DISPENSED, False, tx.INDETERMINATE),  # another vend: ask the board
+])  # fmt: skip
+def test_host_board_boot_settles_from_the_boards_journal(tmp_path, state, result, same, final):
+    from edge.board import BootNotice
+
+    r, vmc, ch, ctl = _host(tmp_path)
+    res = ctl.reserve("T1")
+    ch.open(res)
+    vmc.poll_until((mdb.P_BEGIN_SESSION,))
+    vmc.vend_request(item=2, price=100)
+    ch.poll()
+    assert ctl.journal.get(res.vend_id).state == tx.VENDING
+    vid = res.vend_id if same else res.vend_id + 7
+    ch._on_boot(BootNotice(0, 1, 2, vid, 2, state, result, 0.0))
+    assert ctl.journal.get(res.vend_id).state == final
+    assert ch._reconcile_due == (final == tx.INDETERMINATE)
+    assert len(ctl.billable()) == (1 if final == tx.COMMITTED else 0)
+
+
 def test_host_denies_a_request_whose_reservation_is_gone(tmp_path):
     r, vmc, ch, ctl = _host(tmp_path)
     res = ctl.reserve("T1")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import tty
 from collections.abc import Callable
 
@@ -225,3 +226,71 @@ def test_ccus_vmc_simulate_board_runs_every_scenario(profile):
     for line in ("dispense: dispensed", "failure: failed", "cancel: denied",
                  "out of sequence: True", "reset mid-vend: True", "reset_mid_vend session 4"):
         assert line in p.stdout, p.stdout
+
+
+def test_board_killed_with_a_session_open_releases_it(rig):
+    """The board resets after BEGIN SESSION, before any VEND REQUEST: its reader forgot the
+    session; nothing was approved, so the reservation is given back (never indeterminate)."""
+    board, vmc, ch, ctl = rig
+    res = ctl.reserve(TECH)
+    ch.open(res)
+    vmc.poll_until((mdb.P_BEGIN_SESSION,))
+    board.kill()
+    board.start()
+    vmc.setup()  # the VMC finds a reader that just reset
+    ch.poll(0.5)
+    assert ctl.journal.get(res.vend_id).state == tx.RESERVED  # a BOOT never releases by itself
+    ch.revoke(res.vend_id)  # serve()'s wait is over: the reader refuses, the row is released
+    for _ in range(50):
+        ch.poll(0.05)
+        if ctl.journal.get(res.vend_id).state != tx.RESERVED:
+            break
+    assert ctl.journal.get(res.vend_id).state == tx.RELEASED and ctl.remaining(TECH) == 1
+
+
+@pytest.mark.parametrize("vmc_does, final", [("success", tx.COMMITTED),
+                                             ("failure", tx.RELEASED),
+                                             ("nothing", tx.INDETERMINATE)])
+def test_agent_and_board_killed_mid_vend_settle_at_the_next_boot(rig, tmp_path, vmc_does, final):
+    """The agent dies after VEND APPROVED; the VMC reports (or not) to the board alone; then the
+    board is killed too. At the next start the host asks the board's journal (BOOT notice and
+    query): a result the board saw settles the vend once; with no result the board reset mid-
+    vend, which nobody can settle: indeterminate, never billed, the allowance held."""
+    board, vmc, ch, ctl = rig
+    res = ctl.reserve(TECH)
+    ch.open(res)
+    vmc.poll_until((mdb.P_BEGIN_SESSION,))
+    vmc.vend_request(3, 100)
+    for _ in range(100):
+        ch.poll(0.02)
+        if ctl.journal.get(res.vend_id).state == tx.VENDING:
+            break
+    vmc.poll_until((mdb.P_VEND_APPROVED,))
+    # the agent is dead from here on: nobody reads the frame link
+    if vmc_does == "success":
+        assert vmc.vend_success(3).ack
+        vmc.session_complete()
+    elif vmc_does == "failure":
+        assert vmc.vend_failure().ack
+        vmc.session_complete()
+    time.sleep(0.5)  # the board journals the result and tries to tell the dead host
+    board.kill()
+    board.start()
+    ch.board.close()
+    link = BoardLink(board.port, ack_timeout=0.2, retries=3)
+    journal = VendJournal(str(tmp_path / "vend.db"))
+    try:
+        ctl2 = VendController(journal, link, scope="machine:VM02", limit=1,
+                              period=PeriodSpec("day", cut_hour=5))
+        ch2 = MdbChannel(ctl2, link, price_ceiling=150)
+        assert link.wait_boot(5) is not None
+        ctl2.recover()  # vending -> indeterminate, then the board's journal is asked
+        ch2.start()
+        ch2.poll(0.2)
+        rec = ctl2.journal.get(res.vend_id)
+        assert rec.state == final, (rec, ctl2.anomalies)
+        assert len(ctl2.billable()) == (1 if final == tx.COMMITTED else 0)
+        assert ctl2.remaining(TECH) == (1 if final == tx.RELEASED else 0)
+    finally:
+        link.close()
+        journal.close()
