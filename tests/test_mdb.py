@@ -251,6 +251,8 @@ def test_reader_never_crashes_never_approves_unasked_never_reports_twice(steps):
                 cmds = READY
             else:
                 cmds = [[0x13, 0, *mdb.u16(arg), 0, 1], [0x12]]
+            # READER DISABLE came in this session, and this request is a new one
+            disabled_before = r.disable_at_end and r.state == mdb.SESSION_IDLE
             for c in cmds:
                 reply: list[int] = []
                 for w in mdb.command_words(c):
@@ -263,6 +265,8 @@ def test_reader_never_crashes_never_approves_unasked_never_reports_twice(steps):
                         assert r.session in credits and approvals_asked > 0
                         assert (reply[1] << 8 | reply[2]) <= 150  # never above the funds
                         approved_seen += 1
+            if kind == "sale" and disabled_before:
+                assert not r.pending and not r.approved  # asked after a disable: denied
         elif kind in ("ctl", "raw"):
             r.word(arg, now)
         elif kind == "host":
@@ -494,7 +498,8 @@ def test_silent_board_releases_the_reservation(tmp_path):
 HOST_STEP = st.one_of(
     st.tuples(st.just("tap"), st.just(0)),
     st.tuples(st.just("vmc"), st.sampled_from(
-        ["poll", "req", "req_dear", "success", "failure", "cancel", "complete", "reset", "setup"])),
+        ["poll", "req", "req_dear", "success", "failure", "cancel", "complete", "reset", "setup",
+         "disable", "enable"])),
     st.tuples(st.just("tick"), st.integers(0, 70000)),
     st.tuples(st.just("host"), st.just(0)),
 )  # fmt: skip
@@ -534,6 +539,10 @@ def test_host_books_never_commit_without_a_vend_success_and_never_twice(tmp_path
                     vmc.session_complete()
                 elif arg == "reset":
                     vmc.reset()
+                elif arg == "disable":
+                    vmc.reader_disable()
+                elif arg == "enable":
+                    vmc.send([0x14, 0x01])
                 else:
                     vmc.setup()
             elif kind == "tick":
