@@ -26,6 +26,7 @@ read_words(now) -> words (data | mode << 8), write_words(words, now):
 import frame
 import machine
 import mdb
+from journal import JournalError
 
 # MDB_HOST ops
 OP_CREDIT = 1
@@ -121,7 +122,7 @@ class MdbPort:
             return
         try:
             j.finish(result)
-        except Exception:  # JournalError; the record stays "in progress": interrupted at boot
+        except JournalError:  # the record stays "in progress": interrupted at boot
             self.send(frame.ERROR, frame.error(frame.E_JOURNAL, session))
 
     def _approve(self, session, now):
@@ -133,7 +134,7 @@ class MdbPort:
         if j is not None:
             try:
                 j.start(session, min(r.item, 255))  # before VEND APPROVED can leave the board
-            except Exception:  # JournalError: no approval the journal cannot answer for
+            except JournalError:  # no approval the journal cannot answer for
                 self.send(frame.ERROR, frame.error(frame.E_JOURNAL, session))
                 r.deny(session, now)
                 return
