@@ -24,7 +24,6 @@ read_words(now) -> words (data | mode << 8), write_words(words, now):
 """
 
 import frame
-import machine
 import mdb
 from journal import JournalError
 
@@ -47,6 +46,8 @@ class PtyWords:
     """The pty encoding over a machine.UART: two bytes per word."""
 
     def __init__(self, cfg):
+        import machine  # here, not at the top: the pure parts run under CPython tests
+
         self.uart = machine.UART(cfg["mdb_uart"], baudrate=9600, tx=cfg.get("mdb_tx"),
                                  rx=cfg.get("mdb_rx"))
         self.decoder = mdb.WordDecoder()
@@ -83,10 +84,10 @@ def open_words(cfg):
 class MdbPort:
     """The MDB vend channel of one board: UART <-> mdb.Reader <-> the host link."""
 
-    def __init__(self, cfg, send, journal=None):
+    def __init__(self, cfg, send, journal=None, port=None):
         self.send = send  # send(mtype, payload): the board's reliable link to the host
         self.journal = journal  # journal.Journal: the last vend, across resets (None: not kept)
-        self.port = open_words(cfg)
+        self.port = port if port is not None else open_words(cfg)  # port: tests pass words
         self.reader = mdb.Reader(
             country=cfg.get("mdb_country", 0x1392),
             scale=cfg.get("mdb_scale", 1),
