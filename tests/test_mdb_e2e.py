@@ -228,6 +228,17 @@ def test_ccus_vmc_simulate_board_runs_every_scenario(profile):
         assert line in p.stdout, p.stdout
 
 
+def _wait_journal_done(path, vend_id: int, timeout: float = 15.0) -> None:
+    """Until the board's flash record (firmware/journal.py layout) is vend_id, done."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        data = path.read_bytes() if path.exists() else b""
+        if len(data) == 16 and int.from_bytes(data[5:9], "big") == vend_id and data[10] == 2:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"board journal never recorded vend {vend_id} as done")
+
+
 def test_board_killed_with_a_session_open_releases_it(rig):
     """The board resets after BEGIN SESSION, before any VEND REQUEST: its reader forgot the
     session; nothing was approved, so the reservation is given back (never indeterminate)."""
@@ -273,7 +284,8 @@ def test_agent_and_board_killed_mid_vend_settle_at_the_next_boot(rig, tmp_path, 
     elif vmc_does == "failure":
         assert vmc.vend_failure().ack
         vmc.session_complete()
-    time.sleep(0.5)  # the board journals the result and tries to tell the dead host
+    if vmc_does != "nothing":  # the board journals the result (then tells the dead host)
+        _wait_journal_done(tmp_path / "board-flash" / "vend.jnl", res.vend_id)
     board.kill()
     board.start()
     ch.board.close()
