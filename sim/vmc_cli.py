@@ -4,7 +4,8 @@
 --board       start the simulated board (real firmware under the MicroPython unix port) with a
               scripted host on its frame link that credits each session and approves, and run
               the scenario list: setup, a dispense, a failure, a cancel, an out-of-sequence
-              command, a reset mid-vend. Prints one line per exchange.
+              command, READER DISABLE with a session open, a reset mid-vend. Prints one line
+              per scenario and the host's events.
 """
 
 import argparse
@@ -110,6 +111,11 @@ def _with_board(args: argparse.Namespace) -> int:
         print(f"cancel: {vmc.vend_cancel().code == mdb.P_VEND_DENIED and 'denied' or '?'}")
         vmc.session_complete()
         print(f"out of sequence: {vmc.vend_success(args.item).code == mdb.P_OUT_OF_SEQUENCE}")
+        vmc.poll_until((mdb.P_BEGIN_SESSION,))
+        vmc.reader_disable()  # the machine disables the reader with credit shown
+        vmc.poll_until((mdb.P_SESSION_CANCEL,))
+        ended = vmc.session_complete().code == mdb.P_END_SESSION
+        print(f"disable in session: {ended and vmc.send([0x14, 0x01]).ack}")  # enabled again
         vmc.poll_until((mdb.P_BEGIN_SESSION,))
         vmc.vend_request(args.item, args.price)
         vmc.poll_until((mdb.P_VEND_APPROVED,))

@@ -224,7 +224,8 @@ def test_ccus_vmc_simulate_board_runs_every_scenario(profile):
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stdout + p.stderr
     for line in ("dispense: dispensed", "failure: failed", "cancel: denied",
-                 "out of sequence: True", "reset mid-vend: True", "reset_mid_vend session 4"):
+                 "out of sequence: True", "disable in session: True", "host: disabled session",
+                 "reset mid-vend: True", "reset_mid_vend session"):
         assert line in p.stdout, p.stdout
 
 
