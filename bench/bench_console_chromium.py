@@ -109,6 +109,18 @@ def cpu_by_kind(session: object) -> dict[str, float]:
     return out
 
 
+def top_self_times(profile: dict, k: int = 12) -> list[tuple[str, float]]:  # type: ignore[type-arg]
+    """The profile's k largest self times (ms) by function and script, from its samples."""
+    nodes = {nd["id"]: nd for nd in profile["nodes"]}
+    deltas = profile.get("timeDeltas", [])
+    by: dict[str, float] = {}
+    for sid, dt_us in zip(profile.get("samples", []), deltas[1:] + [0], strict=False):
+        cf = nodes[sid]["callFrame"]
+        where = f'{cf.get("functionName") or "(anonymous)"} {cf.get("url", "").rsplit("/", 1)[-1]}'
+        by[where.strip()] = by.get(where.strip(), 0.0) + dt_us / 1000
+    return [(w, round(ms, 1)) for w, ms in sorted(by.items(), key=lambda kv: -kv[1])[:k]]
+
+
 def calibrate(page: object, rounds: int = 20) -> tuple[float, float]:
     """(page clock - time.time() in s, half the tightest round trip in s)."""
     best = (0.0, 1e9)
@@ -126,6 +138,8 @@ def main() -> int:
     ap.add_argument("--rate", type=int, default=1000)
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--devices", type=int, default=100)
+    ap.add_argument("--profile", action="store_true",
+                    help="sample the page's JavaScript (DevTools Profiler) and print the top self times")
     ap.add_argument("--no-baseline", action="store_true",
                     help="no plain-HTTP reader of the same stream beside the browser")
     a = ap.parse_args()
@@ -172,6 +186,10 @@ def main() -> int:
         cdp = page.context.new_cdp_session(page)
         cdp.send("Performance.enable")
         m0 = metrics(cdp)
+        if a.profile:
+            cdp.send("Profiler.enable")
+            cdp.send("Profiler.setSamplingInterval", {"interval": 500})
+            cdp.send("Profiler.start")
         sysinfo = browser.new_browser_cdp_session()
         c0, py0 = cpu_by_kind(sysinfo), time.process_time()
         pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:6]}",
@@ -200,6 +218,7 @@ def main() -> int:
         time.sleep(0.3)                                 # the last frame's callback
         m1 = metrics(cdp)
         c1, py1 = cpu_by_kind(sysinfo), time.process_time()
+        hot = top_self_times(cdp.send("Profiler.stop")["profile"]) if a.profile else None
         run_s = time.monotonic() - t0
         rows = page.evaluate("() => window.__rows")
         kept = page.locator("#touches tr").count()
@@ -240,6 +259,7 @@ def main() -> int:
         "cpu_s": {**{f"chromium_{k}": round(c1.get(k, 0) - c0.get(k, 0), 2) for k in sorted(c1)},
                   "this_process": round(py1 - py0, 2),
                   "note": "server, bridge, publisher and Playwright's client in this process"},
+        "profile_top_self_ms": hot,
         "clock": {"offset_ms": round(offset * 1000, 3), "uncertainty_ms": round(uncertainty * 1000, 3),
                   "drift_ms": round((offset2 - offset) * 1000, 3)},
         "browser": CHROMIUM, "target": {"p99_ms": 1000, "lost": 0}}, indent=1))
