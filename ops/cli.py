@@ -53,9 +53,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                    help="re-issue: the old pair moves aside as server.old.*")
     p.set_defaults(func=one_line(_server))
 
-    p = sub.add_parser("identity", help="an operator or sink certificate")
+    p = sub.add_parser("identity", help="an operator, sink or console certificate")
     p.add_argument("--pki", required=True)
-    p.add_argument("--kind", choices=("operator", "sink"), required=True)
+    p.add_argument("--kind", choices=("operator", "sink", "console"), required=True)
     p.add_argument("--name", required=True)
     p.set_defaults(func=one_line(_identity))
 
@@ -305,7 +305,7 @@ def _serials_of(pki: str, name: str) -> list[int]:
         data["devices"].get(name)
     if not entry:
         raise PkiError(f"no identity {name!r} in the inventory (a device id, operator:NAME, "
-                       "sink:NAME or bridge:SITE)")
+                       "sink:NAME, console:NAME or bridge:SITE)")
     return [int(s, 16) for s in entry["serials"]]
 
 

@@ -6,6 +6,7 @@ Identities are certificate subjects; the broker takes the CN as the MQTT usernam
     device     CN = device id (never contains ':'),  OU = site id, SAN URI urn:ccus:{site}:{dev}
     operator   CN = operator:{name}
     sink       CN = sink:{name}
+    console    CN = console:{name}                    (the operator's console: reads only)
     bridge     CN = bridge:{site}                     (a site broker talking to the cloud)
 
 A device id can never spell another kind's CN (device ids have no ':'), so no device can
@@ -32,7 +33,7 @@ from edge.atomic import write_atomic, write_new
 from ops.errors import OpsError
 from protocol.touch import DEVICE_ID, SITE_ID
 
-KINDS = ("operator", "sink", "bridge")
+KINDS = ("operator", "sink", "console", "bridge")
 NAME = DEVICE_ID  # operator/sink names follow the device-id rule too: short and shell-safe
 CRL_DAYS = 30     # a CRL past nextUpdate makes the broker refuse everyone: reissue it monthly
 ROUTE_URI = "urn:ccus:route"  # every NATS node's route certificate (issue_route) carries it
@@ -176,7 +177,7 @@ class CA:
         return self.issue(out_dir, kw.pop("stem", "device"), subject, san=san, **kw)  # type: ignore[arg-type]
 
     def issue_identity(self, out_dir: str | Path, kind: str, name: str, **kw: object) -> Issued:
-        """operator:{name}, sink:{name} or bridge:{site}."""
+        """operator:{name}, sink:{name}, console:{name} or bridge:{site}."""
         if kind not in KINDS:
             raise PkiError(f"kind must be one of {', '.join(KINDS)}")
         if kind == "bridge" and not SITE_ID.match(name):

@@ -60,9 +60,11 @@ def scratch(touches: list[Touch], rules: list[SiteRule], policy: Policy, now: in
         cut = cut_for(sites.get(t.site), t.ts_ms, t.role.value, policy.cut_hour)
         day = work_day(t.ts_ms, cut)
         if t.role.value == "gate" and t.tid:
-            row = wh.setdefault((t.tid, t.site, day), [None, None, 0, cut])
+            # first entry, last exit, taps, cut, last entry (work_history's column order)
+            row = wh.setdefault((t.tid, t.site, day), [None, None, 0, cut, None])
             if t.facts.get("dir") == "in":
                 row[0] = t.ts_ms if row[0] is None else min(row[0], t.ts_ms)  # type: ignore[type-var]
+                row[4] = t.ts_ms if row[4] is None else max(row[4], t.ts_ms)  # type: ignore[type-var]
             if t.facts.get("dir") == "out":
                 row[1] = t.ts_ms if row[1] is None else max(row[1], t.ts_ms)  # type: ignore[type-var]
             row[2] += 1  # type: ignore[operator]

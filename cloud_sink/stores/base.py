@@ -496,6 +496,17 @@ class SqlStore:
             "SELECT tid, site, work_day, first_in_ms, last_out_ms, taps, cut_hour FROM work_history"
             f"{where} ORDER BY site, work_day, tid", args)]
 
+    def on_site(self, site: str, day: str) -> list[tuple[str, int]]:
+        """(technician, entry ms) of who entered on the work day `day` at `site` and whose last
+        passage that day is an entry, earliest entry first. The entry is the last one (an entry
+        after an entry means the exit between was not recorded: the stay began at the later
+        one); an entry and an exit in the same millisecond count as on site, the side to err
+        on in a roll call. One primary-key range of work_history (site, work_day)."""
+        return [(r[0], int(r[1])) for r in self._rows(
+            "SELECT tid, last_in_ms FROM work_history WHERE site = ? AND work_day = ?"
+            " AND last_in_ms IS NOT NULL AND (last_out_ms IS NULL OR last_in_ms >= last_out_ms)"
+            " ORDER BY last_in_ms, tid", (site, day))]
+
     def days_worked(self, site: str | None = None,
                     month: str | None = None) -> list[tuple[str, str, str, int]]:
         """(site, month, technician, days) from the work history: the 建退共 figure."""

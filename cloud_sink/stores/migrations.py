@@ -155,7 +155,21 @@ DROP TABLE courses;
 ALTER TABLE courses_6 RENAME TO courses
 """
 
-SQLITE = [_SQLITE_1, _SQLITE_2, _SQLITE_3, _SQLITE_4, _SQLITE_5, _SQLITE_6]
+# 7: each work-history row keeps its last entry (`last_in_ms`, MAX of the entries by the
+# touch's own time); with the last exit it gives the day's last passage, which "on site now"
+# reads (SqlStore.on_site). Filled here from the stored touches in one grouped pass, as the
+# derivation (derive.sql) computes it.
+_LAST_IN = """
+UPDATE work_history SET last_in_ms = s.m FROM (
+    SELECT site, work_day, tid, MAX(ts_ms) AS m FROM touches
+    WHERE role='gate' AND decision='allow' AND flag IS NULL AND tid IS NOT NULL AND dir='in'
+    GROUP BY site, work_day, tid) AS s
+WHERE work_history.site = s.site AND work_history.work_day = s.work_day
+    AND work_history.tid = s.tid
+"""
+_SQLITE_7 = "ALTER TABLE work_history ADD COLUMN last_in_ms INTEGER;" + _LAST_IN
+
+SQLITE = [_SQLITE_1, _SQLITE_2, _SQLITE_3, _SQLITE_4, _SQLITE_5, _SQLITE_6, _SQLITE_7]
 
 _POSTGRES_1 = """
 CREATE TABLE touches (
@@ -265,7 +279,10 @@ ALTER TABLE courses DROP CONSTRAINT courses_pkey;
 ALTER TABLE courses ADD PRIMARY KEY (center, course)
 """
 
-POSTGRES = [_POSTGRES_1, _POSTGRES_2, _POSTGRES_3, _POSTGRES_4, _POSTGRES_5]
+# 6: as SQLite 7: the last entry of each work-history row
+_POSTGRES_6 = "ALTER TABLE work_history ADD COLUMN last_in_ms BIGINT;" + _LAST_IN
+
+POSTGRES = [_POSTGRES_1, _POSTGRES_2, _POSTGRES_3, _POSTGRES_4, _POSTGRES_5, _POSTGRES_6]
 
 
 def statements(script: str) -> list[str]:
