@@ -4,6 +4,8 @@ Several sinks may write one database: touches go in concurrently; the derivation
 transaction-level advisory lock, so each recomputation sees every touch committed before it.
 """
 
+import contextlib
+import logging
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -21,6 +23,9 @@ _DERIVE_LOCK = 0x63637573_0002    # 'ccus' 2: derivations run one at a time
 _REGISTRY_LOCK = 0x63637573_0003  # 'ccus' 3: batches hold it shared, a registry change exclusively
 
 
+log = logging.getLogger("ccus.sink")
+
+
 class StoreUnavailable(StoreError):
     pass
 
@@ -30,10 +35,9 @@ class PostgresStore(SqlStore):
                  create: bool = True) -> None:
         super().__init__(policy or Policy())
         self.url = url
-        try:
-            self._db = psycopg.connect(url, autocommit=True, connect_timeout=connect_timeout)
-        except psycopg.OperationalError as exc:
-            raise StoreUnavailable(f"cannot connect to PostgreSQL at {_redact(url)}: {exc}") from exc
+        self._connect_timeout = connect_timeout
+        self._in_tx = False
+        self._db = self._connect()
         if not create:
             row = self._db.execute("SELECT to_regclass('schema_migrations')").fetchone()
             if not row or row[0] is None:
@@ -41,6 +45,33 @@ class PostgresStore(SqlStore):
                 raise NoStore(f"no store in {_redact(url)} (no schema_migrations); create it "
                               "with `ccus sink run --store URL` or `ccus sink import`")
         self._migrate()
+        self._session()
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        try:
+            return psycopg.connect(self.url, autocommit=True,
+                                   connect_timeout=self._connect_timeout)
+        except psycopg.OperationalError as exc:
+            raise StoreUnavailable(f"cannot connect to PostgreSQL at {_redact(self.url)}: "
+                                   f"{exc}") from exc
+
+    def _reconnect_if_lost(self) -> None:
+        """Outside a transaction: a lost connection (the server went away, or a failover made
+        another host the primary) is replaced by a new one to whichever host of the URL
+        accepts writes now (target_session_attrs=read-write in a multi-host URL). The
+        transaction that was open when it broke was never committed: its caller retries it
+        whole, and (device, seq) identity makes a batch that did commit count as repeated."""
+        if self._in_tx or not (self._db.closed or self._db.broken):
+            return
+        log.warning("sink: the PostgreSQL connection was lost; reconnecting to %s",
+                    _redact(self.url))
+        with contextlib.suppress(Exception):
+            self._db.close()
+        self._db = self._connect()
+        self._session()
+
+    def _session(self) -> None:
+        """The connection's temp tables and ingest function (they live as long as it does)."""
         self._db.execute("CREATE TEMP TABLE stage (LIKE touches) ON COMMIT DELETE ROWS")
         self._db.execute("CREATE TEMP TABLE resite (site TEXT PRIMARY KEY) ON COMMIT DELETE ROWS")
         # the whole write after the COPY in one round trip: fewer waits on the network, and
@@ -87,8 +118,13 @@ class PostgresStore(SqlStore):
 
     @contextmanager
     def _tx(self) -> Iterator[None]:
-        with self._db.transaction():
-            yield
+        self._reconnect_if_lost()
+        self._in_tx = True
+        try:
+            with self._db.transaction():
+                yield
+        finally:
+            self._in_tx = False
 
     def _before_derive(self) -> None:
         # held to commit: a later derivation of the same key sees this batch's touches
@@ -106,6 +142,7 @@ class PostgresStore(SqlStore):
         return int(row[0]) if row else 0
 
     def _x(self, sql: str, params: Sequence[Any] = ()) -> psycopg.Cursor[Any]:
+        self._reconnect_if_lost()
         return self._db.execute(sql.replace("?", "%s"), params)  # type: ignore[arg-type]
 
     def _many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
