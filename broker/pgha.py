@@ -295,9 +295,10 @@ class PgHa:
         self._wait(self.pair_ready, timeout, "a primary and a secondary")
 
     def primary(self) -> PgNode:
-        """The node the monitor says is primary now."""
+        """The node the monitor says takes writes now (wait_primary: its standby is gone, so
+        it commits alone until one is back)."""
         for name, (rep, goal) in self.states().items():
-            if rep == "primary" and goal == "primary":
+            if rep == goal and rep in ("primary", "wait_primary", "single"):
                 return self.node(name)
         raise BrokerError("no primary right now (pg_autoctl show state)")
 
