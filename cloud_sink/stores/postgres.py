@@ -14,13 +14,15 @@ import psycopg
 
 from cloud_sink.derive.rows import Row
 from cloud_sink.derive.sql import INCREMENTAL
-from cloud_sink.model import NoStore, Policy, StoreError
+from cloud_sink.model import NoStore, Policy, Rederived, StoreError
 from cloud_sink.stores import migrations
-from cloud_sink.stores.base import INSERT_FROM_STAGE_IN_KEY_ORDER, STORE_COLUMNS, SqlStore
+from cloud_sink.stores.base import STORE_COLUMNS, SqlStore
 
 _MIGRATE_LOCK = 0x63637573_0001   # 'ccus' 1: one process migrates at a time
 _DERIVE_LOCK = 0x63637573_0002    # 'ccus' 2: derivations run one at a time
 _REGISTRY_LOCK = 0x63637573_0003  # 'ccus' 3: batches hold it shared, a registry change exclusively
+# ('ccus' 4 is the partition maker's, in migrations 6)
+_COLS = ", ".join(STORE_COLUMNS)
 
 
 log = logging.getLogger("ccus.sink")
@@ -31,6 +33,8 @@ class StoreUnavailable(StoreError):
 
 
 class PostgresStore(SqlStore):
+    _KEYS = "touch_keys"  # every stored (device, seq), archived months' too (migrations, 6)
+
     def __init__(self, url: str, *, policy: Policy | None = None, connect_timeout: int = 10,
                  create: bool = True) -> None:
         super().__init__(policy or Policy())
@@ -79,13 +83,23 @@ class PostgresStore(SqlStore):
         body = ";\n".join(INCREMENTAL)
         self._db.execute(f"""
             CREATE FUNCTION pg_temp.ccus_ingest_stage() RETURNS bigint LANGUAGE plpgsql AS $fn$
-            DECLARE _stored bigint;
+            DECLARE _stored bigint; _m text;
             BEGIN
-                -- another sink may store the same touch concurrently: what this transaction
-                -- inserted (RETURNING) is what it folds in, so each touch counts once
-                WITH ins AS ({INSERT_FROM_STAGE_IN_KEY_ORDER} RETURNING device, seq)
+                -- identity is touch_keys (device, seq), unpartitioned (migrations, 6):
+                -- another sink may store the same touch concurrently: the keys this
+                -- transaction inserted (RETURNING) are what it stores and folds in, so each
+                -- touch counts once; in key order, so two sinks never wait in a cycle
+                WITH ins AS (INSERT INTO touch_keys (device, seq) SELECT device, seq FROM stage
+                             ORDER BY device, seq ON CONFLICT DO NOTHING RETURNING device, seq)
                 DELETE FROM stage s WHERE NOT EXISTS
                     (SELECT 1 FROM ins WHERE ins.device = s.device AND ins.seq = s.seq);
+                -- the first touch of a month makes its partition (and the next month's)
+                FOR _m IN SELECT DISTINCT month FROM stage LOOP
+                    IF to_regclass(ccus_touch_partition_name(_m)) IS NULL THEN
+                        PERFORM ccus_touch_partition(_m);
+                    END IF;
+                END LOOP;
+                INSERT INTO touches ({_COLS}) SELECT {_COLS} FROM stage;
                 SELECT count(*) INTO _stored FROM stage;
                 PERFORM pg_advisory_xact_lock({_DERIVE_LOCK});
                 {body};
@@ -135,6 +149,36 @@ class PostgresStore(SqlStore):
         # a batch that starts after it reads the new rules
         fn = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
         self._db.execute(f"SELECT {fn}(%s)", (_REGISTRY_LOCK,))  # type: ignore[call-overload]
+
+    def _before_moving(self, months: set[str]) -> None:
+        # a re-cut touch may move to a month nobody has stored yet
+        for m in sorted(months):
+            self._db.execute("SELECT ccus_touch_partition(%s)", (m,))
+
+    def archive(self, before: str) -> list[str]:
+        """Detach every month's partition before `before` (YYYY-MM); -> the archived tables'
+        names (archived_touches_YYYY_MM: dump and drop them at will). Their touches' keys stay,
+        so a late resend still counts as repeated; the derived rows stay as they are."""
+        with self._lock, self._tx():
+            return [r[0] for r in self._db.execute("SELECT ccus_archive_touches(%s)",
+                                                   (before,)).fetchall()]
+
+    def rederive_all(self) -> Rederived:
+        """As SqlStore's, but refused while months are archived: the derived tables are emptied
+        first, and detached touches would not come back into them."""
+        archived = [r[0] for r in self._rows("SELECT month FROM touch_archive ORDER BY 1")]
+        if archived:
+            raise StoreError(f"{_redact(self.url)}: months {', '.join(archived)} are archived; a "
+                             "full rederive would drop their derived rows: attach them again "
+                             "first (docs/sink.md, Partitions)")
+        return super().rederive_all()
+
+    def partitions(self) -> list[tuple[str, str, int]]:
+        """(table, month, touches) of each attached month, oldest first."""
+        return [(t, m, int(n)) for t, m, n in self._rows(
+            "SELECT c.relname, substring(pg_get_expr(c.relpartbound, c.oid) from $q$'([^']*)'$q$),"
+            " c.reltuples::bigint FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+            " WHERE i.inhparent = 'touches'::regclass ORDER BY 2")]
 
     def _store_batch(self, rows: list[Row]) -> int:
         self._load_stage(rows)
