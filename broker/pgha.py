@@ -53,8 +53,8 @@ _MONITOR_CONF = """pgautofailover.health_check_period = 1000
 pgautofailover.health_check_timeout = 1000
 pgautofailover.health_check_max_retries = 2
 pgautofailover.health_check_retry_delay = 500
-pgautofailover.node_considered_unhealthy_timeout = 5000
-pgautofailover.primary_demote_timeout = 5000
+pgautofailover.node_considered_unhealthy_timeout = 2500
+pgautofailover.primary_demote_timeout = 2500
 """
 # (primary_demote_timeout: how long the monitor waits for an unreachable primary to demote
 # itself before promoting the standby; 30 s by default. Short is safe here because writes on a
