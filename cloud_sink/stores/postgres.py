@@ -137,8 +137,19 @@ class PostgresStore(SqlStore):
         try:
             with self._db.transaction():
                 yield
+        except psycopg.OperationalError as exc:
+            raise self._lost(exc) from exc
         finally:
             self._in_tx = False
+
+    def _lost(self, exc: psycopg.OperationalError) -> Exception:
+        """A connection that broke under a statement: the expected fault of a failover or a
+        server restart, as one line (the caller retries; the next use reconnects)."""
+        if not (self._db.closed or self._db.broken):
+            return exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return StoreUnavailable(f"lost the connection to PostgreSQL at {_redact(self.url)} "
+                                f"({first}); nothing of the open transaction was committed")
 
     def _before_derive(self) -> None:
         # held to commit: a later derivation of the same key sees this batch's touches
@@ -187,7 +198,12 @@ class PostgresStore(SqlStore):
 
     def _x(self, sql: str, params: Sequence[Any] = ()) -> psycopg.Cursor[Any]:
         self._reconnect_if_lost()
-        return self._db.execute(sql.replace("?", "%s"), params)  # type: ignore[arg-type]
+        try:
+            return self._db.execute(sql.replace("?", "%s"), params)  # type: ignore[arg-type]
+        except psycopg.OperationalError as exc:
+            if self._in_tx:
+                raise  # _tx turns it into one line
+            raise self._lost(exc) from exc
 
     def _many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         with self._db.cursor() as cur:
