@@ -149,7 +149,8 @@ class PostgresStore(SqlStore):
             return exc
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return StoreUnavailable(f"lost the connection to PostgreSQL at {_redact(self.url)} "
-                                f"({first}); nothing of the open transaction was committed")
+                                f"({first}); the transaction is retried whole (a batch whose "
+                                "commit got through counts as repeated)")
 
     def _before_derive(self) -> None:
         # held to commit: a later derivation of the same key sees this batch's touches
