@@ -190,3 +190,37 @@ def test_a_registry_change_that_moves_a_touch_into_a_month_without_partition(
         s.import_sites([SiteRule(SITE, "現場", "site", "東京都", MAIN, 6, "2026-01-01")])
         assert [r.work_day for r in s.work_history()] == ["2026-02-28"]
         assert "touches_2026_02" in _partitions(pg_url)
+
+
+def test_two_sinks_meeting_the_same_new_months_at_once_make_each_partition_once(
+        pg_url: str, tmp_path: Path) -> None:
+    """Both writers' batches open months nobody stored yet (January..June 2026, one batch a
+    month): the partition maker's lock lets one make it, the other finds it made."""
+    import threading
+
+    months = [(2026, m) for m in range(1, 7)]
+    batches = [[touch(m * 100 + i, who=i % 5 + 1, ts=jst_ms(y, m, 10, 8, i)) for i in range(40)]
+               for y, m in months]
+    errors: list[BaseException] = []
+    with fresh_store("postgres", tmp_path, pg_url) as a, open_store(pg_url) as b:
+        start = threading.Barrier(2)
+
+        def write(store: object, order: list[list[Touch]]) -> None:
+            try:
+                start.wait()
+                for batch in order:
+                    store.ingest(batch, now_ms=NOW)  # type: ignore[attr-defined]
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=write, args=(a, batches)),
+                   threading.Thread(target=write, args=(b, batches[::-1]))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors
+        assert a.counts()["touches"] == 240
+        assert sum(r[5] for r in a.table("work_history")) == 240
+    parts = _partitions(pg_url)
+    assert all(f"touches_2026_{m:02d}" in parts for m in range(1, 8))
