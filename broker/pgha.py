@@ -17,8 +17,9 @@ Rules of this file:
   production one (docs/operations.md, "The store tier"). Unix sockets go to the data folder,
   not /var/run/postgresql (another user's), and each node is kept small (32 MB buffers).
 - One folder holds everything; ``pgha.json`` names the ports, pids and data folder, so
-  ``down`` from another process finds what ``up`` started. A pid is signalled only while
-  /proc says it is still a pg_autoctl on that node's data folder.
+  ``down`` from another process finds what ``up`` started, and ``up`` again restarts the same
+  pair with its data. A pid is signalled only while /proc says it is still a process on that
+  node's data folder.
 """
 
 import contextlib
@@ -228,12 +229,15 @@ class PgHa:
         (self.data / "run").chmod(0o700)
         self._save()
         mon, first, second = self.state.monitor, *self.state.nodes
-        if not (self.pgdata(mon) / "pg_autoctl.init").exists() and not self._created(mon):
+        if all(self._created(n) for n in (mon, first, second)):
+            return self._restart(timeout, detach)
+        if not self._created(mon):
             self._initdb(mon, _MONITOR_CONF)
             self._run([self.autoctl, "create", "monitor", *self._common(mon)], "create monitor")
         self._start_keeper(mon, detach)
         self._wait(lambda: self._monitor_up(), timeout, "the pg_auto_failover monitor")
         if not self._created(first):
+            first.port = self._fresh_port()
             self._initdb(first)
             self._run([self.autoctl, "create", "postgres", *self._common(first), "--name",
                        first.name, "--dbname", DB, "--monitor", self.monitor_uri],
@@ -243,6 +247,7 @@ class PgHa:
                                                                           "wait_primary"),
                    timeout, f"{first.name} to run as the primary")
         if not self._created(second):
+            second.port = self._fresh_port()
             # no initdb: pg_autoctl clones the primary (pg_basebackup), our settings with it
             self._run([self.autoctl, "create", "postgres", *self._common(second), "--name",
                        second.name, "--dbname", DB, "--monitor", self.monitor_uri],
@@ -250,6 +255,30 @@ class PgHa:
         self._start_keeper(second, detach)
         self.wait_pair(timeout)
         return self
+
+    def _fresh_port(self) -> int:
+        """A free port picked just before its node is made: other processes on this machine
+        pick free ports too, and one picked a while ago may be taken by now."""
+        taken = {n.port for n in [self.state.monitor, *self.state.nodes]}
+        while (port := free_port()) in taken:
+            pass
+        return port
+
+    def _restart(self, timeout: float, detach: bool) -> "PgHa":
+        """A pair made before (`up` after `down`): the monitor, then both keepers at once (a
+        keeper will not start without its monitor; and a monitor that found one node back
+        long before the other would, with its short timeouts, begin a failover)."""
+        self._start_keeper(self.state.monitor, detach)
+        self._wait(self._monitor_up, timeout, "the pg_auto_failover monitor")
+        for node in self.state.nodes:
+            self._start_keeper(node, detach)
+        self.wait_pair(timeout)
+        return self
+
+    def _accepting(self, node: PgNode) -> bool:
+        return subprocess.run(self._as_user([f"{self.bindir}/pg_isready", "-q", "-h", "127.0.0.1",
+                                             "-p", str(node.port)]),
+                              env=self._env()).returncode == 0
 
     def _created(self, node: PgNode) -> bool:
         return (self.data / "config" / "pg_autoctl" / str(self.pgdata(node)).lstrip("/")
@@ -268,9 +297,7 @@ class PgHa:
             time.sleep(0.3)
 
     def _monitor_up(self) -> bool:
-        return subprocess.run(self._as_user([f"{self.bindir}/pg_isready", "-q", "-h", "127.0.0.1",
-                                             "-p", str(self.state.monitor.port)]),
-                              env=self._env()).returncode == 0
+        return self._accepting(self.state.monitor)
 
     def states(self) -> dict[str, tuple[str, str]]:
         """node name -> (reported state, assigned state), as the monitor sees them now."""
@@ -287,8 +314,11 @@ class PgHa:
         return {n: (r, g) for n, r, g in rows}
 
     def pair_ready(self) -> bool:
+        """One primary and one secondary, as reported and assigned, both accepting connections
+        (after a restart the monitor still holds the states reported before the stop)."""
         s = set(self.states().values())
-        return ("primary", "primary") in s and ("secondary", "secondary") in s
+        return (("primary", "primary") in s and ("secondary", "secondary") in s
+                and all(self._accepting(n) for n in self.state.nodes))
 
     def wait_pair(self, timeout: float = 120.0) -> None:
         """Until one node is primary and the other a streaming secondary, both as assigned."""
@@ -342,10 +372,16 @@ class PgHa:
         return str(self.pgdata(node)).encode() in cmd
 
     def stop(self, *, purge: bool = False) -> int:
-        """Stop every keeper (standbys first, the monitor last); -> how many ran. purge: the
-        data folder goes too."""
+        """Stop every keeper (the monitor first, so that it never fails over a node that is
+        only stopping; then the standby, the primary); -> how many ran. purge: the data
+        folder goes too."""
         ran = 0
-        for node in [*reversed(self.state.nodes), self.state.monitor]:
+        try:
+            primary = self.primary().name
+        except BrokerError:
+            primary = ""
+        nodes = sorted(self.state.nodes, key=lambda n: n.name == primary)
+        for node in [self.state.monitor, *nodes]:
             if not (node.pid and self._ours(node)):
                 continue
             ran += 1

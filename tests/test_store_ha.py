@@ -82,13 +82,24 @@ def test_cluster_up_pg_starts_a_primary_and_a_standby_and_down_stops_them(tmp_pa
         with psycopg.connect(f"postgresql://{ha.state.user}@127.0.0.1:{standby.port}/ccus",
                              autocommit=True) as db:
             assert db.execute("SELECT pg_is_in_recovery()").fetchone() == (True,)
+        with psycopg.connect(url, autocommit=True) as db:
+            db.execute("CREATE TABLE kept (x INT)")
+            db.execute("INSERT INTO kept VALUES (7)")
         again = _ccus("cluster", "up", "--dir", str(tmp_path), "--pg")
         assert again.returncode == 1 and "running already" in again.stderr
+        down = _ccus("cluster", "down", "--dir", str(tmp_path))
+        assert down.returncode == 0 and "stopped 3 PostgreSQL node(s)" in down.stdout, down.stderr
+        assert not any(ha._ours(n) for n in [ha.state.monitor, *ha.state.nodes])
+        # the same folder again: the same ports and data (the roles may have swapped)
+        up = _ccus("cluster", "up", "--dir", str(tmp_path), "--pg")
+        assert up.returncode == 0, up.stderr
+        assert f"store: {url}" in up.stdout
+        with psycopg.connect(url, autocommit=True) as db:
+            assert db.execute("SELECT x FROM kept").fetchall() == [(7,)]
     finally:
         down = _ccus("cluster", "down", "--dir", str(tmp_path))
         PgHa(tmp_path).stop(purge=True)
     assert down.returncode == 0 and "stopped 3 PostgreSQL node(s)" in down.stdout, down.stderr
-    assert not any(ha._ours(n) for n in [ha.state.monitor, *ha.state.nodes])
 
 
 @pytest.fixture(scope="module")
