@@ -12,6 +12,8 @@ def register(sub: Any) -> None:
     up.add_argument("--dir", required=True, help="folder for configs, logs, JetStream data")
     up.add_argument("--secure", metavar="BUNDLE", help="TLS with client certificates and "
                     "per-identity permissions from the folder `ccus ops nats-auth` wrote")
+    up.add_argument("--pg", action="store_true",
+                    help="also the store tier: a pg_auto_failover monitor, primary and standby")
     up.set_defaults(func=_up)
     for name, what in (("reload", "SIGHUP every node: auth.conf and the native listener's "
                                   "pinned certificates again (after `ccus ops nats-auth`)"),
@@ -38,7 +40,18 @@ def _up(args: argparse.Namespace) -> int:
     for n in c.nodes:
         print(f"{n.name}: nats {n.url}  mqtt 127.0.0.1:{n.mqtt_port}  pid {n.pid}{tls}")
     certs = " --ca CA --cert SINK.crt --key SINK.key" if args.secure else ""
-    print(f"sink: ccus sink run --store STORE --nats {','.join(c.urls)}{certs}")
+    store = "STORE"
+    if args.pg:
+        from broker.pgha import up as pg_up
+
+        try:
+            store = pg_up(args.dir).url
+        except BrokerError as exc:
+            print(f"ccus cluster up --pg: {exc}", file=sys.stderr)
+            return 1
+        print(f"store: {store}")
+        store = f"'{store}'"
+    print(f"sink: ccus sink run --store {store} --nats {','.join(c.urls)}{certs}")
     return 0
 
 
@@ -58,8 +71,12 @@ def _again(args: argparse.Namespace) -> int:
 def _down(args: argparse.Namespace) -> int:
     from broker.launcher import BrokerError
     from broker.nats import down
+    from broker.pgha import down as pg_down
 
     try:
+        pg = pg_down(args.dir)  # the store tier, when `up --pg` started one here
+        if pg is not None:
+            print(f"stopped {pg} PostgreSQL node(s)")
         n = down(args.dir)
     except BrokerError as exc:
         print(f"ccus cluster down: {exc}", file=sys.stderr)

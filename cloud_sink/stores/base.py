@@ -82,6 +82,7 @@ class SqlStore:
     """The Store protocol on a DB-API connection; subclasses fill in the dialect."""
 
     url: str
+    _KEYS = "touches"  # the table of stored (device, seq): PostgreSQL keeps them apart
 
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
@@ -107,6 +108,9 @@ class SqlStore:
 
     def _before_derive(self) -> None:
         """Called in the write transaction just before the derivation statements."""
+
+    def _before_moving(self, months: set[str]) -> None:
+        """In the write transaction, before re-cut touches move to these months."""
 
     def _registry_lock(self, exclusive: bool) -> None:
         """In the write transaction: a batch holds the registry shared, a change exclusively
@@ -268,6 +272,7 @@ class SqlStore:
                 res.admitted += bool(flag and not f)
                 res.newly_flagged += bool(f and not flag)
             res.still_flagged += bool(f and flag)
+        self._before_moving({c[1] for c in changes if c[1]})
         self._many("UPDATE touches SET work_day=?, month=?, cut_hour=?, flag=?"
                    " WHERE device=? AND seq=?", changes)
         return res
@@ -400,16 +405,17 @@ class SqlStore:
     def device_prefix(self, device: str) -> tuple[int, list[int]]:
         """(upto, seqs above it): every seq 1..upto of the device is stored, or kept as a dead
         letter that accounts for it; the seqs above may repeat and fill gaps between them."""
+        keys = self._KEYS
         with self._lock:
             upto = 0
-            if self._x("SELECT 1 FROM touches WHERE device=? AND seq=1", (device,)).fetchone():
+            if self._x(f"SELECT 1 FROM {keys} WHERE device=? AND seq=1", (device,)).fetchone():
                 row = self._x(
-                    "SELECT t.seq FROM touches t WHERE t.device=? AND NOT EXISTS (SELECT 1 FROM"
-                    " touches u WHERE u.device=t.device AND u.seq=t.seq+1) ORDER BY t.seq LIMIT 1",
+                    f"SELECT t.seq FROM {keys} t WHERE t.device=? AND NOT EXISTS (SELECT 1 FROM"
+                    f" {keys} u WHERE u.device=t.device AND u.seq=t.seq+1) ORDER BY t.seq LIMIT 1",
                     (device,)).fetchone()
                 upto = int(row[0])
             above = [int(r[0]) for r in self._x(
-                "SELECT seq FROM touches WHERE device=? AND seq>?", (device, upto)).fetchall()]
+                f"SELECT seq FROM {keys} WHERE device=? AND seq>?", (device, upto)).fetchall()]
             # the device's touches kept as dead letters count too (cloud_sink.acks)
             above += [int(r[0]) for r in self._x(
                 "SELECT seq FROM dead_letters WHERE device=? AND seq>?", (device, upto)).fetchall()]
@@ -444,7 +450,7 @@ class SqlStore:
         """The device's missing seq ranges (first, last) below its highest stored seq, from the
         stored touches and the dead letters that account for a seq."""
         return [(int(a), int(b)) for a, b in self._rows(
-            "WITH s AS (SELECT seq FROM touches WHERE device=? UNION SELECT seq FROM dead_letters"
+            f"WITH s AS (SELECT seq FROM {self._KEYS} WHERE device=? UNION SELECT seq FROM dead_letters"
             " WHERE device=? AND seq IS NOT NULL), o AS (SELECT seq, LAG(seq, 1, 0) OVER"
             " (ORDER BY seq) AS prev FROM s) SELECT prev + 1, seq - 1 FROM o WHERE seq > prev + 1"
             " ORDER BY 1", (device, device))]
