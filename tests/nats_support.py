@@ -29,8 +29,9 @@ FAILOVER_S = 30.0  # how long a device keeps trying the other nodes after losing
 
 class Device311:
     def __init__(self, name: str, ports: list[int], first: int = 0, *,
-                 e2e_timeout_s: float = 3.0) -> None:
+                 e2e_timeout_s: float = 3.0, tls: tuple[str, str, str] | None = None) -> None:
         self.name, self.ports, self.node = name, ports, first % len(ports)
+        self.tls = tls  # (ca, cert, key): the secure cluster (tests/test_cluster_security.py)
         self.e2e_timeout_s = e2e_timeout_s
         self.acked = 0
         self.next_seq = 1
@@ -54,6 +55,8 @@ class Device311:
             port = self.ports[self.node]
             c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.name,
                             protocol=mqtt.MQTTv311, clean_session=True)
+            if self.tls:
+                c.tls_set(ca_certs=self.tls[0], certfile=self.tls[1], keyfile=self.tls[2])
             c.on_connect = self._on_connect
             c.on_subscribe = self._on_subscribe
             c.on_message = self._on_message
