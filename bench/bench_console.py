@@ -9,7 +9,11 @@ an exit each; cached under $TMPDIR/ccus-bench/, built once: 10,080,000 touches w
 the store: query + shape + CSV. The page is an HTTP GET on loopback to a console served by
 uvicorn in this process (a logged-in session): the whole round trip, so an upper bound of the
 server time. The fleet: 1,000 retained state messages fed to the console's bridge; the
-`ccus ops devices` path is ops.fleet.fleet() + render() over the same messages. Medians of
+`ccus ops devices` path is ops.fleet.fleet() + render() over the same messages. On site now:
+the page of a site-day, beside the store's on_site() (one primary-key range of work_history)
+and the month's work history filtered in Python (what the page read before the store kept
+each day's last entry); in the big store everyone has tapped out, so the list is empty and
+the figures are the lookup's cost. Medians of
 --samples random site-months (the first sample of each warms up and is dropped). One JSON
 document; ratio = page / report; targets: ratio <= 1.5 and page < 200 ms.
 """
@@ -124,6 +128,23 @@ def main() -> int:
             page.append(t2 - t1)
             csv_t.append(t3 - t2)
             rows = len(table)
+    on_q, on_old, on_page = [], [], []
+    for i in range(a.samples + 1):
+        site, month = rng.choice(sites), rng.choice(bench_sink.MONTHS)
+        day = rng.choice(bench_sink._days(month))
+        t0 = time.perf_counter()
+        now_in = store.on_site(site, day)
+        t1 = time.perf_counter()
+        old = [d for d in store.work_history(site, month) if d.work_day == day
+               and d.first_in_ms is not None and (d.last_out_ms or -1) < d.first_in_ms]
+        t2 = time.perf_counter()
+        html = opener.open(f"{base}/sites/{site}/onsite?day={day}").read().decode()
+        t3 = time.perf_counter()
+        assert now_in == [] and old == [] and 'id="count">0<' in html
+        if i:
+            on_q.append(t1 - t0)
+            on_old.append(t2 - t1)
+            on_page.append(t3 - t2)
     fl_cli, fl_page = [], []
     for i in range(a.samples + 1):
         t0 = time.perf_counter()
@@ -147,6 +168,8 @@ def main() -> int:
         "fleet": {"devices": a.devices, "ops_devices_ms": median_ms(fl_cli),
                   "page_ms": median_ms(fl_page),
                   "ratio": round(statistics.median(fl_page) / statistics.median(fl_cli), 2)},
+        "on_site": {"store_on_site_ms": median_ms(on_q), "month_filtered_ms": median_ms(on_old),
+                    "page_ms": median_ms(on_page)},
         "targets": {"ratio": 1.5, "page_ms": 200}}, indent=1))
     return 0
 

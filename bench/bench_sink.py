@@ -354,13 +354,13 @@ def build_big_store(path: Path, target: int) -> dict[str, object]:
                     touches.append((dev, seq, site, "gate", t_out, "synced", card, "felica", tid,
                                     "allow", "ok", 3, 1, '{"dir": "out"}', "out", d, t_out, None,
                                     m, tid, None, None, None, None, 4))
-                    days.append((tid, site, d, t_in, t_out, 2, 4))
+                    days.append((tid, site, d, t_in, t_out, 2, 4, t_in))
         db.executemany("INSERT INTO touches (device, seq, site, role, ts_ms, tq, card, card_tech,"
                        " tid, decision, reason, lv, cv, facts, dir, work_day, received_ms, flag,"
                        " month, person, course, contractor, slot, result, cut_hour) VALUES"
                        f" ({','.join('?' * 25)})", touches)
         db.executemany("INSERT INTO work_history (tid, site, work_day, first_in_ms, last_out_ms,"
-                       " taps, cut_hour) VALUES (?,?,?,?,?,?,?)", days)
+                       " taps, cut_hour, last_in_ms) VALUES (?,?,?,?,?,?,?,?)", days)
         n += len(touches)
     db.execute("COMMIT")
     load_s = time.perf_counter() - t0

@@ -10,6 +10,15 @@ Rules of this file:
   /proc says it is still a nats-server on that node's config (a reused pid is left alone).
 - Nodes are Debian's ``nats-server`` (2.9 here); a newer build is used when ``CCUS_NATS_SERVER``
   names it. Never the system one's ports: every port is a free loopback one.
+- ``secure``: a folder made by ``ccus ops nats-auth`` (ca.crt, server.crt/.key, route.crt/.key,
+  auth.conf, pinned.conf; broker/ knows only those file names): every listener then speaks TLS
+  only, verifies the peer's certificate against ca.crt and maps it to a user of auth.conf
+  (``verify_and_map``). /healthz stays plain HTTP on loopback (NATS never verifies there).
+  NATS 2.9 cannot reload anything of the ``mqtt`` block (a changed one fails the whole
+  reload, users included), so the MQTT listener pins the certificates of a copy of
+  pinned.conf taken when the node starts (``mqtt-pinned.conf`` in its folder): ``reload``
+  (SIGHUP) applies users and the native listener's pins, ``restart_node`` one by one (the
+  cluster stays up) the MQTT listener's pins.
 - Streams are not created here: the sink creates the touch stream it consumes (it knows the
   topic tree; broker/ imports nothing of ours). Touches published before that are replayed by
   the devices, which forget a touch only on the end-to-end acknowledgement.
@@ -19,6 +28,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import urllib.error
@@ -27,7 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from broker.launcher import TEMPLATES, BrokerError, free_port
-from broker.procs import stop_process
+from broker.procs import poll_until, stop_process
 
 SEARCH = ("/usr/sbin/nats-server", "/usr/local/bin/nats-server", "/usr/bin/nats-server")
 STATE = "cluster.json"
@@ -57,14 +67,68 @@ class Node:
         return f"nats://127.0.0.1:{self.client_port}"
 
 
-def render_node(node: Node, peers: list[Node], folder: Path) -> str:
+MQTT_PINNED = "mqtt-pinned.conf"  # the node's start-time copy of the bundle's pinned.conf
+ROUTE_USER = "urn:ccus:route"   # the SAN URI of every route certificate (ops/pki.py issue_route)
+
+
+def _tls_block(indent: str, cert: Path, key: Path, ca: Path, pinned: Path | None) -> str:
+    lines = ["tls {", f'    cert_file: "{cert}"', f'    key_file: "{key}"', f'    ca_file: "{ca}"',
+             # the peer's certificate must be from our CA and name a user (or the route user)
+             "    verify_and_map: true", "    timeout: 2"]
+    if pinned is not None:  # revocation: only certificates listed there (NATS 2.9 has no CRL)
+        lines.append(f'    include "{pinned}"')
+    return "".join(f"{indent}{ln}\n" for ln in [*lines, "}"])
+
+
+def secure_blocks(secure: Path | None, conf_dir: Path) -> dict[str, str]:
+    """The TLS and authorization parts of a node's config ('' each without `secure`).
+
+    nats-server resolves `include` against the config file's folder, absolute paths too: so
+    included files are named relative to `conf_dir`."""
+    if secure is None:
+        return {"client_tls": "", "route_tls": "", "mqtt_tls": "", "auth": ""}
+    rel = Path(os.path.relpath(secure.resolve(), conf_dir.resolve()))
+    ca, pinned = secure / "ca.crt", rel / "pinned.conf"
+    server = (secure / "server.crt", secure / "server.key")
+    route = _tls_block("    ", secure / "route.crt", secure / "route.key", ca, None)
+    # a route is let in only with a route certificate: verify_and_map against this one user
+    route += f'    authorization {{\n        user: "{ROUTE_USER}"\n    }}\n'
+    return {"client_tls": _tls_block("", *server, ca, pinned),
+            "route_tls": route,
+            "mqtt_tls": _tls_block("    ", *server, ca, Path(MQTT_PINNED)),
+            "auth": f'include "{rel / "auth.conf"}"\n'}
+
+
+def render_node(node: Node, peers: list[Node], folder: Path, secure: Path | None = None) -> str:
     """The config text of one node (pure but for reading the template)."""
     routes = ",\n".join(f"        nats-route://127.0.0.1:{p.route_port}" for p in peers
                         if p.name != node.name)
     text = (TEMPLATES / "nats-node.conf").read_text()
     return text.format(name=node.name, client_port=node.client_port, http_port=node.http_port,
                        route_port=node.route_port, mqtt_port=node.mqtt_port, routes=routes,
-                       store_dir=folder / node.name / "js", log_file=folder / node.name / "nats.log")
+                       store_dir=folder / node.name / "js", log_file=folder / node.name / "nats.log",
+                       **secure_blocks(secure, folder / node.name))
+
+
+def mqtt_hello(port: int, client_id: str, timeout: float = 20.0) -> bool:
+    """One MQTT 3.1.1 CONNECT (clean session) to 127.0.0.1:port, then DISCONNECT: True once the
+    CONNACK accepts it. Raw bytes: broker/ does not depend on paho."""
+    cid = client_id.encode()
+    body = b"\x00\x04MQTT\x04\x02\x00\x3c" + len(cid).to_bytes(2, "big") + cid
+    assert len(body) < 128  # one-byte remaining length
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+            s.sendall(b"\x10" + bytes([len(body)]) + body)
+            ack = b""
+            while len(ack) < 4:
+                chunk = s.recv(4 - len(ack))
+                if not chunk:
+                    return False
+                ack += chunk
+            s.sendall(b"\xe0\x00")
+            return ack[0] == 0x20 and ack[3] == 0
+    except OSError:
+        return False
 
 
 def _distinct_ports(n: int) -> list[int]:
@@ -77,13 +141,18 @@ def _distinct_ports(n: int) -> list[int]:
 class NatsCluster:
     """``with NatsCluster(folder) as c: c.urls, c.mqtt_ports; c.kill(1); c.start_node(1)``."""
 
-    def __init__(self, folder: str | Path, nodes: int = NODES) -> None:
+    def __init__(self, folder: str | Path, nodes: int = NODES,
+                 secure: str | Path | None = None) -> None:
         self.folder = Path(folder)
+        self.secure = Path(secure).resolve() if secure else None
         self.folder.mkdir(parents=True, exist_ok=True)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         state = self.folder / STATE
         if state.exists():  # the same folder again: same ports, same JetStream data
-            self.nodes = [Node(**n) for n in json.loads(state.read_text())["nodes"]]
+            saved = json.loads(state.read_text())
+            self.nodes = [Node(**n) for n in saved["nodes"]]
+            if self.secure is None and saved.get("secure"):
+                self.secure = Path(saved["secure"])
         else:
             ports = _distinct_ports(4 * nodes)
             self.nodes = [Node(f"n{i + 1}", *ports[4 * i:4 * i + 4]) for i in range(nodes)]
@@ -102,11 +171,14 @@ class NatsCluster:
     def write_configs(self) -> None:
         for node in self.nodes:
             (self.folder / node.name / "js").mkdir(parents=True, exist_ok=True)
-            self.conf_path(node).write_text(render_node(node, self.nodes, self.folder))
+            self.conf_path(node).write_text(render_node(node, self.nodes, self.folder,
+                                                        self.secure))
 
     def _save(self) -> None:
-        (self.folder / STATE).write_text(json.dumps({"nodes": [asdict(n) for n in self.nodes]},
-                                                    indent=1) + "\n")
+        doc: dict[str, object] = {"nodes": [asdict(n) for n in self.nodes]}
+        if self.secure is not None:
+            doc["secure"] = str(self.secure)
+        (self.folder / STATE).write_text(json.dumps(doc, indent=1) + "\n")
 
     def start(self, timeout: float = 30.0, *, detach: bool = False) -> "NatsCluster":
         """Every node, then wait until each answers /healthz (JetStream current)."""
@@ -114,11 +186,15 @@ class NatsCluster:
         for node in self.nodes:
             self.start_node(node.name, wait=False, detach=detach)
         self.wait_healthy(timeout)
+        if self.secure is None:  # a secure node's MQTT port wants TLS and a certificate
+            self.warm_mqtt(timeout)
         return self
 
     def start_node(self, name: str, *, wait: bool = True, detach: bool = False,
                    timeout: float = 30.0) -> None:
         node = self.node(name)
+        if self.secure is not None:  # what the MQTT listener pins until the node's next start
+            shutil.copyfile(self.secure / "pinned.conf", self.folder / name / MQTT_PINNED)
         # detach: `ccus cluster up` returns and the nodes keep running in their own session
         proc = subprocess.Popen([find_nats_server(), "-c", str(self.conf_path(node))],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -128,6 +204,17 @@ class NatsCluster:
         self._save()
         if wait:
             self.wait_healthy(timeout, [node])
+
+    def warm_mqtt(self, timeout: float = 30.0, nodes: list[Node] | None = None) -> None:
+        """One MQTT client on each node while all are up: a node makes its MQTT gateway's
+        per-server JetStream state (a retained-messages consumer, R3) at its first MQTT client.
+        Seen on 2.9.10: a node whose first MQTT client came after another node's kill -9 hung
+        that client's CONNECT for good (a bridge failing over to it never got its CONNACK)."""
+        for node in nodes or self.nodes:
+            if not mqtt_hello(node.mqtt_port, f"ccus-warmup-{node.name}", timeout):
+                raise BrokerError(f"nats-server {node.name}: its MQTT port {node.mqtt_port} did "
+                                  f"not accept a connection within {timeout:.0f}s "
+                                  f"(log {self.folder / node.name / 'nats.log'})")
 
     def node(self, name: str) -> Node:
         for n in self.nodes:
@@ -161,6 +248,26 @@ class NatsCluster:
             return (self.folder / node.name / "nats.log").read_text()[-400:]
         except OSError:
             return ""
+
+    def reload(self) -> None:
+        """SIGHUP every running node: auth.conf and pinned.conf are read again; a user no
+        longer listed is disconnected (NATS re-checks every client's authorization)."""
+        for node in self.nodes:
+            if node.pid and self._ours(node):
+                os.kill(node.pid, signal.SIGHUP)
+
+    def restart_node(self, name: str, timeout: float = 30.0) -> None:
+        """Stop one node (SIGTERM) and start it again on its config: its MQTT listener then
+        pins the bundle's current pinned.conf. One at a time, the cluster keeps serving."""
+        node = self.node(name)
+        proc = self.procs.get(name)
+        if proc is not None:
+            stop_process(proc)
+        elif node.pid and self._ours(node):
+            os.kill(node.pid, signal.SIGTERM)
+            if not poll_until(lambda: not self._ours(node), 10):
+                os.kill(node.pid, signal.SIGKILL)
+        self.start_node(name, timeout=timeout, detach=proc is None)
 
     def kill(self, name: str) -> None:
         """kill -9 one node: no clean shutdown, no leadership hand-over."""
@@ -199,14 +306,46 @@ class NatsCluster:
         self.stop()
 
 
-def up(folder: str | Path) -> NatsCluster:
+def up(folder: str | Path, secure: str | Path | None = None) -> NatsCluster:
     """`ccus cluster up`: start (detached) the nodes of the folder, or fail on a running one."""
-    c = NatsCluster(folder)
+    if secure is not None:
+        missing = [f for f in ("ca.crt", "server.crt", "server.key", "route.crt", "route.key",
+                               "auth.conf", "pinned.conf") if not (Path(secure) / f).exists()]
+        if missing:
+            raise BrokerError(f"{secure}: no {', '.join(missing)}: make the folder with "
+                              f"`ccus ops nats-auth --pki PKI --out {secure}`")
+    c = NatsCluster(folder, secure=secure)
     running = [n.name for n in c.nodes if n.pid and c._ours(n)]
     if running:
         raise BrokerError(f"{folder}: nodes {', '.join(running)} are running already "
                           f"(ccus cluster down --dir {folder})")
     return c.start(detach=True)
+
+
+def _running(folder: str | Path) -> NatsCluster:
+    if not (Path(folder) / STATE).exists():
+        raise BrokerError(f"{folder}: no {STATE} here (nothing started with ccus cluster up)")
+    c = NatsCluster(folder)
+    if not any(n.pid and c._ours(n) for n in c.nodes):
+        raise BrokerError(f"{folder}: no node is running (ccus cluster up --dir {folder})")
+    return c
+
+
+def reload(folder: str | Path) -> int:
+    """`ccus cluster reload`: SIGHUP every running node (users, native pins); how many."""
+    c = _running(folder)
+    n = sum(1 for node in c.nodes if node.pid and c._ours(node))
+    c.reload()
+    return n
+
+
+def restart(folder: str | Path) -> int:
+    """`ccus cluster restart`: one node after the other (each healthy before the next), so
+    the MQTT listeners pin the bundle's current certificates; how many were restarted."""
+    c = _running(folder)
+    for node in c.nodes:
+        c.restart_node(node.name)
+    return len(c.nodes)
 
 
 def down(folder: str | Path) -> int:

@@ -113,6 +113,13 @@ def register(sub: Sub) -> None:  # type: ignore[valid-type]
     add_store_args(rd, policy=True)
     rd.set_defaults(func=_rederive)
 
+    ar = s.add_parser("archive", help="PostgreSQL: detach the touch partitions of every month "
+                      "before --before (docs/sink.md, Partitions)")
+    add_store_args(ar)
+    ar.add_argument("--before", required=True, metavar="YYYY-MM",
+                    help="months before this one are detached (this one stays)")
+    ar.set_defaults(func=_archive)
+
     co = s.add_parser("courses", help="training course definitions")
     cs = co.add_subparsers(dest="courses_cmd", required=True, metavar="ACTION")
     ci = cs.add_parser("import", help="add or replace courses from CSV: "
@@ -191,11 +198,6 @@ def _run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             store.close()
             return 2
-        if tls:
-            print("ccus sink run: --nats has no TLS yet (docs/operations.md, National layout)",
-                  file=sys.stderr)
-            store.close()
-            return 2
         try:
             servers = parse_servers(args.nats)
         except JetStreamSinkError as exc:
@@ -203,7 +205,7 @@ def _run(args: argparse.Namespace) -> int:
             store.close()
             return 2
         sink = JetStreamSink(store, servers, group=args.group, client_id=args.client_id,
-                             batch_max=args.batch)
+                             batch_max=args.batch, tls=tls)
     else:
         if listen is not None:
             metrics = SinkMetrics()
@@ -355,6 +357,30 @@ def _rederive(args: argparse.Namespace) -> int:
           f"{res.touches} touches, {res.recut} cut again ({res.moved} to another work day), "
           f"{res.admitted} admitted, "
           f"{res.newly_flagged} newly flagged, {res.still_flagged} still flagged")
+    return 0
+
+
+def _archive(args: argparse.Namespace) -> int:
+    import re
+
+    from cloud_sink.model import StoreError
+
+    if not re.fullmatch(r"[0-9]{4}-(0[1-9]|1[0-2])", args.before):
+        print(f"ccus sink archive: --before must be a month YYYY-MM, not {args.before!r}",
+              file=sys.stderr)
+        return 2
+    store = store_of(args)
+    try:
+        if not hasattr(store, "archive"):
+            raise StoreError("ccus sink archive: only a PostgreSQL store has month partitions "
+                             "(a SQLite store keeps every month in one file)")
+        tables = store.archive(args.before)
+    finally:
+        store.close()
+    for t in tables:
+        print(f"detached {t}")
+    print(f"{len(tables)} month(s) before {args.before} archived: dump each table (pg_dump -t) "
+          "and DROP it when kept elsewhere")
     return 0
 
 

@@ -309,8 +309,8 @@ def build_app(cfg: Config, bridge: Bridge) -> Starlette:
         site = req.path_params["site"]
         day = req.query_params.get("day") or work_day(cfg.now_ms())
         dt.date.fromisoformat(day)
-        days = await read(lambda s: s.work_history(site, day[:7]))
-        people = views.on_site(days, site, day)
+        # the last passage per technician-day, by the touches' own time (SqlStore.on_site)
+        people = views.on_site(await read(lambda s: s.on_site(site, day)))
         # names and employers from the registry `ccus sink employers import` fills, if any
         known = {t.tid: t for t in await read(lambda s: s.technicians())}
         for p in people:

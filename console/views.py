@@ -113,18 +113,11 @@ def grid_rows_html(g: Grid, lang: str) -> str:
     return "\n".join(out)
 
 
-def on_site(days: list[WorkDay], site: str, day: str) -> list[dict[str, Any]]:
-    """Who entered on `day` and has no exit after their first entry, earliest first.
-    The work history keeps only the first entry and the last exit, so someone who tapped out
-    and back in again counts as left (docs/console.md, 'On site now', says so)."""
-    out = []
-    for d in days:
-        if d.site != site or d.work_day != day or d.first_in_ms is None:
-            continue
-        if d.last_out_ms is None or d.last_out_ms < d.first_in_ms:
-            out.append({"technician": d.tid, "entry": local_time(d.first_in_ms),
-                        "entry_ms": d.first_in_ms, "taps": d.taps})
-    return sorted(out, key=lambda r: (r["entry_ms"], r["technician"]))
+def on_site(rows: list[tuple[str, int]]) -> list[dict[str, Any]]:
+    """The roll call from the store's `on_site(site, day)`: (technician, entry of the current
+    stay) of whoever's last passage that day is an entry, earliest entry first."""
+    return [{"technician": who, "entry": local_time(ms), "entry_ms": ms}
+            for who, ms in sorted(rows, key=lambda r: (r[1], r[0]))]
 
 
 def touch_row(t: Touch) -> dict[str, Any]:

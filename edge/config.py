@@ -48,6 +48,26 @@ class MqttConfig:
     reconnect_min_s: float = 1.0
     reconnect_max_s: float = 60.0
     reconnect_fast_max_s: float = 3.0
+    # MQTT version: "5", or "3.1.1" for a broker that speaks only that (a NATS node's MQTT
+    # gateway); 3.1.1 has no reason codes: only the end-to-end acknowledgement says a touch
+    # arrived (docs/delivery.md, "MQTT 3.1.1")
+    protocol: str = "5"
+    # "HOST:PORT" of each broker (the nodes of a cluster): tried in turn, the next one after
+    # every failed or lost connection; empty: host and port alone
+    brokers: list[str] = field(default_factory=list)
+    # the QoS the link subscribes with (acks, config, lists); 0 on a NATS node, where a QoS 1
+    # subscription is a replicated JetStream consumer per device (the sink's acks reach an
+    # MQTT subscriber as QoS 0 anyway); what it loses is sent again (retained, or a replay)
+    subscribe_qos: int = 1
+
+    def endpoints(self) -> list[tuple[str, int]]:
+        """(host, port) of every broker to try, in order (`brokers`, or host and port)."""
+        if not self.brokers:
+            return [(self.host, self.port)]
+        return [parse_broker(b, f"mqtt.brokers[{i}]") for i, b in enumerate(self.brokers)]
+
+
+PROTOCOLS = ("5", "3.1.1")
 
 
 @dataclass
@@ -235,6 +255,20 @@ def _check_mqtt_timing(m: MqttConfig) -> None:
     if not m.reconnect_min_s <= m.reconnect_fast_max_s <= m.reconnect_max_s:
         raise ConfigError("mqtt.reconnect_fast_max_s: between mqtt.reconnect_min_s and "
                           "mqtt.reconnect_max_s")
+    if m.protocol not in PROTOCOLS:
+        raise ConfigError(f"mqtt.protocol: \"5\" or \"3.1.1\" (a string), not {m.protocol!r}")
+    if m.subscribe_qos not in (0, 1):
+        raise ConfigError("mqtt.subscribe_qos: 0 or 1")
+    m.endpoints()  # each broker is HOST:PORT
+
+
+def parse_broker(text: str, key: str) -> tuple[str, int]:
+    """'HOST:PORT' (or '[v6]:PORT') -> (host, port). Raises ConfigError naming `key`."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"{key}: {text!r}: HOST:PORT (e.g. \"nats-1.example.jp:1883\")")
+    return host, int(port)
 
 
 def _check_profile(where: str, p: ProfileConfig) -> None:

@@ -1,5 +1,5 @@
-"""The MQTT link (paho-mqtt 2, MQTT 5): the adapter between paho, the outbox and the sans-IO
-delivery core (edge/delivery.py), plus the state message.
+"""The MQTT link (paho-mqtt 2, MQTT 5 or 3.1.1): the adapter between paho, the outbox and the
+sans-IO delivery core (edge/delivery.py), plus the state message.
 
 Rules of this file (docs/delivery.md is the protocol; edge/delivery.py decides):
 
@@ -19,6 +19,13 @@ Rules of this file (docs/delivery.md is the protocol; edge/delivery.py decides):
   refusing TCP is retried within mqtt.reconnect_fast_max_s). Every connection fault is logged
   once at WARNING in words, with the next attempt's time; repeats of the same cause are only
   counted; one line says when it is over. Expected faults log no traceback.
+- MQTT 5 is the default; ``mqtt.protocol = "3.1.1"`` (a NATS node's gateway speaks nothing
+  else) changes only the wire: a clean session instead of clean start with session expiry 0,
+  plain QoS subscriptions instead of subscribe options. paho reports 3.1.1's CONNACK and SUBACK
+  return codes as reason codes; a 3.1.1 PUBACK carries none, so there a refused touch shows only
+  as an acknowledgement that does not come (replayed after ack_timeout_s, kept meanwhile).
+- ``mqtt.brokers``: every failed or lost connection moves to the next broker of the list; the
+  first one tried is picked by the device id, so a fleet spreads over a cluster's nodes.
 - TLS files are checked when the link is made (ConfigError naming the key and the file): a
   device with a missing or mismatched key must not start. If the pump thread still dies, the
   link records why (``fatal``) and calls ``on_fatal``: the agent exits non-zero.
@@ -34,6 +41,7 @@ import socket
 import ssl
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -212,6 +220,9 @@ class Link:
         self._gen = 0
         self._client: mqtt.Client | None = None
         self._ack_topic = topics.touch_ack(site, device)
+        self._v5 = cfg.protocol == "5"
+        self._endpoints = cfg.endpoints()
+        self._at = zlib.crc32(device.encode()) % len(self._endpoints)  # the broker tried next
         self._handlers: dict[str, Callable[[str, bytes], None]] = {}  # filter -> handler
         self._ahead: collections.deque[tuple[int, bytes]] = collections.deque()  # read, not sent
         self._last_state_check = 0.0
@@ -280,11 +291,27 @@ class Link:
                 "refused": self.refused, "last_refusal": self.last_refusal,
                 "acked_upto": self.acked_upto, "ack_ahead": self.ack_ahead,
                 "ack_sub_refused": self.ack_sub_refused, "replays": self.replays,
-                "connects": self.connects, "last_error": self.last_error}
+                "connects": self.connects, "last_error": self.last_error,
+                "broker": self.broker}
 
     # -- connections: a fresh client each, backoff with jitter between them ---------------------
+    @property
+    def broker(self) -> str:
+        """HOST:PORT of the broker of this connection (or the next attempt)."""
+        host, port = self._endpoints[self._at]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
     def _new_client(self, gen: int) -> mqtt.Client:
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.device, protocol=mqtt.MQTTv5)
+        if self._v5:
+            c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.device,
+                            protocol=mqtt.MQTTv5)
+        else:
+            # a clean session: the outbox, not the broker session, is our memory (as session
+            # expiry 0 in MQTT 5); no reconnect_on_failure: paho would otherwise retry inside
+            # loop_read on a "refused: protocol version" CONNACK, with MQTT 3.1
+            c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.device,
+                            protocol=mqtt.MQTTv311, clean_session=True,
+                            reconnect_on_failure=False)
         ev = self._events.append
         c.on_connect = lambda _c, _u, _f, rc, _p: ev(("connected", gen, rc))
         c.on_publish = lambda _c, _u, mid, rc, _p: ev(("puback", gen, mid, rc))
@@ -336,9 +363,25 @@ class Link:
         if self.on_fatal is not None:
             self.on_fatal(why)
 
+    def _connect(self, c: mqtt.Client) -> int:
+        host, port = self._endpoints[self._at]
+        if not self._v5:
+            return int(c.connect(host, port, keepalive=self.cfg.keepalive_s))
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 0  # the outbox, not the broker session, is our memory
+        return int(c.connect(host, port, keepalive=self.cfg.keepalive_s, clean_start=True,
+                             properties=props))
+
+    def _subscribe(self, c: mqtt.Client, filters: list[str]) -> None:
+        qos = self.cfg.subscribe_qos
+        if self._v5:
+            c.subscribe([(f, SubscribeOptions(qos=qos)) for f in filters])
+        else:
+            c.subscribe([(f, qos) for f in filters])
+
     def _pump_loop(self) -> None:
-        where = f"{self.cfg.host}:{self.cfg.port}"
         while not self._stopped.is_set():
+            where = self.broker
             self._gen += 1
             c = self._new_client(self._gen)
             self._client = c
@@ -346,11 +389,8 @@ class Link:
             self._paho_error = ""
             self._end = None
             bug: Exception | None = None
-            props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = 0  # the outbox, not the broker session, is our memory
             try:
-                rc = c.connect(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s,
-                               clean_start=True, properties=props)
+                rc = self._connect(c)
                 if rc == mqtt.MQTT_ERR_SUCCESS:
                     self._serve(c)
                 else:
@@ -374,6 +414,7 @@ class Link:
                 cause = Cause.LOST
             self.last_error = f"{CAUSES[cause][0]}: {detail}"
             wait = self.reconnect.failed(cause, random.random())
+            self._at = (self._at + 1) % len(self._endpoints)  # the next broker (a cluster node)
             self._report_failure(cause, detail, wait, where, was_connected, bug)
             self._idle(wait)
 
@@ -381,11 +422,13 @@ class Link:
                         was_connected: bool, bug: Exception | None = None) -> None:
         words, hint, _ = CAUSES[cause]
         loud = self.faults.failed(cause, detail, time.monotonic())
-        at = time.strftime("%H:%M:%S", time.gmtime(time.time() + wait))
+        at = time.strftime("%H:%M:%S", time.gmtime(time.time() + wait)) + " UTC"
         what = (f"connection to {where} lost ({detail})" if was_connected else
                 f"cannot connect to {where}: {words} ({detail})")
+        if len(self._endpoints) > 1:
+            at += f", at {self.broker}"  # _at has moved on: the next broker of the list
         if loud:
-            log.warning("mqtt: %s%s; next attempt in %.3g s (%s UTC)%s", what,
+            log.warning("mqtt: %s%s; next attempt in %.3g s (%s)%s", what,
                         f"; {hint}" if hint and not was_connected else "", wait, at,
                         "" if self.faults.failures <= 1 else
                         f", {self.faults.failures} failures so far", exc_info=bug)
@@ -418,7 +461,7 @@ class Link:
                 else:
                     log.warning("mqtt: not connected: %s not sent", cmd[1])
             elif cmd[0] == "subscribe" and c is not None and self.connected:
-                c.subscribe(cmd[1], qos=1)  # offline: the next connect's retained delivery
+                self._subscribe(c, [cmd[1]])  # offline: the next connect's retained delivery
 
     def _serve(self, c: mqtt.Client) -> None:
         """One connection: select() on paho's socket and the wake socket; paho's callbacks run
@@ -527,7 +570,7 @@ class Link:
             return  # the broker closes the connection; _pump_loop reports it
         self.connects += 1
         self.reconnect.connected()
-        where = f"{self.cfg.host}:{self.cfg.port}"
+        where = self.broker
         over = self.faults.recovered(now)
         if over is None:
             log.info("mqtt: connected to %s", where)
@@ -537,8 +580,7 @@ class Link:
                         "%s)", where, down, failures, "" if failures == 1 else "s",
                         CAUSES[cause][0])
         self.last_error = ""
-        c.subscribe([(self._ack_topic, SubscribeOptions(qos=1))] +
-                    [(f, SubscribeOptions(qos=1)) for f in self._handlers])
+        self._subscribe(c, [self._ack_topic, *self._handlers])
         self.connected = True
         self._carry_out(self.core.connected(now), c)
         self._state_due = True

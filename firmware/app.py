@@ -123,7 +123,7 @@ class Board:
         if cfg.get("mdb_uart") is not None:
             import vend_mdb
 
-            self.mdb = vend_mdb.MdbPort(cfg, self.send)
+            self.mdb = vend_mdb.MdbPort(cfg, self.send, self.journal)
 
         self.vstate = _IDLE
         self.v_id = 0

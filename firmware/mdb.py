@@ -55,6 +55,7 @@ READER_DISABLE = 0x40
 READER_ENABLE = 0x41
 READER_CANCEL = 0x42
 EXPANSION_ID = 0x70
+EXPANSION_OPTIONS = 0x74  # level 3 "optional feature enabled": we announce level 1, enable none
 
 # host-side inputs and the reader's own timer (events into the table, not on the MDB wire)
 H_CREDIT = 0x100  # the agent reserved an allowance: begin a session with these funds
@@ -79,6 +80,7 @@ CMD_LEN = {
     (CMD_READER, 1): 2,
     (CMD_READER, 2): 2,
     (CMD_EXPANSION, 0): 31,  # request id: manufacturer(3) serial(12) model(12) version(2)
+    (CMD_EXPANSION, 4): 6,  # optional feature enabled: 4 bytes of bits (level 3 VMCs send it)
 }
 
 # poll / immediate reply codes (first byte of a reader reply)
@@ -120,6 +122,9 @@ A_DENY = 13  # queue VEND DENIED
 A_TIMEOUT = 14  # like A_REVOKE, and tell the host it timed out
 A_NONE = 15  # ACK, nothing else (a harmless repeat)
 A_REPEAT = 16  # a repeat of the last VEND SUCCESS / FAILURE (our ACK was lost): ACK, no event
+A_DISABLE_SESSION = 17  # READER DISABLE with a session open: ACK; end the session, then DISABLED
+A_ENABLE_SESSION = 18  # READER ENABLE with a session open: ACK; the session ends in ENABLED again
+A_OPTIONS = 19  # EXPANSION optional feature enable (level 3 VMCs): ACK, enable nothing
 
 # (state, event) -> (new state, action). RESET and POLL are handled before the table (same in
 # every state); any VMC command missing here is answered OUT OF SEQUENCE, any host input missing
@@ -134,10 +139,21 @@ TABLE = {
     (INACTIVE, EXPANSION_ID): (INACTIVE, A_ID),
     (DISABLED, EXPANSION_ID): (DISABLED, A_ID),
     (ENABLED, EXPANSION_ID): (ENABLED, A_ID),
+    (INACTIVE, EXPANSION_OPTIONS): (INACTIVE, A_OPTIONS),
+    (DISABLED, EXPANSION_OPTIONS): (DISABLED, A_OPTIONS),
+    (ENABLED, EXPANSION_OPTIONS): (ENABLED, A_OPTIONS),
     (DISABLED, READER_ENABLE): (ENABLED, A_ACK),
     (ENABLED, READER_ENABLE): (ENABLED, A_NONE),
     (DISABLED, READER_DISABLE): (DISABLED, A_NONE),
     (ENABLED, READER_DISABLE): (DISABLED, A_ACK),
+    # READER DISABLE with a session open (MDB 4.2, 7.4.12: "any transaction in progress will
+    # not be affected and should continue to its normal completion"): a vend already asked for
+    # runs to its VEND SUCCESS / FAILURE; an idle session is cancelled (funds withdrawn, SESSION
+    # CANCEL REQUEST); SESSION COMPLETE then ends in DISABLED instead of ENABLED.
+    (SESSION_IDLE, READER_DISABLE): (SESSION_IDLE, A_DISABLE_SESSION),
+    (VEND, READER_DISABLE): (VEND, A_DISABLE_SESSION),
+    (SESSION_IDLE, READER_ENABLE): (SESSION_IDLE, A_ENABLE_SESSION),
+    (VEND, READER_ENABLE): (VEND, A_ENABLE_SESSION),
     (DISABLED, READER_CANCEL): (DISABLED, A_CANCELLED),
     (ENABLED, READER_CANCEL): (ENABLED, A_CANCELLED),
     (SESSION_IDLE, VEND_REQUEST): (VEND, A_VEND_REQ),
@@ -169,9 +185,11 @@ EV_RESET = 7  # the VMC reset with a session open but no vend approved: release
 EV_TIMEOUT = 8  # the session timed out; the reader asked the VMC to cancel
 EV_DENIED = 9  # the reader denied a vend request by itself (price above funds, no decision)
 EV_REFUSED = 10  # a host input made no sense in this state (session = the one named)
+EV_DISABLED = 11  # the VMC disabled the reader in a session: nothing more will be approved in it
 EV_NAMES = {
     1: "vend_request", 2: "vend_success", 3: "vend_failure", 4: "vend_cancel",
     5: "session_end", 6: "reset_mid_vend", 7: "reset", 8: "timeout", 9: "denied", 10: "refused",
+    11: "disabled",
 }  # fmt: skip
 
 
@@ -273,6 +291,7 @@ class Reader:
         self.approved = False  # VEND APPROVED queued or sent for the current request
         self.pending = False  # a VEND REQUEST waits for the host's decision
         self.last_result = -1  # VEND_SUCCESS / VEND_FAILURE last reported in this session
+        self.disable_at_end = False  # READER DISABLE came in a session: end it in DISABLED
         self.since = 0  # tick the session / pending request started
         self.queue = []  # poll replies waiting (lists of words)
         self.queue.append(block((P_JUST_RESET,)))
@@ -386,6 +405,7 @@ class Reader:
         self.approved = False
         self.pending = False
         self.last_result = -1
+        self.disable_at_end = False
 
     def _event(self, kind):
         if len(self.events) < 16:  # the host drains it every loop; never grow without bound
@@ -407,15 +427,29 @@ class Reader:
             return self._send(block(bytes((P_PERIPHERAL_ID,)) + self.ident))
         if a == A_CANCELLED:
             return self._send(block((P_CANCELLED,)))
+        if a == A_OPTIONS:
+            return [MODE | ACK]
+        if a == A_DISABLE_SESSION:
+            if not self.disable_at_end:
+                self.disable_at_end = True
+                self.funds = 0
+                self._event(EV_DISABLED)
+                if self.state == SESSION_IDLE:  # no vend in progress: ask the VMC to end it
+                    self.queue.append(block((P_SESSION_CANCEL,)))
+            return [MODE | ACK]
+        if a == A_ENABLE_SESSION:
+            self.disable_at_end = False  # the session still ends (funds are gone), in ENABLED
+            return [MODE | ACK]
         if a == A_VEND_REQ:
             self.price = (data[2] << 8) | data[3]
             self.item = (data[4] << 8) | data[5]
             self.approved = False
             self.last_result = -1
-            if self.session == 0 or self.price > self.funds:
+            if self.session == 0 or self.disable_at_end or self.price > self.funds:
                 self.state = SESSION_IDLE
                 self.queue.append(block((P_VEND_DENIED,)))
                 self._event(EV_DENIED)
+                self._cancel_if_disabled()
             else:
                 self.pending = True
                 self.since = now
@@ -429,6 +463,7 @@ class Reader:
             else:  # cancelled after approval: the VMC did not vend (spec: cancel = no vend)
                 self._event(EV_VEND_FAILURE)
             self.approved = False
+            self._cancel_if_disabled()
             return self._send(block((P_VEND_DENIED,)))
         if a == A_REPEAT:
             code = (data[0] & 7) << 4 | data[1]
@@ -448,13 +483,23 @@ class Reader:
             self.approved = False
             self.funds = 0  # one vend per session: one allowance, one drink
             self.since = now
+            self._cancel_if_disabled()  # disabled during the vend: now end the session
             return [MODE | ACK]
         if a == A_COMPLETE:
+            if self.disable_at_end:
+                self.state = DISABLED  # "enable/disable itself appropriately" (MDB 7.2.4)
             self._event(EV_SESSION_END)
             self._end()
             self._drop_queued(P_SESSION_CANCEL)
             return self._send(block((P_END_SESSION,)))
         return [MODE | ACK]
+
+    def _cancel_if_disabled(self):
+        """Back in SESSION_IDLE after a vend the VMC disabled us during: ask it to end the
+        session (SESSION CANCEL REQUEST), once."""
+        if self.disable_at_end:
+            self._drop_queued(P_SESSION_CANCEL)
+            self.queue.append(block((P_SESSION_CANCEL,)))
 
     def _drop_queued(self, code):
         self.queue = [q for q in self.queue if q[0] != code]
@@ -490,6 +535,7 @@ class Reader:
         elif a == A_DENY:
             self.pending = False
             self.queue.append(block((P_VEND_DENIED,)))
+            self._cancel_if_disabled()
         elif a in (A_REVOKE, A_TIMEOUT):
             if a == A_TIMEOUT:
                 self._event(EV_TIMEOUT)
@@ -498,6 +544,7 @@ class Reader:
                 self.pending = False
                 self.state = SESSION_IDLE
                 self.queue.append(block((P_VEND_DENIED,)))
+                self._cancel_if_disabled()
             elif self.state == SESSION_IDLE:
                 self.queue.append(block((P_SESSION_CANCEL,)))
             self.since = now

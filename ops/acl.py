@@ -12,6 +12,9 @@ explicit block binds each device to its own site.
               read    the same (to see what is retained), ccus/v1/+/+/state, ccus/v1/+/+/config/ack
     sink      read    ccus/v1/+/+/touch, ccus/v1/+/+/state, ccus/v1/+/+/config/ack
               write   ccus/v1/+/+/ack
+    console   read    ccus/v1/+/+/touch, /state, /config (device and _site), /config/ack,
+                      ccus/v1/list/#   (the operator's console, docs/console.md: read-only)
+              write   nothing
     bridge    what every device of its site may do, for all of them (ccus/v1/{site}/+/...)
 
 Anything not listed is denied; a certificate whose CN is in no block can connect but do nothing.
@@ -41,6 +44,7 @@ class Inventory:
     operators: list[str] = field(default_factory=list)
     sinks: list[str] = field(default_factory=list)
     bridges: list[str] = field(default_factory=list)  # site ids
+    consoles: list[str] = field(default_factory=list)
 
 
 def device_rules(site: str, dev: str) -> list[tuple[str, str]]:
@@ -76,6 +80,17 @@ SINK_RULES = [
 ]
 
 
+# the console (docs/console.md) reads with a plain subscription (it must see every touch without
+# taking any from the sinks' $share group: dynsec gives it the no-shared role) and writes nothing
+CONSOLE_RULES = [
+    ("read", t.every(t.TOUCH)),
+    ("read", t.every(t.STATE)),
+    ("read", t.every(t.CONFIG)),
+    ("read", t.every(t.CONFIG_ACK)),
+    ("read", t.ALL_LISTS),
+]
+
+
 def _block(user: str, rules: Iterable[tuple[str, str]]) -> list[str]:
     return [f"user {user}"] + [f"topic {access} {topic}" for access, topic in rules] + [""]
 
@@ -96,6 +111,8 @@ def render_acl(inv: Inventory, *, site: str | None = None) -> str:
         lines += _block(f"operator:{name}", OPERATOR_RULES)
     for name in sorted(set(inv.sinks)):
         lines += _block(f"sink:{name}", SINK_RULES)
+    for name in sorted(set(inv.consoles)):
+        lines += _block(f"console:{name}", CONSOLE_RULES)
     for s in sorted(set(inv.bridges)):
         if site is None or s == site:
             lines += _block(f"bridge:{s}", bridge_rules(s))
@@ -122,6 +139,7 @@ def identities(inv: Inventory, *, site: str | None = None) -> list[tuple[str, st
     out = [(dev, "device") for s, dev in sorted(set(inv.devices)) if site is None or s == site]
     out += [(f"operator:{n}", "operator") for n in sorted(set(inv.operators))]
     out += [(f"sink:{n}", "sink") for n in sorted(set(inv.sinks))]
+    out += [(f"console:{n}", "console") for n in sorted(set(inv.consoles))]
     out += [(f"bridge:{s}", "bridge") for s in sorted(set(inv.bridges))
             if site is None or s == site]
     return out

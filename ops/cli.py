@@ -53,9 +53,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                    help="re-issue: the old pair moves aside as server.old.*")
     p.set_defaults(func=one_line(_server))
 
-    p = sub.add_parser("identity", help="an operator or sink certificate")
+    p = sub.add_parser("identity", help="an operator, sink or console certificate")
     p.add_argument("--pki", required=True)
-    p.add_argument("--kind", choices=("operator", "sink"), required=True)
+    p.add_argument("--kind", choices=("operator", "sink", "console"), required=True)
     p.add_argument("--name", required=True)
     p.set_defaults(func=one_line(_identity))
 
@@ -123,6 +123,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--site", help="only this site (a site broker's ACL)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=one_line(_acl))
+
+    p = sub.add_parser("nats-auth", help="the NATS tier's TLS bundle: certs, per-identity "
+                       "permissions (auth.conf), accepted certificates (pinned.conf)")
+    p.add_argument("--pki", required=True)
+    p.add_argument("--out", required=True, help="folder for `ccus cluster up --secure`")
+    p.set_defaults(func=one_line(_nats_auth))
 
     p = sub.add_parser("broker-config", help="a broker bundle: mosquitto.conf, certs, CRL, ACL")
     p.add_argument("--place", choices=("dev", "site", "cloud"), required=True)
@@ -299,7 +305,7 @@ def _serials_of(pki: str, name: str) -> list[int]:
         data["devices"].get(name)
     if not entry:
         raise PkiError(f"no identity {name!r} in the inventory (a device id, operator:NAME, "
-                       "sink:NAME or bridge:SITE)")
+                       "sink:NAME, console:NAME or bridge:SITE)")
     return [int(s, 16) for s in entry["serials"]]
 
 
@@ -336,6 +342,14 @@ def _acl(a: argparse.Namespace) -> int:
 
     write_atomic(a.out, render_acl(InventoryFile(a.pki).inventory(), site=a.site))
     return _out({"acl": a.out})
+
+
+def _nats_auth(a: argparse.Namespace) -> int:
+    from ops.nats_auth import write_bundle
+
+    out = write_bundle(a.pki, a.out)
+    return _out({"bundle": str(out), "next": "ccus cluster up --secure BUNDLE; after any "
+                 "provisioning or revocation run this again and reload the nodes (SIGHUP)"})
 
 
 def _broker_config(a: argparse.Namespace) -> int:

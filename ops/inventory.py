@@ -17,7 +17,8 @@ from ops.acl import Inventory
 class InventoryFile:
     def __init__(self, pki_dir: str | Path) -> None:
         self.path = Path(pki_dir) / "inventory.json"
-        self.data: dict[str, Any] = {"devices": {}, "operators": {}, "sinks": {}, "bridges": {}}
+        self.data: dict[str, Any] = {"devices": {}, "operators": {}, "sinks": {}, "bridges": {},
+                                     "consoles": {}}
         if self.path.exists():
             self.data.update(json.loads(self.path.read_text()))
 
@@ -51,4 +52,4 @@ class InventoryFile:
         return Inventory(
             devices=[(e["site"], dev) for dev, e in self.data["devices"].items()],
             operators=list(self.data["operators"]), sinks=list(self.data["sinks"]),
-            bridges=list(self.data["bridges"]))
+            bridges=list(self.data["bridges"]), consoles=list(self.data["consoles"]))

@@ -6,6 +6,7 @@ Identities are certificate subjects; the broker takes the CN as the MQTT usernam
     device     CN = device id (never contains ':'),  OU = site id, SAN URI urn:ccus:{site}:{dev}
     operator   CN = operator:{name}
     sink       CN = sink:{name}
+    console    CN = console:{name}                    (the operator's console: reads only)
     bridge     CN = bridge:{site}                     (a site broker talking to the cloud)
 
 A device id can never spell another kind's CN (device ids have no ':'), so no device can
@@ -32,9 +33,10 @@ from edge.atomic import write_atomic, write_new
 from ops.errors import OpsError
 from protocol.touch import DEVICE_ID, SITE_ID
 
-KINDS = ("operator", "sink", "bridge")
+KINDS = ("operator", "sink", "console", "bridge")
 NAME = DEVICE_ID  # operator/sink names follow the device-id rule too: short and shell-safe
 CRL_DAYS = 30     # a CRL past nextUpdate makes the broker refuse everyone: reissue it monthly
+ROUTE_URI = "urn:ccus:route"  # every NATS node's route certificate (issue_route) carries it
 CRL_WARN_DAYS = 7  # `ccus ops cert status` (and the fleet view) warn this long before it lapses
 
 
@@ -127,12 +129,13 @@ class CA:
     def issue(self, out_dir: str | Path, stem: str, subject: x509.Name, *,
               san: Sequence[x509.GeneralName] = (), server: bool = False, days: int = 825,
               not_before: dt.datetime | None = None, not_after: dt.datetime | None = None,
-              force: bool = False) -> Issued:
+              force: bool = False, client_too: bool = False) -> Issued:
         """A leaf cert and its new key as {out_dir}/{stem}.crt/.key (+ ca.crt beside them).
 
         An existing pair is kept unless `force`: then it moves aside as {stem}.old.crt/.key
         (replacing an older .old pair) and stays valid until revoked. `not_before`/`not_after`
-        exist so tests can make an expired certificate.
+        exist so tests can make an expired certificate. `client_too`: a server certificate
+        that also has the clientAuth usage (a NATS node dials its peers' routes with it).
         """
         ca_key, ca_cert = self._load()
         out = Path(out_dir)
@@ -148,12 +151,13 @@ class CA:
         start = not_before or _now() - dt.timedelta(minutes=5)
         end = not_after or start + dt.timedelta(days=days)
         usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+        usages = [usage, ExtendedKeyUsageOID.CLIENT_AUTH] if server and client_too else [usage]
         builder = (x509.CertificateBuilder().subject_name(subject)
                    .issuer_name(ca_cert.subject).public_key(key.public_key())
                    .serial_number(x509.random_serial_number())
                    .not_valid_before(start).not_valid_after(end)
                    .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                   .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+                   .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
                    .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
                        ca_key.public_key()), critical=False))
         if san:
@@ -173,7 +177,7 @@ class CA:
         return self.issue(out_dir, kw.pop("stem", "device"), subject, san=san, **kw)  # type: ignore[arg-type]
 
     def issue_identity(self, out_dir: str | Path, kind: str, name: str, **kw: object) -> Issued:
-        """operator:{name}, sink:{name} or bridge:{site}."""
+        """operator:{name}, sink:{name}, console:{name} or bridge:{site}."""
         if kind not in KINDS:
             raise PkiError(f"kind must be one of {', '.join(KINDS)}")
         if kind == "bridge" and not SITE_ID.match(name):
@@ -198,6 +202,24 @@ class CA:
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
         return self.issue(out_dir, kw.pop("stem", "server"), subject, san=san, server=True,
                           **kw)  # type: ignore[arg-type]
+
+    def issue_route(self, out_dir: str | Path, names: Iterable[str], **kw: object) -> Issued:
+        """A NATS cluster node's route certificate: server and client usage, the node's names,
+        and the SAN URI ROUTE_URI, which the route listeners map to their one route user (a
+        device's URI is urn:ccus:{site}:{dev}, 14 digits in the site: never this one)."""
+        names = list(names)
+        if not names:
+            raise PkiError("a route certificate needs at least one DNS name or IP")
+        san: list[x509.GeneralName] = [x509.UniformResourceIdentifier(ROUTE_URI)]
+        for n in names:
+            try:
+                san.append(x509.IPAddress(ipaddress.ip_address(n)))
+            except ValueError:
+                san.append(x509.DNSName(n))
+        subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "route"),
+                             x509.NameAttribute(NameOID.COMMON_NAME, f"route:{names[0]}")])
+        return self.issue(out_dir, kw.pop("stem", "route"), subject, san=san, server=True,
+                          client_too=True, **kw)  # type: ignore[arg-type]
 
     # -- revocation ---------------------------------------------------------------------------
     def revoked(self) -> list[int]:

@@ -3,6 +3,7 @@
     pki/ca.key ca.crt crl.pem revoked.txt inventory.json
     pki/server/server.{crt,key}                       the cloud broker
     pki/operators/{name}/operator.{crt,key}           pki/sinks/{name}/sink.{crt,key}
+    pki/consoles/{name}/console.{crt,key}
     pki/sites/{site}/bridge/bridge.{crt,key}          the site broker's uplink identity
     pki/sites/{site}/server/server.{crt,key}          the site broker (when it has a name)
     pki/sites/{site}/devices/{dev}/device.{crt,key} + agent.toml
@@ -226,9 +227,9 @@ def revoke_device(pki: str | Path, dev: str) -> list[int]:
 
 def add_identity(pki: str | Path, kind: str, name: str, *, days: int = 825) -> Issued:
     pki = Path(pki)
-    folder = {"operator": "operators", "sink": "sinks"}.get(kind)
+    folder = {"operator": "operators", "sink": "sinks", "console": "consoles"}.get(kind)
     if folder is None:
-        raise PkiError("identity kind: operator or sink (bridges come with `site add`)")
+        raise PkiError("identity kind: operator, sink or console (bridges come with `site add`)")
     issued = CA(pki).issue_identity(pki / folder / name, kind, name, days=days)
     inv = InventoryFile(pki)
     inv.add_identity(kind, name, issued.serial)

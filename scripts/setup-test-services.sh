@@ -43,6 +43,14 @@ if ! command -v pg_ctlcluster >/dev/null 2>&1; then
         postgresql >/dev/null
 fi
 
+# the store tier's HA tests (broker/pgha.py: monitor, primary, hot standby) run pg_autoctl
+if ! command -v pg_autoctl >/dev/null 2>&1; then
+    say "installing Debian's postgresql-15-auto-failover (the store tier's failover tests)"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        postgresql-15-auto-failover >/dev/null
+fi
+
 if ! pg_isready -q -h 127.0.0.1 -p 5432; then
     version=$(ls /etc/postgresql | sort -V | tail -n 1)
     say "starting PostgreSQL $version"

@@ -5,8 +5,12 @@ What it does: the setup sequence (RESET, POLL for JUST RESET, SETUP config data,
 max/min price, EXPANSION request id, READER ENABLE), polling, selections (VEND REQUEST),
 VEND SUCCESS / FAILURE, VEND CANCEL, SESSION COMPLETE, RESET mid-vend, out-of-sequence
 commands; RET when a reply's checksum is bad, a resend when the reader NAKs or is silent.
-Profiles: `standard`, `setup_twice` (a VMC that sends SETUP config data twice, as MateDealer
-notes for a Sanden VDI 100-5), `slow` (long gaps between polls).
+Profiles (PROFILES): `standard`, `setup_twice` (a VMC that sends SETUP config data twice, as
+MateDealer notes for a Sanden VDI 100-5), `slow` (long gaps between polls, bytes of a command
+0.9 ms apart: just inside MDB's 1 ms inter-byte maximum), `fast` (the shortest timing MDB 4.2
+section 3 allows: the next command right after the reply and its ACK, no pause between polls,
+a command's bytes back to back, VEND REQUEST immediately after BEGIN SESSION; how long it keeps
+polling for a decision is the reader's announced max response time, not a poll count).
 """
 
 from __future__ import annotations
@@ -19,10 +23,13 @@ from dataclasses import dataclass, field
 
 from firmware import mdb
 
+# poll_gap: s between POLLs while waiting (None: 5 ms); byte_gap: s between the words of one
+# command; fast: poll back to back for up to the reader's max response time.
 PROFILES: dict[str, dict[str, object]] = {
-    "standard": {"setup_twice": False, "poll_gap": 0.0},
-    "setup_twice": {"setup_twice": True, "poll_gap": 0.0},
-    "slow": {"setup_twice": False, "poll_gap": 0.2},
+    "standard": {"setup_twice": False, "poll_gap": None, "byte_gap": 0.0, "fast": False},
+    "setup_twice": {"setup_twice": True, "poll_gap": None, "byte_gap": 0.0, "fast": False},
+    "slow": {"setup_twice": False, "poll_gap": 0.2, "byte_gap": 0.0009, "fast": False},
+    "fast": {"setup_twice": False, "poll_gap": 0.0, "byte_gap": 0.0, "fast": True},
 }
 
 
@@ -75,12 +82,19 @@ class InProcess:
 class PtyWire:
     """The VMC end of a pty: words in the two-byte encoding (flag, data)."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, byte_gap: float = 0.0) -> None:
         self.fd = fd
         self.dec = mdb.WordDecoder()
+        self.byte_gap = byte_gap  # set from the VMC's profile
 
     def write(self, words: list[int]) -> None:
-        os.write(self.fd, mdb.encode_words(words))
+        if not self.byte_gap or len(words) == 1:
+            os.write(self.fd, mdb.encode_words(words))
+            return
+        for i, w in enumerate(words):  # one word at a time, as a UART with gaps would
+            if i:
+                time.sleep(self.byte_gap)
+            os.write(self.fd, mdb.encode_words([w]))
 
     def read(self, timeout: float) -> list[int]:
         """Words until one with the mode bit (end of a reply) or the timeout."""
@@ -109,6 +123,12 @@ class Vmc:
     funds: int | None = None  # from BEGIN SESSION
     rets: int = 0
     resends: int = 0
+    polls: int = 0
+    max_response_s: float = 5.0  # from READER CONFIG DATA: how long a decision may take
+
+    def __post_init__(self) -> None:
+        if isinstance(self.wire, PtyWire):
+            self.wire.byte_gap = float(PROFILES[self.profile]["byte_gap"])  # type: ignore[arg-type]
 
     # ------------------------------------------------------------ one exchange
 
@@ -142,6 +162,7 @@ class Vmc:
         return self.send([0x10])
 
     def poll(self) -> Reply:
+        self.polls += 1
         r = self.send([0x12])
         if r.code == mdb.P_BEGIN_SESSION:
             self.funds = (r.data[1] << 8) | r.data[2]
@@ -159,18 +180,29 @@ class Vmc:
         cfg = self.send([0x11, 0x00, 0x01, 0x00, 0x00, 0x00])
         if twice:
             cfg = self.send([0x11, 0x00, 0x01, 0x00, 0x00, 0x00])
+        if cfg.code == mdb.P_CONFIG and len(cfg.data) >= 7 and cfg.data[6]:
+            self.max_response_s = float(cfg.data[6])
         self.send([0x11, 0x01, *mdb.u16(max_price), *mdb.u16(min_price)])
         self.send([0x17, 0x00, *b"VMC", *b"000000000001", *b"CCUS-VMC-SIM", 0, 1])
         self.send([0x14, 0x01])
         return cfg
 
     def poll_until(self, codes: tuple[int, ...], polls: int = 200) -> Reply:
-        gap = float(PROFILES[self.profile]["poll_gap"])  # type: ignore[arg-type]
+        prof = PROFILES[self.profile]
+        gap = 0.005 if prof["poll_gap"] is None else float(prof["poll_gap"])  # type: ignore[arg-type]
+        if prof["fast"]:  # back to back, for as long as the slower profiles would wait at least
+            deadline = time.monotonic() + max(polls * 0.005, self.max_response_s)
+            while time.monotonic() < deadline:
+                r = self.poll()
+                if r.code in codes:
+                    return r
+            raise VmcError(f"no poll reply in {[hex(c) for c in codes]} within "
+                           f"{max(polls * 0.005, self.max_response_s):.1f} s of back-to-back polls")
         for _ in range(polls):
             r = self.poll()
             if r.code in codes:
                 return r
-            time.sleep(gap or 0.005)
+            time.sleep(gap)
         raise VmcError(f"no poll reply in {[hex(c) for c in codes]} after {polls} polls")
 
     def vend_request(self, item: int, price: int) -> Reply:

@@ -4,7 +4,8 @@
 --board       start the simulated board (real firmware under the MicroPython unix port) with a
               scripted host on its frame link that credits each session and approves, and run
               the scenario list: setup, a dispense, a failure, a cancel, an out-of-sequence
-              command, a reset mid-vend. Prints one line per exchange.
+              command, READER DISABLE with a session open, a reset mid-vend. Prints one line
+              per scenario and the host's events.
 """
 
 import argparse
@@ -74,6 +75,7 @@ def _with_board(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="ccus-vmc-"))
     board = BoardProcess(work, uarts={"1": os.ttyname(vs)}, mdb_uart=1, wdt_ms=3000)
     stop = threading.Event()
+    th: threading.Thread | None = None
     try:
         board.start()
         link = BoardLink(board.port, ack_timeout=0.2)
@@ -110,16 +112,23 @@ def _with_board(args: argparse.Namespace) -> int:
         vmc.session_complete()
         print(f"out of sequence: {vmc.vend_success(args.item).code == mdb.P_OUT_OF_SEQUENCE}")
         vmc.poll_until((mdb.P_BEGIN_SESSION,))
+        vmc.reader_disable()  # the machine disables the reader with credit shown
+        vmc.poll_until((mdb.P_SESSION_CANCEL,))
+        ended = vmc.session_complete().code == mdb.P_END_SESSION
+        print(f"disable in session: {ended and vmc.send([0x14, 0x01]).ack}")  # enabled again
+        vmc.poll_until((mdb.P_BEGIN_SESSION,))
         vmc.vend_request(args.item, args.price)
         vmc.poll_until((mdb.P_VEND_APPROVED,))
         print(f"reset mid-vend: {vmc.reset().ack}")
         time.sleep(0.3)
-        print(f"RETs {vmc.rets}, resends {vmc.resends}")
+        print(f"RETs {vmc.rets}, resends {vmc.resends}, polls {vmc.polls}")
     except VmcError as e:
         print(f"ccus vmc: {e}", file=sys.stderr)
         return 1
     finally:
         stop.set()
+        if th is not None:
+            th.join(2)  # before the board's pty goes: the host thread reads it
         board.close()
         shutil.rmtree(work, ignore_errors=True)
         os.close(vm)

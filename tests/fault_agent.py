@@ -58,11 +58,12 @@ def idlist() -> MemoryIdList:
                          for i in range(TECHS)])
 
 
-def config(data: Path, port: int, timing: dict | None = None) -> dict:  # type: ignore[type-arg]
+def config(data: Path, port: int, timing: dict | None = None,  # type: ignore[type-arg]
+           device: str = DEVICE) -> dict:  # type: ignore[type-arg]
     """timing: [mqtt] delivery keys (short ones for the fault rounds); None: the production
     defaults of edge/config.py."""
     return {
-        "device": {"id": DEVICE, "site": SITE, "role": "gate", "data_dir": str(data)},
+        "device": {"id": device, "site": SITE, "role": "gate", "data_dir": str(data)},
         "mqtt": {"host": "127.0.0.1", "port": port, "tls": False, "keepalive_s": 5,
                  "inflight": 50, "state_interval_s": 5.0, **(timing or {})},
         "readers": [
@@ -81,6 +82,7 @@ def main() -> int:
     p.add_argument("--total", type=int, default=2000)
     p.add_argument("--rate", type=float, default=500.0, help="touches per second")
     p.add_argument("--idle", type=float, default=0.0, help="make no touches; stay up S seconds")
+    p.add_argument("--device", default=DEVICE, help="the device id (several agents at once)")
     p.add_argument("--e2e-timeout", type=float, default=3.0)
     p.add_argument("--production", action="store_true",
                    help="the production [mqtt] timing defaults, not the short test values")
@@ -90,7 +92,7 @@ def main() -> int:
     timing = None if args.production else {
         "reconnect_min_s": 0.2, "reconnect_max_s": 1.0, "reconnect_fast_max_s": 1.0,
         "ack_timeout_s": args.e2e_timeout, "ack_timeout_max_s": max(600.0, args.e2e_timeout)}
-    cfg = from_dict(config(Path(args.data), args.port, timing))
+    cfg = from_dict(config(Path(args.data), args.port, timing, args.device))
     clock = ManualClock(DAY0_MS)
     agent = Agent(cfg, clock=clock, idlist=idlist(), config_keys=[])
     agent.readers = []  # taps come from this driver, not from nfcpy

@@ -1,10 +1,11 @@
 """Helpers for the NATS cluster tests: a small MQTT 3.1.1 device that keeps every touch until
 the sink's end-to-end acknowledgement covers it, and fails over between the cluster's nodes.
 
-It stands in for the agent's 3.1.1 mode (not built yet: edge/link.py speaks MQTT 5), with the
-same delivery rules as edge/link.py: a fresh paho client per connection, the backlog replayed
-in seq order after every connect, and replayed again when no acknowledgement progresses for
-``e2e_timeout_s``. It counts as connected only once its acknowledgement subscription is granted.
+It is lighter than the agent's own 3.1.1 mode (edge/link.py, `[mqtt] protocol = "3.1.1"`,
+tested as real agent processes in tests/test_agent_311.py), with the same delivery rules: a
+fresh paho client per connection, the backlog replayed in seq order after every connect, and
+replayed again when no acknowledgement progresses for ``e2e_timeout_s``. It counts as
+connected only once its acknowledgement subscription is granted.
 
 The acknowledgement subscription is QoS 0: the sink publishes the acknowledgement from NATS,
 which reaches an MQTT subscriber as QoS 0 whatever it asked for, and on NATS a QoS 1
@@ -28,8 +29,9 @@ FAILOVER_S = 30.0  # how long a device keeps trying the other nodes after losing
 
 class Device311:
     def __init__(self, name: str, ports: list[int], first: int = 0, *,
-                 e2e_timeout_s: float = 3.0) -> None:
+                 e2e_timeout_s: float = 3.0, tls: tuple[str, str, str] | None = None) -> None:
         self.name, self.ports, self.node = name, ports, first % len(ports)
+        self.tls = tls  # (ca, cert, key): the secure cluster (tests/test_cluster_security.py)
         self.e2e_timeout_s = e2e_timeout_s
         self.acked = 0
         self.next_seq = 1
@@ -53,6 +55,8 @@ class Device311:
             port = self.ports[self.node]
             c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.name,
                             protocol=mqtt.MQTTv311, clean_session=True)
+            if self.tls:
+                c.tls_set(ca_certs=self.tls[0], certfile=self.tls[1], keyfile=self.tls[2])
             c.on_connect = self._on_connect
             c.on_subscribe = self._on_subscribe
             c.on_message = self._on_message

@@ -20,7 +20,7 @@ NOW = jst_ms(2026, 11, 30, 12)  # the receive time the tests ingest at
 
 DATA_TABLES = ("touches", "dead_letters", "work_history", "training_monthly", "training_course",
                "courses", "vending_ledger", "devices", "seq_gaps", "sites", "technicians",
-               "site_chain", "sites_unregistered")
+               "site_chain", "sites_unregistered", "touch_keys")
 
 
 def tid(i: int) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from nats_support import Device311
+from nats_support import FAILOVER_S, Device311
 
 from broker.nats import NatsCluster, Node, render_node
 from broker.procs import poll_until, wait_until
@@ -146,10 +146,15 @@ def test_kill_9_of_a_nats_node_under_load_loses_and_doubles_nothing(
     devices = [Device311(f"gate-{i:02d}", cluster.mqtt_ports, first=i) for i in range(devices_n)]
     stop = threading.Event()
     errors: list[BaseException] = []
+    connected, go = threading.Semaphore(0), threading.Event()
 
     def run(dev: Device311) -> None:
         try:
-            dev.connect()
+            # the first MQTT session on a loaded machine can take seconds (NATS creates its
+            # session state in JetStream): the kill must find every device connected and sending
+            dev.connect(timeout=FAILOVER_S)
+            connected.release()
+            go.wait()
             t0 = time.monotonic()
             while not stop.is_set():
                 if dev.next_seq <= per_device and time.monotonic() >= t0 + dev.next_seq / rate:
@@ -165,6 +170,9 @@ def test_kill_9_of_a_nats_node_under_load_loses_and_doubles_nothing(
         threads = [threading.Thread(target=run, args=(d,), daemon=True) for d in devices]
         for t in threads:
             t.start()
+        for _ in devices:
+            assert connected.acquire(timeout=2 * FAILOVER_S) and not errors, errors
+        go.set()
         time.sleep(per_device / rate / 2)             # mid-load
         killed_at = time.monotonic()
         cluster.kill(victim)
@@ -200,6 +208,7 @@ def test_kill_9_of_a_nats_node_under_load_loses_and_doubles_nothing(
         assert sink.totals.stored == devices_n * per_device     # each stored once
     finally:
         stop.set()
+        go.set()
         for d in devices:
             d.close()
         sink.stop()

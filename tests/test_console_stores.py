@@ -90,6 +90,9 @@ def test_sqlite_and_postgresql_pages_agree_with_the_report(tmp_path: Path, pg: s
         with fresh_store(kind, tmp_path, pg) as store:
             store.ingest(day_touches(), now_ms=jst_ms(2026, 11, 30, 12))
             store.import_technicians([Technician("10000000000003", "20000000000009", "山田 太郎")])
+            # technician 5 tapped out at 17:05 on the 26th and came back in at 18:00: on site
+            store.ingest([touch(99, who=5, dir="in", ts=jst_ms(2026, 11, 26, 18))],
+                         now_ms=jst_ms(2026, 11, 30, 12))
             url = store.url
             want_days = output.to_csv(shape.days_worked(store.days_worked(SITE, "2026-11")),
                                       COLUMNS["days-worked"])
@@ -99,9 +102,12 @@ def test_sqlite_and_postgresql_pages_agree_with_the_report(tmp_path: Path, pg: s
             b = web.base  # type: ignore[attr-defined]
             grid = web.open(f"{b}/sites/{SITE}/work-history.csv?month=2026-11").read()
             days = web.open(f"{b}/days-worked.csv?month=2026-11&site={SITE}").read()
-            # on site at the end of the 26th: technician 3 (no exit), by name and employer
+            # on site at the end of the 26th: technician 3 (no exit), by name and employer, and
+            # technician 5, back in since 18:00 (the store's last passage, not the work history)
             onsite = web.open(f"{b}/sites/{SITE}/onsite?day=2026-11-26").read().decode()
-            assert 'id="count">1<' in onsite and "山田 太郎" in onsite and "20000000000009" in onsite
+            assert 'id="count">2<' in onsite and "山田 太郎" in onsite and "20000000000009" in onsite
+            assert re.findall(r"<td>(\d{14})</td>.*?<td>(\d\d:\d\d)</td>", onsite) == [
+                ("10000000000003", "07:03"), ("10000000000005", "18:00")]
             for page, argv in ((f"/training.csv?month=2026-11&center={CENTER}",
                                 ["training-monthly", "--month", "2026-11", "--site", CENTER]),
                                ("/training-courses.csv", ["training-courses"])):

@@ -165,14 +165,12 @@ def test_grid_rows_escape() -> None:
 
 
 def test_on_site_now() -> None:
-    day = "2026-11-26"
-    days = [wd("1", day, jst_ms(2026, 11, 26, 8), None),                           # in, no exit
-            wd("2", day, jst_ms(2026, 11, 26, 7), jst_ms(2026, 11, 26, 17)),       # left
-            wd("3", day, None, jst_ms(2026, 11, 26, 17)),                          # no entry
-            wd("4", day, jst_ms(2026, 11, 26, 12), jst_ms(2026, 11, 26, 6)),       # exit before
-            wd("5", "2026-11-25", jst_ms(2026, 11, 25, 8), None)]                  # yesterday
-    got = views.on_site(days, SITE, day)
-    assert [(r["technician"], r["entry"]) for r in got] == [("1", "08:00"), ("4", "12:00")]
+    # the store's rows (technician, entry of the current stay), in any order: earliest first
+    rows = [("4", jst_ms(2026, 11, 26, 13)), ("1", jst_ms(2026, 11, 26, 8)),
+            ("2", jst_ms(2026, 11, 26, 8))]
+    got = views.on_site(rows)
+    assert [(r["technician"], r["entry"]) for r in got] == [("1", "08:00"), ("2", "08:00"),
+                                                            ("4", "13:00")]
 
 
 @given(st.lists(st.tuples(st.integers(0, 1000), st.integers(0, 1000), st.integers(0, 1000)),

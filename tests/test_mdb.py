@@ -144,6 +144,69 @@ def test_unacked_poll_reply_is_sent_again_at_the_next_poll():
     assert again == first
 
 
+def test_reader_disable_in_an_idle_session_ends_it_and_leaves_the_reader_disabled():
+    """MDB 4.2 7.4.12: READER DISABLE is a no-data command (ACK); the reader takes no more
+    payment: an idle session gets SESSION CANCEL REQUEST, a VEND REQUEST in it is denied, and
+    SESSION COMPLETE ends it in DISABLED (7.2.4: "enable/disable itself appropriately")."""
+    r, v, _ = _ready()
+    r.credit(3, 150, 0)
+    v.poll_until((mdb.P_BEGIN_SESSION,))
+    r.take_events()
+    assert v.reader_disable().ack  # was OUT OF SEQUENCE
+    assert r.take_events() == [(mdb.EV_DISABLED, 3, 0, 0)]
+    assert v.poll().code == mdb.P_SESSION_CANCEL
+    assert v.vend_request(1, 100).ack  # a VMC that selects anyway
+    assert v.poll().code == mdb.P_VEND_DENIED and r.approvals == 0
+    assert v.session_complete().code == mdb.P_END_SESSION
+    assert r.state == mdb.DISABLED and r.session == 0
+    assert not r.credit(4, 150, 0)  # disabled: no new session until READER ENABLE
+    assert v.send([0x14, 0x01]).ack and r.state == mdb.ENABLED
+
+
+@pytest.mark.parametrize("result", ["success", "failure"])
+def test_reader_disable_during_an_approved_vend_lets_it_finish_once(result):
+    """The vend in progress is not affected (7.4.12 NOTE): its one result is reported, then the
+    session is cancelled and ends in DISABLED; no second vend, no second result."""
+    r, v, _ = _ready()
+    r.credit(5, 150, 0)
+    v.poll_until((mdb.P_BEGIN_SESSION,))
+    v.vend_request(2, 120)
+    assert r.approve(5, 0)
+    assert v.reader_disable().ack  # before the VMC even polled the approval
+    assert v.poll().code == mdb.P_VEND_APPROVED
+    assert (v.vend_success(2) if result == "success" else v.vend_failure()).ack
+    assert v.poll().code == mdb.P_SESSION_CANCEL
+    assert v.vend_request(2, 120).ack and v.poll().code == mdb.P_VEND_DENIED
+    assert v.session_complete().code == mdb.P_END_SESSION and r.state == mdb.DISABLED
+    kinds = [e[0] for e in r.take_events()]
+    done = mdb.EV_VEND_SUCCESS if result == "success" else mdb.EV_VEND_FAILURE
+    assert kinds.count(mdb.EV_VEND_SUCCESS) + kinds.count(mdb.EV_VEND_FAILURE) == 1
+    assert done in kinds and r.approvals == 1
+
+
+def test_reader_disable_while_a_request_waits_for_the_host():
+    """A request the host has not decided is a transaction in progress: the host's decision
+    still counts; then the session is cancelled."""
+    r, v, _ = _ready()
+    r.credit(6, 150, 0)
+    v.poll_until((mdb.P_BEGIN_SESSION,))
+    v.vend_request(2, 120)
+    assert v.reader_disable().ack
+    assert r.deny(6, 0)
+    assert v.poll().code == mdb.P_VEND_DENIED
+    assert v.poll().code == mdb.P_SESSION_CANCEL
+    assert v.session_complete().code == mdb.P_END_SESSION and r.state == mdb.DISABLED
+
+
+def test_reader_enable_in_a_disabled_session_ends_it_enabled():
+    r, v, _ = _ready()
+    r.credit(7, 150, 0)
+    v.poll_until((mdb.P_BEGIN_SESSION,))
+    assert v.reader_disable().ack and v.send([0x14, 0x01]).ack
+    v.poll_until((mdb.P_SESSION_CANCEL,))
+    assert v.session_complete().code == mdb.P_END_SESSION and r.state == mdb.ENABLED
+
+
 def test_foreign_addresses_get_no_answer():
     r, _, _ = _ready()
     assert r.word(mdb.MODE | 0x08, 0) == [] and r.word(0x08, 0) == []  # coin changer POLL
@@ -188,6 +251,8 @@ def test_reader_never_crashes_never_approves_unasked_never_reports_twice(steps):
                 cmds = READY
             else:
                 cmds = [[0x13, 0, *mdb.u16(arg), 0, 1], [0x12]]
+            # READER DISABLE came in this session, and this request is a new one
+            disabled_before = r.disable_at_end and r.state == mdb.SESSION_IDLE
             for c in cmds:
                 reply: list[int] = []
                 for w in mdb.command_words(c):
@@ -200,6 +265,8 @@ def test_reader_never_crashes_never_approves_unasked_never_reports_twice(steps):
                         assert r.session in credits and approvals_asked > 0
                         assert (reply[1] << 8 | reply[2]) <= 150  # never above the funds
                         approved_seen += 1
+            if kind == "sale" and disabled_before:
+                assert not r.pending and not r.approved  # asked after a disable: denied
         elif kind in ("ctl", "raw"):
             r.word(arg, now)
         elif kind == "host":
@@ -336,6 +403,61 @@ def test_host_failure_cancel_timeout_reset(tmp_path, how, final):
     assert ctl.remaining("T1") == (1 if final == tx.RELEASED else 0)
 
 
+@pytest.mark.parametrize("when", ["idle", "approved_success", "approved_failure"])
+def test_host_reader_disable_in_a_session(tmp_path, when):
+    """Idle session: the reservation is released at once (nothing can be approved in it any
+    more). Approved vend: its own result settles it (commit once / release), never both."""
+    r, vmc, ch, ctl = _host(tmp_path)
+    res = ctl.reserve("T1")
+    ch.open(res)
+    vmc.poll_until((mdb.P_BEGIN_SESSION,))
+    if when == "idle":
+        vmc.reader_disable()
+        ch.poll()
+        assert ctl.journal.get(res.vend_id).state == tx.RELEASED and ctl.remaining("T1") == 1
+        vmc.poll_until((mdb.P_SESSION_CANCEL,))
+        vmc.session_complete()
+    else:
+        vmc.vend_request(item=2, price=100)
+        ch.poll()
+        vmc.reader_disable()
+        vmc.poll_until((mdb.P_VEND_APPROVED,))
+        ch.poll()
+        assert ctl.journal.get(res.vend_id).state == tx.VENDING  # the disable changed nothing
+        vmc.vend_success(2) if when == "approved_success" else vmc.vend_failure()
+        vmc.poll_until((mdb.P_SESSION_CANCEL,))
+        vmc.session_complete()
+    ch.poll()
+    final = tx.COMMITTED if when == "approved_success" else tx.RELEASED
+    assert ctl.journal.get(res.vend_id).state == final and r.state == mdb.DISABLED
+    assert len(ctl.billable()) == (1 if final == tx.COMMITTED else 0)
+    assert ctl.anomalies == []
+
+
+@pytest.mark.parametrize("state, result, same, final", [
+    (frame.J_DONE, frame.R_DISPENSED, True, tx.COMMITTED),  # the board saw VEND SUCCESS
+    (frame.J_DONE, frame.R_NO_DROP, True, tx.RELEASED),  # VEND FAILURE / CANCEL after approval
+    (frame.J_DONE, frame.R_INTERRUPTED, True, tx.INDETERMINATE),  # the VMC reset mid-vend
+    (frame.J_IN_PROGRESS, frame.R_NONE, True, tx.INDETERMINATE),  # the board reset mid-vend
+    (frame.J_DONE, frame.R_DISPENSED, False, tx.INDETERMINATE),  # another vend: ask the board
+])  # fmt: skip
+def test_host_board_boot_settles_from_the_boards_journal(tmp_path, state, result, same, final):
+    from edge.board import BootNotice
+
+    r, vmc, ch, ctl = _host(tmp_path)
+    res = ctl.reserve("T1")
+    ch.open(res)
+    vmc.poll_until((mdb.P_BEGIN_SESSION,))
+    vmc.vend_request(item=2, price=100)
+    ch.poll()
+    assert ctl.journal.get(res.vend_id).state == tx.VENDING
+    vid = res.vend_id if same else res.vend_id + 7
+    ch._on_boot(BootNotice(0, 1, 2, vid, 2, state, result, 0.0))
+    assert ctl.journal.get(res.vend_id).state == final
+    assert ch._reconcile_due == (final == tx.INDETERMINATE)
+    assert len(ctl.billable()) == (1 if final == tx.COMMITTED else 0)
+
+
 def test_host_denies_a_request_whose_reservation_is_gone(tmp_path):
     r, vmc, ch, ctl = _host(tmp_path)
     res = ctl.reserve("T1")
@@ -376,7 +498,8 @@ def test_silent_board_releases_the_reservation(tmp_path):
 HOST_STEP = st.one_of(
     st.tuples(st.just("tap"), st.just(0)),
     st.tuples(st.just("vmc"), st.sampled_from(
-        ["poll", "req", "req_dear", "success", "failure", "cancel", "complete", "reset", "setup"])),
+        ["poll", "req", "req_dear", "success", "failure", "cancel", "complete", "reset", "setup",
+         "disable", "enable"])),
     st.tuples(st.just("tick"), st.integers(0, 70000)),
     st.tuples(st.just("host"), st.just(0)),
 )  # fmt: skip
@@ -416,6 +539,10 @@ def test_host_books_never_commit_without_a_vend_success_and_never_twice(tmp_path
                     vmc.session_complete()
                 elif arg == "reset":
                     vmc.reset()
+                elif arg == "disable":
+                    vmc.reader_disable()
+                elif arg == "enable":
+                    vmc.send([0x14, 0x01])
                 else:
                     vmc.setup()
             elif kind == "tick":

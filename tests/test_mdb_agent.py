@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import tty
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from vending import transaction as tx
 from vending.role import VendingRole
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mdb_agent import CARD, build  # noqa: E402
+from mdb_agent import CARD, TECH, build  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 HERE = Path(__file__).resolve().parent
@@ -101,36 +102,77 @@ def test_mdb_tap_is_one_touch_with_item_and_price(machine):
         agent.outbox.close()
 
 
-def test_agent_killed_mid_vend_is_indeterminate_never_billed_never_twice(machine, tmp_path):
+# where the agent dies (SIGKILL) -> what the VMC does while it is dead -> the books after the
+# restart: the board's journal settles what it saw, only a truly unknown outcome stays open
+KILL_POINTS = {
+    "session_open": ("nothing", tx.RELEASED),  # no VEND REQUEST yet: never approved
+    "approved_then_success": ("success", tx.COMMITTED),  # the board journaled VEND SUCCESS
+    "approved_then_failure": ("failure", tx.RELEASED),  # the board journaled VEND FAILURE
+    "approved_vmc_reset": ("reset", tx.INDETERMINATE),  # the VMC itself lost the outcome
+    "approved_still_vending": ("later", tx.COMMITTED),  # result after the restart: late report
+}
+
+
+@pytest.mark.parametrize("point", sorted(KILL_POINTS))
+def test_agent_killed_mid_vend_settled_from_the_board_journal(machine, tmp_path, point):
+    """The agent is SIGKILLed at each point of a vend; at its restart the vend is settled as the
+    pulse path settles one (the board's journal answers the query), never billed without the
+    VMC's VEND SUCCESS, never a second drink on the allowance."""
     board, vmc, cfg = machine
+    vmc_does, final = KILL_POINTS[point]
     cfile = tmp_path / "agent.json"
     cfile.write_text(json.dumps(cfg))
     proc = subprocess.Popen([sys.executable, str(HERE / "mdb_agent.py"), str(cfile)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         vmc.poll_until((mdb.P_BEGIN_SESSION,), polls=4000)
-        vmc.vend_request(item=5, price=120)
-        vmc.poll_until((mdb.P_VEND_APPROVED,))
-        proc.send_signal(signal.SIGKILL)  # the agent dies while the can falls
+        if point != "session_open":
+            vmc.vend_request(item=5, price=120)
+            vmc.poll_until((mdb.P_VEND_APPROVED,))
+        proc.send_signal(signal.SIGKILL)  # the agent dies (while the can falls)
         proc.wait(10)
-        assert vmc.vend_success(5).ack  # the VMC vended and says so; nobody on the host hears
-        vmc.session_complete()
+        if vmc_does == "success":
+            assert vmc.vend_success(5).ack  # the VMC vended and says so; no host hears it
+            vmc.session_complete()
+        elif vmc_does == "failure":
+            assert vmc.vend_failure().ack
+            vmc.session_complete()
+        elif vmc_does == "reset":
+            assert vmc.reset().ack
+            vmc.setup()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
     agent = build(cfg)  # the restart
-    agent.plugin.start()  # recover(): the vending row becomes indeterminate
+    agent.plugin.start()  # recover(): journal.recover, then the board's journal is asked
     try:
         ctl = agent.plugin.ctl
-        assert [o.state for o in ctl.unresolved()] == [tx.INDETERMINATE]
-        assert ctl.billable() == []  # nothing billed that nobody saw dispensed
-        assert ctl.remaining("10000000000001") == 0  # and no second drink on this allowance
+        vid = 1
+        if vmc_does == "later":
+            assert ctl.journal.get(vid).state == tx.INDETERMINATE  # the board: still running
+            assert vmc.vend_success(5).ack
+            vmc.session_complete()
+            deadline = time.monotonic() + 15
+            while ctl.journal.get(vid).state != final and time.monotonic() < deadline:
+                time.sleep(0.1)  # the role's idle poll takes the VMC's late report
+        elif vmc_does == "nothing":  # the VMC selects in the stale session: the new agent denies
+            vmc.vend_request(item=5, price=120)
+            assert vmc.poll_until((mdb.P_VEND_APPROVED, mdb.P_VEND_DENIED),
+                                  polls=2000).code == mdb.P_VEND_DENIED
+            vmc.session_complete()
+        rec = ctl.journal.get(vid)
+        assert rec.state == final, (rec, ctl.anomalies)
+        assert len(ctl.billable()) == (1 if final == tx.COMMITTED else 0)
+        assert ctl.remaining(TECH) == (1 if final == tx.RELEASED else 0)
+        assert [o.vend_id for o in ctl.unresolved()] == ([vid] if final == tx.INDETERMINATE else [])
         from edge.decision import CardRead
         from protocol.touch import CardTech
 
-        again = agent.handle_read(agent.cfg.readers[0], CardRead(CARD, CardTech.FELICA))
-        assert again is not None and again.reason == Reason.LIMIT_REACHED
+        if final != tx.RELEASED:  # held or used: no second drink on this allowance
+            agent.clock.advance(60_000)  # type: ignore[attr-defined]
+            again = agent.handle_read(agent.cfg.readers[0], CardRead(CARD, CardTech.FELICA))
+            assert again is not None and again.reason == Reason.LIMIT_REACHED
     finally:
         agent.plugin.stop()
         agent.outbox.close()

@@ -60,9 +60,11 @@ def scratch(touches: list[Touch], rules: list[SiteRule], policy: Policy, now: in
         cut = cut_for(sites.get(t.site), t.ts_ms, t.role.value, policy.cut_hour)
         day = work_day(t.ts_ms, cut)
         if t.role.value == "gate" and t.tid:
-            row = wh.setdefault((t.tid, t.site, day), [None, None, 0, cut])
+            # first entry, last exit, taps, cut, last entry (work_history's column order)
+            row = wh.setdefault((t.tid, t.site, day), [None, None, 0, cut, None])
             if t.facts.get("dir") == "in":
                 row[0] = t.ts_ms if row[0] is None else min(row[0], t.ts_ms)  # type: ignore[type-var]
+                row[4] = t.ts_ms if row[4] is None else max(row[4], t.ts_ms)  # type: ignore[type-var]
             if t.facts.get("dir") == "out":
                 row[1] = t.ts_ms if row[1] is None else max(row[1], t.ts_ms)  # type: ignore[type-var]
             row[2] += 1  # type: ignore[operator]
@@ -344,3 +346,37 @@ def test_any_text_as_a_registry_csv_is_rows_or_one_csv_error(text: str) -> None:
             parse(SITE_CSV_HEAD + text if parse is parse_sites else text)
         except CsvError as exc:
             assert str(exc).startswith("line ")
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_a_machine_without_its_own_contractor_bills_the_sites_main_contractor(
+        kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """`ccus ops site add` writes no `[vending] contractor`: the bill goes to the main contractor
+    of the site's registry row in force that day, the machine's own setting wins, and a registry
+    change of the main contractor (or a site registered after its drinks) re-derives the bill."""
+    url = request.getfixturevalue("pg_url") if kind == "postgres" else None
+    other, own = "20000000000002", "20000000000009"
+
+    def vend(seq: int, device: str, day: int, **facts: str) -> Touch:
+        return touch(seq, device=device, site=DAY_SITE, role="vending", who=seq,
+                     ts=jst_ms(2026, 11, day, 12), facts={"slot": "3", "result": "dispensed", **facts})
+
+    def bill(s: Store) -> list[tuple[str, str, int]]:
+        return sorted((r.contractor, r.device, r.dispensed) for r in s.vending_ledger("2026-11"))
+
+    with fresh_store(kind, tmp_path, url) as s:
+        s.ingest([vend(1, "vend-a", 10), vend(2, "vend-a", 24), vend(1, "vend-b", 10, contractor=own)],
+                 now_ms=NOW)
+        # before the site is registered nobody is known to pay for vend-a's drinks
+        assert bill(s) == [("", "vend-a", 2), (own, "vend-b", 1)]
+        s.import_sites([RULES[0]])
+        assert bill(s) == [(MAIN, "vend-a", 2), (own, "vend-b", 1)]
+        assert [r.contractor for r in s.vending_ledger("2026-11", MAIN)] == [MAIN]
+        # from the 20th another main contractor takes the site over: the drink of the 24th is theirs
+        res = s.import_sites([SiteRule(DAY_SITE, "日勤現場", "site", "東京都", other, 4, "2026-11-20")])
+        assert res.sites == (DAY_SITE,)
+        assert bill(s) == [(MAIN, "vend-a", 1), (other, "vend-a", 1), (own, "vend-b", 1)]
+        s.ingest([vend(3, "vend-a", 25)], now_ms=NOW)          # live, after the change
+        assert bill(s) == [(MAIN, "vend-a", 1), (other, "vend-a", 2), (own, "vend-b", 1)]
+        assert s.rederive_all() and bill(s) == [(MAIN, "vend-a", 1), (other, "vend-a", 2),
+                                                 (own, "vend-b", 1)]

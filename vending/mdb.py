@@ -12,13 +12,22 @@ pulse channel (vending/transaction.py); only the mapping of channel events to ta
 | vend_failure               | vending           | not_dispensed    | - |
 | vend_cancel / denied       | vending           | not_dispensed    | - |
 | session_end / timeout / reset (no vend approved) | reserved | cancel / timeout | - |
+| disabled (READER DISABLE in the session) | reserved | cancel           | - |
 | reset_mid_vend (VMC reset after VEND APPROVED)   | vending  | interrupted -> indeterminate | - |
-| board BOOT (board reset)   | vending            | interrupted      | - |
+| board BOOT, its journal: this vend done, dispensed / not | vending | confirmed / not_dispensed | - |
+| board BOOT (board reset), anything else | vending | interrupted, then a query | - |
 | serve() wait over, reader silent | reserved     | timeout          | revoke |
-| host restart               | vending / reserved | power_loss (journal.recover) | - |
+| host restart               | vending / reserved | power_loss (journal.recover), then a query | - |
+| query: dispensed (board journal) | indeterminate | confirmed        | - |
+| query: no_drop / not_started | indeterminate     | not_dispensed    | - |
+| query: interrupted / forgotten / none (still running) | indeterminate | - (stays) | - |
 
-Rule: `start` is journaled before the approval leaves the host, so a drink the VMC vends is
-always at least `vending` (indeterminate after a crash), never silently released.
+Rules: `start` is journaled before the approval leaves the host, and the board journals the
+vend (firmware/vend_mdb.py) before its reader queues VEND APPROVED and the VMC's result before
+it tells the host. So after any crash the board's journal answers as on the pulse path: the
+VMC's report if the board saw it, "not started" if the board never approved the vend (then no
+drink can have come out), "interrupted" if the board reset mid-vend (truly unknown: held for an
+operator, never billed, never given again).
 """
 
 from __future__ import annotations
@@ -48,6 +57,9 @@ EVENT_TABLE: dict[int, tuple[tuple[str, ...], str]] = {
     wire.EV_RESET: ((tx.RESERVED, tx.VENDING), tx.CANCEL),  # VENDING here: never approved
     wire.EV_RESET_MID_VEND: ((tx.VENDING,), tx.INTERRUPTED),
     wire.EV_REFUSED: ((tx.RESERVED,), tx.CANCEL),
+    # READER DISABLE in a session: the reader approves nothing more in it, so a reservation
+    # not yet asked for is given back now; a vend already asked for runs to its result
+    wire.EV_DISABLED: ((tx.RESERVED,), tx.CANCEL),
 }
 # (CANCEL on a VENDING row, a reset or refusal before the reader approved, is not in the
 # transaction table: it is applied as not_dispensed, which releases the same way.)
@@ -83,6 +95,7 @@ class MdbChannel:  # implements vending.channel.VendChannel
         self.anomalies = ctl.anomalies
         self._pulse_on_boot = board.on_boot  # the pulse channel's handler (same board)
         board.on_boot = self._on_boot
+        self._reconcile_due = False  # a BOOT made vends indeterminate: ask the board's journal
 
     def start(self) -> None:
         """Before the first session: take what the port already holds (a BOOT notice sent
@@ -91,7 +104,10 @@ class MdbChannel:  # implements vending.channel.VendChannel
         denied: a lost tap, never an unbilled drink.)"""
         for _ in range(3):
             self.board.pump(0.05)
-        self.board.take_mdb_events()  # reports about sessions of a previous run: journal has them
+        # reports about sessions of a previous run (sent while no host listened): the table
+        # applies only what fits the journal row (a VEND SUCCESS settles an indeterminate vend)
+        for ev in self.board.take_mdb_events():
+            self.handle(*ev)
 
     # ------------------------------------------------------------ session
 
@@ -149,6 +165,9 @@ class MdbChannel:  # implements vending.channel.VendChannel
         self.board.pump(wait)
         for ev in self.board.take_mdb_events():
             self.handle(*ev)
+        if self._reconcile_due:
+            self._reconcile_due = False
+            self.ctl.reconcile()  # the live board's journal: settles what it knows
 
     def handle(self, kind: int, vid: int, item: int, price: int, state: int) -> None:
         try:
@@ -182,16 +201,30 @@ class MdbChannel:  # implements vending.channel.VendChannel
             self.anomalies.append(f"mdb op {op} for vend {vid}: {e}")
 
     def _on_boot(self, notice: BootNotice) -> None:
-        """The board reset: its reader forgot every session. A vend in progress is unknown.
-        `reserved` rows are left alone: the notice may be an old one (sent before the credit),
-        and a reserved row can never have been approved (START comes first); a reader that
-        really lost the session refuses or times out, and serve() releases it."""
+        """The board reset: its reader forgot every session. The notice carries its journal's
+        last vend: if that is a `vending` row and the board saw the VMC's result, that settles
+        it. Any other `vending` row is interrupted (indeterminate) and the board's journal is
+        asked at the next poll(). `reserved` rows are left alone: the notice may be an old one
+        (sent before the credit), and a reserved row can never have been approved (START comes
+        first); a reader that really lost the session refuses or times out, and serve()
+        releases it."""
         if self._pulse_on_boot is not None:
             self._pulse_on_boot(notice)
         for rec in self.ctl.journal.in_state(tx.VENDING):
-            if rec.scope == self.ctl.scope:
+            if rec.scope != self.ctl.scope:
+                continue
+            known = (notice is not None and notice.last_vend_id == rec.vend_id
+                     and notice.last_state == frame.J_DONE)
+            if known and notice.last_result == frame.R_DISPENSED:
+                self._apply(rec.vend_id, tx.CONFIRMED, reason="mdb board journal: vend_success",
+                            board_result=frame.R_DISPENSED)
+            elif known and notice.last_result == frame.R_NO_DROP:
+                self._apply(rec.vend_id, tx.NOT_DISPENSED, reason="mdb board journal: not vended",
+                            board_result=frame.R_NO_DROP)
+            else:
                 self._apply(rec.vend_id, tx.INTERRUPTED, reason="board reset during an MDB vend",
                             board_result=frame.R_INTERRUPTED)
+                self._reconcile_due = True
 
     def _apply(self, vid: int, event: str, **kw: object) -> None:
         try:

@@ -52,9 +52,9 @@ class VendingRole:
 
     def start(self) -> None:
         with self._lock:
-            # an MDB vend is not in the board's pulse journal: a query would answer "not
-            # started" and release a drink the VMC may have vended (tests/test_mdb_agent.py)
-            for out in self.ctl.recover(ask_board=self.mdb is None):
+            # both channels: the board's flash journal answers for the vend a restart left
+            # open (an MDB vend is journaled there before the reader approves it)
+            for out in self.ctl.recover():
                 log.warning("vend %d left open by a restart: %s", out.vend_id, out.result)
             if self.mdb is not None:
                 self.mdb.start()

@@ -2,7 +2,10 @@
 
 On ingest the batch's `stage` table holds only the touches this transaction newly stored
 (repeats are removed before anything counts), so:
-- work history is folded in: MIN entry, MAX exit and taps added to the day's row. Each touch is
+- work history is folded in: MIN entry, MAX exit, MAX entry (`last_in_ms`: with the last exit it
+  gives the day's last passage, which "on site now" reads) and taps added to the day's row. All
+  are by the touch's own time, never arrival: a late entry folded after its exit lands in place.
+  Each touch is
   new exactly once, so replaying, reordering or re-batching gives the same rows, and a batch
   writes only today's rows instead of re-reading every touch of each day it names;
 - the training and vending tables (COUNT DISTINCT persons cannot be folded) are recomputed from
@@ -21,16 +24,17 @@ range) never count.
 _WH_WHERE = ("role='gate' AND decision='allow' AND flag IS NULL AND tid IS NOT NULL"
              " AND dir IS NOT NULL")
 _WH = f"""
-INSERT INTO work_history (tid, site, work_day, first_in_ms, last_out_ms, taps, cut_hour)
+INSERT INTO work_history (tid, site, work_day, first_in_ms, last_out_ms, taps, cut_hour, last_in_ms)
 SELECT tid, site, work_day, MIN(CASE WHEN dir='in' THEN ts_ms END),
-       MAX(CASE WHEN dir='out' THEN ts_ms END), COUNT(*), MAX(cut_hour)
+       MAX(CASE WHEN dir='out' THEN ts_ms END), COUNT(*), MAX(cut_hour),
+       MAX(CASE WHEN dir='in' THEN ts_ms END)
 FROM {{source}} WHERE {_WH_WHERE}{{scope}}
 GROUP BY site, work_day, tid
 ON CONFLICT (site, work_day, tid) DO UPDATE SET {{merge}}
 """
 # full recomputation: the row is replaced
 _WH_REPLACE = ("first_in_ms=excluded.first_in_ms, last_out_ms=excluded.last_out_ms,"
-               " taps=excluded.taps, cut_hour=excluded.cut_hour")
+               " taps=excluded.taps, cut_hour=excluded.cut_hour, last_in_ms=excluded.last_in_ms")
 # folding new touches in; a NULL on either side (no entry, no exit yet) keeps the other side
 _WH_FOLD = """first_in_ms=CASE WHEN work_history.first_in_ms IS NULL
         OR excluded.first_in_ms < work_history.first_in_ms
@@ -38,6 +42,9 @@ _WH_FOLD = """first_in_ms=CASE WHEN work_history.first_in_ms IS NULL
     last_out_ms=CASE WHEN work_history.last_out_ms IS NULL
         OR excluded.last_out_ms > work_history.last_out_ms
         THEN excluded.last_out_ms ELSE work_history.last_out_ms END,
+    last_in_ms=CASE WHEN work_history.last_in_ms IS NULL
+        OR excluded.last_in_ms > work_history.last_in_ms
+        THEN excluded.last_in_ms ELSE work_history.last_in_ms END,
     taps=work_history.taps + excluded.taps,
     cut_hour=CASE WHEN work_history.cut_hour IS NULL OR excluded.cut_hour > work_history.cut_hour
         THEN excluded.cut_hour ELSE work_history.cut_hour END"""
@@ -66,14 +73,23 @@ ON CONFLICT (site, course) DO UPDATE SET persons=excluded.persons, touches=exclu
 _VL_WHERE = ("role='vending' AND flag IS NULL"
              " AND result IN ('dispensed', 'failed', 'indeterminate')")
 _VL_SCOPE = f" AND (device, month) IN (SELECT device, month FROM stage WHERE {_VL_WHERE})"
+# Who pays: the machine's own `[vending] contractor` when its touch names one, else the main
+# contractor of the site's registry row in force on the touch's work day (the first row before
+# any is in force, as registry.rule_on), else '' (reported as "unknown"). A registry change of a
+# site's main contractor re-derives that site (store import_sites).
+_PAYER = """COALESCE(contractor,
+    (SELECT s.main_contractor FROM sites s WHERE s.site = touches.site
+     AND s.valid_from <= touches.work_day ORDER BY s.valid_from DESC LIMIT 1),
+    (SELECT s.main_contractor FROM sites s WHERE s.site = touches.site
+     ORDER BY s.valid_from LIMIT 1), '')"""
 _VL = f"""
 INSERT INTO vending_ledger (device, site, contractor, month, dispensed, failed, indeterminate)
-SELECT device, site, COALESCE(contractor, ''), month,
+SELECT device, site, {_PAYER}, month,
        COUNT(CASE WHEN result='dispensed' THEN 1 END),
        COUNT(CASE WHEN result='failed' THEN 1 END),
        COUNT(CASE WHEN result='indeterminate' THEN 1 END)
 FROM touches WHERE {_VL_WHERE}{{scope}}
-GROUP BY device, site, COALESCE(contractor, ''), month
+GROUP BY device, site, 3, month
 ON CONFLICT (device, site, contractor, month) DO UPDATE SET dispensed=excluded.dispensed,
     failed=excluded.failed, indeterminate=excluded.indeterminate
 """
@@ -83,7 +99,7 @@ _RECOMPUTED = ((_TM, _TM_SCOPE), (_TC, _TC_SCOPE), (_VL, _VL_SCOPE))
 # every derived table with its columns in one order on both backends (a migration may have
 # added a column at the end on one and rebuilt the table on the other)
 DERIVED_COLUMNS = {
-    "work_history": "tid, site, work_day, first_in_ms, last_out_ms, taps, cut_hour",
+    "work_history": "tid, site, work_day, first_in_ms, last_out_ms, taps, cut_hour, last_in_ms",
     "training_monthly": "site, month, persons, touches",
     "training_course": "site, course, persons, touches",
     "vending_ledger": "device, site, contractor, month, dispensed, failed, indeterminate",

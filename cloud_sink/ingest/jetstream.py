@@ -18,6 +18,9 @@ Rules of this file:
   receive it (QoS 0 delivery), but it is NOT retained (a retained MQTT message is only made by
   an MQTT publisher on NATS 2.9). A device that missed one replays its unacknowledged touches
   on reconnect or after its e2e timeout; a repeat is acknowledged again (cloud_sink.acks).
+- ``tls``: the CA, certificate and key of a ``sink:{name}`` identity; the secure cluster
+  (``ccus cluster up --secure``) maps the certificate to the sink's NATS user, whose
+  permissions allow exactly this stream's JetStream API, the touch subjects and the acks.
 - One batch at a time (no pipelining yet); a writer that dies is started again and given the
   same batch; a store error is retried inside the writer; NATS errors are retried here.
 """
@@ -26,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -33,6 +37,7 @@ from typing import Any
 
 from cloud_sink.errors import SinkError
 from cloud_sink.ingest.pipe import frame, read_frame, start_writer, stop_writer
+from cloud_sink.ingest.receiver import TlsFiles
 from cloud_sink.model import BATCH_MAX, IngestResult, Policy
 from protocol import topics
 from protocol.ack import encode_ack
@@ -110,8 +115,10 @@ class JetStreamSink:
 
     def __init__(self, store: Any, servers: list[str], *, group: str = "sink",
                  client_id: str = "sink-1", batch_max: int = BATCH_MAX, replicas: int = 3,
-                 on_batch: Callable[[IngestResult], None] | None = None) -> None:
+                 on_batch: Callable[[IngestResult], None] | None = None,
+                 tls: TlsFiles | None = None) -> None:
         self.servers, self.group, self.client_id = servers, group, client_id
+        self.tls = tls
         self.url: str = store.url
         self.policy: Policy = store.policy
         self.batch_max, self.replicas, self.on_batch = batch_max, replicas, on_batch
@@ -163,7 +170,11 @@ class JetStreamSink:
         async def on_reconnected() -> None:
             log.info("sink: NATS connected to %s", nc.connected_url.netloc if nc.connected_url else "?")
 
-        nc = await nats.connect(servers=self.servers, name=self.client_id,
+        ctx = None
+        if self.tls is not None:
+            ctx = ssl.create_default_context(cafile=self.tls.ca)
+            ctx.load_cert_chain(self.tls.cert, self.tls.key)
+        nc = await nats.connect(servers=self.servers, name=self.client_id, tls=ctx,
                                 max_reconnect_attempts=-1, reconnect_time_wait=0.25,
                                 connect_timeout=2, ping_interval=2, max_outstanding_pings=2,
                                 error_cb=on_error, disconnected_cb=on_disconnected,

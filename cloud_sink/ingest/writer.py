@@ -8,8 +8,9 @@ Rules of this file:
 - One transaction a batch (store.ingest_rows, or store.ingest with Touches when the policy
   requires registered devices). A batch the store refuses for its data is halved until the
   refused touches stand alone (cloud_sink.isolate); any other store error (the store is down)
-  is retried every second, never fatal; the writer gives up only when the receiving process
-  is gone (its broker session redelivers).
+  is retried every second, never fatal (a StoreError, such as a PostgreSQL connection lost
+  in a failover, is logged as one line; anything else with its traceback); the writer gives
+  up only when the receiving process is gone (its broker session redelivers).
 - After the commit it feeds the acknowledgement ledger (cloud_sink.acks) the keys written,
   and the device touches kept as dead letters (cloud_sink.deadletters), and answers with the
   counts and the acknowledgements to publish.
@@ -33,7 +34,7 @@ from cloud_sink.derive.rows import Row, touch_row
 from cloud_sink.ingest.fastpath import fast_row
 from cloud_sink.ingest.pipe import ANNOUNCE, frame, read_frame
 from cloud_sink.isolate import write_isolating
-from cloud_sink.model import DeadLetter, Policy
+from cloud_sink.model import DeadLetter, Policy, StoreError
 from cloud_sink.store import open_store
 from cloud_sink.validate import validate
 
@@ -113,9 +114,13 @@ def serve(sock: socket.socket, url: str, policy: Policy, level: int) -> None:
                     opened = ledger.gaps_opened
                     acks = ledger.observe(keys)  # type: ignore[arg-type]
                     break
-                except Exception:  # noqa: BLE001 - the store is down or refused: keep the batch
-                    log.exception("sink: storing a batch of %d failed; retrying in 1 s",
-                                  len(items))
+                except Exception as exc:  # noqa: BLE001 - the store is down or refused: keep it
+                    if isinstance(exc, StoreError):  # expected (the store is away): one line
+                        log.warning("sink: storing a batch of %d failed: %s; retrying in 1 s",
+                                    len(items), exc)
+                    else:
+                        log.exception("sink: storing a batch of %d failed; retrying in 1 s",
+                                      len(items))
                     time.sleep(1.0)
                     if os.getppid() != parent:
                         return  # the receiving process is gone; its broker session redelivers
@@ -141,8 +146,13 @@ def _announce(sock: socket.socket, batch_id: int, ledger: AckLedger, parent: int
         try:
             acks = ledger.current()
             break
-        except Exception:  # noqa: BLE001 - the store is down: retry, as a batch would
-            log.exception("sink: reading the devices' acknowledgements failed; retrying in 1 s")
+        except Exception as exc:  # noqa: BLE001 - the store is down: retry, as a batch would
+            if isinstance(exc, StoreError):
+                log.warning("sink: reading the devices' acknowledgements failed: %s; retrying"
+                            " in 1 s", exc)
+            else:
+                log.exception("sink: reading the devices' acknowledgements failed; retrying in"
+                              " 1 s")
             time.sleep(1.0)
             if os.getppid() != parent:
                 return False

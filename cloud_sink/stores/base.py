@@ -82,6 +82,7 @@ class SqlStore:
     """The Store protocol on a DB-API connection; subclasses fill in the dialect."""
 
     url: str
+    _KEYS = "touches"  # the table of stored (device, seq): PostgreSQL keeps them apart
 
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
@@ -107,6 +108,9 @@ class SqlStore:
 
     def _before_derive(self) -> None:
         """Called in the write transaction just before the derivation statements."""
+
+    def _before_moving(self, months: set[str]) -> None:
+        """In the write transaction, before re-cut touches move to these months."""
 
     def _registry_lock(self, exclusive: bool) -> None:
         """In the write transaction: a batch holds the registry shared, a change exclusively
@@ -268,6 +272,7 @@ class SqlStore:
                 res.admitted += bool(flag and not f)
                 res.newly_flagged += bool(f and not flag)
             res.still_flagged += bool(f and flag)
+        self._before_moving({c[1] for c in changes if c[1]})
         self._many("UPDATE touches SET work_day=?, month=?, cut_hour=?, flag=?"
                    " WHERE device=? AND seq=?", changes)
         return res
@@ -304,13 +309,14 @@ class SqlStore:
         return res
 
     def import_sites(self, rules: Iterable[SiteRule]) -> Rederived:
-        """Add or correct registry rows (key: site, valid_from); the sites whose cut rules
-        changed are re-derived from their stored touches in the same transaction."""
+        """Add or correct registry rows (key: site, valid_from); the sites whose cut rules or
+        main contractor (who pays for its drinks) changed are re-derived from their stored
+        touches in the same transaction."""
         rows = list(rules)
         with self._lock, self._tx():
             self._registry_lock(exclusive=True)
             self._load_rules()
-            before = {s: [(r.valid_from, r.kind, r.day_cut_hour) for r in v]
+            before = {s: [(r.valid_from, r.kind, r.day_cut_hour, r.main_contractor) for r in v]
                       for s, v in self._rules.items()}
             self._many(f"INSERT INTO sites ({_SITE_COLS}) VALUES (?,?,?,?,?,?,?,?)"
                        " ON CONFLICT (site, valid_from) DO UPDATE SET name=excluded.name,"
@@ -323,7 +329,8 @@ class SqlStore:
             self._x("DELETE FROM sites_unregistered WHERE site IN (SELECT site FROM sites)")
             self._load_rules()
             changed = sorted(s for s in {r.site for r in rows}
-                             if before.get(s) != [(r.valid_from, r.kind, r.day_cut_hour)
+                             if before.get(s) != [(r.valid_from, r.kind, r.day_cut_hour,
+                                                   r.main_contractor)
                                                   for r in self._rules.get(s, [])])
             res = self._rederive_sites(changed) if changed else Rederived()
             res.imported = len(rows)
@@ -398,16 +405,17 @@ class SqlStore:
     def device_prefix(self, device: str) -> tuple[int, list[int]]:
         """(upto, seqs above it): every seq 1..upto of the device is stored, or kept as a dead
         letter that accounts for it; the seqs above may repeat and fill gaps between them."""
+        keys = self._KEYS
         with self._lock:
             upto = 0
-            if self._x("SELECT 1 FROM touches WHERE device=? AND seq=1", (device,)).fetchone():
+            if self._x(f"SELECT 1 FROM {keys} WHERE device=? AND seq=1", (device,)).fetchone():
                 row = self._x(
-                    "SELECT t.seq FROM touches t WHERE t.device=? AND NOT EXISTS (SELECT 1 FROM"
-                    " touches u WHERE u.device=t.device AND u.seq=t.seq+1) ORDER BY t.seq LIMIT 1",
+                    f"SELECT t.seq FROM {keys} t WHERE t.device=? AND NOT EXISTS (SELECT 1 FROM"
+                    f" {keys} u WHERE u.device=t.device AND u.seq=t.seq+1) ORDER BY t.seq LIMIT 1",
                     (device,)).fetchone()
                 upto = int(row[0])
             above = [int(r[0]) for r in self._x(
-                "SELECT seq FROM touches WHERE device=? AND seq>?", (device, upto)).fetchall()]
+                f"SELECT seq FROM {keys} WHERE device=? AND seq>?", (device, upto)).fetchall()]
             # the device's touches kept as dead letters count too (cloud_sink.acks)
             above += [int(r[0]) for r in self._x(
                 "SELECT seq FROM dead_letters WHERE device=? AND seq>?", (device, upto)).fetchall()]
@@ -442,7 +450,7 @@ class SqlStore:
         """The device's missing seq ranges (first, last) below its highest stored seq, from the
         stored touches and the dead letters that account for a seq."""
         return [(int(a), int(b)) for a, b in self._rows(
-            "WITH s AS (SELECT seq FROM touches WHERE device=? UNION SELECT seq FROM dead_letters"
+            f"WITH s AS (SELECT seq FROM {self._KEYS} WHERE device=? UNION SELECT seq FROM dead_letters"
             " WHERE device=? AND seq IS NOT NULL), o AS (SELECT seq, LAG(seq, 1, 0) OVER"
             " (ORDER BY seq) AS prev FROM s) SELECT prev + 1, seq - 1 FROM o WHERE seq > prev + 1"
             " ORDER BY 1", (device, device))]
@@ -493,6 +501,17 @@ class SqlStore:
         return [WorkDay(*r) for r in self._rows(
             "SELECT tid, site, work_day, first_in_ms, last_out_ms, taps, cut_hour FROM work_history"
             f"{where} ORDER BY site, work_day, tid", args)]
+
+    def on_site(self, site: str, day: str) -> list[tuple[str, int]]:
+        """(technician, entry ms) of who entered on the work day `day` at `site` and whose last
+        passage that day is an entry, earliest entry first. The entry is the last one (an entry
+        after an entry means the exit between was not recorded: the stay began at the later
+        one); an entry and an exit in the same millisecond count as on site, the side to err
+        on in a roll call. One primary-key range of work_history (site, work_day)."""
+        return [(r[0], int(r[1])) for r in self._rows(
+            "SELECT tid, last_in_ms FROM work_history WHERE site = ? AND work_day = ?"
+            " AND last_in_ms IS NOT NULL AND (last_out_ms IS NULL OR last_in_ms >= last_out_ms)"
+            " ORDER BY last_in_ms, tid", (site, day))]
 
     def days_worked(self, site: str | None = None,
                     month: str | None = None) -> list[tuple[str, str, str, int]]:

@@ -155,7 +155,21 @@ DROP TABLE courses;
 ALTER TABLE courses_6 RENAME TO courses
 """
 
-SQLITE = [_SQLITE_1, _SQLITE_2, _SQLITE_3, _SQLITE_4, _SQLITE_5, _SQLITE_6]
+# 7: each work-history row keeps its last entry (`last_in_ms`, MAX of the entries by the
+# touch's own time); with the last exit it gives the day's last passage, which "on site now"
+# reads (SqlStore.on_site). Filled here from the stored touches in one grouped pass, as the
+# derivation (derive.sql) computes it.
+_LAST_IN = """
+UPDATE work_history SET last_in_ms = s.m FROM (
+    SELECT site, work_day, tid, MAX(ts_ms) AS m FROM touches
+    WHERE role='gate' AND decision='allow' AND flag IS NULL AND tid IS NOT NULL AND dir='in'
+    GROUP BY site, work_day, tid) AS s
+WHERE work_history.site = s.site AND work_history.work_day = s.work_day
+    AND work_history.tid = s.tid
+"""
+_SQLITE_7 = "ALTER TABLE work_history ADD COLUMN last_in_ms INTEGER;" + _LAST_IN
+
+SQLITE = [_SQLITE_1, _SQLITE_2, _SQLITE_3, _SQLITE_4, _SQLITE_5, _SQLITE_6, _SQLITE_7]
 
 _POSTGRES_1 = """
 CREATE TABLE touches (
@@ -265,9 +279,118 @@ ALTER TABLE courses DROP CONSTRAINT courses_pkey;
 ALTER TABLE courses ADD PRIMARY KEY (center, course)
 """
 
-POSTGRES = [_POSTGRES_1, _POSTGRES_2, _POSTGRES_3, _POSTGRES_4, _POSTGRES_5]
+# 6: as SQLite 7: the last entry of each work-history row
+_POSTGRES_6 = "ALTER TABLE work_history ADD COLUMN last_in_ms BIGINT;" + _LAST_IN
+
+# 7 (PostgreSQL only): touches partitioned by month (native LIST partitioning on `month`, one
+# partition touches_YYYY_MM a month), so an old month can be detached and archived whole.
+#
+# Exactly once by (device, seq) stays: a partitioned table's unique keys must contain the
+# partition key, and `month` is derived (work day of ts_ms cut with the site's rules), so it is
+# NOT identical on every resend: a repeat with another clock reading, or one cut after a
+# registry change, may fall in another month, where a key (device, seq, month) would let it in
+# a second time. The identity moves to `touch_keys` (device, seq), unpartitioned: a batch
+# inserts its keys there first (ON CONFLICT DO NOTHING RETURNING, in key order, so concurrent
+# sinks wait on each other's uncommitted keys as before), and only touches whose key it
+# inserted go into `touches`. A key stays when its month is archived, so a late resend of an
+# archived touch still counts as repeated, and the acknowledgement ledger reads the keys.
+#
+# ccus_touch_partition(month) makes a month's partition (and the next month's, ahead of it)
+# when the first touch of it arrives; ccus_archive_touches('YYYY-MM') detaches every month
+# before it and renames each to archived_touches_YYYY_MM, listed in touch_archive (a full
+# rederive refuses while any is: it would drop the archived months' derived rows; docs/sink.md,
+# "Partitions").
+_POSTGRES_7 = """
+CREATE TABLE touch_keys (
+    device TEXT NOT NULL, seq BIGINT NOT NULL,
+    PRIMARY KEY (device, seq)
+);
+INSERT INTO touch_keys (device, seq) SELECT device, seq FROM touches;
+CREATE TABLE touch_archive (
+    tbl TEXT NOT NULL PRIMARY KEY, month TEXT NOT NULL, archived_ms BIGINT NOT NULL
+);
+ALTER TABLE touches RENAME TO touches_5;
+ALTER INDEX touches_pkey RENAME TO touches_5_pkey;
+DROP INDEX touches_training;
+DROP INDEX touches_course;
+DROP INDEX touches_vending;
+DROP INDEX touches_flagged;
+CREATE TABLE touches (LIKE touches_5 INCLUDING DEFAULTS) PARTITION BY LIST (month);
+ALTER TABLE touches ADD PRIMARY KEY (device, seq, month);
+CREATE INDEX touches_training ON touches (site, month) WHERE role='training';
+CREATE INDEX touches_course ON touches (course) WHERE course IS NOT NULL;
+CREATE INDEX touches_vending ON touches (device, month) WHERE role='vending';
+CREATE INDEX touches_flagged ON touches (received_ms) WHERE flag IS NOT NULL;
+CREATE FUNCTION ccus_touch_partition_name(m TEXT) RETURNS TEXT LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN m ~ '^[0-9]{4}-[0-9]{2}$' THEN 'touches_' || translate(m, '-', '_')
+        ELSE 'touches_x' || left(md5(m), 12) END
+$$;
+CREATE FUNCTION ccus_touch_partition(m TEXT) RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    _month TEXT;
+BEGIN
+    -- one maker at a time: two sinks seeing a new month create it once
+    PERFORM pg_advisory_xact_lock(x'6363757300000004'::bigint);
+    FOREACH _month IN ARRAY ARRAY[m, CASE WHEN m ~ '^[0-9]{4}-(0[1-9]|1[0-2])$' THEN
+            to_char(to_date(m || '-01', 'YYYY-MM-DD') + interval '1 month', 'YYYY-MM') END]
+    LOOP
+        CONTINUE WHEN _month IS NULL OR EXISTS (SELECT 1 FROM pg_inherits i
+            JOIN pg_class c ON c.oid = i.inhrelid
+            WHERE i.inhparent = 'touches'::regclass AND c.relname = ccus_touch_partition_name(_month));
+        EXECUTE format('CREATE TABLE %I PARTITION OF touches FOR VALUES IN (%L)',
+                       ccus_touch_partition_name(_month), _month);
+    END LOOP;
+END $$;
+CREATE FUNCTION ccus_archive_touches(before TEXT) RETURNS SETOF TEXT LANGUAGE plpgsql AS $$
+DECLARE
+    _part RECORD;
+    _name TEXT;
+    _n INTEGER;
+BEGIN
+    IF before !~ '^[0-9]{4}-(0[1-9]|1[0-2])$' THEN
+        RAISE EXCEPTION 'archive: the month must be YYYY-MM, not %', before;
+    END IF;
+    PERFORM pg_advisory_xact_lock(x'6363757300000004'::bigint);
+    FOR _part IN SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) AS bound
+            FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+            WHERE i.inhparent = 'touches'::regclass ORDER BY c.relname
+    LOOP
+        CONTINUE WHEN substring(_part.bound from $q$'([^']*)'$q$) >= before;
+        EXECUTE format('ALTER TABLE touches DETACH PARTITION %I', _part.relname);
+        _name := 'archived_' || _part.relname;
+        _n := 1;
+        WHILE to_regclass(_name) IS NOT NULL LOOP
+            _n := _n + 1;
+            _name := 'archived_' || _part.relname || '_' || _n;
+        END LOOP;
+        EXECUTE format('ALTER TABLE %I RENAME TO %I', _part.relname, _name);
+        INSERT INTO touch_archive VALUES (_name, substring(_part.bound from $q$'([^']*)'$q$),
+            (extract(epoch from clock_timestamp()) * 1000)::bigint);
+        RETURN NEXT _name;
+    END LOOP;
+END $$;
+SELECT ccus_touch_partition(month) FROM (SELECT DISTINCT month FROM touches_5) m;
+SELECT ccus_touch_partition(to_char(now() AT TIME ZONE 'Asia/Tokyo', 'YYYY-MM'));
+INSERT INTO touches SELECT * FROM touches_5;
+DROP TABLE touches_5
+"""
+
+POSTGRES = [_POSTGRES_1, _POSTGRES_2, _POSTGRES_3, _POSTGRES_4, _POSTGRES_5, _POSTGRES_6,
+            _POSTGRES_7]
 
 
 def statements(script: str) -> list[str]:
-    """A migration script as single statements (no ';' inside our statements)."""
-    return [s.strip() for s in script.split(";") if s.strip()]
+    """A migration script as single statements: split at ';' outside $$-quoted function
+    bodies (a body keeps its own ';')."""
+    out, cur = [], ""
+    for i, part in enumerate(script.split("$$")):
+        if i % 2:
+            cur += f"$${part}$$"
+            continue
+        head, *rest = part.split(";")
+        cur += head
+        for piece in rest:
+            out.append(cur)
+            cur = piece
+    out.append(cur)
+    return [s.strip() for s in out if s.strip()]

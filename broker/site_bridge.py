@@ -1,0 +1,137 @@
+"""A site Mosquitto bridged to the local NATS cluster's MQTT gateway (`ccus cluster up --site`).
+
+Rules of this file:
+
+- The config is broker/templates/site-cluster.conf: the bridge topics of site.conf, every
+  node's MQTT port in one ``address`` line (Mosquitto fails over between them), MQTT 3.1.1.
+- Its folder is ``DIR/site-SITE`` inside the cluster's folder: mosquitto.conf, its log, its
+  persistence, and ``site.json`` (site, port, pid), so ``ccus cluster down --dir DIR`` from
+  another process stops it. A pid is signalled only while /proc says it is still a mosquitto
+  on that config (a reused pid is left alone).
+- Same port on every start of one folder: the devices and a restarted bridge find it again.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from broker.launcher import BrokerError, PrivateBroker, find_mosquitto, free_port
+from broker.procs import stop_process
+
+STATE = "site.json"
+
+
+def cloud_addresses(mqtt_ports: list[int], host: str = "127.0.0.1") -> str:
+    """The bridge's ``address`` value: every node, space-separated."""
+    return " ".join(f"{host}:{p}" for p in mqtt_ports)
+
+
+class SiteBridge:
+    """``SiteBridge(folder, site, mqtt_ports).start()``; ``.kill()``, ``.start()`` again, ``.stop()``."""
+
+    def __init__(self, folder: str | Path, site: str, mqtt_ports: list[int]) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.site = site
+        state = self.folder / STATE
+        saved = json.loads(state.read_text()) if state.exists() else {}
+        self.port: int = saved.get("port") or free_port()
+        self.pid: int = saved.get("pid", 0)
+        self.broker = PrivateBroker(self.folder, port=self.port, template="site-cluster.conf",
+                                    values={"site": site,
+                                            "cloud_addresses": cloud_addresses(mqtt_ports)})
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def conf_path(self) -> Path:
+        return self.broker.conf_path
+
+    @property
+    def log_path(self) -> Path:
+        return self.broker.log_path
+
+    def _save(self) -> None:
+        (self.folder / STATE).write_text(json.dumps({"site": self.site, "port": self.port,
+                                                     "pid": self.pid}, indent=1) + "\n")
+
+    def start(self, timeout: float = 10.0, *, detach: bool = False) -> "SiteBridge":
+        """Start Mosquitto (its bridge connects by itself); return once it listens."""
+        self.broker.write_config()
+        # detach: `ccus cluster up` returns and the broker keeps running in its own session
+        self.proc = subprocess.Popen([find_mosquitto(), "-c", str(self.conf_path)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=detach)
+        self.pid = self.proc.pid
+        self._save()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BrokerError(f"site mosquitto exited ({self.proc.returncode}): "
+                                  f"{self._log_tail()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return self
+            except OSError:
+                time.sleep(0.02)
+        self.stop()
+        raise BrokerError(f"site mosquitto did not listen on {self.port} within {timeout:.0f}s "
+                          f"(log {self.log_path})")
+
+    def _log_tail(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-400:]
+        except OSError:
+            return ""
+
+    def running(self) -> bool:
+        """Is self.pid still the mosquitto started on this config?"""
+        try:
+            cmd = Path(f"/proc/{self.pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        return bool(self.pid) and str(self.conf_path).encode() in cmd
+
+    def kill(self) -> None:
+        """kill -9: no clean shutdown, no final persistence write."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+        elif self.running():
+            os.kill(self.pid, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while self.running() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if self.running():
+                os.kill(self.pid, signal.SIGKILL)
+
+
+def site_folder(cluster_dir: str | Path, site: str) -> Path:
+    return Path(cluster_dir) / f"site-{site}"
+
+
+def up(cluster_dir: str | Path, site: str, mqtt_ports: list[int]) -> SiteBridge:
+    """`ccus cluster up --site SITE`: start (detached) the site broker of the cluster folder."""
+    b = SiteBridge(site_folder(cluster_dir, site), site, mqtt_ports)
+    if b.running():
+        raise BrokerError(f"{b.folder}: the site broker is running already (pid {b.pid})")
+    return b.start(detach=True)
+
+
+def down(cluster_dir: str | Path) -> list[str]:
+    """`ccus cluster down`: stop every site broker of the cluster folder; the sites stopped."""
+    stopped = []
+    for state in sorted(Path(cluster_dir).glob(f"site-*/{STATE}")):
+        site = json.loads(state.read_text())["site"]
+        b = SiteBridge(state.parent, site, [])
+        if b.running():
+            b.stop()
+            stopped.append(site)
+    return stopped

@@ -1,0 +1,224 @@
+"""A site Mosquitto bridged to the NATS cluster (broker/site_bridge.py, templates/site-cluster.conf,
+`ccus cluster up --site`): the bridge's config, the CLI, real agent processes on the site broker
+with their touches through the bridge into the JetStream sink and the acks back through it;
+kill -9 of the site broker under load, then its restart: every touch stored once, contiguous."""
+
+import random
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from agent_proc import TappingAgent, stored_seqs
+
+from broker.launcher import TEMPLATES, PrivateBroker, free_port
+from broker.nats import NatsCluster, mqtt_hello
+from broker.procs import poll_until
+from broker.site_bridge import SiteBridge, cloud_addresses
+from cloud_sink.ingest.jetstream import JetStreamSink
+from cloud_sink.store import open_store
+
+ROOT = Path(__file__).resolve().parents[1]
+SITE = "13100000000051"
+
+
+def _topics(conf: str) -> list[tuple[str, str]]:
+    return re.findall(r"^topic (\S+) (in|out) \d$", conf, re.M)
+
+
+def test_the_cluster_site_bridge_carries_the_topics_of_site_conf() -> None:
+    ours = (TEMPLATES / "site-cluster.conf").read_text()
+    assert _topics(ours) == _topics((TEMPLATES / "site.conf").read_text()) != []
+    # touches, state and config acks go up at QoS 1 (the devices' outboxes cover a loss)
+    assert all(line.endswith(" 1") for line in re.findall(r"^topic .* out \d$", ours, re.M))
+    for line in ("bridge_protocol_version mqttv311", "try_private false", "round_robin true",
+                 "address {cloud_addresses}"):
+        assert re.search(rf"^{re.escape(line)}$", ours, re.M), line
+    assert cloud_addresses([1, 2, 3]) == "127.0.0.1:1 127.0.0.1:2 127.0.0.1:3"
+
+
+def _ccus(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ccus.cli", *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=60)
+
+
+def _listens(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.mark.e2e
+def test_cluster_up_with_a_site_starts_its_bridged_broker_and_down_stops_it(tmp_path: Path) -> None:
+    bad = _ccus("cluster", "up", "--dir", str(tmp_path / "x"), "--site", "123")
+    try:
+        assert bad.returncode == 2 and "--site" in bad.stderr
+    finally:
+        _ccus("cluster", "down", "--dir", str(tmp_path / "x"))
+    up = _ccus("cluster", "up", "--dir", str(tmp_path), "--site", SITE)
+    try:
+        assert up.returncode == 0, up.stderr
+        port = int(re.search(rf"site {SITE}: mqtt 127\.0\.0\.1:(\d+)", up.stdout).group(1))  # type: ignore[union-attr]
+        assert _listens(port)
+        conf = (tmp_path / f"site-{SITE}" / "mosquitto.conf").read_text()
+        c = NatsCluster(tmp_path)
+        assert f"address {cloud_addresses(c.mqtt_ports)}" in conf
+    finally:
+        down = _ccus("cluster", "down", "--dir", str(tmp_path))
+    assert down.returncode == 0, down.stderr
+    assert f"stopped the site broker of {SITE}" in down.stdout
+    assert poll_until(lambda: not _listens(port), 10, 0.1)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[NatsCluster]:
+    with NatsCluster(tmp_path / "nats") as c:
+        yield c
+
+
+def _site_agents(tmp: Path, bridge: SiteBridge, n: int) -> list[TappingAgent]:
+    # the site broker is a Mosquitto: MQTT 5 or 3.1.1, both; half of each
+    return [TappingAgent(tmp, f"gate-s{i}", SITE, brokers=[f"127.0.0.1:{bridge.port}"],
+                         protocol="3.1.1" if i % 2 else "5") for i in range(n)]
+
+
+def _all_stored_once(agents: list[TappingAgent], db: Path) -> None:
+    made = {a.dev: a.made() for a in agents}
+    assert all(made.values()), made
+    assert stored_seqs(db) == {dev: list(range(1, n + 1)) for dev, n in made.items()}
+
+
+@pytest.mark.e2e
+def test_touches_through_the_site_bridge_into_jetstream_and_acks_back(cluster: NatsCluster,
+                                                                      tmp_path: Path) -> None:
+    db = tmp_path / "store.sqlite"
+    store = open_store(db)
+    sink = JetStreamSink(store, cluster.urls)
+    sink.start()
+    bridge = SiteBridge(tmp_path / "site", SITE, cluster.mqtt_ports).start()
+    agents = _site_agents(tmp_path, bridge, 2)
+    try:
+        assert sink.subscribed.wait(20), sink.error
+        for a in agents:
+            a.start()
+            a.tap_in_background(until=25)
+        for a in agents:
+            a.wait_tapping()
+        # the acks came back through the bridge: the outboxes are empty
+        assert poll_until(lambda: all(a.backlog() == 0 for a in agents), 40, 0.2), \
+            [(a.dev, a.made(), a.backlog()) for a in agents]
+        _all_stored_once(agents, db)
+        assert sink.totals.stored == 50
+    finally:
+        for a in agents:
+            a.stop()
+        bridge.stop()
+        sink.stop()
+        store.close()
+
+
+@pytest.mark.e2e
+def test_kill_9_of_the_site_broker_under_load_and_restart_loses_and_doubles_nothing(
+        cluster: NatsCluster, tmp_path: Path) -> None:
+    db = tmp_path / "store.sqlite"
+    store = open_store(db)
+    sink = JetStreamSink(store, cluster.urls)
+    sink.start()
+    bridge = SiteBridge(tmp_path / "site", SITE, cluster.mqtt_ports).start()
+    agents = _site_agents(tmp_path, bridge, 4)
+    try:
+        assert sink.subscribed.wait(20), sink.error
+        for a in agents:
+            a.start()
+        assert poll_until(lambda: all(a.broker_port() for a in agents), 30, 0.1)
+        for a in agents:
+            a.tap_in_background(until=10_000)
+        kills = []
+        for _ in range(2):
+            time.sleep(random.uniform(2, 4))                 # taps flowing, a random moment
+            before = sum(a.taps for a in agents)
+            bridge.kill()
+            time.sleep(2)                                    # down: taps go to the outboxes
+            bridge.start()
+            kills.append((before, sum(a.taps for a in agents) - before))
+        time.sleep(3)
+        for a in agents:
+            a.stop_tapping()
+        drained = poll_until(lambda: all(a.backlog() == 0 for a in agents), 60, 0.2)
+        print(f"\nsite broker kill -9 twice at random moments, 2 s down each: (taps before, taps while down) "
+              f"{kills}; made {[a.made() for a in agents]}; agents reconnected after "
+              f"{[a.downtimes() for a in agents]} s down; sink {sink.totals}")
+        assert drained, [(a.dev, a.made(), a.backlog()) for a in agents]
+        _all_stored_once(agents, db)
+        assert sink.totals.stored == sum(a.made() for a in agents)   # each stored once
+    finally:
+        for a in agents:
+            a.stop()
+        bridge.stop()
+        sink.stop()
+        store.close()
+
+
+def _bridge_port(bridge: SiteBridge) -> int | None:
+    """The node port the bridge connected to last (Mosquitto logs each attempt)."""
+    found = re.findall(r"Connecting bridge .*\(127\.0\.0\.1:(\d+)\)",
+                       bridge.log_path.read_text(errors="replace"))
+    return int(found[-1]) if found else None
+
+
+# Open (docs/operations.md, "Devices on the cluster"): when the killed node also led the MQTT
+# gateway's session stream, the bridge's CONNECT to the next node can hang for good (no CONNACK;
+# Mosquitto 2.0.11's bridge has no CONNACK timeout, the agent gives up after keepalive_s). 4 of
+# 6 runs passed on NATS 2.9.10, 1 of 3 on 2.15.1. Nothing is lost meanwhile (the touches wait in
+# the outboxes and the site queue), but nothing arrives either until the site broker restarts.
+@pytest.mark.xfail(reason="NATS: a bridge CONNECT during the session stream's leader election "
+                   "can hang for good", strict=False)
+@pytest.mark.e2e
+def test_kill_9_of_the_node_the_bridge_is_on_under_load_loses_and_doubles_nothing(
+        cluster: NatsCluster, tmp_path: Path) -> None:
+    db = tmp_path / "store.sqlite"
+    store = open_store(db)
+    sink = JetStreamSink(store, cluster.urls)
+    sink.start()
+    bridge = SiteBridge(tmp_path / "site", SITE, cluster.mqtt_ports).start()
+    agents = _site_agents(tmp_path, bridge, 3)
+    try:
+        assert sink.subscribed.wait(20), sink.error
+        for a in agents:
+            a.start()
+            a.tap_in_background(until=10_000)
+        time.sleep(4)
+        port = _bridge_port(bridge)
+        victim = next(n.name for n in cluster.nodes if n.mqtt_port == port)
+        killed_at = time.monotonic()
+        cluster.kill(victim)
+        time.sleep(8)
+        for a in agents:
+            a.stop_tapping()
+        drained = poll_until(lambda: all(a.backlog() == 0 for a in agents), 60, 0.2)
+        print(f"\nkill -9 of node {victim} (the bridge's): the bridge went on to port "
+              f"{_bridge_port(bridge)}; all acknowledged {time.monotonic() - killed_at:.1f} s "
+              f"after the kill (taps stopped at 8 s); made {[a.made() for a in agents]}; "
+              f"sink {sink.totals}")
+        assert drained, [(a.dev, a.made(), a.backlog()) for a in agents]
+        assert _bridge_port(bridge) != port
+        _all_stored_once(agents, db)
+        assert sink.totals.stored == sum(a.made() for a in agents)
+    finally:
+        for a in agents:
+            a.stop()
+        bridge.stop()
+        sink.stop()
+        store.close()
+
+
+def test_mqtt_hello_is_a_real_311_connect(broker: PrivateBroker) -> None:
+    assert mqtt_hello(broker.port, "hello-1")
+    assert "as hello-1 (p2, c1" in broker.log_path.read_text()      # 3.1.1, clean session
+    assert not mqtt_hello(free_port(), "hello-2", timeout=2)         # nobody listens
