@@ -42,12 +42,11 @@ ROOT = Path(__file__).resolve().parents[1]
 PG_ADMIN = os.environ.get("CCUS_TEST_PG_URL",
                           "postgresql://ccus_test:ccus_test@127.0.0.1:5432/postgres")
 TECHS, DAYS, SITES_PER_MAIN = 2, 11, 20
-GENERATOR = 1   # bump when the generated data changes: the cache key changes with it
+GENERATOR = 2   # bump when the generated data changes: the cache key changes with it
 
-# (table, the constraint or index to drop before the load and build after it)
-PKEYS = {"touches": "PRIMARY KEY (device, seq)", "work_history": "PRIMARY KEY (site, work_day, tid)",
-         "technicians": "PRIMARY KEY (tid)", "sites": "PRIMARY KEY (site, valid_from)",
-         "site_chain": "PRIMARY KEY (site, contractor)"}
+# the tables whose primary keys are dropped before the load and built after it (touch_keys:
+# the identity of partitioned touches, migration 7, when the schema has it)
+KEYED = ("touches", "touch_keys", "work_history", "technicians", "sites", "site_chain")
 
 
 def db_name(sites: int, month: str) -> str:
@@ -68,13 +67,20 @@ def _load(url: str, sites: int, month: str) -> dict[str, float]:
     with psycopg.connect(url, autocommit=True) as db:
         db.execute("SET synchronous_commit = off")
         db.execute("SET maintenance_work_mem = '512MB'")
+        keys = [(t, name, sql) for t in KEYED if db.execute(
+                    "SELECT to_regclass(%s)", (t,)).fetchone()[0]
+                for name, sql in db.execute(
+                    "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint WHERE"
+                    " conrelid = %s::regclass AND contype = 'p'", (t,)).fetchall()]
         secondary = db.execute(
             "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'touches'"
-            " AND indexname <> 'touches_pkey'").fetchall()
+            " AND NOT indexname = ANY(%s)", ([k[1] for k in keys],)).fetchall()
         for name, _ in secondary:
             db.execute(f"DROP INDEX {name}")
-        for table in PKEYS:
-            db.execute(f"ALTER TABLE {table} DROP CONSTRAINT {table}_pkey")
+        for table, name, _ in keys:
+            db.execute(f"ALTER TABLE {table} DROP CONSTRAINT {name}")
+        if db.execute("SELECT to_regproc('ccus_touch_partition')").fetchone()[0]:
+            db.execute("SELECT ccus_touch_partition(%s)", (month,))  # monthly partitions
         # one row per (site s, technician k, work day d): day-of-month 1 + (2d + k) mod 28
         grid = (f"FROM generate_series(0, {sites - 1}) s, generate_series(0, {TECHS - 1}) k,"
                 f" generate_series(0, {DAYS - 1}) d, LATERAL (SELECT"
@@ -94,12 +100,18 @@ def _load(url: str, sites: int, month: str) -> dict[str, float]:
             f" '{month}', g.tid::text, NULL, NULL, NULL, NULL, 4 {grid},"
             " (VALUES (1, 'in', 450), (2, 'out', 1020)) x(n, dir, minute),"
             " LATERAL (SELECT j.day_ms + (x.minute + k) * 60000 AS ms) ts")
+        if any(k[0] == "touch_keys" for k in keys):
+            db.execute("INSERT INTO touch_keys (device, seq) SELECT device, seq FROM touches")
         phases["touches_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
+        # last_in_ms (migration 6, on site now): the day's one entry
+        last_in = db.execute("SELECT 1 FROM information_schema.columns WHERE table_name ="
+                             " 'work_history' AND column_name = 'last_in_ms'").fetchone()
         db.execute(
             "INSERT INTO work_history (tid, site, work_day, first_in_ms, last_out_ms, taps,"
-            f" cut_hour) SELECT g.tid::text, {site}, g.day::text, j.day_ms + (450 + k) * 60000,"
-            f" j.day_ms + (1020 + k) * 60000, 2, 4 {grid}")
+            f" cut_hour{', last_in_ms' if last_in else ''}) SELECT g.tid::text, {site},"
+            f" g.day::text, j.day_ms + (450 + k) * 60000, j.day_ms + (1020 + k) * 60000, 2, 4"
+            f"{', j.day_ms + (450 + k) * 60000' if last_in else ''} {grid}")
         main = f"(20000000000000 + s / {SITES_PER_MAIN})"
         tier = "(30000000000000 + s)"
         db.execute(
@@ -118,8 +130,8 @@ def _load(url: str, sites: int, month: str) -> dict[str, float]:
             f" generate_series(0, {TECHS - 1}) k")
         phases["registry_and_work_history_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        for table, key in PKEYS.items():
-            db.execute(f"ALTER TABLE {table} ADD {key}")
+        for table, name, sql in keys:
+            db.execute(f"ALTER TABLE {table} ADD CONSTRAINT {name} {sql}")
         for _, sql in secondary:
             db.execute(sql)
         db.execute("ANALYZE")
