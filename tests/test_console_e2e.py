@@ -195,6 +195,31 @@ def test_a_tap_shows_on_the_live_page_within_a_second(site: Site, browser: Any) 
     site.run.wait_delivered()
 
 
+def test_the_live_page_keeps_the_newest_500_rows(site: Site, browser: Any) -> None:
+    """console.js trims the live table after each swap to its newest rows (the top ones: the
+    page prepends), in one Range deletion; driven with the event htmx fires after a swap."""
+    page = login(browser, site, "sm")
+    with page.expect_response(lambda r: "/live/events" in r.url):
+        page.goto(f"{site.url}/sites/{SITE}/live")
+    kept, nodes = page.evaluate("""() => {
+      const body = document.getElementById("touches");
+      // as the server sends them: an event's rows joined by newlines (text nodes between rows)
+      for (const n of [300, 450, 450, 450, 450]) {     // under the limit, then over it
+        const html = [];
+        for (let i = 0; i < n; i++) html.push(`<tr data-seq="${n}-${i}"><td>${i}</td></tr>`);
+        body.insertAdjacentHTML("afterbegin", html.join("\\n") + "\\n");
+        body.dispatchEvent(new CustomEvent("htmx:afterSwap", {bubbles: true}));
+      }
+      return [Array.from(body.rows, r => r.dataset.seq), body.childNodes.length];
+    }""")
+    assert len(kept) == 500
+    assert kept[:450] == [f"450-{i}" for i in range(450)]      # the newest batch, in order
+    assert kept[450:] == [f"450-{i}" for i in range(50)]       # then the newest of the one before
+    # nothing is left behind past the last row kept: the body does not grow with time
+    assert nodes <= 2 * 500, nodes
+    page.context.close()
+
+
 def test_the_fleet_redraws_from_retained_state_without_a_reload(site: Site, browser: Any) -> None:
     page = login(browser, site, "op")
     assert page.locator("table.fleet tr[data-device='gate-01']").count() == 1
