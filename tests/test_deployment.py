@@ -238,7 +238,8 @@ def test_documented_deployment(tmp_path: Path, pg_url: str) -> None:
         fleet_cmd = [str(BIN / "ccus"), "ops", "devices", "--site", SITE, "--broker",
                      f"localhost:{port}", "--ca", str(pki / "ca.crt"), "--cert",
                      str(pki / "operators/alice/operator.crt"), "--key",
-                     str(pki / "operators/alice/operator.key"), "--json", "--no-cache"]
+                     str(pki / "operators/alice/operator.key"), "--json", "--cache",
+                     str(tmp_path / "fleet-cache.json")]   # as the operator's own cache
 
         def fleet() -> dict[str, dict]:
             """`ccus ops devices` at the cloud broker: what the bridge carried up."""
@@ -272,10 +273,16 @@ def test_documented_deployment(tmp_path: Path, pg_url: str) -> None:
                    "every agent exited 3 to restart", poll_s=0.5)
 
         def back(since_ms: int, what: str) -> None:
-            """Every agent online again in a state sent after `since_ms`, its reader ok."""
-            wait_until(lambda: fleet_is(lambda r: r["online"] and r["cv"] == version and (
-                r["last_seen_ms"] or 0) >= since_ms and r["readers"] and set(
-                r["readers"].values()) == {"ok"}, what), 90, what, poll_s=1)
+            """Every agent online again in a state sent after `since_ms`, its reader ok; while
+            one is down (its last will retained) the view keeps its versions and last-seen."""
+            def up(r: dict) -> bool:
+                if not r["online"]:
+                    assert r["cv"] == version and r["lv"] == 1 and r["last_seen_ms"], r
+                    assert "never seen" not in r["problems"], r
+                return r["online"] and r["cv"] == version and (
+                    r["last_seen_ms"] or 0) >= since_ms and bool(r["readers"]) and set(
+                    r["readers"].values()) == {"ok"}
+            wait_until(lambda: fleet_is(up, what), 90, what, poll_s=1)
         back(int(time.time() * 1000), f"back with config v{version}")
         say("exits: " + str({a.name: a.exits for a in agents.values()}))
 
