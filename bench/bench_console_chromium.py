@@ -38,9 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_console  # noqa: E402
+import bench_console_live  # noqa: E402
 import bench_sink  # noqa: E402
-import paho.mqtt.client as mqtt  # noqa: E402
-from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 from playwright.sync_api import sync_playwright  # noqa: E402
 
 from broker.launcher import PrivateBroker  # noqa: E402
@@ -192,22 +191,10 @@ def main() -> int:
             cdp.send("Profiler.start")
         sysinfo = browser.new_browser_cdp_session()
         c0, py0 = cpu_by_kind(sysinfo), time.process_time()
-        pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:6]}",
-                          protocol=mqtt.MQTTv5)
-        pub.max_inflight_messages_set(1000)
-        pub.connect("127.0.0.1", broker.port)
-        pub.loop_start()
-        sent: dict[tuple[str, int], float] = {}
-        per_slice = max(1, a.rate // 100)
+        # wall clock: compared with the page's (calibrated) clock
         t0 = time.monotonic()
-        for i, (topic, payload) in enumerate(msgs):
-            if i % per_slice == 0:
-                due = t0 + (i // per_slice) * 0.01
-                if (wait := due - time.monotonic()) > 0:
-                    time.sleep(wait)
-            sent[keys[i]] = time.time()
-            pub.publish(topic, payload, qos=1)
-        pub_s = time.monotonic() - t0
+        pub, sent, pub_s = bench_console_live.paced_publish(broker.port, msgs, keys, a.rate,
+                                                            time.time)
         # until every row is in, or nothing new came for 10 s (a busy machine delays, not loses)
         last, still = -1, time.monotonic()
         while (got := page.evaluate("() => window.__rows.length")) < n \

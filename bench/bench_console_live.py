@@ -22,6 +22,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -45,6 +46,29 @@ ROW = re.compile(r'data-seq="(\d+)" data-device="([^"]+)"')
 
 def pct(xs: list[float], p: float) -> float:
     return round(sorted(xs)[min(len(xs) - 1, int(len(xs) * p))] * 1000, 1) if xs else -1.0
+
+
+def paced_publish(port: int, msgs: list[tuple[str, bytes]], keys: list[tuple[str, int]],
+                  rate: int, clock: Callable[[], float]
+                  ) -> tuple[mqtt.Client, dict[tuple[str, int], float], float]:
+    """Publish `msgs` at QoS 1 at `rate` a second, in 10 ms slices; -> (the connected client,
+    `clock()` at each publish call by key, publishing seconds). The caller disconnects it."""
+    pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:6]}",
+                      protocol=mqtt.MQTTv5)
+    pub.max_inflight_messages_set(1000)
+    pub.connect("127.0.0.1", port)
+    pub.loop_start()
+    sent: dict[tuple[str, int], float] = {}
+    per_slice = max(1, rate // 100)
+    t0 = time.monotonic()
+    for i, (topic, payload) in enumerate(msgs):
+        if i % per_slice == 0:
+            due = t0 + (i // per_slice) * 0.01
+            if (wait := due - time.monotonic()) > 0:
+                time.sleep(wait)
+        sent[keys[i]] = clock()
+        pub.publish(topic, payload, qos=1)
+    return pub, sent, time.monotonic() - t0
 
 
 def main() -> int:
@@ -84,22 +108,7 @@ def main() -> int:
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
         time.sleep(0.5)                                 # the stream's listener is registered
-        pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:6]}",
-                          protocol=mqtt.MQTTv5)
-        pub.max_inflight_messages_set(1000)
-        pub.connect("127.0.0.1", broker.port)
-        pub.loop_start()
-        sent: dict[tuple[str, int], float] = {}
-        per_slice = max(1, a.rate // 100)
-        t0 = time.monotonic()
-        for i, (topic, payload) in enumerate(msgs):
-            if i % per_slice == 0:
-                due = t0 + (i // per_slice) * 0.01
-                if (wait := due - time.monotonic()) > 0:
-                    time.sleep(wait)
-            sent[keys[i]] = time.monotonic()
-            pub.publish(topic, payload, qos=1)
-        pub_s = time.monotonic() - t0
+        pub, sent, pub_s = paced_publish(broker.port, msgs, keys, a.rate, time.monotonic)
         deadline = time.monotonic() + 5
         while len(arrived) < n and time.monotonic() < deadline:
             time.sleep(0.1)

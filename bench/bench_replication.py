@@ -24,35 +24,13 @@ import re
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cluster_bench as cb  # noqa: E402
 import paho.mqtt.client as mqtt  # noqa: E402
-from bench_sink import payloads  # noqa: E402
-from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
-
-
-def publish_311(port: int, msgs: list[tuple[str, bytes]], window: int = 10_000) -> float:
-    """One MQTT 3.1.1 publisher, QoS 1, every PUBLISH acknowledged; -> seconds."""
-    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:6]}",
-                    protocol=mqtt.MQTTv311, clean_session=True)
-    c.max_inflight_messages_set(100)
-    c.connect("127.0.0.1", port)
-    c.loop_start()
-    t0 = time.perf_counter()
-    for i in range(0, len(msgs), window):
-        infos = [c.publish(t, p, qos=1) for t, p in msgs[i:i + window]]
-        for info in infos:
-            info.wait_for_publish(60)
-            if not info.is_published():
-                raise RuntimeError("publish not acknowledged within 60 s")
-    dt = time.perf_counter() - t0
-    c.disconnect()
-    c.loop_stop()
-    return dt
+from bench_sink import payloads, publish_all  # noqa: E402
 
 
 def _split(tmp: Path, tag: str) -> list[dict[str, object]]:
@@ -70,7 +48,7 @@ def one_path(name: str, n: int, tmp: Path, r: int) -> dict[str, object]:
         cb.stop_sinks(cb.start_sinks(path, url, tmp, f"{tag}-register", 2, group="rep",
                                      ids=tag))
         msgs = payloads(n)
-        pub_s = publish_311(path.mqtt_ports[0], msgs)
+        pub_s = publish_all(path.mqtt_ports[0], msgs, protocol=mqtt.MQTTv311)
         import psycopg
 
         t0 = time.monotonic()

@@ -72,10 +72,12 @@ def payloads(n: int, devices: int = 100, seq0: int = 0) -> list[tuple[str, bytes
     return out
 
 
-def publish_all(port: int, msgs: list[tuple[str, bytes]], window: int = 10_000) -> float:
-    """QoS 1, in windows (paho stalls past 65,535 unacknowledged). Returns seconds."""
+def publish_all(port: int, msgs: list[tuple[str, bytes]], window: int = 10_000,
+                protocol: int = mqtt.MQTTv5) -> float:
+    """QoS 1, in windows (paho stalls past 65,535 unacknowledged), every PUBLISH acknowledged;
+    `protocol` mqtt.MQTTv311 for NATS's MQTT gateway. Returns seconds."""
     c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:6]}",
-                    protocol=mqtt.MQTTv5)
+                    protocol=protocol)
     c.max_inflight_messages_set(100)
     c.connect("127.0.0.1", port)
     c.loop_start()
