@@ -1,12 +1,16 @@
-"""Shared fixtures: a private Mosquitto per test module, started from the project's config."""
+"""Shared fixtures: a private Mosquitto per test module, started from the project's config;
+a store on each backend (`kind`, `store`) for the sink tests."""
 
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from sink_support import fresh_store
 
 from broker.launcher import PrivateBroker
+from cloud_sink.store import Store
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -54,3 +58,16 @@ def pg_url() -> Iterator[str]:
             yield PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
         finally:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def store(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Store]:
+    """A fresh store of `kind` (PostgreSQL: a per-test database from `pg_url`)."""
+    url = request.getfixturevalue("pg_url") if kind == "postgres" else None
+    with fresh_store(kind, tmp_path, url) as s:
+        yield s

@@ -1,5 +1,7 @@
-"""Helpers for the sink and report tests: touch factories and a per-test store on either backend."""
+"""Helpers for the sink and report tests: touch factories, a per-test store on either backend,
+and stores at an old schema version (the migration tests)."""
 
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -8,6 +10,7 @@ import psycopg
 
 from cloud_sink.model import Policy
 from cloud_sink.store import Store, open_store
+from cloud_sink.stores import migrations
 from cloud_sink.workday import jst_ms
 from protocol.reasons import Reason
 from protocol.timequality import TimeQuality
@@ -65,3 +68,19 @@ def fresh_store(kind: str, tmp: Path, pg_url: str | None, policy: Policy | None 
 def derived(store: Store) -> dict[str, list[tuple[object, ...]]]:
     return {name: store.table(name) for name in
             ("work_history", "training_monthly", "training_course", "vending_ledger")}
+
+
+def sqlite_at(db: sqlite3.Connection, version: int) -> None:
+    """Run SQLite migrations 1..version on `db`, as a store of that version left it."""
+    for n, script in enumerate(migrations.SQLITE[:version], start=1):
+        db.executescript(script + f";PRAGMA user_version={n};")
+
+
+def postgres_at(db: psycopg.Connection, version: int) -> None:  # type: ignore[type-arg]
+    """Run PostgreSQL migrations 1..version on `db` (autocommit), recording each."""
+    db.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY,"
+               " applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
+    for n, script in enumerate(migrations.POSTGRES[:version], start=1):
+        for stmt in migrations.statements(script):
+            db.execute(stmt)  # type: ignore[call-overload]
+        db.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (n,))

@@ -7,7 +7,7 @@ import sqlite3
 from pathlib import Path
 
 import psycopg
-from sink_support import NOW, touch
+from sink_support import NOW, postgres_at, sqlite_at, touch
 
 from cloud_sink.derive.rows import COLUMNS, touch_row
 from cloud_sink.model import Policy
@@ -41,8 +41,7 @@ def _fold_and_check(store: Store) -> None:
 def test_sqlite_store_at_schema_3_keeps_and_extends_its_work_history(tmp_path: Path) -> None:
     path = tmp_path / "v3.sqlite"
     db = sqlite3.connect(path)
-    for n, script in enumerate(migrations.SQLITE[:3], start=1):
-        db.executescript(script + f";PRAGMA user_version={n};")
+    sqlite_at(db, 3)
     touch_values, day = _old_rows()
     db.execute(_INSERT, touch_values)
     db.execute("INSERT INTO work_history VALUES (?,?,?,?,?,?)", day)
@@ -60,12 +59,7 @@ def test_sqlite_store_at_schema_3_keeps_and_extends_its_work_history(tmp_path: P
 
 def test_postgres_store_at_schema_2_keeps_and_extends_its_work_history(pg_url: str) -> None:
     with psycopg.connect(pg_url, autocommit=True) as db:
-        db.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY,"
-                   " applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
-        for n, script in enumerate(migrations.POSTGRES[:2], start=1):
-            for stmt in migrations.statements(script):
-                db.execute(stmt)  # type: ignore[call-overload]
-            db.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (n,))
+        postgres_at(db, 2)
         touch_values, day = _old_rows()
         db.execute(_INSERT.replace("?", "%s"), touch_values)  # type: ignore[arg-type]
         db.execute("INSERT INTO work_history VALUES (%s,%s,%s,%s,%s,%s)", day)

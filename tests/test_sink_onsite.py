@@ -4,37 +4,22 @@ the schema before it (SQLite 6, PostgreSQL 5) migrates and equals a rederive."""
 
 import sqlite3
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sink_support import NOW, SITE, fresh_store, tid, touch
+from sink_support import NOW, SITE, fresh_store, postgres_at, sqlite_at, tid, touch
 
 from cloud_sink.derive.rows import touch_row
 from cloud_sink.model import Policy
 from cloud_sink.store import Store, open_store
-from cloud_sink.stores import migrations
 from cloud_sink.stores.base import STORE_COLUMNS
 from cloud_sink.workday import jst_ms
 from protocol.touch import Touch
 
 DAY = "2026-11-26"
 at = lambda h, m=0: jst_ms(2026, 11, 26, h, m)  # noqa: E731
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def kind(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest.fixture
-def store(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Store]:
-    url = request.getfixturevalue("pg_url") if kind == "postgres" else None
-    with fresh_store(kind, tmp_path, url) as s:
-        yield s
 
 
 def model(touches: list[Touch], site: str, day: str, cut_hour: int = 4) -> list[tuple[str, int]]:
@@ -154,8 +139,7 @@ def _migrated_equals_a_rederive(s: Store) -> None:
 def test_sqlite_store_at_schema_6_migrates_and_equals_a_rederive(tmp_path: Path) -> None:
     path = tmp_path / "v6.sqlite"
     db = sqlite3.connect(path)
-    for n, script in enumerate(migrations.SQLITE[:6], start=1):
-        db.executescript(script + f";PRAGMA user_version={n};")
+    sqlite_at(db, 6)
     touches, wh = _old_rows()
     db.executemany(_INSERT, touches)
     db.executemany("INSERT INTO work_history VALUES (?,?,?,?,?,?,?)", wh)
@@ -170,12 +154,7 @@ def test_postgres_store_at_schema_5_migrates_and_equals_a_rederive(pg_url: str) 
     with psycopg.connect(pg_url, autocommit=True) as db:
         db.execute("DROP SCHEMA public CASCADE")
         db.execute("CREATE SCHEMA public")
-        db.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY,"
-                   " applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
-        for n, script in enumerate(migrations.POSTGRES[:5], start=1):
-            for stmt in migrations.statements(script):
-                db.execute(stmt)  # type: ignore[call-overload]
-            db.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (n,))
+        postgres_at(db, 5)
         touches, wh = _old_rows()
         with db.cursor() as cur:
             cur.executemany(_INSERT.replace("?", "%s"), touches)  # type: ignore[arg-type]

@@ -10,7 +10,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from conftest import PG_ADMIN_URL
-from sink_support import NOW, SITE, derived, fresh_store, touch
+from sink_support import NOW, SITE, derived, fresh_store, postgres_at, touch
 
 from cloud_sink.derive.rows import touch_row
 from cloud_sink.model import Policy, StoreError
@@ -61,12 +61,7 @@ def v5_url() -> Iterator[str]:
         try:
             url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
             with psycopg.connect(url, autocommit=True) as db:
-                db.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY,"
-                           " applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
-                for n, script in enumerate(migrations.POSTGRES[:5], start=1):
-                    for stmt in migrations.statements(script):
-                        db.execute(stmt)  # type: ignore[call-overload]
-                    db.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (n,))
+                postgres_at(db, 5)
             yield url
         finally:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -1,7 +1,6 @@
 """The store on both backends, real SQLite and real PostgreSQL: ingest, derivation, bad input, migrations."""
 
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,18 +11,6 @@ from cloud_sink.store import Store, open_store
 from cloud_sink.stores import migrations
 from cloud_sink.workday import jst_ms
 from protocol.touch import Touch
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def kind(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest.fixture
-def store(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Store]:
-    url = request.getfixturevalue("pg_url") if kind == "postgres" else None
-    with fresh_store(kind, tmp_path, url) as s:
-        yield s
 
 
 def test_work_history_first_in_last_out_taps_and_missing_exit(store: Store) -> None:
