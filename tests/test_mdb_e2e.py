@@ -110,16 +110,17 @@ def test_dispense_and_failure(rig, dispense, final, result):
     assert ctl.remaining(TECH) == (0 if dispense else 1)
 
 
+def _cancel_after_request(v: Vmc) -> object:
+    """The VMC cancels right after its VEND REQUEST, before any approval."""
+    v.vend_request(3, 100)
+    r = v.vend_cancel()
+    v.session_complete()
+    return r.code
+
+
 def test_cancel_before_approval_releases(rig):
     board, vmc, ch, ctl = rig
-
-    def cancel(v: Vmc) -> object:
-        v.vend_request(3, 100)
-        r = v.vend_cancel()
-        v.session_complete()
-        return r.code
-
-    res, out, got = _run(vmc, cancel, ch, ctl)
+    res, out, got = _run(vmc, _cancel_after_request, ch, ctl)
     assert got == mdb.P_VEND_DENIED
     assert ctl.journal.get(res.vend_id).state == tx.RELEASED and ctl.remaining(TECH) == 1
 
@@ -183,14 +184,7 @@ def test_fast_machine_cancel_disable_and_reset(fast_rig):
     """Back-to-back: a cancel right after the request; a disable in an idle session; a reset
     right after the approval. Each settles as on a standard machine."""
     board, vmc, ch, ctl = fast_rig
-
-    def cancel(v: Vmc) -> object:
-        v.vend_request(3, 100)
-        r = v.vend_cancel()
-        v.session_complete()
-        return r.code
-
-    res, out, got = _run(vmc, cancel, ch, ctl)
+    res, out, got = _run(vmc, _cancel_after_request, ch, ctl)
     assert got == mdb.P_VEND_DENIED and ctl.journal.get(res.vend_id).state == tx.RELEASED
 
     def disable(v: Vmc) -> object:
