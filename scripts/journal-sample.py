@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from pathlib import Path
 import cbor2
 
 from broker.launcher import PrivateBroker
+from broker.procs import stop_process
 from demo.site_day import card_of, write_idlist_csv
 from edge.idlist import Entry, Status
 from ops.mqttc import BrokerOpts, snapshot
@@ -102,11 +102,7 @@ def main() -> int:
             wait_for(lambda: any("again after" in t for _, _, t in lines), 60,
                      "the agent's reconnect")
         finally:
-            agent.send_signal(signal.SIGTERM)
-            try:
-                agent.wait(20)
-            except subprocess.TimeoutExpired:
-                agent.kill()
+            stop_process(agent, timeout=20)
             reader.join(5)
             broker.close()
     host = socket.gethostname().split(".")[0]

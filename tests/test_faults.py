@@ -19,7 +19,6 @@ CCUS_FAULT_TOUCHES (default 2000) sets the touches per round.
 import json
 import os
 import random
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -30,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from broker.launcher import PrivateBroker
-from broker.procs import wait_until
+from broker.procs import stop_process, wait_until
 from cloud_sink.acks import gap_report
 from cloud_sink.store import SqliteStore
 
@@ -106,13 +105,7 @@ class Rig:
 
     def close(self) -> None:
         for p in (self.agent, self.sink):
-            if p and p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(5)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(5)
+            stop_process(p)
         self.broker.close()
 
 
