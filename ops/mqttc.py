@@ -1,12 +1,14 @@
-"""The ONE MQTT client helper of every `ccus ops` command (paho-mqtt 2, MQTT 5, TLS included).
+"""The ONE MQTT client helper of every `ccus ops` command (paho-mqtt 2, MQTT 5 or 3.1.1, TLS
+included).
 
 Rules: every ops command that talks MQTT takes the same options through `add_broker_args`
 (`--broker HOST:PORT`, default `DEFAULT_BROKER` = the cloud broker's TLS port, `--ca`,
-`--cert`, `--key`) and turns them into a `BrokerOpts` with `broker_opts`; every failure is an
-`MqttError` whose message is one line naming the broker and the cause (refused, TLS
-verification, certificate refused, unknown host, no CONNACK), so the CLI prints it and exits
-non-zero without a traceback. Thin: publishing with checked PUBACKs, a bounded window, a
-snapshot of retained messages; no decisions here.
+`--cert`, `--key`, `--mqtt-protocol`: 5 for Mosquitto, 3.1.1 for the NATS cluster's MQTT
+gateway, which speaks nothing newer) and turns them into a `BrokerOpts` with `broker_opts`;
+every failure is an `MqttError` whose message is one line naming the broker and the cause
+(refused, TLS verification, certificate refused, unknown host, no CONNACK), so the CLI prints
+it and exits non-zero without a traceback. Thin: publishing with checked PUBACKs, a bounded
+window, a snapshot of retained messages; no decisions here.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import socket
 import ssl
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -35,6 +38,7 @@ if TYPE_CHECKING:  # the list code (and `cryptography`) only when a list is hand
 
 TLS_PORT = 8883            # the cloud broker's listener (docs/operations.md, broker-config)
 DEFAULT_BROKER = f"127.0.0.1:{TLS_PORT}"
+PROTOCOLS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
 
 
 class MqttError(OpsError, RuntimeError):
@@ -56,6 +60,7 @@ class BrokerOpts:
     ca: str = ""
     cert: str = ""
     key: str = ""
+    protocol: str = "5"         # a key of PROTOCOLS
 
     @property
     def tls(self) -> bool:
@@ -73,6 +78,8 @@ def add_broker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ca", default="", help="CA certificate (PEM); enables TLS")
     p.add_argument("--cert", default="", help="this operator's client certificate (PEM)")
     p.add_argument("--key", default="", help="its private key (PEM)")
+    p.add_argument("--mqtt-protocol", choices=sorted(PROTOCOLS), default="5",
+                   help="MQTT version (default 5; 3.1.1 for the NATS cluster's MQTT gateway)")
 
 
 def parse_broker(spec: str, default_port: int = TLS_PORT) -> tuple[str, int]:
@@ -97,7 +104,8 @@ def broker_opts(args: argparse.Namespace) -> BrokerOpts:
         raise ValueError("--cert and --key go together (the client certificate and its key)")
     if args.cert and not args.ca:
         raise ValueError("--cert needs --ca (the CA that signed the broker's certificate)")
-    return BrokerOpts(host, port, args.ca, args.cert, args.key)
+    return BrokerOpts(host, port, args.ca, args.cert, args.key,
+                      getattr(args, "mqtt_protocol", "5"))
 
 
 def _cause(exc: BaseException) -> str:
@@ -124,9 +132,14 @@ def _cause(exc: BaseException) -> str:
 
 def connect(opts: BrokerOpts, client_id: str = "", timeout: float = 10.0,
             on_message: Callable[[mqtt.MQTTMessage], None] | None = None) -> mqtt.Client:
-    """An MQTT 5 client with its loop running; raises MqttError (one line, with the cause)
-    unless the CONNACK is a success."""
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    """An MQTT client (5, or 3.1.1 as `opts.protocol` says) with its loop running; raises
+    MqttError (one line, with the cause) unless the CONNACK is a success."""
+    if opts.protocol == "3.1.1" and not client_id:
+        # 3.1.1 lets a server refuse an empty client id; NATS's gateway keeps a session
+        # (a JetStream stream entry) per id, so a fresh one per command, cleaned at the end
+        client_id = f"ccus-ops-{uuid.uuid4().hex[:12]}"
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                         protocol=PROTOCOLS[opts.protocol])
     where = f"broker {opts.address}"
     if opts.tls:
         try:
@@ -163,10 +176,15 @@ def connect(opts: BrokerOpts, client_id: str = "", timeout: float = 10.0,
             client.disconnect()
         if isinstance(result.get("rc"), ReasonCode):
             why = f"refused: {result['rc']}"
+            if result["rc"].value in (1, 132) and opts.protocol == "5":  # 3.1.1 / 5 codes
+                why += " (an MQTT 3.1.1 broker such as NATS's gateway? give --mqtt-protocol 3.1.1)"
         elif "closed" in result:
             why = ("closed the connection before CONNACK"
                    + (" (client certificate refused, revoked or expired?)" if opts.tls
-                      else " (a TLS-only listener? give --ca/--cert/--key)"))
+                      else " (a TLS-only listener? give --ca/--cert/--key)")
+                   + ("; NATS's gateway also does so while its session stream has no "
+                      "leader (after a node's loss): try again in a few seconds"
+                      if opts.protocol == "3.1.1" else ""))
         else:
             why = f"no CONNACK within {timeout:g}s" + (
                 "" if opts.tls else " (a TLS port? give --ca/--cert/--key)")
@@ -259,8 +277,16 @@ def publish_all(client: mqtt.Client, messages: Iterable[Message], *, window: int
     return count
 
 
+def sub_qos(client: mqtt.Client) -> int:
+    """QoS 1 on MQTT 5; 0 on 3.1.1, which here means NATS's gateway: there a QoS 1
+    subscription is a replicated JetStream consumer made for the command (slow, and refused
+    with 'Unspecified error' while the cluster is busy or electing), while retained messages,
+    all an operator's command reads, come to a QoS 0 subscription as well."""
+    return 0 if client.protocol == mqtt.MQTTv311 else 1
+
+
 def subscribe(client: mqtt.Client, topic_filter: str, *, timeout: float = 10.0) -> None:
-    """Subscribe QoS 1 and wait for the SUBACK; a refused subscription raises."""
+    """Subscribe (QoS `sub_qos`) and wait for the SUBACK; a refused subscription raises."""
     subscribed = threading.Event()
     codes: list[ReasonCode] = []
 
@@ -272,7 +298,7 @@ def subscribe(client: mqtt.Client, topic_filter: str, *, timeout: float = 10.0) 
     old = client.on_subscribe
     client.on_subscribe = on_subscribe
     try:
-        client.subscribe(topic_filter, qos=1)
+        client.subscribe(topic_filter, qos=sub_qos(client))
         if not subscribed.wait(timeout):
             raise MqttError(f"no SUBACK for {topic_filter} within {timeout:g}s")
     finally:
@@ -310,7 +336,7 @@ def snapshot(opts: BrokerOpts, topic_filter: str, *, quiet_s: float = 0.5, timeo
 def attach_updater(client: mqtt.Client, updater: ListUpdater,
                    on_outcome: Callable[[Outcome], Any] | None = None, *,
                    subscribe: bool = True, executor: Executor | None = None) -> str:
-    """Route `ccus/v1/list/{name}/#` into `updater.handle` (serialised) and subscribe QoS 1:
+    """Route `ccus/v1/list/{name}/#` into `updater.handle` (serialised) and subscribe:
     a list follower outside the agent (tests, a cache host). The agent has its own in
     edge/link.py.
 
@@ -328,7 +354,7 @@ def attach_updater(client: mqtt.Client, updater: ListUpdater,
             outcomes = updater.handle(topic_, payload)
         for o in outcomes:
             if o.fetch:  # chunks dropped before their manifest: the broker sends them again
-                client.subscribe(o.fetch, qos=1)
+                client.subscribe(o.fetch, qos=sub_qos(client))
         if on_outcome is not None:
             for o in outcomes:
                 on_outcome(o)
@@ -341,5 +367,5 @@ def attach_updater(client: mqtt.Client, updater: ListUpdater,
 
     client.message_callback_add(topic, on_message)
     if subscribe:
-        client.subscribe(topic, qos=1)
+        client.subscribe(topic, qos=sub_qos(client))
     return topic
