@@ -206,6 +206,20 @@ class PostgresStore(SqlStore):
                 raise  # _tx turns it into one line
             raise self._lost(exc) from exc
 
+    def copy_out(self, sql: str, params: Sequence[Any] = ()) -> Iterator[bytes]:
+        """The rows of `COPY (sql) TO STDOUT` (text format, psycopg's %s parameters), one bytes
+        a row as the server sends it (escaped, ending in a newline): a large export streams
+        from the server into its file without a Python object per field."""
+        with self._lock:
+            self._reconnect_if_lost()
+            try:
+                with self._db.cursor() as cur, cur.copy(
+                        f"COPY ({sql}) TO STDOUT", params) as cp:  # type: ignore[arg-type]
+                    for row in cp:
+                        yield bytes(row)
+            except psycopg.OperationalError as exc:
+                raise self._lost(exc) from exc
+
     def _many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         with self._db.cursor() as cur:
             cur.executemany(sql.replace("?", "%s"), list(rows))  # type: ignore[arg-type]
