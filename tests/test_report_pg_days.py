@@ -190,8 +190,9 @@ class _Broken:
     def __init__(self, store: Store) -> None:
         self.store = store
 
-    def copy_out(self, sql: str, params: object = ()) -> object:
-        return self.store.copy_out(sql.replace("x.days", "x.no_such_column"), params)  # type: ignore[attr-defined]
+    def copy_out(self, sql: str, params: object, settings: object = None) -> object:
+        return self.store.copy_out(sql.replace("x.days", "x.no_such_column"), params,  # type: ignore[attr-defined]
+                                   settings)
 
 
 def test_quoted_characters_are_asked_of_the_python_writer() -> None:

@@ -15,7 +15,7 @@ writer does not), so the only decoding left is COPY's backslash escapes.
 
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping
 from functools import cache
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,7 +27,14 @@ BY = ("main", "site")   # the ways done here; first-tier and technician stay in 
 
 
 class CopySource(Protocol):
-    def copy_out(self, sql: str, params: Sequence[Any] = ()) -> Iterator[bytes]: ...
+    def copy_out(self, sql: str, params: Mapping[str, Any],
+                 settings: Mapping[str, str] | None = None) -> Iterator[bytes]: ...
+
+
+# for the export's transaction only: JIT compiled the line-building CASEs for 4.1 s of an
+# 8.5 s national query (EXPLAIN ANALYZE, 2026-12-02); with the default 4 MB the aggregate
+# and the sorts (~80 + 120 MB nationally) went to disk
+SETTINGS = {"jit": "off", "work_mem": "256MB"}
 
 
 @cache
@@ -46,35 +53,42 @@ def _q(expr: str) -> str:
             f" ELSE {expr} END")
 
 
-# the row's fields in shape.DAYS_COLUMNS order, as the inner query names them
+# the row's text fields in shape.DAYS_COLUMNS order, as the inner query names them; month
+# (YYYY-MM, checked by month_bounds) never needs quoting and days is digits
 _FIELDS = ("contractor", "contractor_name", "site", "site_name", "month", "technician",
            "technician_name", "employer")
+_PLAIN = ("month",)
 
 
 def sql(by: str, site: str | None, month: str, contractor: str | None
-        ) -> tuple[str, list[str]]:
+        ) -> tuple[str, dict[str, str]]:
     """(SELECT of one text column, the CSV line without its newline, in the export's order;
-    its parameters)."""
+    its named parameters). One month: so the month is a constant, the contractor a function of
+    the site (its rule on the month's last day), and Python's sort keys (site, contractor,
+    month, technician) and (contractor, site, month, technician) come down to (site,
+    technician) and (contractor, site, technician)."""
     if by not in BY:
         raise ValueError(f"the PostgreSQL export does --by {' or '.join(BY)}, not {by}")
     lo, hi = month_bounds(month)
-    last = f"{month}-31"   # rule_on's day, as the Python path forms it
-    cond, args = ["work_day BETWEEN %s AND %s"], [lo, hi]
+    args = {"lo": lo, "hi": hi, "month": month, "last": f"{month}-31"}  # rule_on's day
+    cond = ["work_day BETWEEN %(lo)s AND %(hi)s"]
+    only = keep = ""
     if site:
-        cond.insert(0, "site = %s")
-        args.insert(0, site)
-    only = " WHERE s.site = %s" if site else ""
-    keep = " WHERE COALESCE(r.main_contractor, '') = %s" if contractor else ""
-    # the rule in force: among the site's rows, those from on or before `last` (latest first),
-    # then the others (earliest first), as rule_on walks them
+        cond.insert(0, "site = %(site)s")
+        only, args["site"] = " WHERE s.site = %(site)s", site
+    if contractor:
+        keep, args["contractor"] = " WHERE COALESCE(r.main_contractor, '') = %(contractor)s", \
+            contractor
     inner = (
-        "WITH d AS (SELECT site, substr(work_day, 1, 7) AS m, tid, COUNT(*) AS n"
-        f" FROM work_history WHERE {' AND '.join(cond)}"
-        " GROUP BY site, substr(work_day, 1, 7), tid),"
+        # the month's work days per site and technician (the month is one: no key for it)
+        "WITH d AS (SELECT site, tid, COUNT(*) AS n FROM work_history"
+        f" WHERE {' AND '.join(cond)} GROUP BY site, tid),"
+        # the rule in force: among the site's rows, those from on or before `last` (latest
+        # first), then the others (earliest first), as rule_on walks them
         " r AS (SELECT DISTINCT ON (s.site) s.site, s.name, s.main_contractor FROM sites s"
         f"{only} ORDER BY s.site,"
-        ' (s.valid_from COLLATE "C" <= %s) DESC,'
-        ' CASE WHEN s.valid_from COLLATE "C" <= %s THEN s.valid_from END COLLATE "C"'
+        ' (s.valid_from COLLATE "C" <= %(last)s) DESC,'
+        ' CASE WHEN s.valid_from COLLATE "C" <= %(last)s THEN s.valid_from END COLLATE "C"'
         ' DESC NULLS LAST, s.valid_from COLLATE "C"),'
         # store.chain() order is (site, parent, contractor) in the database's collation: the
         # same ORDER BY here, so the same link's name comes first
@@ -82,17 +96,15 @@ def sql(by: str, site: str | None, month: str, contractor: str | None
         " WHERE name <> '' ORDER BY contractor, site, parent)"
         " SELECT COALESCE(r.main_contractor, '') AS contractor,"
         " COALESCE(c.name, '') AS contractor_name, d.site, COALESCE(r.name, '') AS site_name,"
-        " d.m AS month, d.tid AS technician, COALESCE(t.name, '') AS technician_name,"
+        " %(month)s::text AS month, d.tid AS technician, COALESCE(t.name, '') AS technician_name,"
         " COALESCE(t.employer, '') AS employer, d.n::text AS days"
         " FROM d LEFT JOIN r ON r.site = d.site"
         " LEFT JOIN c ON c.contractor = COALESCE(r.main_contractor, '')"
         f" LEFT JOIN technicians t ON t.tid = d.tid{keep}")
-    args += [site, last, last] if site else [last, last]
-    if contractor:
-        args.append(contractor)
-    first = ("site", "contractor") if by == "site" else ("contractor", "site")
-    order = ", ".join(f'x.{k} COLLATE "C"' for k in (*first, "month", "technician"))
-    line = " || ',' || ".join([_q(f"x.{f}") for f in _FIELDS] + ["x.days"])
+    keys = ("site", "technician") if by == "site" else ("contractor", "site", "technician")
+    order = ", ".join(f'x.{k} COLLATE "C"' for k in keys)
+    line = " || ',' || ".join([f"x.{f}" if f in _PLAIN else _q(f"x.{f}") for f in _FIELDS]
+                              + ["x.days"])
     return f"SELECT {line} FROM ({inner}) x ORDER BY {order}", args
 
 
@@ -110,7 +122,7 @@ def lines(store: CopySource, by: str, site: str | None, month: str,
           contractor: str | None) -> Iterator[bytes]:
     """The export's CSV lines (UTF-8, each ending in '\\n'), header not included."""
     query, args = sql(by, site, month, contractor)
-    for row in store.copy_out(query, args):
+    for row in store.copy_out(query, args, SETTINGS):
         yield _unescape(row)
 
 
