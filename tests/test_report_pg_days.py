@@ -67,7 +67,9 @@ def url(request: pytest.FixtureRequest) -> str:
                     ChainLink(SITE_C, MAIN3, "", ""),
                     # which of these names MAIN3 is the collation's say (store.chain() order)
                     ChainLink("a-site", MAIN3, "", "a名の元請"),
-                    ChainLink("B,site", MAIN3, "", "B名の元請")])
+                    ChainLink("B,site", MAIN3, "", "B名の元請"),
+                    # a contractor '' named: what an unregistered site's contractor '' is called
+                    ChainLink("ｱ", "", "", '空の"元請"')])
     s.import_technicians([Technician(tid(i), TIER1 if i % 2 else MAIN, name)
                           for i, name in enumerate(AWKWARD, start=1)]
                          + [Technician(tid(50), "", "")])
@@ -122,6 +124,8 @@ def test_database_export_is_byte_identical_to_the_python_one(
     assert db.read_bytes() == py.read_bytes()
     if not extra:   # the whole month: every row there, every awkward name in it
         assert b"\n20000000000003," in db.read_bytes()
+        # an unregistered site: contractor '', named as the chain names ''
+        assert ',"空の""元請""",13100000000004,,2026-11,'.encode() in db.read_bytes()
         text = db.read_bytes().decode("utf-8")
         for name in AWKWARD:   # as the csv writer puts it in a field
             assert f",{output.to_csv([{'x': name}], ['x'])[2:-1]}," in text
@@ -191,7 +195,7 @@ class _Broken:
         self.store = store
 
     def copy_out(self, sql: str, params: object, settings: object = None) -> object:
-        return self.store.copy_out(sql.replace("x.days", "x.no_such_column"), params,  # type: ignore[attr-defined]
+        return self.store.copy_out(sql.replace("d.n::text", "d.no_such_column::text"), params,  # type: ignore[attr-defined]
                                    settings)
 
 
