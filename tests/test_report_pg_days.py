@@ -21,8 +21,8 @@ from cloud_sink.reports import output, pg_days
 from cloud_sink.store import Store, open_store
 from cloud_sink.workday import jst_ms
 
-SITE_A, SITE_B, SITE_C, SITE_D = ("13100000000001", "13100000000002", "13100000000003",
-                                  "13100000000004")
+SITE_A, SITE_B, SITE_C, SITE_D, SITE_E = ("13100000000001", "13100000000002", "13100000000003",
+                                          "13100000000004", "13100000000005")
 MAIN, MAIN2, MAIN3 = "20000000000001", "20000000000002", "20000000000003"
 TIER1 = "30000000000001"
 AWKWARD = ['山田, "太郎"', "改行\nあり", "復帰\rあり", "タブ\tと\\バック", "\\N", "\\.",
@@ -58,7 +58,9 @@ def url(request: pytest.FixtureRequest) -> str:
         SiteRule(SITE_B, "夜間\n現場", "site", "東京都", MAIN2, 4, "2026-11-30"),
         # only rows after the month: the first one is used
         SiteRule(SITE_C, "来年の現場", "site", "大阪府", MAIN3, 4, "2027-02-01"),
-        SiteRule(SITE_C, "再来年", "site", "大阪府", MAIN, 4, "2028-01-01")])
+        SiteRule(SITE_C, "再来年", "site", "大阪府", MAIN, 4, "2028-01-01"),
+        # registered without a main contractor: with the unregistered sites, by site
+        SiteRule(SITE_E, "元請なし", "site", "東京都", "", 4, "2026-01-01")])
     # MAIN is named on two sites (the first in chain order wins), MAIN3 with '' on its own
     s.import_chain([ChainLink(SITE_A, MAIN, "", "元請建設, 本店"),
                     ChainLink(SITE_A, TIER1, MAIN, "一次\r工業"),
@@ -76,7 +78,7 @@ def url(request: pytest.FixtureRequest) -> str:
     seq, touches = 0, []
     for who in range(1, len(AWKWARD) + 3):   # the last two are not registered
         for site, days in [(SITE_A, (2, 3, 4)), (SITE_B, (5,)), (SITE_C, (6, 7)),
-                           (SITE_D, (9,))]:
+                           (SITE_D, (9,)), (SITE_E, (11,))]:
             for d in days[: 1 + who % len(days)]:
                 seq += 1
                 touches.append(touch(seq, device="gate-" + site[-1], site=site, who=who,

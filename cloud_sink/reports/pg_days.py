@@ -56,11 +56,14 @@ def _q(expr: str) -> str:
 def sql(by: str, site: str | None, month: str, contractor: str | None
         ) -> tuple[str, dict[str, str]]:
     """(SELECT of one text column, the CSV line without its newline, in the export's order;
-    its named parameters). One month: so the month is a constant, the contractor a function of
-    the site (its rule on the month's last day), and Python's sort keys (site, contractor,
-    month, technician) and (contractor, site, month, technician) come down to (site,
-    technician) and (contractor, site, technician). The line's first five fields belong to the
-    site: made once a site (230,000 nationally), not once a row (460,000)."""
+    its named parameters).
+
+    One month: so the month is a constant, the contractor a function of the site (its rule on
+    the month's last day), and Python's sort keys (site, contractor, month, technician) and
+    (contractor, site, month, technician) come down to (site, technician) and (the site's
+    place among (contractor, site), site, technician). The line's first five fields and the
+    place belong to the site: made once a site (230,000 nationally), not once a row
+    (460,000)."""
     if by not in BY:
         raise ValueError(f"the PostgreSQL export does --by {' or '.join(BY)}, not {by}")
     lo, hi = month_bounds(month)   # month is YYYY-MM from here on: never quoted
@@ -93,10 +96,16 @@ def sql(by: str, site: str | None, month: str, contractor: str | None
         ' CASE WHEN s.valid_from COLLATE "C" <= %(last)s THEN s.valid_from END COLLATE "C"'
         ' DESC NULLS LAST, s.valid_from COLLATE "C"),'
         # store.chain() order is (site, parent, contractor) in the database's collation: the
-        # same ORDER BY here, so the same link's name comes first
+        # same ORDER BY here, so the same link's name comes first (of main contractors only:
+        # half the chain's rows nationally, the other half is first tiers)
         " c AS (SELECT DISTINCT ON (contractor) contractor, name FROM site_chain"
-        " WHERE name <> '' ORDER BY contractor, site, parent),"
-        f" rs AS (SELECT r.site, r.main_contractor AS contractor, {head} || ',' AS head"
+        " WHERE name <> '' AND contractor IN (SELECT main_contractor FROM sites)"
+        " ORDER BY contractor, site, parent),"
+        # by main, a site's place among (contractor, site), 0 for contractor '' (first, by
+        # site, with the unregistered sites): the big sort compares an integer first
+        f" rs AS (SELECT r.site, r.main_contractor AS contractor, {head} || ',' AS head,"
+        " CASE WHEN r.main_contractor = '' THEN 0 ELSE row_number() OVER (ORDER BY"
+        ' r.main_contractor COLLATE "C", r.site COLLATE "C") END AS place'
         " FROM r LEFT JOIN c ON c.contractor = r.main_contractor),"
         # (not from c: a CTE named twice is materialized, and the planner, blind to its
         # columns, took rs for 67 M rows and hashed it to disk, 1.9 s of a 6.3 s export)
@@ -105,9 +114,8 @@ def sql(by: str, site: str | None, month: str, contractor: str | None
         f" SELECT COALESCE(rs.head, {bare} || ',') || {tail}"
         " FROM d CROSS JOIN c0 LEFT JOIN rs ON rs.site = d.site"
         f" LEFT JOIN technicians t ON t.tid = d.tid{keep}")
-    keys = (["d.site", "d.tid"] if by == "site"
-            else ["COALESCE(rs.contractor, '')", "d.site", "d.tid"])
-    return query + " ORDER BY " + ", ".join(f'{k} COLLATE "C"' for k in keys), args
+    order = ("COALESCE(rs.place, 0), " if by == "main" else "") + 'd.site COLLATE "C", d.tid COLLATE "C"'
+    return f"{query} ORDER BY {order}", args
 
 
 _ESCAPE = re.compile(rb"\\(.)", re.S)
