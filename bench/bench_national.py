@@ -13,10 +13,12 @@ sites, TECHS technicians a site, DAYS work days each, an entry and an exit a day
 sites -> 5.06 M site-days, 10.1 M touches); 20 sites per main contractor, a first-tier
 contractor per site; every site, contractor and technician has a name.
 
-Timed in one run, each the best of --repeat: the CLI exports (`ccus report days-worked`:
-per site without names; --by site and --by main with names), the naive GROUP BY over the
-month's raw touches, and a single site-month work-history report (query + shaping + CSV) over
-random sites. Prints one JSON document.
+Timed in one run, each the best of --repeat with the 1-minute load average before each run:
+the CLI exports (`ccus report days-worked`: per site without names; --by site and --by main
+with names, which PostgreSQL shapes and COPYs out), the same named exports through the Python
+path (report_cli.days_worked_by_python: what the CLI did before, and does on SQLite) with
+their bytes compared, the naive GROUP BY over the month's raw touches, and a single site-month
+work-history report (query + shaping + CSV) over random sites. Prints one JSON document.
 """
 
 from __future__ import annotations
@@ -169,17 +171,39 @@ def cached_national(sites: int, month: str, rebuild: bool = False
     return url, {"build_s": build_s, **phases}
 
 
-def _timed_cli(args: list[str], out: Path, repeat: int) -> dict[str, object]:
-    times = []
+# the named export as the CLI wrote it before PostgreSQL shaped it (report_cli's Python path,
+# still every SQLite store's): timed beside the CLI, and its bytes compared with the CLI's
+PYTHON_PATH = (
+    "import argparse, sys\n"
+    "from cloud_sink import report_cli\n"
+    "from cloud_sink.store import open_store\n"
+    "p = argparse.ArgumentParser()\n"
+    "report_cli.register(p.add_subparsers(dest='cmd'))\n"
+    "a = p.parse_args(['report', 'days-worked', *sys.argv[1:]])\n"
+    "s = open_store(a.store, create=False)\n"
+    "report_cli.days_worked_by_python(a, s)\n"
+    "s.close()\n")
+
+
+def _load_avg() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def _timed_cli(args: list[str], out: Path, repeat: int, python_path: bool = False
+               ) -> dict[str, object]:
+    head = ["-c", PYTHON_PATH] if python_path else ["-m", "ccus.cli", "report", "days-worked"]
+    times, loads = [], []
     for _ in range(repeat):
+        loads.append(_load_avg())
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "ccus.cli", "report", "days-worked", *args,
-                        "--out", str(out)], cwd=ROOT, check=True)
+        subprocess.run([sys.executable, *head, *args, "--out", str(out)], cwd=ROOT, check=True)
         times.append(time.perf_counter() - t0)
-    with open(out, encoding="utf-8") as f:
+    with open(out, encoding="utf-8", newline="") as f:
         rows = sum(1 for _ in f) - 1
-    return {"command": "ccus report days-worked " + " ".join(args), "best_s": round(min(times), 2),
-            "all_s": [round(t, 2) for t in times], "rows": rows}
+    command = ("report_cli.days_worked_by_python " if python_path
+               else "ccus report days-worked ") + " ".join(args)
+    return {"command": command, "best_s": round(min(times), 2),
+            "all_s": [round(t, 2) for t in times], "load_1m": loads, "rows": rows}
 
 
 NAIVE = ("SELECT site, tid, COUNT(DISTINCT work_day) FROM touches WHERE month = %s"
@@ -197,22 +221,27 @@ def bench(url: str, month: str, repeat: int, samples: int) -> dict[str, object]:
                         for t in ("touches", "work_history", "sites", "technicians", "site_chain")}
         parted = db.execute("SELECT relkind = 'p' FROM pg_class WHERE relname = 'touches'"
                             ).fetchone()[0]
-        naive = []
+        naive, naive_loads = [], []
         for _ in range(repeat):
+            naive_loads.append(_load_avg())
             t0 = time.perf_counter()
             n = len(db.execute(NAIVE, (month,)).fetchall())
             naive.append(time.perf_counter() - t0)
     out["naive_group_by"] = {"sql": NAIVE.replace("%s", f"'{month}'"),
                              "best_s": round(min(naive), 2),
-                             "all_s": [round(t, 2) for t in naive], "rows": n}
+                             "all_s": [round(t, 2) for t in naive], "load_1m": naive_loads,
+                             "rows": n}
+    named = {"export_per_site_named": "site", "export_per_main_contractor": "main"}
     with tempfile.TemporaryDirectory(prefix="ccus-nat-") as tmp:
         base = ["--store", url, "--month", month]
         out["export_per_site"] = _timed_cli(base, Path(tmp) / "a.csv", repeat)
-        out["export_per_site_named"] = _timed_cli([*base, "--by", "site"], Path(tmp) / "b.csv",
-                                                  repeat)
-        out["export_per_main_contractor"] = _timed_cli([*base, "--by", "main"],
-                                                       Path(tmp) / "c.csv", repeat)
-    for k in ("export_per_site", "export_per_site_named", "export_per_main_contractor"):
+        for key, by in named.items():
+            cli, py = Path(tmp) / f"{by}.csv", Path(tmp) / f"{by}-python.csv"
+            out[key] = _timed_cli([*base, "--by", by], cli, repeat)
+            out[key]["path"] = "shaped in PostgreSQL, COPY out"  # type: ignore[index]
+            out[key + "_python_path"] = _timed_cli([*base, "--by", by], py, repeat, True)
+            out[key]["same_bytes_as_python_path"] = cli.read_bytes() == py.read_bytes()  # type: ignore[index]
+    for k in ("export_per_site", *named, *(k + "_python_path" for k in named)):
         out[k]["ratio_to_naive"] = round(out[k]["best_s"] / max(min(naive), 0.001), 2)  # type: ignore[index]
     store = open_store(url, create=False)
     rng = random.Random(7)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from cloud_sink.registry import by_site, rule_on
-from cloud_sink.reports import output, shape
+from cloud_sink.reports import output, pg_days, shape
 from cloud_sink.store import Store, open_store
 from cloud_sink.stores.base import month_bounds
 
@@ -143,12 +143,31 @@ def _names(store: Store) -> dict[str, str]:
     return {t.tid: t.name for t in store.technicians() if t.name}
 
 
+def days_in_database(args: argparse.Namespace, store: Store) -> bool:
+    """Whether the named export is shaped and written by PostgreSQL (pg_days: the same bytes)
+    rather than in Python: CSV of --by main or site from a store that can COPY out."""
+    return (args.by in pg_days.BY and args.format == "csv" and bool(args.month)
+            and hasattr(store, "copy_out"))
+
+
+def days_worked_by_python(args: argparse.Namespace, store: Store) -> None:
+    """The `--by` export shaped in Python (every store, every --by, CSV and JSON)."""
+    rows = shape.days_worked_by(store.days_worked_named(args.site, args.month), args.by,
+                                by_site(store.sites()), store.chain(), args.contractor)
+    _emit(args, "days-worked-by", rows, header=shape.DAYS_JA if args.ja else None,
+          by=args.by, contractor=args.contractor, site=args.site, month=args.month)
+
+
+def days_worked_by_database(args: argparse.Namespace, store: Store) -> None:
+    pg_days.write(store, args.by, args.site, args.month, args.contractor,  # type: ignore[arg-type]
+                  args.out, bom=args.bom, header=shape.DAYS_JA if args.ja else None)
+
+
 def _days_worked(args: argparse.Namespace, store: Store) -> int:
-    if args.by:
-        rows = shape.days_worked_by(store.days_worked_named(args.site, args.month), args.by,
-                                    by_site(store.sites()), store.chain(), args.contractor)
-        _emit(args, "days-worked-by", rows, header=shape.DAYS_JA if args.ja else None,
-              by=args.by, contractor=args.contractor, site=args.site, month=args.month)
+    if args.by and days_in_database(args, store):
+        days_worked_by_database(args, store)
+    elif args.by:
+        days_worked_by_python(args, store)
     else:
         rows = shape.days_worked(store.days_worked(args.site, args.month))
         _emit(args, "days-worked", rows, site=args.site, month=args.month)

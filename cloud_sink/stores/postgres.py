@@ -6,7 +6,7 @@ transaction-level advisory lock, so each recomputation sees every touch committe
 
 import contextlib
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -205,6 +205,24 @@ class PostgresStore(SqlStore):
             if self._in_tx:
                 raise  # _tx turns it into one line
             raise self._lost(exc) from exc
+
+    def copy_out(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = (),
+                 settings: Mapping[str, str] | None = None) -> Iterator[bytes]:
+        """The rows of `COPY (sql) TO STDOUT` (text format, psycopg's %s or %(name)s
+        parameters), one bytes a row as the server sends it (escaped, ending in a newline): a
+        large export streams from the server into its file without a Python object per field.
+        `settings`: planner and memory settings for this query only (SET LOCAL)."""
+        with self._lock:
+            self._reconnect_if_lost()
+            try:
+                with self._db.transaction(), self._db.cursor() as cur:
+                    for name, value in (settings or {}).items():
+                        cur.execute("SELECT set_config(%s, %s, true)", (name, value))
+                    with cur.copy(f"COPY ({sql}) TO STDOUT", params) as cp:  # type: ignore[arg-type]
+                        for row in cp:
+                            yield bytes(row)
+            except psycopg.OperationalError as exc:
+                raise self._lost(exc) from exc
 
     def _many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         with self._db.cursor() as cur:
