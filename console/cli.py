@@ -28,6 +28,8 @@ def register(sub: Sub) -> None:  # type: ignore[valid-type]
     p.add_argument("--cert", default="", help="the console's client certificate")
     p.add_argument("--key", default="", help="its private key")
     p.add_argument("--client-id", default="", help="MQTT client id (on the cloud broker: the CN)")
+    p.add_argument("--mqtt-protocol", choices=("5", "3.1.1"), default="5",
+                   help="MQTT version (default 5; 3.1.1 for the NATS cluster's MQTT gateway)")
     p.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT")
     p.add_argument("--users", metavar="FILE", help="the users file (ccus console user add)")
     p.add_argument("--secret-file", metavar="FILE",

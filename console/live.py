@@ -22,7 +22,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from ops.mqttc import BrokerOpts, connect
+from ops.mqttc import BrokerOpts, connect, sub_qos
 from protocol import topics
 from protocol.touch import TouchError, decode
 
@@ -143,10 +143,11 @@ class Bridge:
 
     # -- the broker ------------------------------------------------------------------------
     def start(self, opts: BrokerOpts, client_id: str = "") -> None:
-        filters = [(topics.every(topics.STATE), 1), (topics.ALL_TOUCHES, 0), (MANIFESTS, 1),
-                   (topics.every(topics.CONFIG), 1), (topics.every(topics.CONFIG_ACK), 1)]
         self.client = connect(opts, client_id,
                               on_message=lambda m: self.feed(m.topic, bytes(m.payload), bool(m.retain)))
+        q = sub_qos(self.client)   # 0 on NATS's 3.1.1 gateway: no JetStream consumer per filter
+        filters = [(topics.every(topics.STATE), q), (topics.ALL_TOUCHES, 0), (MANIFESTS, q),
+                   (topics.every(topics.CONFIG), q), (topics.every(topics.CONFIG_ACK), q)]
         sub = self.client.subscribe(filters)
 
         def resubscribe(c: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:

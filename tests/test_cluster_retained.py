@@ -137,3 +137,61 @@ def test_list_state_and_config_through_the_cluster_and_after_a_node_dies(
         agent.stop()
         if late is not None:
             late.stop()
+
+
+def test_the_console_follows_the_fleet_and_the_touches_through_the_cluster(
+        cluster: NatsCluster, tmp_path: Path) -> None:
+    """`ccus console --mqtt-protocol 3.1.1`'s link (console/live.py Bridge) on node 1: the
+    retained state a device left on node 2 before the console started, then a live touch
+    and a state change published on node 3."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+    from sink_support import touch as make_touch
+
+    from console.live import Bridge
+    from ops.mqttc import BrokerOpts
+    from protocol import topics
+    from protocol.touch import encode
+
+    def device(port: int) -> mqtt.Client:
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"gate-c{port}",
+                        protocol=mqtt.MQTTv311)
+        c.connect("127.0.0.1", port)
+        c.loop_start()
+        return c
+
+    p1, p2, p3 = cluster.mqtt_ports
+    early = device(p2)
+    early.publish(topics.state(SITE, "gate-c1"), cbor_state(online=True), qos=1,
+                  retain=True).wait_for_publish(10)
+    bridge = Bridge()
+    bridge.start(BrokerOpts(port=p1, protocol="3.1.1"), "console-cluster")
+    late = device(p3)
+    try:
+        state_topic = topics.state(SITE, "gate-c1")
+        assert poll_until(lambda: state_topic in bridge.snapshot(), 30, 0.1), \
+            "the console never got the retained state"
+        t = make_touch(1, device="gate-c2", site=SITE)
+        version = bridge.version
+
+        def sent() -> bool:
+            late.publish(topics.touch(SITE, "gate-c2"), encode(t), qos=1).wait_for_publish(10)
+            late.publish(topics.state(SITE, "gate-c2"), cbor_state(online=True), qos=1,
+                         retain=True).wait_for_publish(10)
+            return poll_until(lambda: bridge.touches_seen >= 1, 3, 0.05)
+        # the console's subscriptions reach node 3 through the routes a moment after SUBACK
+        assert poll_until(sent, 30, 0.1), "no live touch reached the console"
+        assert poll_until(lambda: bridge.version > version
+                          and topics.state(SITE, "gate-c2") in bridge.snapshot(), 10, 0.05)
+    finally:
+        bridge.stop()
+        for c in (early, late):
+            c.loop_stop()
+            c.disconnect()
+
+
+def cbor_state(*, online: bool) -> bytes:
+    import cbor2
+
+    return cbor2.dumps({"v": 1, "online": online, "ts": int(time.time() * 1000), "tq": "ntp",
+                        "role": "gate", "sw": "test", "lv": 1, "cv": 1, "backlog": 0})
