@@ -23,6 +23,7 @@ from nats_support import FAILOVER_S, Device311
 from sink_support import SITE, touch
 
 from broker.bridge_watchdog import BridgeWatchdog
+from broker.launcher import BrokerError
 from broker.nats import NatsCluster
 from broker.pgha import PgHa
 from broker.procs import poll_until, stop_process, wait_until
@@ -34,7 +35,7 @@ from protocol.touch import Touch, decode, encode
 ROOT = Path(__file__).resolve().parents[1]
 ROUNDS = int(os.environ.get("CCUS_FAULT_ROUNDS", "2"))
 DIRECT, VIA_SITE = 4, 3          # devices straight on the cluster, and through the site broker
-RATE = 7.0                       # touches/s per device
+RATE = 8.0                       # touches/s per device
 KINDS = ("nats", "pg", "sink", "site")
 T0 = jst_ms(2026, 11, 26, 6)
 
@@ -179,12 +180,19 @@ def test_the_whole_layout_under_random_faults_stores_every_touch_once_and_the_sa
             errors.append(exc)
 
     rejoining: list[threading.Thread] = []
+    # (node, s from its start to healthy again; negative: not yet healthy when the test ended)
+    healthy_again: list[tuple[str, float]] = []
 
     def rejoin(name: str) -> None:
         # a node started again after a kill -9 under load took 30-40 s here to be healthy
         # (its MQTT gateway's consumers catching up); the load goes on meanwhile
-        cluster.wait_healthy(180, [cluster.node(name)])
-        cluster.warm_mqtt(nodes=[cluster.node(name)])
+        t = time.monotonic()
+        try:
+            cluster.wait_healthy(180, [cluster.node(name)])
+            cluster.warm_mqtt(nodes=[cluster.node(name)])
+            healthy_again.append((name, round(time.monotonic() - t, 1)))
+        except BrokerError:   # stopped at the end of the test before it was healthy
+            healthy_again.append((name, -round(time.monotonic() - t, 1)))
 
     def fault_nats() -> str:
         for r in rejoining:    # never two nodes down: the last one killed is back first
@@ -244,16 +252,20 @@ def test_the_whole_layout_under_random_faults_stores_every_touch_once_and_the_sa
         def settled() -> bool:
             return all(d.acked == d.next_seq - 1 for d in devices) or bool(errors)
         drained = poll_until(settled, 120, 0.2)
+        for r in rejoining:   # a last node started again: how long it takes to be healthy
+            r.join(max(0.0, 20 - (time.monotonic() - end)))
+        first = done[0]["at"]
         for i, f in enumerate(done):
             nxt = done[i + 1]["at"] if i + 1 < len(done) else end
             f["gap_direct_s"] = round(commits.gap(f["at"], nxt, 1), 2)  # type: ignore[arg-type]
             f["gap_site_s"] = round(commits.gap(f["at"], nxt, 2), 2)    # type: ignore[arg-type]
-            f["at"] = round(f["at"] - done[0]["at"], 1)                 # type: ignore[operator]
+            f["at"] = round(f["at"] - first, 1)                         # type: ignore[operator]
             print(f)
         made = sum(d.next_seq - 1 for d in devices)
         print(f"seed {seed}: {made} touches from {len(devices)} devices; watchdog restarts "
               f"{watchdog.events}; replays {sum(d.replays for d in devices)}, reconnects "
-              f"{sum(d.connects for d in devices) - len(devices)}")
+              f"{sum(d.connects for d in devices) - len(devices)}; NATS nodes healthy again after "
+              f"their start {healthy_again}")
         assert not errors, errors
         assert drained, [(d.name, d.acked, d.next_seq - 1, d.pending) for d in devices]
         assert made > 3000

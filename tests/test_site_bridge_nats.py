@@ -3,19 +3,24 @@
 with their touches through the bridge into the JetStream sink and the acks back through it;
 kill -9 of the site broker under load, then its restart: every touch stored once, contiguous."""
 
+import contextlib
 import json
 import random
 import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from agent_proc import TappingAgent, stored_seqs
+from nats_support import Device311
+from sink_support import SITE as SINK_SITE
 
+from broker.bridge_watch import WatchConfig
 from broker.bridge_watchdog import BridgeWatchdog
 from broker.launcher import TEMPLATES, PrivateBroker, free_port
 from broker.nats import NatsCluster, mqtt_hello
@@ -236,3 +241,102 @@ def test_mqtt_hello_is_a_real_311_connect(broker: PrivateBroker) -> None:
     assert mqtt_hello(broker.port, "hello-1")
     assert "as hello-1 (p2, c1" in broker.log_path.read_text()      # 3.1.1, clean session
     assert not mqtt_hello(free_port(), "hello-2", timeout=2)         # nobody listens
+
+
+class StuckGateway:
+    """A TCP listener in front of a real node's MQTT port: while ``stuck``, each connection gets
+    its CONNACK (and PINGRESPs) and nothing else, so the bridge counts as connected and forwards
+    into the void (what NATS 2.9 did after a node's kill -9); once not stuck, new connections
+    are piped to the node. A connection keeps the mode it was accepted in."""
+
+    def __init__(self, node_port: int) -> None:
+        self.node_port = node_port
+        self.stuck = True
+        self.accepted = 0
+        self._srv = socket.create_server(("127.0.0.1", 0))
+        self.port = self._srv.getsockname()[1]
+        self._socks: list[socket.socket] = [self._srv]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                c, _ = self._srv.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            self._socks.append(c)
+            if self.stuck:
+                threading.Thread(target=self._swallow, args=(c,), daemon=True).start()
+            else:
+                up = socket.create_connection(("127.0.0.1", self.node_port))
+                self._socks.append(up)
+                for a, b in ((c, up), (up, c)):
+                    threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _swallow(c: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            first = True
+            while data := c.recv(65536):
+                if first:                       # the CONNECT: accepted, clean session
+                    c.sendall(b"\x20\x02\x00\x00")
+                    first = False
+                if b"\xc0\x00" in data:         # PINGREQ (good enough for a test)
+                    c.sendall(b"\xd0\x00")
+
+    @staticmethod
+    def _pipe(a: socket.socket, b: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := a.recv(65536):
+                b.sendall(data)
+        with contextlib.suppress(OSError):
+            b.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        for s in self._socks:
+            with contextlib.suppress(OSError):
+                s.close()
+
+
+@pytest.mark.e2e
+def test_the_watchdog_restarts_a_site_broker_whose_bridge_is_connected_and_forwards_nothing(
+        cluster: NatsCluster, tmp_path: Path) -> None:
+    store = open_store(tmp_path / "store.sqlite")
+    sink = JetStreamSink(store, cluster.urls)
+    sink.start()
+    gw = StuckGateway(cluster.mqtt_ports[0])
+    bridge = SiteBridge(tmp_path / "site", SINK_SITE, [gw.port]).start()
+    watchdog = None
+    dev = Device311("gate-w1", [bridge.port])
+    try:
+        assert sink.subscribed.wait(20), sink.error
+        assert poll_until(lambda: gw.accepted == 1, 10, 0.05)   # the bridge is on the void
+        dev.connect()
+        for _ in range(20):
+            dev.tap()
+        time.sleep(8)                   # without the watchdog: connected, and nothing arrives
+        assert (dev.acked, sink.totals.stored) == (0, 0)
+        gw.stuck = False                # the next connection reaches the node
+        watchdog = BridgeWatchdog("127.0.0.1", bridge.port, SINK_SITE, [("127.0.0.1", gw.port)],
+                                  lambda: (bridge.stop(), bridge.start()),
+                                  config=WatchConfig(limit_s=3.0, backoff_s=5.0)).start()
+        started = time.monotonic()
+
+        def acked() -> bool:
+            dev.tend()                  # replays on the e2e timeout, as a device does
+            return dev.acked == 20
+        assert poll_until(acked, 40, 0.1), (dev.acked, sink.totals, watchdog.events)
+        restarts = [(round(t - started, 1), why) for t, why in watchdog.events]
+        print(f"\nstuck bridge: watchdog restarts {restarts}; all acknowledged "
+              f"{time.monotonic() - started:.1f} s after the watchdog started")
+        assert watchdog.restarts == 1 and "no acknowledgement" in watchdog.events[0][1]
+        assert sink.totals.stored == 20
+    finally:
+        if watchdog is not None:
+            watchdog.stop()
+        dev.close()
+        bridge.stop()
+        gw.close()
+        sink.stop()
+        store.close()
