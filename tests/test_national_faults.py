@@ -90,9 +90,10 @@ class Commits:
             db.close()
 
     def gap(self, start: float, end: float, col: int) -> float:
-        """The longest pause between two samples that saw more committed in [start, end]."""
-        s = [(x[0], x[col]) for x in self.samples if start - 1 <= x[0] <= end]
-        rises = [s[0][0]] if s else []
+        """The longest pause in [start, end] between two samples that saw more committed (from
+        `start` to the first rise counts: the fault stopped the commits)."""
+        s = [(x[0], x[col]) for x in self.samples if start <= x[0] <= end]
+        rises = [start]
         rises += [t for (t, n), (_, m) in zip(s[1:], s, strict=False) if n > m]
         rises.append(end)
         return max((b - a for a, b in zip(rises, rises[1:], strict=False)), default=0.0)
@@ -262,8 +263,9 @@ def test_the_whole_layout_under_random_faults_stores_every_touch_once_and_the_sa
             f["at"] = round(f["at"] - first, 1)                         # type: ignore[operator]
             print(f)
         made = sum(d.next_seq - 1 for d in devices)
+        restarts = [(round(t - first, 1), why) for t, why in watchdog.events]
         print(f"seed {seed}: {made} touches from {len(devices)} devices; watchdog restarts "
-              f"{watchdog.events}; replays {sum(d.replays for d in devices)}, reconnects "
+              f"{restarts}; replays {sum(d.replays for d in devices)}, reconnects "
               f"{sum(d.connects for d in devices) - len(devices)}; NATS nodes healthy again after "
               f"their start {healthy_again}")
         assert not errors, errors
