@@ -85,7 +85,7 @@ class BridgeWatchdog:
         if tls:
             c.tls_set(ca_certs=tls[0], certfile=tls[1], keyfile=tls[2],
                       tls_version=ssl.PROTOCOL_TLS_CLIENT)
-        c.reconnect_delay_set(0.5, 2)
+        c.reconnect_delay_set(1, 2)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
