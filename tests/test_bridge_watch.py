@@ -53,7 +53,7 @@ def test_restarts_are_at_least_the_backoff_apart(evs: list[tuple[float, str]]) -
 
 @given(events)
 def test_every_restart_names_why_and_comes_after_the_limit(evs: list[tuple[float, str]]) -> None:
-    w, now, states, first_touch = BridgeWatch(CFG), 0.0, [], None
+    w, now = BridgeWatch(CFG), 0.0
     for dt, kind in evs:
         now += dt
         if kind == "tick":
@@ -63,19 +63,12 @@ def test_every_restart_names_why_and_comes_after_the_limit(evs: list[tuple[float
                 since = w.down_since if w.up is False else w.unanswered_since
                 assert since is not None and now - since > CFG.limit_s
                 w.restarted(now)
-                first_touch = None
         elif kind in ("up", "down"):
             w.state(kind == "up", now)
-            states.append(kind)
-        elif kind == "touch":
-            first_touch = now if first_touch is None else first_touch
-            w.touch(now)
-        elif kind == "ack":
-            first_touch = None
-            w.ack(now)
-        else:
+        elif kind == "lost":
             w.lost()
-            first_touch = None
+        else:
+            getattr(w, kind)(now)
 
 
 @given(st.lists(st.tuples(st.floats(0, 7, allow_nan=False),
