@@ -1,5 +1,5 @@
 """`ccus cluster up|down --dir DIR`: the local 3-node NATS cluster of broker/nats.py (opt-in), and
-with `--site SITE` a site Mosquitto bridged to it (broker/site_bridge.py)."""
+with `--site SITE` a site Mosquitto bridged to it and its bridge watchdog (broker/site_bridge.py)."""
 
 import argparse
 import sys
@@ -85,7 +85,8 @@ def _up_site(args: argparse.Namespace, mqtt_ports: list[int]) -> int:
         print(f"ccus cluster up: {exc}", file=sys.stderr)
         return 1
     print(f"site {b.site}: mqtt 127.0.0.1:{b.port} (devices: [mqtt] host = \"127.0.0.1\", "
-          f"port = {b.port}, tls = false)  bridged to {len(mqtt_ports)} nodes  pid {b.pid}")
+          f"port = {b.port}, tls = false)  bridged to {len(mqtt_ports)} nodes  pid {b.pid}; "
+          f"bridge watchdog: log {b.folder / 'watchdog.log'}")
     return 0
 
 

@@ -9,6 +9,10 @@ Rules of this file:
   another process stops it. A pid is signalled only while /proc says it is still a mosquitto
   on that config (a reused pid is left alone).
 - Same port on every start of one folder: the devices and a restarted bridge find it again.
+- `ccus cluster up --site` also starts the bridge watchdog (`ccus site-watchdog --site-dir`,
+  broker/bridge_watchdog.py), detached, its pid in ``watchdog.json`` and its log in
+  ``watchdog.log`` beside the broker's; `down` stops it before the broker, so it never
+  restarts a broker that is only stopping.
 """
 
 import json
@@ -16,6 +20,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +28,7 @@ from broker.launcher import BrokerError, PrivateBroker, find_mosquitto, free_por
 from broker.procs import stop_process
 
 STATE = "site.json"
+WATCHDOG = "watchdog.json"
 
 
 def cloud_addresses(mqtt_ports: list[int], host: str = "127.0.0.1") -> str:
@@ -117,12 +123,54 @@ def site_folder(cluster_dir: str | Path, site: str) -> Path:
     return Path(cluster_dir) / f"site-{site}"
 
 
-def up(cluster_dir: str | Path, site: str, mqtt_ports: list[int]) -> SiteBridge:
-    """`ccus cluster up --site SITE`: start (detached) the site broker of the cluster folder."""
+def up(cluster_dir: str | Path, site: str, mqtt_ports: list[int], *,
+       watchdog_limit_s: float = 15.0) -> SiteBridge:
+    """`ccus cluster up --site SITE`: start (detached) the site broker of the cluster folder,
+    and its bridge watchdog."""
     b = SiteBridge(site_folder(cluster_dir, site), site, mqtt_ports)
     if b.running():
         raise BrokerError(f"{b.folder}: the site broker is running already (pid {b.pid})")
-    return b.start(detach=True)
+    b.start(detach=True)
+    start_watchdog(b, mqtt_ports, watchdog_limit_s)
+    return b
+
+
+def start_watchdog(b: SiteBridge, mqtt_ports: list[int], limit_s: float) -> int:
+    """`ccus site-watchdog` on this site broker, detached (restarts it with --site-dir); its pid."""
+    argv = [sys.executable, "-m", "ccus.cli", "site-watchdog", "--broker", f"127.0.0.1:{b.port}",
+            "--site", b.site, "--cloud", cloud_addresses(mqtt_ports), "--limit", str(limit_s),
+            "--site-dir", str(b.folder), "--log-format", "text"]
+    with open(b.folder / "watchdog.log", "ab") as log:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                start_new_session=True,
+                                cwd=Path(__file__).resolve().parents[1])
+    (b.folder / WATCHDOG).write_text(json.dumps({"pid": proc.pid}) + "\n")
+    return proc.pid
+
+
+def _watchdog_running(folder: Path, pid: int) -> bool:
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"site-watchdog" in cmd and str(folder).encode() in cmd
+
+
+def stop_watchdog(folder: Path) -> bool:
+    """SIGTERM the folder's watchdog (only while /proc says it is that one); True if it ran."""
+    state = folder / WATCHDOG
+    if not state.exists():
+        return False
+    pid = int(json.loads(state.read_text()).get("pid", 0))
+    if not pid or not _watchdog_running(folder, pid):
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while _watchdog_running(folder, pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _watchdog_running(folder, pid):
+        os.kill(pid, signal.SIGKILL)
+    return True
 
 
 def down(cluster_dir: str | Path) -> list[str]:
@@ -130,6 +178,7 @@ def down(cluster_dir: str | Path) -> list[str]:
     stopped = []
     for state in sorted(Path(cluster_dir).glob(f"site-*/{STATE}")):
         site = json.loads(state.read_text())["site"]
+        stop_watchdog(state.parent)
         b = SiteBridge(state.parent, site, [])
         if b.running():
             b.stop()

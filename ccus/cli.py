@@ -67,10 +67,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "console": ("the operator's web console (fleet, live touches, reports)", "console.cli:register"),
     "cluster": ("a local 3-node NATS cluster (JetStream R3, MQTT) on loopback",
                 "broker.cluster_cli:register"),
+    "site-watchdog": ("restart a site broker whose bridge to the cloud stays stuck",
+                      "broker.watchdog_cli:register"),
 }
 
 # Commands that are services: they log what they do at INFO even without -v.
-SERVICES = {"agent", "sink", "broker"}
+SERVICES = {"agent", "sink", "broker", "site-watchdog"}
 # Commands that drive nfcpy, which sets its own logger to INFO on import.
 NFC_USERS = {"demo", "agent", "card"}
 

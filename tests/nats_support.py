@@ -75,7 +75,10 @@ class Device311:
                     return
                 c.loop_stop()
             except OSError:
-                pass
+                # refused at once: not a tight loop, which on a port in the ephemeral range can
+                # end in a TCP self-connect that holds the port (a site broker restarting on it
+                # then fails with "Address already in use")
+                time.sleep(0.1)
             self._client = None
             self.node = (self.node + 1) % len(self.ports)
             if time.monotonic() > deadline:
