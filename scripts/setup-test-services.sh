@@ -19,6 +19,20 @@ if ! [ -x /usr/sbin/pcscd ] || ! dpkg -s vsmartcard-vpcd >/dev/null 2>&1; then
         pcscd vsmartcard-vpcd >/dev/null
 fi
 
+# vpcd listens on its fixed port 35963, inside Linux's ephemeral range (32768-60999): a test's
+# free port (bind to 0) or outgoing connection that draws it makes pcscd fail with "Address
+# already in use" (seen once in a full run). Reserve it: the kernel then never hands it out.
+VPCD_PORT=35963
+RESERVED=/proc/sys/net/ipv4/ip_local_reserved_ports
+if [ -r "$RESERVED" ] && ! tr ',' '\n' < "$RESERVED" | grep -qx "$VPCD_PORT"; then
+    cur=$(cat "$RESERVED")
+    if as_root sysctl -qw net.ipv4.ip_local_reserved_ports="${cur:+$cur,}$VPCD_PORT" 2>/dev/null; then
+        say "reserved port $VPCD_PORT (vpcd) from the ephemeral range"
+    else
+        say "could not reserve port $VPCD_PORT for vpcd (the PC/SC tests may meet it taken)"
+    fi
+fi
+
 # the console's browser tests drive Debian's chromium through Playwright (Playwright's own
 # browser download is never used: `playwright install` needs a network this CI lacks)
 if ! [ -x /usr/bin/chromium ]; then

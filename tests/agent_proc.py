@@ -158,3 +158,8 @@ def stored_seqs(db_path: Path) -> dict[str, list[int]]:
         db.close()
 
 
+def all_stored_once(agents: list[TappingAgent], db_path: Path) -> None:
+    """Every agent made touches, and the store holds seqs 1..n of each, once each."""
+    made = {a.dev: a.made() for a in agents}
+    assert all(made.values()), made
+    assert stored_seqs(db_path) == {dev: list(range(1, n + 1)) for dev, n in made.items()}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import cbor2
 import pytest
-from agent_proc import TappingAgent, stored_seqs
+from agent_proc import TappingAgent, all_stored_once, stored_seqs
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -174,12 +174,6 @@ def _nats_agent(tmp: Path, dev: str, c: NatsCluster) -> TappingAgent:
                         brokers=[f"127.0.0.1:{p}" for p in c.mqtt_ports])
 
 
-def _all_stored_once(agents: list[TappingAgent], db: Path) -> None:
-    made = {a.dev: a.made() for a in agents}
-    assert all(made.values()), made
-    assert stored_seqs(db) == {dev: list(range(1, n + 1)) for dev, n in made.items()}
-
-
 @pytest.mark.e2e
 def test_agent_processes_in_311_mode_through_the_nats_cluster(cluster: NatsCluster,
                                                               tmp_path: Path) -> None:
@@ -198,7 +192,7 @@ def test_agent_processes_in_311_mode_through_the_nats_cluster(cluster: NatsClust
             a.wait_tapping()
         assert poll_until(lambda: all(a.backlog() == 0 for a in agents), 30, 0.2), \
             [(a.dev, a.made(), a.backlog()) for a in agents]
-        _all_stored_once(agents, db)
+        all_stored_once(agents, db)
         assert sum(a.made() for a in agents) == 60 == sink.totals.stored
         # the agents spread over the nodes (the first broker tried comes from the device id)
         assert len({a.broker_port() for a in agents}) > 1
@@ -245,7 +239,7 @@ def test_kill_9_of_the_node_an_agent_is_on_under_load_loses_and_doubles_nothing(
               f"after the kill (taps stopped at 6 s); sink {sink.totals}")
         assert drained, [(a.dev, a.made(), a.backlog(), a.broker_port()) for a in agents]
         assert moved != port
-        _all_stored_once(agents, db)
+        all_stored_once(agents, db)
         assert sink.totals.stored == sum(a.made() for a in agents)   # each stored once
     finally:
         for a in agents:

@@ -69,7 +69,11 @@ class Pcscd:
         deadline = time.monotonic() + 10
         while not _port_open(VPCD_PORT):
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"pcscd did not start: {self.log.read_text()[-500:]}")
+                stop_process(self.proc)      # never left behind holding /run/pcscd
+                holder = subprocess.run(["ss", "-tanp", f"sport = :{VPCD_PORT}"],
+                                        capture_output=True, text=True).stdout.strip()
+                pytest.fail(f"pcscd did not start: {self.log.read_text()[-500:]}; "
+                            f"port {VPCD_PORT} now: {holder or '(ss unavailable)'}")
             time.sleep(0.05)
 
     def stop(self) -> None:

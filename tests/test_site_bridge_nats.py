@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agent_proc import TappingAgent, stored_seqs
+from agent_proc import TappingAgent, all_stored_once
 from nats_support import Device311
 from sink_support import SITE as SINK_SITE
 
@@ -104,12 +104,6 @@ def _site_agents(tmp: Path, bridge: SiteBridge, n: int) -> list[TappingAgent]:
                          protocol="3.1.1" if i % 2 else "5") for i in range(n)]
 
 
-def _all_stored_once(agents: list[TappingAgent], db: Path) -> None:
-    made = {a.dev: a.made() for a in agents}
-    assert all(made.values()), made
-    assert stored_seqs(db) == {dev: list(range(1, n + 1)) for dev, n in made.items()}
-
-
 @pytest.mark.e2e
 def test_touches_through_the_site_bridge_into_jetstream_and_acks_back(cluster: NatsCluster,
                                                                       tmp_path: Path) -> None:
@@ -129,7 +123,7 @@ def test_touches_through_the_site_bridge_into_jetstream_and_acks_back(cluster: N
         # the acks came back through the bridge: the outboxes are empty
         assert poll_until(lambda: all(a.backlog() == 0 for a in agents), 40, 0.2), \
             [(a.dev, a.made(), a.backlog()) for a in agents]
-        _all_stored_once(agents, db)
+        all_stored_once(agents, db)
         assert sink.totals.stored == 50
     finally:
         for a in agents:
@@ -171,7 +165,7 @@ def test_kill_9_of_the_site_broker_under_load_and_restart_loses_and_doubles_noth
               f"{kills}; made {[a.made() for a in agents]}; agents reconnected after "
               f"{[a.downtimes() for a in agents]} s down; sink {sink.totals}")
         assert drained, [(a.dev, a.made(), a.backlog()) for a in agents]
-        _all_stored_once(agents, db)
+        all_stored_once(agents, db)
         assert sink.totals.stored == sum(a.made() for a in agents)   # each stored once
     finally:
         for a in agents:
@@ -226,7 +220,7 @@ def test_kill_9_of_the_node_the_bridge_is_on_under_load_loses_and_doubles_nothin
               f"made {[a.made() for a in agents]}; sink {sink.totals}")
         assert drained, [(a.dev, a.made(), a.backlog()) for a in agents]
         assert _bridge_port(bridge) != port
-        _all_stored_once(agents, db)
+        all_stored_once(agents, db)
         assert sink.totals.stored == sum(a.made() for a in agents)
     finally:
         watchdog.stop()
