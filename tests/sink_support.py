@@ -2,6 +2,8 @@
 and stores at an old schema version (the migration tests)."""
 
 import sqlite3
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -84,3 +86,33 @@ def postgres_at(db: psycopg.Connection, version: int) -> None:  # type: ignore[t
         for stmt in migrations.statements(script):
             db.execute(stmt)  # type: ignore[call-overload]
         db.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (n,))
+
+
+class CommitSampler:
+    """Samples one row of counts (`sql`, e.g. committed touches) every 50 ms through `url` (a
+    multi-host URL: it follows a failover), each stamped before its query, whose snapshot is
+    taken after that moment: `samples` = [(monotonic time, *counts)]. `stop.set()` ends it."""
+
+    def __init__(self, url: str, sql: str, params: tuple[object, ...] | None = None) -> None:
+        self.url, self.sql, self.params = url, sql, params
+        self.samples: list[tuple[float, ...]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        db = None
+        while not self.stop.is_set():
+            try:
+                if db is None or db.closed or db.broken:
+                    db = psycopg.connect(self.url, autocommit=True, connect_timeout=1,
+                                         options="-c statement_timeout=1000")
+                t = time.monotonic()
+                row = db.execute(self.sql, self.params).fetchone()  # type: ignore[arg-type]
+                if row:
+                    self.samples.append((t, *(int(n) for n in row)))
+            except psycopg.Error:
+                db = None   # the primary is down or moving: connect again through the URL
+            time.sleep(0.05)
+        if db is not None:
+            db.close()

@@ -3,6 +3,7 @@ streams, and its CLI's refusals (broker/watchdog_cli.py)."""
 
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,15 +21,19 @@ kinds = st.sampled_from(["up", "down", "touch", "ack", "lost", "tick", "tick", "
 events = st.lists(st.tuples(st.floats(0, 20, allow_nan=False), kinds), max_size=80)
 
 
-def play(evs: list[tuple[float, str]], reachable: bool = True,
-         cfg: WatchConfig = CFG) -> tuple[BridgeWatch, list[tuple[float, str]]]:
-    """Feed the events; restart whenever decide says so. (watch, [(time, why) of restarts])."""
+def play(evs: list[tuple[float, str]], reachable: bool = True, cfg: WatchConfig = CFG,
+         on_restart: Callable[[BridgeWatch, float], None] | None = None,
+         ) -> tuple[BridgeWatch, list[tuple[float, str]]]:
+    """Feed the events; restart whenever decide says so (`on_restart(watch, now)` first sees
+    the watch as it decided). (watch, [(time, why) of restarts])."""
     w, now, restarts = BridgeWatch(cfg), 0.0, []
     for dt, kind in evs:
         now += dt
         if kind == "tick":
             why = w.due(now)
             if w.decide(now, reachable):
+                if on_restart is not None:
+                    on_restart(w, now)
                 restarts.append((now, why))
                 w.restarted(now)
         elif kind in ("up", "down"):
@@ -53,22 +58,12 @@ def test_restarts_are_at_least_the_backoff_apart(evs: list[tuple[float, str]]) -
 
 @given(events)
 def test_every_restart_names_why_and_comes_after_the_limit(evs: list[tuple[float, str]]) -> None:
-    w, now = BridgeWatch(CFG), 0.0
-    for dt, kind in evs:
-        now += dt
-        if kind == "tick":
-            if w.decide(now, True):
-                assert w.due(now)
-                # stuck for longer than the limit: down since, or a touch unanswered since
-                since = w.down_since if w.up is False else w.unanswered_since
-                assert since is not None and now - since > CFG.limit_s
-                w.restarted(now)
-        elif kind in ("up", "down"):
-            w.state(kind == "up", now)
-        elif kind == "lost":
-            w.lost()
-        else:
-            getattr(w, kind)(now)
+    def check(w: BridgeWatch, now: float) -> None:
+        assert w.due(now)
+        # stuck for longer than the limit: down since, or a touch unanswered since
+        since = w.down_since if w.up is False else w.unanswered_since
+        assert since is not None and now - since > CFG.limit_s
+    play(evs, on_restart=check)
 
 
 @given(st.lists(st.tuples(st.floats(0, 7, allow_nan=False),

@@ -20,7 +20,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from nats_support import FAILOVER_S, Device311
-from sink_support import SITE, touch
+from sink_support import SITE, CommitSampler, touch
 
 from broker.bridge_watchdog import BridgeWatchdog
 from broker.launcher import BrokerError
@@ -61,34 +61,12 @@ class Gate(Device311):
         self._send(seq, payload)
 
 
-class Commits:
-    """Samples the committed touches of each group through the multi-host URL every 50 ms."""
+class Commits(CommitSampler):
+    """The committed touches of each group (direct, via the site), sampled every 50 ms."""
 
     def __init__(self, url: str) -> None:
-        self.url = url
-        self.samples: list[tuple[float, int, int]] = []   # (monotonic, direct, via the site)
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        db = None
-        while not self.stop.is_set():
-            try:
-                if db is None or db.closed or db.broken:
-                    db = psycopg.connect(self.url, autocommit=True, connect_timeout=1,
-                                         options="-c statement_timeout=1000")
-                t = time.monotonic()
-                row = db.execute("SELECT count(*) FILTER (WHERE device LIKE 'gate-d%'),"
-                                 " count(*) FILTER (WHERE device LIKE 'gate-s%') FROM touches"
-                                 ).fetchone()
-                if row:
-                    self.samples.append((t, int(row[0]), int(row[1])))
-            except psycopg.Error:
-                db = None
-            time.sleep(0.05)
-        if db is not None:
-            db.close()
+        super().__init__(url, "SELECT count(*) FILTER (WHERE device LIKE 'gate-d%'),"
+                              " count(*) FILTER (WHERE device LIKE 'gate-s%') FROM touches")
 
     def gap(self, start: float, end: float, col: int) -> float:
         """The longest pause in [start, end] between two samples that saw more committed (from

@@ -7,14 +7,13 @@ import random
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
-from sink_support import NOW, fresh_store, touch
+from sink_support import NOW, CommitSampler, fresh_store, touch
 
 from broker.launcher import PrivateBroker
 from broker.pgha import PgHa
@@ -108,34 +107,12 @@ def ha(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgHa]:
         yield h
 
 
-class Ingest:
-    """Samples how many of the round's touches are committed, through the multi-host URL (so
-    it follows the failover too), every 50 ms: (monotonic time, count)."""
+class Ingest(CommitSampler):
+    """How many of the round's touches are committed, sampled every 50 ms: (time, count)."""
 
     def __init__(self, url: str, prefix: str) -> None:
-        self.url, self.prefix = url, prefix
-        self.samples: list[tuple[float, int]] = []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        db = None
-        while not self.stop.is_set():
-            try:
-                if db is None or db.closed or db.broken:
-                    db = psycopg.connect(self.url, autocommit=True, connect_timeout=1,
-                                         options="-c statement_timeout=1000")
-                # stamped before the query: its snapshot is taken after this moment
-                t = time.monotonic()
-                row = db.execute("SELECT count(*) FROM touches WHERE device LIKE %s",
-                                 (self.prefix + "%",)).fetchone()
-                self.samples.append((t, int(row[0]) if row else 0))
-            except psycopg.Error:
-                db = None
-            time.sleep(0.05)
-        if db is not None:
-            db.close()
+        super().__init__(url, "SELECT count(*) FROM touches WHERE device LIKE %s",
+                         (prefix + "%",))
 
     def count_at(self, t: float) -> int:
         return max([n for s, n in self.samples if s <= t], default=0)
