@@ -87,8 +87,13 @@ class BridgeWatch:
             return 0.0
         return max(0.0, self.last_restart + self.backoff - now)
 
+    def wanted(self, now: float) -> str:
+        """Why a restart is wanted at `now`, stuck and the backoff over ("" when it is not):
+        all but the cloud check, which the adapter makes (a TCP connect) only when this says so."""
+        return self.due(now) if self.waiting(now) == 0.0 else ""
+
     def decide(self, now: float, cloud_reachable: bool) -> bool:
-        return bool(self.due(now)) and cloud_reachable and self.waiting(now) == 0.0
+        return bool(self.wanted(now)) and cloud_reachable
 
     def restarted(self, now: float) -> None:
         """The site broker was restarted at `now`: its bridge starts over (down until it says up)."""

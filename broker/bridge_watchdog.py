@@ -128,14 +128,13 @@ class BridgeWatchdog:
         """One look: restart when due, the backoff allows it and the cloud answers; True if so."""
         now = self.clock()
         with self._lock:
-            why = self.watch.due(now)
-            allowed = bool(why) and self.watch.waiting(now) == 0.0
+            why = self.watch.wanted(now)
             if (not self._seen_state and self._connected_at is not None
                     and now - self._connected_at > NO_STATE_S):
                 self._seen_state = True   # said once
                 log.warning("site-watchdog: no state of bridge %s on %s: set `notifications "
                             "true` on its connection", self.bridge, state_topic(self.bridge))
-        if not allowed:
+        if not why:
             return False
         node = cloud_answers(self.cloud)
         if not node:

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from broker.launcher import TEMPLATES, BrokerError, free_port
-from broker.procs import poll_until, stop_process
+from broker.procs import cmdline_has, stop_pid, stop_process
 
 SEARCH = ("/usr/sbin/nats-server", "/usr/local/bin/nats-server", "/usr/bin/nats-server")
 STATE = "cluster.json"
@@ -263,10 +263,8 @@ class NatsCluster:
         proc = self.procs.get(name)
         if proc is not None:
             stop_process(proc)
-        elif node.pid and self._ours(node):
-            os.kill(node.pid, signal.SIGTERM)
-            if not poll_until(lambda: not self._ours(node), 10):
-                os.kill(node.pid, signal.SIGKILL)
+        else:
+            stop_pid(node.pid, lambda: self._ours(node))
         self.start_node(name, timeout=timeout, detach=proc is None)
 
     def kill(self, name: str) -> None:
@@ -278,11 +276,7 @@ class NatsCluster:
 
     def _ours(self, node: Node) -> bool:
         """Is node.pid still the nats-server started on this node's config?"""
-        try:
-            cmd = Path(f"/proc/{node.pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            return False
-        return str(self.conf_path(node)).encode() in cmd
+        return cmdline_has(node.pid, str(self.conf_path(node)))
 
     def stop(self) -> None:
         """SIGTERM every node (ours as children, or by the pids in cluster.json)."""

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from broker.launcher import BrokerError, free_port
-from broker.procs import stop_process
+from broker.procs import stop_pid, stop_process
 
 STATE = "pgha.json"
 PG_USER = "ccus-pg"
@@ -389,12 +389,7 @@ class PgHa:
             if proc is not None:
                 stop_process(proc, timeout=30)
             else:
-                os.kill(node.pid, signal.SIGTERM)
-                deadline = time.monotonic() + 30
-                while self._ours(node) and time.monotonic() < deadline:
-                    time.sleep(0.1)
-                if self._ours(node):
-                    os.kill(node.pid, signal.SIGKILL)
+                stop_pid(node.pid, lambda n=node: self._ours(n), timeout=30, poll_s=0.1)
             # a keeper killed earlier may have left its postgres behind
         for node in [*self.state.nodes, self.state.monitor]:
             pm = self.postmaster_pid(node)

@@ -16,8 +16,6 @@ Rules of this file:
 """
 
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -25,7 +23,7 @@ import time
 from pathlib import Path
 
 from broker.launcher import BrokerError, PrivateBroker, find_mosquitto, free_port
-from broker.procs import stop_process
+from broker.procs import cmdline_has, stop_pid, stop_process
 
 STATE = "site.json"
 WATCHDOG = "watchdog.json"
@@ -95,11 +93,7 @@ class SiteBridge:
 
     def running(self) -> bool:
         """Is self.pid still the mosquitto started on this config?"""
-        try:
-            cmd = Path(f"/proc/{self.pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            return False
-        return bool(self.pid) and str(self.conf_path).encode() in cmd
+        return cmdline_has(self.pid, str(self.conf_path))
 
     def kill(self) -> None:
         """kill -9: no clean shutdown, no final persistence write."""
@@ -110,13 +104,8 @@ class SiteBridge:
     def stop(self) -> None:
         if self.proc is not None:
             stop_process(self.proc)
-        elif self.running():
-            os.kill(self.pid, signal.SIGTERM)
-            deadline = time.monotonic() + 10
-            while self.running() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if self.running():
-                os.kill(self.pid, signal.SIGKILL)
+        else:
+            stop_pid(self.pid, self.running)
 
 
 def site_folder(cluster_dir: str | Path, site: str) -> Path:
@@ -148,12 +137,9 @@ def start_watchdog(b: SiteBridge, mqtt_ports: list[int], limit_s: float) -> int:
     return proc.pid
 
 
-def _watchdog_running(folder: Path, pid: int) -> bool:
-    try:
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return b"site-watchdog" in cmd and str(folder).encode() in cmd
+def watchdog_running(folder: Path, pid: int) -> bool:
+    """Is `pid` still the `ccus site-watchdog` of this site folder?"""
+    return cmdline_has(pid, "site-watchdog", str(folder))
 
 
 def stop_watchdog(folder: Path) -> bool:
@@ -162,14 +148,9 @@ def stop_watchdog(folder: Path) -> bool:
     if not state.exists():
         return False
     pid = int(json.loads(state.read_text()).get("pid", 0))
-    if not pid or not _watchdog_running(folder, pid):
+    if not watchdog_running(folder, pid):
         return False
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 10
-    while _watchdog_running(folder, pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if _watchdog_running(folder, pid):
-        os.kill(pid, signal.SIGKILL)
+    stop_pid(pid, lambda: watchdog_running(folder, pid))
     return True
 
 

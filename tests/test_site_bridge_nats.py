@@ -25,7 +25,7 @@ from broker.bridge_watchdog import BridgeWatchdog
 from broker.launcher import TEMPLATES, PrivateBroker, free_port
 from broker.nats import NatsCluster, mqtt_hello
 from broker.procs import poll_until
-from broker.site_bridge import SiteBridge, _watchdog_running, cloud_addresses
+from broker.site_bridge import SiteBridge, cloud_addresses, watchdog_running
 from cloud_sink.ingest.jetstream import JetStreamSink
 from cloud_sink.store import open_store
 
@@ -80,7 +80,7 @@ def test_cluster_up_with_a_site_starts_its_bridged_broker_and_down_stops_it(tmp_
         # the bridge watchdog runs beside it, watching the bridge's state
         folder = tmp_path / f"site-{SITE}"
         dog = json.loads((folder / "watchdog.json").read_text())["pid"]
-        assert _watchdog_running(folder, dog)
+        assert watchdog_running(folder, dog)
         assert poll_until(lambda: f"watching bridge bridge-{SITE} on 127.0.0.1:{port}" in
                           (folder / "watchdog.log").read_text(), 20, 0.1)
     finally:
@@ -88,7 +88,7 @@ def test_cluster_up_with_a_site_starts_its_bridged_broker_and_down_stops_it(tmp_
     assert down.returncode == 0, down.stderr
     assert f"stopped the site broker of {SITE}" in down.stdout
     assert poll_until(lambda: not _listens(port), 10, 0.1)
-    assert not _watchdog_running(folder, dog)
+    assert not watchdog_running(folder, dog)
     assert "restarting" not in (folder / "watchdog.log").read_text()   # the bridge was fine
 
 
