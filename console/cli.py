@@ -20,16 +20,13 @@ Sub = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 def register(sub: Sub) -> None:  # type: ignore[valid-type]
     """Add the `console` command to the `ccus` parser's subcommands."""
+    from ops.mqttc import add_broker_args
+
     p = sub.add_parser("console", help="the operator's web console (fleet, live touches, reports)")  # type: ignore[attr-defined]
     p.add_argument("--store", "--db", dest="store", metavar="URL",
                    help="the sink's store: a path, sqlite:///path or postgresql://...")
-    p.add_argument("--broker", default="127.0.0.1:8883", metavar="HOST:PORT")
-    p.add_argument("--ca", default="", help="CA certificate (enables TLS to the broker)")
-    p.add_argument("--cert", default="", help="the console's client certificate")
-    p.add_argument("--key", default="", help="its private key")
+    add_broker_args(p)     # --broker --ca --cert --key --mqtt-protocol, as every ops command
     p.add_argument("--client-id", default="", help="MQTT client id (on the cloud broker: the CN)")
-    p.add_argument("--mqtt-protocol", choices=("5", "3.1.1"), default="5",
-                   help="MQTT version (default 5; 3.1.1 for the NATS cluster's MQTT gateway)")
     p.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT")
     p.add_argument("--users", metavar="FILE", help="the users file (ccus console user add)")
     p.add_argument("--secret-file", metavar="FILE",

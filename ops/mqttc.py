@@ -76,7 +76,7 @@ def add_broker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--broker", default=DEFAULT_BROKER, metavar="HOST:PORT",
                    help="broker address (default %(default)s: the cloud broker's TLS port)")
     p.add_argument("--ca", default="", help="CA certificate (PEM); enables TLS")
-    p.add_argument("--cert", default="", help="this operator's client certificate (PEM)")
+    p.add_argument("--cert", default="", help="this client's certificate (PEM)")
     p.add_argument("--key", default="", help="its private key (PEM)")
     p.add_argument("--mqtt-protocol", choices=sorted(PROTOCOLS), default="5",
                    help="MQTT version (default 5; 3.1.1 for the NATS cluster's MQTT gateway)")
