@@ -277,6 +277,25 @@ def test_two_sinks_one_from_the_cli_share_the_durable_consumer_and_ack_everythin
     assert "stopped:" in err and "stored" in err
 
 
+def test_an_idle_sink_logs_no_warning(cluster: NatsCluster, tmp_path: Path) -> None:
+    """An empty stream is the normal state between touches, not a fault: nats-py 2.16 ends an
+    empty fetch with a bare asyncio.TimeoutError now and then, which the sink logged as
+    "WARNING sink: fetch failed (); retrying" about once a second."""
+    ready = tmp_path / "ready"
+    cli = subprocess.Popen([sys.executable, "-m", "ccus.cli", "sink", "run", "--store",
+                            str(tmp_path / "store.sqlite"), "--nats", ",".join(cluster.urls),
+                            "--ready-file", str(ready), "--log-format", "text"], cwd=ROOT,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: ready.exists() or cli.poll() is not None, 30, "the sink subscribed")
+        time.sleep(8)
+    finally:
+        cli.terminate()
+        _, err = cli.communicate(timeout=20)
+    assert cli.returncode == 0, err
+    assert [line for line in err.splitlines() if "WARNING" in line] == []
+
+
 def test_sink_run_refuses_an_empty_nats_list(tmp_path: Path) -> None:
     r = _ccus("sink", "run", "--store", str(tmp_path / "s.sqlite"), "--nats", ",")
     assert r.returncode == 2 and "--nats needs at least one URL" in r.stderr

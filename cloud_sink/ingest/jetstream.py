@@ -209,11 +209,14 @@ class JetStreamSink:
             while not self._stop.is_set():
                 try:
                     msgs = await psub.fetch(self.batch_max, timeout=wait)
-                except nats.errors.TimeoutError:
+                except (nats.errors.TimeoutError, TimeoutError):
+                    # nothing to fetch within `wait`: nats-py 2.16 says so with its own
+                    # TimeoutError or, when the deadline runs out between its two pull
+                    # requests, with a bare asyncio one (~1 a second on an idle stream)
                     wait = FETCH_WAIT_S
                     continue
-                except (TimeoutError, nats.errors.Error) as exc:
-                    log.warning("sink: fetch failed (%s); retrying", exc or type(exc).__name__)
+                except nats.errors.Error as exc:
+                    log.warning("sink: fetch failed (%s); retrying", str(exc) or type(exc).__name__)
                     await asyncio.sleep(0.2)
                     continue
                 wait = FETCH_WAIT_BACKLOG_S if len(msgs) >= BACKLOG_AT else FETCH_WAIT_S
