@@ -1,7 +1,10 @@
-"""`ccus cluster up|down --dir DIR`: the local 3-node NATS cluster of broker/nats.py (opt-in), and
-with `--site SITE` a site Mosquitto bridged to it and its bridge watchdog (broker/site_bridge.py)."""
+"""`ccus cluster up|down --dir DIR`: the local 3-node NATS cluster of broker/nats.py (opt-in); with
+`--pg` the PostgreSQL pair (broker/pgha.py); with `--site SITE` a site Mosquitto bridged to it and
+its bridge watchdog (broker/site_bridge.py); with `--sinks N` and `--agents N` the sinks and
+simulated gate agents (broker/cluster_procs.py). `down` stops them in the reverse order."""
 
 import argparse
+import shlex
 import sys
 from typing import Any
 
@@ -17,6 +20,13 @@ def register(sub: Any) -> None:
                     "per-identity permissions from the folder `ccus ops nats-auth` wrote")
     up.add_argument("--pg", action="store_true",
                     help="also the store tier: a pg_auto_failover monitor, primary and standby")
+    up.add_argument("--sinks", type=int, default=0, metavar="N",
+                    help="also N sinks (`ccus sink run --nats`) sharing the durable consumer")
+    up.add_argument("--store", metavar="URL", help="the sinks' store (default: the --pg pair's "
+                    "multi-host URL, else DIR/store.sqlite)")
+    up.add_argument("--agents", type=int, default=0, metavar="N",
+                    help="also N gate agents on emulated card readers (every second one behind "
+                    "the --site broker, the others straight on the nodes)")
     up.set_defaults(func=_up)
     for name, what in (("reload", "SIGHUP every node: auth.conf and the native listener's "
                                   "pinned certificates again (after `ccus ops nats-auth`)"),
@@ -30,15 +40,26 @@ def register(sub: Any) -> None:
     down.set_defaults(func=_down)
 
 
-def _site_refused(args: argparse.Namespace) -> str:
-    """Why --site cannot be used as given ("" when it can), checked before anything starts."""
-    if not args.site:
-        return ""
-    if not (len(args.site) == 14 and args.site.isascii() and args.site.isdigit()):
+AGENTS_SITE = "13100000000001"  # the agents' site when there is no --site
+
+
+def _refused(args: argparse.Namespace) -> str:
+    """Why the options cannot be used as given ("" when they can), checked before anything
+    starts."""
+    if args.site and not (len(args.site) == 14 and args.site.isascii() and args.site.isdigit()):
         return "--site: a CCUS site ID is 14 ASCII digits"
-    if args.secure:  # site-cluster.conf bridges in plain MQTT: no TLS to the nodes yet
+    if args.site and args.secure:  # site-cluster.conf bridges in plain MQTT: no TLS to the nodes yet
         return ("--site does not work with --secure yet (the site bridge has no TLS to the "
                 "nodes): start the cluster without --secure for a site broker")
+    if args.sinks < 0 or args.agents < 0:
+        return "--sinks and --agents: a count, 0 or more"
+    if args.secure and (args.sinks or args.agents):  # they would need certificates of their own
+        return ("--sinks and --agents do not work with --secure yet: start them yourself with "
+                "their certificates (docs/operations.md, TLS and per-identity permissions)")
+    if args.store and args.pg:
+        return "--store or --pg, not both: with --pg the sinks use the pair's URL"
+    if args.store and not args.sinks:
+        return "--store is the sinks' store: give --sinks N too"
     return ""
 
 
@@ -46,7 +67,7 @@ def _up(args: argparse.Namespace) -> int:
     from broker.launcher import BrokerError
     from broker.nats import up
 
-    if why := _site_refused(args):
+    if why := _refused(args):
         print(f"ccus cluster up: {why}", file=sys.stderr)
         return 2
     try:
@@ -58,36 +79,64 @@ def _up(args: argparse.Namespace) -> int:
     for n in c.nodes:
         print(f"{n.name}: nats {n.url}  mqtt 127.0.0.1:{n.mqtt_port}  pid {n.pid}{tls}")
     certs = " --ca CA --cert SINK.crt --key SINK.key" if args.secure else ""
-    store = "STORE"
+    url = None
     if args.pg:
         from broker.pgha import up as pg_up
 
         try:
-            store = pg_up(args.dir).url
+            url = pg_up(args.dir).url
         except BrokerError as exc:
             print(f"ccus cluster up --pg: {exc}", file=sys.stderr)
             return 1
-        print(f"store: {store}")
-        store = f"'{store}'"
-    print(f"sink: ccus sink run --store {store} --nats {','.join(c.urls)}{certs}")
-    if args.site:
-        return _up_site(args, c.mqtt_ports)
+        print(f"store: {url}")
+    if not args.sinks:
+        store = shlex.quote(url) if url else "STORE"
+        print(f"sink: ccus sink run --store {store} --nats {','.join(c.urls)}{certs}")
+    site_port = None
+    try:
+        if args.site:
+            site_port = _up_site(args, c.mqtt_ports)
+        if args.sinks:
+            _up_sinks(args, url or args.store, c.urls)
+        if args.agents:
+            _up_agents(args, c.mqtt_ports, site_port)
+    except BrokerError as exc:
+        print(f"ccus cluster up: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
 def _up_site(args: argparse.Namespace, mqtt_ports: list[int]) -> int:
-    from broker.launcher import BrokerError
     from broker.site_bridge import up
 
-    try:
-        b = up(args.dir, args.site, mqtt_ports)
-    except BrokerError as exc:
-        print(f"ccus cluster up: {exc}", file=sys.stderr)
-        return 1
+    b = up(args.dir, args.site, mqtt_ports)
     print(f"site {b.site}: mqtt 127.0.0.1:{b.port} (devices: [mqtt] host = \"127.0.0.1\", "
           f"port = {b.port}, tls = false)  bridged to {len(mqtt_ports)} nodes  pid {b.pid}; "
           f"bridge watchdog: log {b.folder / 'watchdog.log'}")
-    return 0
+    return b.port
+
+
+def _up_sinks(args: argparse.Namespace, store: str | None, urls: list[str]) -> None:
+    from pathlib import Path
+
+    from broker.cluster_procs import start_sinks
+
+    store = store or str(Path(args.dir) / "store.sqlite")
+    for s in start_sinks(Path(args.dir), args.sinks, store, urls):
+        print(s.line)
+    print(f"store of the sinks: {store}")
+
+
+def _up_agents(args: argparse.Namespace, mqtt_ports: list[int], site_port: int | None) -> None:
+    from pathlib import Path
+
+    from broker.cluster_procs import start_agents
+
+    site = args.site or AGENTS_SITE
+    for a in start_agents(Path(args.dir), args.agents, site, mqtt_ports, site_port):
+        print(a.line)
+    print(f"agents at site {site}; their cards: --id 012E4CD3000000NN --tid 100000000000NN, "
+          f"NN 01..40 (hex in --id)")
 
 
 def _again(args: argparse.Namespace) -> int:
@@ -104,11 +153,14 @@ def _again(args: argparse.Namespace) -> int:
 
 
 def _down(args: argparse.Namespace) -> int:
+    from broker.cluster_procs import down as down_procs
     from broker.launcher import BrokerError
     from broker.nats import down
     from broker.pgha import down as pg_down
     from broker.site_bridge import down as down_sites
 
+    for name in down_procs(args.dir):  # the agents, then the sinks: before what they talk to
+        print(f"stopped {name}")
     try:
         pg = pg_down(args.dir)  # the store tier, when `up --pg` started one here
         if pg is not None:

@@ -36,6 +36,7 @@ from edge.signing import generate_key
 from firmware import mdb
 from ops.list_publish import publish_list
 from protocol.touch import Touch
+from sim.agent_config import card_of, tid_of, write_idlist_csv
 from sim.board import DOOR, DROP, GATE, GATE_OUT, VEND_PIN, BoardProcess
 from sim.cards import EmulatedCard, felica_card
 from sim.nfc_card import free_udp_port
@@ -70,14 +71,6 @@ class SiteDay:
     taps: list[Tap]
 
 
-def card_of(i: int) -> EmulatedCard:
-    return felica_card(bytes.fromhex(f"012E4CD3{i:08X}"))
-
-
-def tid_of(i: int) -> str:
-    return f"{10000000000000 + i:014d}"
-
-
 def site_day(n: int = 12) -> SiteDay:
     """Twelve technicians in and out; one unknown card; one double tap; one forgotten exit;
     one allowed at the gate who turns back and taps again a minute later; five take their free
@@ -109,13 +102,6 @@ def site_day(n: int = 12) -> SiteDay:
             continue  # forgets to tap out: the work-history row shows the exit as missing
         taps.append(Tap(jst_ms(y, m, d, 17, 5 + 3 * i), "exit", card_of(i)))
     return SiteDay(techs, taps)
-
-
-def write_idlist_csv(path: Path, entries: list[Entry]) -> None:
-    lines = ["tid,status,level,cards"]
-    lines += [f"{e.tid},{e.status.value},{e.level},{' '.join(c.hex() for c in e.cards)}"
-              for e in entries]
-    path.write_text("\n".join(lines) + "\n")
 
 
 def agent_toml(data: Path, broker_port: int, entry_port: int, exit_port: int,

@@ -28,6 +28,7 @@ from pathlib import Path
 import cbor2
 import psycopg
 import pytest
+from doc_blocks import doc_steps, run_block
 
 from broker.launcher import find_mosquitto, free_port
 from broker.procs import stop_process, wait_until
@@ -38,7 +39,6 @@ from protocol.timequality import TimeQuality
 from sim.nfc_card import free_udp_port
 
 REPO = Path(__file__).resolve().parent.parent
-DOC = REPO / "docs" / "operations.md"
 BIN = Path(sys.executable).parent
 SITE = "12345678901234"
 AGENTS = ("gate-01", "gate-02", "vend-01", "train-01")
@@ -47,22 +47,6 @@ T0 = time.monotonic()
 
 def say(step: str) -> None:
     print(f"[{time.monotonic() - T0:6.1f}s] {step}", flush=True)
-
-
-def doc_steps() -> dict[str, str]:
-    """Each marked fenced block of the doc, by step name."""
-    found = re.findall(r"<!-- deploy-test: step ([\w-]+) -->\n```sh\n(.*?)```", DOC.read_text(),
-                       re.S)
-    return dict(found)
-
-
-def run_block(text: str, cwd: Path, subs: dict[str, str], env: dict[str, str]) -> str:
-    for old, new in subs.items():
-        text = text.replace(old, new)
-    run = subprocess.run(["bash", "-euo", "pipefail", "-c", text], cwd=cwd, env=env,
-                         capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, f"doc block failed:\n{text}\n{run.stdout}\n{run.stderr}"
-    return run.stdout
 
 
 def restart_sec(unit: str) -> float:
@@ -134,7 +118,7 @@ def host_opts(inst: Path, root: Path, name: str, port: int) -> str:
 def test_documented_deployment(tmp_path: Path, pg_url: str) -> None:
     if not Path(find_mosquitto()).exists():
         pytest.skip("no mosquitto")
-    steps = doc_steps()
+    steps = doc_steps("deploy-test")
     assert {"pki", "site-add", "site-bundle", "cloud-bundle", "sites-import", "list-publish",
             "config-push", "store-move"} <= set(steps)
     root, op = tmp_path / "root", tmp_path / "operator"

@@ -1,0 +1,112 @@
+"""`ccus cluster up --pg --site SITE --sinks 2 --agents 4`: the whole national layout from one
+command, typed from docs/operations.md ("The whole layout in one command", the blocks marked
+`cluster-test`), then taps on every agent's reader with the printed command, the work history
+read from the pair with `ccus sink work-history`, kill -9 of a sink and more taps (the other
+sink carries on), and `ccus cluster down`, after which no process of the folder is left."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+from doc_blocks import doc_steps, run_block
+
+from broker.procs import poll_until
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+DOC_DIR = "/tmp/national"
+AGENT = re.compile(r"^(gate-\d\d): reader udp:127\.0\.0\.1:(\d+) via (site broker|the nodes)", re.M)
+
+
+def _ours(folder: Path) -> list[str]:
+    """Command lines of live processes that name `folder` (nothing may be left after down)."""
+    left = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if str(folder) in cmd:
+            left.append(f"{pid}: {cmd[:160]}")
+    return left
+
+
+def _seqs(url: str) -> dict[str, list[int]]:
+    try:
+        with psycopg.connect(url, connect_timeout=3) as c:
+            rows = c.execute("SELECT device, seq FROM touches ORDER BY device, seq").fetchall()
+    except psycopg.Error:
+        return {}
+    out: dict[str, list[int]] = {}
+    for dev, seq in rows:
+        out.setdefault(dev, []).append(seq)
+    return out
+
+
+@pytest.mark.e2e
+def test_the_documented_cluster_up_starts_everything_and_down_stops_it(tmp_path: Path) -> None:
+    steps = doc_steps("cluster-test")
+    assert set(steps) == {"up", "tap", "down"}
+    folder = tmp_path / "national"
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    try:
+        out = run_block(steps["up"], tmp_path, {DOC_DIR: str(folder)}, env, timeout=240)
+        url = re.search(r"^store: (\S+)$", out, re.M).group(1)  # type: ignore[union-attr]
+        agents = {dev: (int(port), via) for dev, port, via in AGENT.findall(out)}
+        assert sorted(agents) == ["gate-01", "gate-02", "gate-03", "gate-04"], out
+        assert sorted(v for _, v in agents.values()) == ["site broker"] * 2 + ["the nodes"] * 2
+        assert re.findall(r"^(sink-\d): pid \d+", out, re.M) == ["sink-1", "sink-2"], out
+
+        def tap(dev: str, card: int) -> str:
+            subs = {"PORT": str(agents[dev][0]), "STORE_URL": url,
+                    "012E4CD300000002": f"012E4CD3{card:08X}",
+                    "10000000000002": f"{10000000000000 + card:014d}"}
+            text = run_block(steps["tap"], tmp_path, subs, env)
+            assert "tap 1: read by the reader" in text, text
+            return text
+
+        for i, dev in enumerate(sorted(agents)):
+            history = tap(dev, 1 + i)
+        want = {dev: [1] for dev in agents}
+        assert poll_until(lambda: _seqs(url) == want, 30, 0.2), _seqs(url)
+        history = tap("gate-01", 1)          # card 1 again: its technician's second touch
+        for i in range(4):                   # every technician is in the work history
+            assert f"{10000000000001 + i}" in history, history
+
+        sink1 = json.loads((folder / "sink-1" / "proc.json").read_text())["pid"]
+        os.kill(sink1, signal.SIGKILL)       # the other sink takes every touch from here
+        for i, dev in enumerate(sorted(agents)):
+            tap(dev, 5 + i)
+        want = {dev: [1, 2] for dev in agents} | {"gate-01": [1, 2, 3]}
+        assert poll_until(lambda: _seqs(url) == want, 60, 0.2), _seqs(url)
+
+        down = run_block(steps["down"], tmp_path, {DOC_DIR: str(folder)}, env, timeout=180)
+        assert re.findall(r"^stopped (\S+)$", down, re.M) == [
+            "agent-01", "agent-02", "agent-03", "agent-04", "sink-2"], down
+        assert "stopped 3 PostgreSQL node(s)" in down and "stopped 3 node(s)" in down, down
+        assert "stopped the site broker of 13100000000041" in down, down
+        assert poll_until(lambda: not _ours(folder), 10, 0.2), _ours(folder)
+    finally:
+        subprocess.run([str(BIN / "ccus"), "cluster", "down", "--dir", str(folder)],
+                       capture_output=True, timeout=180)
+
+
+@pytest.mark.parametrize("opts, says", [
+    (["--sinks", "1", "--secure", "bundle"], "--sinks and --agents do not work with --secure"),
+    (["--agents", "-1"], "a count, 0 or more"),
+    (["--store", "x.sqlite", "--pg", "--sinks", "1"], "--store or --pg, not both"),
+    (["--store", "x.sqlite"], "give --sinks N too"),
+])
+def test_cluster_up_refuses_options_that_do_not_go_together(tmp_path: Path, opts: list[str],
+                                                            says: str) -> None:
+    run = subprocess.run([sys.executable, "-m", "ccus.cli", "cluster", "up", "--dir",
+                          str(tmp_path / "c"), *opts], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 2 and says in run.stderr and "Traceback" not in run.stderr, run.stderr
+    assert not (tmp_path / "c").exists()      # refused before anything started
