@@ -9,20 +9,36 @@ import sys
 from typing import Any
 
 
+def _folder(text: str) -> str:
+    """A folder or file option as an absolute path: the saved pids are checked against command
+    lines that name the folder (`down --dir c` must mean the folder `up --dir /abs/c` started),
+    and the sinks and agents run in another working folder."""
+    from pathlib import Path
+
+    return str(Path(text).resolve())
+
+
+def _store(text: str) -> str:
+    """--store: a URL as given, a file path made absolute (see _folder)."""
+    return text if "://" in text else _folder(text)
+
+
 def register(sub: Any) -> None:
     p = sub.add_parser("cluster", help="a local 3-node NATS cluster (JetStream R3, MQTT) on loopback")
     s = p.add_subparsers(dest="cluster_cmd", required=True, metavar="COMMAND")
     up = s.add_parser("up", help="start the nodes (detached); their state lives in DIR")
-    up.add_argument("--dir", required=True, help="folder for configs, logs, JetStream data")
+    up.add_argument("--dir", required=True, type=_folder, help="folder for configs, logs, JetStream data")
     up.add_argument("--site", metavar="SITE", help="also a site Mosquitto for site SITE (14 "
                     "digits), bridged to every node's MQTT port (broker/site_bridge.py)")
-    up.add_argument("--secure", metavar="BUNDLE", help="TLS with client certificates and "
+    up.add_argument("--secure", metavar="BUNDLE", type=_folder, help="TLS with client certificates and "
                     "per-identity permissions from the folder `ccus ops nats-auth` wrote")
+    up.add_argument("--pki", metavar="PKI", type=_folder, help="with --secure: the PKI folder the site "
+                    "bridge's, sinks' and agents' certificates come from (ops/provision.py layout)")
     up.add_argument("--pg", action="store_true",
                     help="also the store tier: a pg_auto_failover monitor, primary and standby")
     up.add_argument("--sinks", type=int, default=0, metavar="N",
                     help="also N sinks (`ccus sink run --nats`) sharing the durable consumer")
-    up.add_argument("--store", metavar="URL", help="the sinks' store (default: the --pg pair's "
+    up.add_argument("--store", metavar="URL", type=_store, help="the sinks' store (default: the --pg pair's "
                     "multi-host URL, else DIR/store.sqlite)")
     up.add_argument("--agents", type=int, default=0, metavar="N",
                     help="also N gate agents on emulated card readers (every second one behind "
@@ -33,10 +49,10 @@ def register(sub: Any) -> None:
                        ("restart", "restart the nodes one by one: the MQTT listeners pin the "
                                    "current certificates (a new or revoked one)")):
         sp = s.add_parser(name, help=what)
-        sp.add_argument("--dir", required=True)
+        sp.add_argument("--dir", required=True, type=_folder)
         sp.set_defaults(func=_again, cluster_cmd=name)
     down = s.add_parser("down", help="stop the nodes started with `ccus cluster up --dir DIR`")
-    down.add_argument("--dir", required=True)
+    down.add_argument("--dir", required=True, type=_folder)
     down.set_defaults(func=_down)
 
 
@@ -48,14 +64,13 @@ def _refused(args: argparse.Namespace) -> str:
     starts."""
     if args.site and not (len(args.site) == 14 and args.site.isascii() and args.site.isdigit()):
         return "--site: a CCUS site ID is 14 ASCII digits"
-    if args.site and args.secure:  # site-cluster.conf bridges in plain MQTT: no TLS to the nodes yet
-        return ("--site does not work with --secure yet (the site bridge has no TLS to the "
-                "nodes): start the cluster without --secure for a site broker")
     if args.sinks < 0 or args.agents < 0:
         return "--sinks and --agents: a count, 0 or more"
-    if args.secure and (args.sinks or args.agents):  # they would need certificates of their own
-        return ("--sinks and --agents do not work with --secure yet: start them yourself with "
-                "their certificates (docs/operations.md, TLS and per-identity permissions)")
+    if args.secure and (args.site or args.sinks or args.agents) and not args.pki:
+        return ("--site, --sinks and --agents on a --secure cluster need --pki PKI: the folder "
+                "their certificates come from")
+    if args.pki and not args.secure:
+        return "--pki goes with --secure BUNDLE"
     if args.store and args.pg:
         return "--store or --pg, not both: with --pg the sinks use the pair's URL"
     if args.store and not args.sinks:
@@ -70,6 +85,22 @@ def _up(args: argparse.Namespace) -> int:
     if why := _refused(args):
         print(f"ccus cluster up: {why}", file=sys.stderr)
         return 2
+    certs: dict[str, Any] = {}   # name -> cluster_pki.Tls, on a secure cluster
+    if args.pki:
+        from pathlib import Path
+
+        from broker.cluster_pki import secure_files
+        from broker.cluster_procs import agent_name, behind_site
+
+        direct = [agent_name(i) for i in range(1, args.agents + 1)
+                  if not behind_site(i, bool(args.site))]
+        certs, problems = secure_files(Path(args.pki), Path(args.secure), site=args.site,
+                                     sinks=args.sinks, devices=direct,
+                                     agents_site=args.site or AGENTS_SITE)
+        for p in problems:
+            print(f"ccus cluster up: {p}", file=sys.stderr)
+        if problems:
+            return 2
     try:
         c = up(args.dir, secure=args.secure)
     except BrokerError as exc:
@@ -78,7 +109,7 @@ def _up(args: argparse.Namespace) -> int:
     tls = " (TLS, client certificates)" if args.secure else ""
     for n in c.nodes:
         print(f"{n.name}: nats {n.url}  mqtt 127.0.0.1:{n.mqtt_port}  pid {n.pid}{tls}")
-    certs = " --ca CA --cert SINK.crt --key SINK.key" if args.secure else ""
+    cert_opts = " --ca CA --cert SINK.crt --key SINK.key" if args.secure else ""
     url = None
     if args.pg:
         from broker.pgha import up as pg_up
@@ -91,49 +122,52 @@ def _up(args: argparse.Namespace) -> int:
         print(f"store: {url}")
     if not args.sinks:
         store = shlex.quote(url) if url else "STORE"
-        print(f"sink: ccus sink run --store {store} --nats {','.join(c.urls)}{certs}")
+        print(f"sink: ccus sink run --store {store} --nats {','.join(c.urls)}{cert_opts}")
     site_port = None
     try:
         if args.site:
-            site_port = _up_site(args, c.mqtt_ports)
+            site_port = _up_site(args, c.mqtt_ports, certs.get("bridge"))
         if args.sinks:
-            _up_sinks(args, url or args.store, c.urls)
+            _up_sinks(args, url or args.store, c.urls, certs)
         if args.agents:
-            _up_agents(args, c.mqtt_ports, site_port)
+            _up_agents(args, c.mqtt_ports, site_port, certs)
     except BrokerError as exc:
         print(f"ccus cluster up: {exc}", file=sys.stderr)
         return 1
     return 0
 
 
-def _up_site(args: argparse.Namespace, mqtt_ports: list[int]) -> int:
+def _up_site(args: argparse.Namespace, mqtt_ports: list[int], tls: Any) -> int:
     from broker.site_bridge import up
 
-    b = up(args.dir, args.site, mqtt_ports)
+    b = up(args.dir, args.site, mqtt_ports, tls=tls)
+    over = " over TLS" if tls else ""
     print(f"site {b.site}: mqtt 127.0.0.1:{b.port} (devices: [mqtt] host = \"127.0.0.1\", "
-          f"port = {b.port}, tls = false)  bridged to {len(mqtt_ports)} nodes  pid {b.pid}; "
+          f"port = {b.port}, tls = false)  bridged to {len(mqtt_ports)} nodes{over}  pid {b.pid}; "
           f"bridge watchdog: log {b.folder / 'watchdog.log'}")
     return b.port
 
 
-def _up_sinks(args: argparse.Namespace, store: str | None, urls: list[str]) -> None:
+def _up_sinks(args: argparse.Namespace, store: str | None, urls: list[str],
+              tls: dict[str, Any]) -> None:
     from pathlib import Path
 
     from broker.cluster_procs import start_sinks
 
     store = store or str(Path(args.dir) / "store.sqlite")
-    for s in start_sinks(Path(args.dir), args.sinks, store, urls):
+    for s in start_sinks(Path(args.dir), args.sinks, store, urls, tls=tls):
         print(s.line)
     print(f"store of the sinks: {store}")
 
 
-def _up_agents(args: argparse.Namespace, mqtt_ports: list[int], site_port: int | None) -> None:
+def _up_agents(args: argparse.Namespace, mqtt_ports: list[int], site_port: int | None,
+               tls: dict[str, Any]) -> None:
     from pathlib import Path
 
     from broker.cluster_procs import start_agents
 
     site = args.site or AGENTS_SITE
-    for a in start_agents(Path(args.dir), args.agents, site, mqtt_ports, site_port):
+    for a in start_agents(Path(args.dir), args.agents, site, mqtt_ports, site_port, tls=tls):
         print(a.line)
     print(f"agents at site {site}; their cards: --id 012E4CD3000000NN --tid 100000000000NN, "
           f"NN 01..40 (hex in --id)")

@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from broker.cluster_pki import Tls
 from broker.launcher import BrokerError
 from broker.procs import cmdline_has, stop_pid
 from sim.agent_config import card_of, gate_agent_toml, technicians, tid_of, write_idlist_csv
@@ -35,6 +36,15 @@ ROOT = Path(__file__).resolve().parents[1]
 STATE = "proc.json"
 CARDS = 40
 CCUS = [sys.executable, "-m", "ccus.cli"]
+
+
+def agent_name(i: int) -> str:
+    return f"gate-{i:02d}"
+
+
+def behind_site(i: int, has_site: bool) -> bool:
+    """Is agent i (from 1) behind the site broker? The odd ones, when there is one."""
+    return has_site and i % 2 == 1
 
 
 @dataclass(frozen=True)
@@ -77,8 +87,9 @@ def _tail(path: Path) -> str:
 
 
 def start_sinks(cluster_dir: Path, n: int, store: str, nats_urls: list[str], *,
-                timeout: float = 60.0) -> list[Started]:
-    """`n` sinks on the durable consumer `sink`, into `store`; return once all are subscribed."""
+                tls: dict[str, Tls] | None = None, timeout: float = 60.0) -> list[Started]:
+    """`n` sinks on the durable consumer `sink`, into `store`; return once all are subscribed.
+    `tls`: sink-N's certificate by name, on a secure cluster."""
     out = []
     for i in range(1, n + 1):
         folder = cluster_dir / f"sink-{i}"
@@ -91,6 +102,9 @@ def start_sinks(cluster_dir: Path, n: int, store: str, nats_urls: list[str], *,
         argv = [*CCUS, "sink", "run", "--store", store, "--nats", ",".join(nats_urls),
                 "--client-id", f"sink-{i}", "--ready-file", str(ready), "--metrics", "off",
                 "--log-format", "text"]
+        if tls:
+            t = tls[f"sink-{i}"]
+            argv += ["--ca", str(t.ca), "--cert", str(t.cert), "--key", str(t.key)]
         pid = _spawn(folder, "sink.log", argv, ["sink", "run", str(ready)])
         out.append(Started(f"sink-{i}", pid, folder, f"sink-{i}: pid {pid}, log {folder / 'sink.log'}"))
     deadline = time.monotonic() + timeout
@@ -106,34 +120,39 @@ def start_sinks(cluster_dir: Path, n: int, store: str, nats_urls: list[str], *,
 
 
 def _agent_toml(folder: Path, dev: str, site: str, udp: int, *, site_port: int | None,
-                mqtt_ports: list[int]) -> str:
+                mqtt_ports: list[int], tls: Tls | None) -> str:
     text = gate_agent_toml(dev=dev, site=site, data_dir=folder / "data", host="127.0.0.1",
                            port=site_port or mqtt_ports[0], list_path=folder / "list.csv",
                            udp_port=udp)
+    if tls is not None and site_port is None:  # the site broker's device listener is plain
+        text = text.replace("tls = false\n", f'tls = true\nca_file = "{tls.ca}"\n'
+                            f'cert_file = "{tls.cert}"\nkey_file = "{tls.key}"\n', 1)
     if site_port is None:  # straight on the nodes: docs/operations.md, "Devices on the cluster"
         nodes = ", ".join(f'"127.0.0.1:{p}"' for p in mqtt_ports)
-        text = text.replace("tls = false\n", f'tls = false\nprotocol = "3.1.1"\n'
-                            f"brokers = [{nodes}]\nsubscribe_qos = 0\n", 1)
+        text = text.replace("[idlist]", f'protocol = "3.1.1"\nbrokers = [{nodes}]\n'
+                            "subscribe_qos = 0\n[idlist]", 1)
     return text
 
 
 def start_agents(cluster_dir: Path, n: int, site: str, mqtt_ports: list[int],
-                 site_port: int | None = None, *, timeout: float = 60.0) -> list[Started]:
+                 site_port: int | None = None, *, tls: dict[str, Tls] | None = None,
+                 timeout: float = 60.0) -> list[Started]:
     """`n` gate agents at `site` (every second one behind the site broker on `site_port`, when
-    there is one); return once every agent has connected to its broker."""
+    there is one); return once every agent has connected to its broker. `tls`: gate-NN's
+    device certificate, on a secure cluster (used straight on the nodes)."""
     out = []
     for i in range(1, n + 1):
-        dev = f"gate-{i:02d}"
+        dev = agent_name(i)
         folder = cluster_dir / f"agent-{i:02d}"
         folder.mkdir(parents=True, exist_ok=True)
         if running(folder):
             raise BrokerError(f"{folder}: that agent is running already (pid "
                               f"{_saved(folder)['pid']}); `ccus cluster down --dir {cluster_dir}`")
         udp = int(_saved(folder).get("udp") or free_udp_port())
-        behind = site_port if site_port is not None and i % 2 == 1 else None
+        behind = site_port if behind_site(i, site_port is not None) else None
         conf = folder / "agent.toml"
         conf.write_text(_agent_toml(folder, dev, site, udp, site_port=behind,
-                                    mqtt_ports=mqtt_ports))
+                                    mqtt_ports=mqtt_ports, tls=(tls or {}).get(dev)))
         write_idlist_csv(folder / "list.csv", technicians(CARDS))
         log = folder / "agent.log"
         start_at = log.stat().st_size if log.exists() else 0
@@ -143,7 +162,7 @@ def start_agents(cluster_dir: Path, n: int, site: str, mqtt_ports: list[int],
         (folder / STATE).write_text(json.dumps({**state, "udp": udp, "dev": dev,
                                                 "start_at": start_at}, indent=1) + "\n")
         via = f"site broker 127.0.0.1:{site_port} (MQTT 5)" if behind else \
-            "the nodes (MQTT 3.1.1)"
+            f"the nodes (MQTT 3.1.1{', TLS' if tls else ''})"
         line = (f"{dev}: reader udp:127.0.0.1:{udp} via {via}, pid {pid}; tap: ccus card emulate "
                 f"felica --port {udp} --id {card_of(1).ident.hex().upper()} --tid {tid_of(1)}")
         out.append(Started(dev, pid, folder, line))

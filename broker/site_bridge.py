@@ -9,6 +9,9 @@ Rules of this file:
   another process stops it. A pid is signalled only while /proc says it is still a mosquitto
   on that config (a reused pid is left alone).
 - Same port on every start of one folder: the devices and a restarted bridge find it again.
+- On a secure cluster (`cluster up --secure --pki`) the bridge speaks TLS to the nodes with the
+  site's bridge certificate (broker/cluster_pki.py finds it); the files are kept in
+  ``site.json``, so a restart by the watchdog (which knows only the folder) keeps them.
 - `ccus cluster up --site` also starts the bridge watchdog (`ccus site-watchdog --site-dir`,
   broker/bridge_watchdog.py), detached, its pid in ``watchdog.json`` and its log in
   ``watchdog.log`` beside the broker's; `down` stops it before the broker, so it never
@@ -22,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+from broker.cluster_pki import Tls
 from broker.launcher import BrokerError, PrivateBroker, find_mosquitto, free_port
 from broker.procs import cmdline_has, stop_pid, stop_process
 
@@ -34,10 +38,19 @@ def cloud_addresses(mqtt_ports: list[int], host: str = "127.0.0.1") -> str:
     return " ".join(f"{host}:{p}" for p in mqtt_ports)
 
 
+def bridge_tls(tls: Tls | None) -> str:
+    """The bridge's TLS lines (site.conf's), or a comment when the nodes speak plain MQTT."""
+    if tls is None:
+        return "# plain MQTT to the nodes (a cluster without --secure)"
+    return (f"bridge_cafile {tls.ca}\nbridge_certfile {tls.cert}\nbridge_keyfile {tls.key}\n"
+            "bridge_insecure false")
+
+
 class SiteBridge:
     """``SiteBridge(folder, site, mqtt_ports).start()``; ``.kill()``, ``.start()`` again, ``.stop()``."""
 
-    def __init__(self, folder: str | Path, site: str, mqtt_ports: list[int]) -> None:
+    def __init__(self, folder: str | Path, site: str, mqtt_ports: list[int],
+                 tls: Tls | None = None) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.site = site
@@ -45,9 +58,13 @@ class SiteBridge:
         saved = json.loads(state.read_text()) if state.exists() else {}
         self.port: int = saved.get("port") or free_port()
         self.pid: int = saved.get("pid", 0)
+        if tls is None and saved.get("tls"):
+            tls = Tls(*(Path(saved["tls"][k]) for k in ("ca", "cert", "key")))
+        self.tls = tls
         self.broker = PrivateBroker(self.folder, port=self.port, template="site-cluster.conf",
                                     values={"site": site,
-                                            "cloud_addresses": cloud_addresses(mqtt_ports)})
+                                            "cloud_addresses": cloud_addresses(mqtt_ports),
+                                            "bridge_tls": bridge_tls(tls)})
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -59,8 +76,11 @@ class SiteBridge:
         return self.broker.log_path
 
     def _save(self) -> None:
+        tls = None if self.tls is None else \
+            {"ca": str(self.tls.ca), "cert": str(self.tls.cert), "key": str(self.tls.key)}
         (self.folder / STATE).write_text(json.dumps({"site": self.site, "port": self.port,
-                                                     "pid": self.pid}, indent=1) + "\n")
+                                                     "pid": self.pid, "tls": tls},
+                                                    indent=1) + "\n")
 
     def start(self, timeout: float = 10.0, *, detach: bool = False) -> "SiteBridge":
         """Start Mosquitto (its bridge connects by itself); return once it listens."""
@@ -113,10 +133,10 @@ def site_folder(cluster_dir: str | Path, site: str) -> Path:
 
 
 def up(cluster_dir: str | Path, site: str, mqtt_ports: list[int], *,
-       watchdog_limit_s: float = 15.0) -> SiteBridge:
+       watchdog_limit_s: float = 15.0, tls: Tls | None = None) -> SiteBridge:
     """`ccus cluster up --site SITE`: start (detached) the site broker of the cluster folder,
     and its bridge watchdog."""
-    b = SiteBridge(site_folder(cluster_dir, site), site, mqtt_ports)
+    b = SiteBridge(site_folder(cluster_dir, site), site, mqtt_ports, tls)
     if b.running():
         raise BrokerError(f"{b.folder}: the site broker is running already (pid {b.pid})")
     b.start(detach=True)

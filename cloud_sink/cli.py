@@ -188,6 +188,17 @@ def _run(args: argparse.Namespace) -> int:
             print("ccus sink run: --ca, --cert and --key go together", file=sys.stderr)
             return 2
         tls = TlsFiles(args.ca, args.cert, args.key)
+        from cloud_sink.check import check_cert_file, check_key_pair
+
+        # a key readable by others fails --check, not the start (the key is what it is)
+        bad = [c for c in (check_cert_file("--ca", args.ca), check_cert_file("--cert", args.cert),
+                           check_key_pair(args.cert, args.key))
+               if not c.ok and not c.detail.startswith("matches")]
+        if bad:  # before connecting: the consumer would die on it with a traceback
+            for c in bad:
+                print(f"ccus sink run: {c.name}: {c.detail}", file=sys.stderr)
+            store.close()
+            return 2
     sink: Any
     metrics = None  # not wired to the JetStream sink yet (docs/operations.md, National layout)
     if args.nats:

@@ -300,6 +300,18 @@ def test_an_idle_sink_logs_no_warning_and_stops_at_once(cluster: NatsCluster, tm
     assert stopping_s < 8, f"stopped {stopping_s:.1f} s after SIGTERM"
 
 
+@pytest.mark.parametrize("where", [["--nats", "nats://127.0.0.1:4222"],
+                                   ["--broker", "127.0.0.1:8883"]])
+def test_sink_run_names_a_missing_tls_file_and_exits(tmp_path: Path, where: list[str]) -> None:
+    """It used to start and its consumer died on FileNotFoundError with a traceback (the
+    relative paths `ccus cluster up --secure` passed to a sink started in another folder)."""
+    r = _ccus("sink", "run", "--store", str(tmp_path / "s.sqlite"), *where, "--metrics", "off",
+              "--ca", "bundle/ca.crt", "--cert", "pki/sinks/sink-1/sink.crt",
+              "--key", "pki/sinks/sink-1/sink.key")
+    assert r.returncode == 2, r.stderr
+    assert "--ca bundle/ca.crt: cannot read" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_sink_run_refuses_an_empty_nats_list(tmp_path: Path) -> None:
     r = _ccus("sink", "run", "--store", str(tmp_path / "s.sqlite"), "--nats", ",")
     assert r.returncode == 2 and "--nats needs at least one URL" in r.stderr

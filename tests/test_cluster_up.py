@@ -52,7 +52,7 @@ def _seqs(url: str) -> dict[str, list[int]]:
 @pytest.mark.e2e
 def test_the_documented_cluster_up_starts_everything_and_down_stops_it(tmp_path: Path) -> None:
     steps = doc_steps("cluster-test")
-    assert set(steps) == {"up", "tap", "down"}
+    assert set(steps) == {"up", "tap", "down", "secure", "secure-fleet"}
     folder = tmp_path / "national"
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
     try:
@@ -97,8 +97,59 @@ def test_the_documented_cluster_up_starts_everything_and_down_stops_it(tmp_path:
                        capture_output=True, timeout=180)
 
 
+@pytest.mark.e2e
+def test_the_documented_secure_cluster_up_carries_every_path_over_tls(tmp_path: Path) -> None:
+    """The secure blocks: a PKI, the NATS bundle, `cluster up --secure --pki` with the site
+    bridge (Mosquitto's, TLS with the bridge identity), 2 sinks and 4 agents (2 with device
+    certificates straight on the nodes); a tap on each agent is stored, the operator's fleet
+    view through a node's MQTT gateway shows all four, and nothing is refused on the way."""
+    steps = doc_steps("cluster-test")
+    folder = tmp_path / "national"
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    try:
+        out = run_block(steps["secure"], tmp_path, {DOC_DIR: str(folder)}, env, timeout=240)
+        assert "bridged to 3 nodes over TLS" in out, out
+        agents = {dev: (int(port), via) for dev, port, via in AGENT.findall(out)}
+        assert sorted(agents) == ["gate-01", "gate-02", "gate-03", "gate-04"], out
+        assert out.count("via the nodes (MQTT 3.1.1, TLS)") == 2, out
+        store = re.search(r"^store of the sinks: (\S+)$", out, re.M).group(1)  # type: ignore[union-attr]
+        for i, dev in enumerate(sorted(agents)):
+            run_block(steps["tap"].splitlines()[0], tmp_path,
+                      {"PORT": str(agents[dev][0]), "012E4CD300000002": f"012E4CD3{i + 1:08X}",
+                       "10000000000002": f"{10000000000001 + i:014d}"}, env)
+        want = {dev: [1] for dev in agents}
+        assert poll_until(lambda: _sqlite_seqs(store) == want, 30, 0.2), _sqlite_seqs(store)
+        node = re.search(r"^n2: .* mqtt 127\.0\.0\.1:(\d+)", out, re.M).group(1)  # type: ignore[union-attr]
+        fleet = run_block(steps["secure-fleet"], tmp_path, {"MQTT_PORT": node}, env, ok=(0, 1))
+        online = re.findall(r"^13100000000041\s+(gate-\d\d)\s+gate\s+online", fleet, re.M)
+        assert online == sorted(agents), fleet
+        refused = [line for n in ("n1", "n2", "n3")
+                   for line in (folder / n / "nats.log").read_text().splitlines()
+                   if "Violation" in line or "Authorization" in line]
+        assert refused == [], refused
+    finally:
+        subprocess.run([str(BIN / "ccus"), "cluster", "down", "--dir", str(folder)],
+                       capture_output=True, timeout=180)
+    assert poll_until(lambda: not _ours(folder), 10, 0.2), _ours(folder)
+
+
+def _sqlite_seqs(path: str) -> dict[str, list[int]]:
+    import sqlite3
+
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as c:
+            rows = c.execute("SELECT device, seq FROM touches ORDER BY device, seq").fetchall()
+    except sqlite3.Error:
+        return {}
+    out: dict[str, list[int]] = {}
+    for dev, seq in rows:
+        out.setdefault(dev, []).append(seq)
+    return out
+
+
 @pytest.mark.parametrize("opts, says", [
-    (["--sinks", "1", "--secure", "bundle"], "--sinks and --agents do not work with --secure"),
+    (["--sinks", "1", "--secure", "bundle"], "need --pki PKI"),
+    (["--pki", "pki"], "--pki goes with --secure BUNDLE"),
     (["--agents", "-1"], "a count, 0 or more"),
     (["--store", "x.sqlite", "--pg", "--sinks", "1"], "--store or --pg, not both"),
     (["--store", "x.sqlite"], "give --sinks N too"),
@@ -110,3 +161,25 @@ def test_cluster_up_refuses_options_that_do_not_go_together(tmp_path: Path, opts
                          timeout=60)
     assert run.returncode == 2 and says in run.stderr and "Traceback" not in run.stderr, run.stderr
     assert not (tmp_path / "c").exists()      # refused before anything started
+
+
+def test_secure_files_name_what_is_missing_and_what_auth_conf_does_not_know(tmp_path: Path) -> None:
+    from broker.cluster_pki import secure_files
+    from ops import provision
+    from ops.nats_auth import write_bundle
+    from ops.pki import CA
+
+    pki, bundle, site = tmp_path / "pki", tmp_path / "bundle", "13100000000041"
+    CA.init(pki)
+    CA(pki).issue_server(pki / "server", ["127.0.0.1"])
+    provision.add_site(pki, site, ["gate-02"])
+    write_bundle(pki, bundle)
+    files, problems = secure_files(pki, bundle, site=site, sinks=1, devices=["gate-02"],
+                                   agents_site=site)
+    assert sorted(files) == ["bridge", "gate-02"]
+    assert problems == [f"no {pki}/sinks/sink-1/sink.crt: make it with `ccus ops identity --pki "
+                        f"{pki} --kind sink --name sink-1`, then `ccus ops nats-auth --pki {pki} "
+                        f"--out {bundle}`"]
+    CA(pki).issue_identity(pki / "sinks" / "sink-1", "sink", "sink-1")   # after the bundle
+    _, problems = secure_files(pki, bundle, site=site, sinks=1, devices=[], agents_site=site)
+    assert problems and "does not know CN=sink:sink-1,OU=sink yet" in problems[0], problems
