@@ -23,6 +23,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,15 +108,7 @@ def start_sinks(cluster_dir: Path, n: int, store: str, nats_urls: list[str], *,
             argv += ["--ca", str(t.ca), "--cert", str(t.cert), "--key", str(t.key)]
         pid = _spawn(folder, "sink.log", argv, ["sink", "run", str(ready)])
         out.append(Started(f"sink-{i}", pid, folder, f"sink-{i}: pid {pid}, log {folder / 'sink.log'}"))
-    deadline = time.monotonic() + timeout
-    for s in out:
-        while not (s.folder / "ready").exists():
-            if not running(s.folder):
-                raise BrokerError(f"{s.name} exited: {_tail(s.folder / 'sink.log')}")
-            if time.monotonic() > deadline:
-                raise BrokerError(f"{s.name} not subscribed within {timeout:.0f} s "
-                                  f"(log {s.folder / 'sink.log'})")
-            time.sleep(0.1)
+    _wait_all(out, "sink.log", "subscribed", lambda s: (s.folder / "ready").exists(), timeout)
     return out
 
 
@@ -166,17 +159,26 @@ def start_agents(cluster_dir: Path, n: int, site: str, mqtt_ports: list[int],
         line = (f"{dev}: reader udp:127.0.0.1:{udp} via {via}, pid {pid}; tap: ccus card emulate "
                 f"felica --port {udp} --id {card_of(1).ident.hex().upper()} --tid {tid_of(1)}")
         out.append(Started(dev, pid, folder, line))
-    deadline = time.monotonic() + timeout
-    for s in out:
+    def connected(s: Started) -> bool:  # since this start: the log is appended to
         start_at = int(_saved(s.folder).get("start_at", 0))
-        while "mqtt: connected to" not in _log_from(s.folder / "agent.log", start_at):
-            if not running(s.folder):
-                raise BrokerError(f"{s.name} exited: {_tail(s.folder / 'agent.log')}")
-            if time.monotonic() > deadline:
-                raise BrokerError(f"{s.name} not connected within {timeout:.0f} s "
-                                  f"(log {s.folder / 'agent.log'})")
-            time.sleep(0.1)
+        return "mqtt: connected to" in _log_from(s.folder / "agent.log", start_at)
+
+    _wait_all(out, "agent.log", "connected", connected, timeout)
     return out
+
+
+def _wait_all(procs: list[Started], log_name: str, what: str,
+              done: Callable[[Started], bool], timeout: float) -> None:
+    """Until done(p) for each; BrokerError naming the one that exited or is late, and its log."""
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        while not done(p):
+            if not running(p.folder):
+                raise BrokerError(f"{p.name} exited: {_tail(p.folder / log_name)}")
+            if time.monotonic() > deadline:
+                raise BrokerError(f"{p.name} not {what} within {timeout:.0f} s "
+                                  f"(log {p.folder / log_name})")
+            time.sleep(0.1)
 
 
 def _log_from(path: Path, offset: int) -> str:

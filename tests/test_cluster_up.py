@@ -21,6 +21,7 @@ from broker.procs import poll_until
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 DOC_DIR = "/tmp/national"
+SEQS = "SELECT device, seq FROM touches ORDER BY device, seq"
 AGENT = re.compile(r"^(gate-\d\d): reader udp:127\.0\.0\.1:(\d+) via (site broker|the nodes)", re.M)
 
 
@@ -40,9 +41,12 @@ def _ours(folder: Path) -> list[str]:
 def _seqs(url: str) -> dict[str, list[int]]:
     try:
         with psycopg.connect(url, connect_timeout=3) as c:
-            rows = c.execute("SELECT device, seq FROM touches ORDER BY device, seq").fetchall()
+            return _by_device(c.execute(SEQS).fetchall())
     except psycopg.Error:
         return {}
+
+
+def _by_device(rows: list[tuple[str, int]]) -> dict[str, list[int]]:
     out: dict[str, list[int]] = {}
     for dev, seq in rows:
         out.setdefault(dev, []).append(seq)
@@ -138,13 +142,9 @@ def _sqlite_seqs(path: str) -> dict[str, list[int]]:
 
     try:
         with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as c:
-            rows = c.execute("SELECT device, seq FROM touches ORDER BY device, seq").fetchall()
+            return _by_device(c.execute(SEQS).fetchall())
     except sqlite3.Error:
         return {}
-    out: dict[str, list[int]] = {}
-    for dev, seq in rows:
-        out.setdefault(dev, []).append(seq)
-    return out
 
 
 @pytest.mark.parametrize("opts, says", [
