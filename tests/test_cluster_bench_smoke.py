@@ -37,14 +37,30 @@ def test_replication_path_splits_the_touches_between_two_sinks(tmp_path: Path, p
     assert res["publish_per_s"] > 0 and res["drain_wall_per_s"] > 0  # type: ignore[operator]
 
 
-def test_national_generator_and_its_exports_at_small_scale() -> None:
+def test_months_ending_crosses_the_year() -> None:
+    assert bench_national.months_ending("2027-02", 4) == ["2026-11", "2026-12", "2027-01",
+                                                         "2027-02"]
+    assert bench_national.months_ending("2026-10", 1) == ["2026-10"]
+
+
+@pytest.mark.parametrize("months", [1, 3])
+def test_national_generator_and_its_exports_at_small_scale(months: int) -> None:
     sites, month = 30, "2026-09"
-    url, built = bench_national.cached_national(sites, month, rebuild=True)
+    url, built = bench_national.cached_national(sites, month, rebuild=True, months=months)
     try:
         assert built is not None and built["build_s"] > 0
-        out = bench_national.bench(url, month, repeat=1, samples=2)
+        out = bench_national.bench(url, month, repeat=1, samples=2, months=months)
         techs = sites * bench_national.TECHS
-        assert out["store"]["touches"] == techs * bench_national.DAYS * 2  # type: ignore[index]
+        per_month = techs * bench_national.DAYS * 2
+        assert out["store"]["touches"] == per_month * months  # type: ignore[index]
+        with psycopg.connect(url) as db:   # each device's seqs go on, month after month
+            seqs = db.execute("SELECT device, array_agg(seq ORDER BY seq) FROM touches"
+                              " GROUP BY device").fetchall()
+            parts = db.execute("SELECT count(*) FROM pg_inherits WHERE inhparent ="
+                               " 'touches'::regclass").fetchone()[0]
+        assert len(seqs) == sites
+        assert all(s == list(range(1, per_month // sites * months + 1)) for _, s in seqs)
+        assert parts >= months
         assert out["naive_group_by"]["rows"] == techs  # type: ignore[index]
         for k in ("export_per_site", "export_per_site_named", "export_per_main_contractor"):
             assert out[k]["rows"] == techs  # type: ignore[index]
@@ -55,7 +71,7 @@ def test_national_generator_and_its_exports_at_small_scale() -> None:
         s.rederive()
         assert s.table("work_history") == generated
         # and a second call finds the complete build in the cache
-        assert bench_national.cached_national(sites, month) == (url, None)
+        assert bench_national.cached_national(sites, month, months=months) == (url, None)
         s.close()
     finally:
         with psycopg.connect(bench_national.PG_ADMIN, autocommit=True) as admin:
