@@ -66,7 +66,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "broker": ("run a private development broker in the foreground", "ccus.cli:_register_broker"),
     "console": ("the operator's web console (fleet, live touches, reports)", "console.cli:register"),
     "cluster": ("a local 3-node NATS cluster (JetStream R3, MQTT) on loopback",
-                "broker.cluster_cli:register"),
+                "ccus.cluster_cli:register"),
     "site-watchdog": ("restart a site broker whose bridge to the cloud stays stuck",
                       "broker.watchdog_cli:register"),
 }

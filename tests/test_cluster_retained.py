@@ -99,7 +99,8 @@ def test_list_state_and_config_through_the_cluster_and_after_a_node_dies(
         assert poll_until(lambda: agent.link.connected, 30, 0.1), "agent never connected"
         r = ccus("ops", "list", "publish", "--csv", str(csv), "--name", "national",
                  "--version", "1", "--signing-key", str(key), "--broker", f"127.0.0.1:{p1}",
-                 "--mqtt-protocol", "3.1.1", "--no-progress")
+                 "--mqtt-protocol", "3.1.1", "--no-progress",
+                 "--keep", str(tmp_path / "national.1.idl"))   # not into the checkout
         assert r.returncode == 0, r.stderr
         assert poll_until(lambda: agent.idlist is not None and agent.idlist.version == 1,
                           30, 0.1), "the list published on node 1 never reached the agent"

@@ -1,7 +1,8 @@
 """`ccus cluster up|down --dir DIR`: the local 3-node NATS cluster of broker/nats.py (opt-in); with
 `--pg` the PostgreSQL pair (broker/pgha.py); with `--site SITE` a site Mosquitto bridged to it and
 its bridge watchdog (broker/site_bridge.py); with `--sinks N` and `--agents N` the sinks and
-simulated gate agents (broker/cluster_procs.py). `down` stops them in the reverse order."""
+simulated gate agents (broker/cluster_procs.py, ccus/cluster_agents.py). `down` stops them in
+the reverse order. In `ccus`, which may import every room: the agents are the simulator's."""
 
 import argparse
 import shlex
@@ -90,7 +91,7 @@ def _up(args: argparse.Namespace) -> int:
         from pathlib import Path
 
         from broker.cluster_pki import secure_files
-        from broker.cluster_procs import agent_name, behind_site
+        from ccus.cluster_agents import agent_name, behind_site
 
         direct = [agent_name(i) for i in range(1, args.agents + 1)
                   if not behind_site(i, bool(args.site))]
@@ -164,7 +165,7 @@ def _up_agents(args: argparse.Namespace, mqtt_ports: list[int], site_port: int |
                tls: dict[str, Any]) -> None:
     from pathlib import Path
 
-    from broker.cluster_procs import start_agents
+    from ccus.cluster_agents import start_agents
 
     site = args.site or AGENTS_SITE
     for a in start_agents(Path(args.dir), args.agents, site, mqtt_ports, site_port, tls=tls):
