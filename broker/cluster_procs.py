@@ -42,12 +42,15 @@ class Started:
     line: str
 
 
-def spawn(folder: Path, log_name: str, argv: list[str], marks: list[str]) -> int:
+def spawn(folder: Path, log_name: str, argv: list[str], marks: list[str],
+          keep: dict[str, object] | None = None) -> int:
+    """Start `argv` detached, its output appended to the folder's log; proc.json gets its pid,
+    `marks` and whatever else the next start needs (`keep`)."""
     with open(folder / log_name, "ab") as log:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
-    (folder / STATE).write_text(json.dumps({"pid": proc.pid, "marks": marks,
-                                            "log": log_name}, indent=1) + "\n")
+    (folder / STATE).write_text(json.dumps({"pid": proc.pid, "marks": marks, "log": log_name,
+                                            **(keep or {})}, indent=1) + "\n")
     return proc.pid
 
 

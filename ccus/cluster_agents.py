@@ -13,11 +13,10 @@ Rules of this file:
   the simulator's cards and configs are sim's.
 """
 
-import json
 from pathlib import Path
 
 from broker.cluster_pki import Tls
-from broker.cluster_procs import CCUS, STATE, Started, log_from, running, saved, spawn, wait_all
+from broker.cluster_procs import CCUS, Started, log_from, running, saved, spawn, wait_all
 from broker.launcher import BrokerError
 from sim.agent_config import card_of, gate_agent_toml, technicians, tid_of, write_idlist_csv
 from sim.nfc_card import free_udp_port
@@ -56,6 +55,7 @@ def start_agents(cluster_dir: Path, n: int, site: str, mqtt_ports: list[int],
     there is one); return once every agent has connected to its broker. `tls`: gate-NN's
     device certificate, on a secure cluster (used straight on the nodes)."""
     out = []
+    log_at: dict[str, int] = {}   # each agent's log size before this start: it is appended to
     for i in range(1, n + 1):
         dev = agent_name(i)
         folder = cluster_dir / f"agent-{i:02d}"
@@ -65,25 +65,23 @@ def start_agents(cluster_dir: Path, n: int, site: str, mqtt_ports: list[int],
                               f"{saved(folder)['pid']}); `ccus cluster down --dir {cluster_dir}`")
         udp = int(saved(folder).get("udp") or free_udp_port())
         behind = site_port if behind_site(i, site_port is not None) else None
+        own = None if behind else (tls or {}).get(dev)
         conf = folder / "agent.toml"
         conf.write_text(_agent_toml(folder, dev, site, udp, site_port=behind,
-                                    mqtt_ports=mqtt_ports, tls=(tls or {}).get(dev)))
+                                    mqtt_ports=mqtt_ports, tls=own))
         write_idlist_csv(folder / "list.csv", technicians(CARDS))
         log = folder / "agent.log"
-        start_at = log.stat().st_size if log.exists() else 0
+        log_at[dev] = log.stat().st_size if log.exists() else 0
         pid = spawn(folder, "agent.log", [*CCUS, "agent", "--config", str(conf), "--log-format",
-                                           "text"], ["agent", str(conf)])
-        state = saved(folder)
-        (folder / STATE).write_text(json.dumps({**state, "udp": udp, "dev": dev,
-                                                "start_at": start_at}, indent=1) + "\n")
+                                           "text"], ["agent", str(conf)], keep={"udp": udp})
         via = f"site broker 127.0.0.1:{site_port} (MQTT 5)" if behind else \
-            f"the nodes (MQTT 3.1.1{', TLS' if tls else ''})"
+            f"the nodes (MQTT 3.1.1{', TLS' if own else ''})"
         line = (f"{dev}: reader udp:127.0.0.1:{udp} via {via}, pid {pid}; tap: ccus card emulate "
                 f"felica --port {udp} --id {card_of(1).ident.hex().upper()} --tid {tid_of(1)}")
         out.append(Started(dev, pid, folder, line))
-    def connected(s: Started) -> bool:  # since this start: the log is appended to
-        start_at = int(saved(s.folder).get("start_at", 0))
-        return "mqtt: connected to" in log_from(s.folder / "agent.log", start_at)
+
+    def connected(s: Started) -> bool:  # since this start
+        return "mqtt: connected to" in log_from(s.folder / "agent.log", log_at[s.name])
 
     wait_all(out, "agent.log", "connected", connected, timeout)
     return out

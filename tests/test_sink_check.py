@@ -123,3 +123,18 @@ def test_each_bad_setup_fails_its_line(tls_world: tuple[Path, PrivateBroker],
     [line] = failed(check("--store", str(store), "--broker", f"127.0.0.1:{b.port}",
                           "--metrics", f"127.0.0.1:{b.port}"))
     assert "metrics" in line and "cannot bind" in line
+
+
+def test_a_key_readable_by_others_fails_the_check_but_not_the_start(tmp_path: Path) -> None:
+    """`--check` fails it; `ccus sink run` only wants the key readable and matching
+    (check_key_pair(..., loose_mode_fails=False))."""
+    from cloud_sink.check import check_key_pair
+
+    CA.init(tmp_path / "pki")
+    issued = CA(tmp_path / "pki").issue_identity(tmp_path / "s", "sink", "sink-1")
+    key = issued.key
+    key.chmod(0o644)
+    strict = check_key_pair(str(issued.cert), str(key))
+    assert not strict.ok and "readable by others" in strict.detail, strict
+    loose = check_key_pair(str(issued.cert), str(key), loose_mode_fails=False)
+    assert loose.ok and "readable by others" in loose.detail, loose
