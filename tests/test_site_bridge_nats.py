@@ -22,7 +22,7 @@ from sink_support import SITE as SINK_SITE
 
 from broker.bridge_watch import WatchConfig
 from broker.bridge_watchdog import BridgeWatchdog
-from broker.launcher import TEMPLATES, PrivateBroker, free_port
+from broker.launcher import TEMPLATES, BrokerError, PrivateBroker, free_port
 from broker.nats import NatsCluster, mqtt_hello
 from broker.procs import poll_until
 from broker.site_bridge import SiteBridge, cloud_addresses, watchdog_running
@@ -237,15 +237,36 @@ def test_mqtt_hello_is_a_real_311_connect(broker: PrivateBroker) -> None:
     assert not mqtt_hello(free_port(), "hello-2", timeout=2)         # nobody listens
 
 
+def test_warm_mqtt_asks_a_node_again_while_its_first_connects_fail(
+        broker: PrivateBroker, tmp_path: Path) -> None:
+    """CI once failed a fresh cluster's start on one closed first CONNECT (1 of ~40)."""
+    gw = StuckGateway(broker.port, refuse=2)
+    gw.stuck = False
+    cluster = NatsCluster(tmp_path / "nats")          # nothing started: the node is the gateway
+    node = cluster.nodes[0]
+    node.mqtt_port = gw.port
+    try:
+        cluster.warm_mqtt(timeout=10, nodes=[node])
+        assert gw.accepted == 3                        # two closed, the third one's CONNACK
+        gw.refuse = 10**6                              # a node that never lets one in
+        with pytest.raises(BrokerError, match=r"did not accept a connection in \d+ tries "
+                                              r"within 2s \(log "):
+            cluster.warm_mqtt(timeout=2, nodes=[node])
+    finally:
+        gw.close()
+
+
 class StuckGateway:
     """A TCP listener in front of a real node's MQTT port: while ``stuck``, each connection gets
     its CONNACK (and PINGRESPs) and nothing else, so the bridge counts as connected and forwards
     into the void (what NATS 2.9 did after a node's kill -9); once not stuck, new connections
-    are piped to the node. A connection keeps the mode it was accepted in."""
+    are piped to the node. A connection keeps the mode it was accepted in. The first `refuse`
+    connections are closed at once (a node making its MQTT state)."""
 
-    def __init__(self, node_port: int) -> None:
+    def __init__(self, node_port: int, refuse: int = 0) -> None:
         self.node_port = node_port
         self.stuck = True
+        self.refuse = refuse
         self.accepted = 0
         self._srv = socket.create_server(("127.0.0.1", 0))
         self.port = self._srv.getsockname()[1]
@@ -260,7 +281,10 @@ class StuckGateway:
                 return
             self.accepted += 1
             self._socks.append(c)
-            if self.stuck:
+            if self.refuse > 0:
+                self.refuse -= 1
+                c.close()
+            elif self.stuck:
                 threading.Thread(target=self._swallow, args=(c,), daemon=True).start()
             else:
                 up = socket.create_connection(("127.0.0.1", self.node_port))
