@@ -21,8 +21,11 @@ Rules of this file:
 - ``tls``: the CA, certificate and key of a ``sink:{name}`` identity; the secure cluster
   (``ccus cluster up --secure``) maps the certificate to the sink's NATS user, whose
   permissions allow exactly this stream's JetStream API, the touch subjects and the acks.
-- One batch at a time (no pipelining yet); a writer that dies is started again and given the
-  same batch; a store error is retried inside the writer; NATS errors are retried here.
+- Fetching and storing overlap: one task fetches (short waits) into a list while the writer
+  commits the batch before; the next batch is all that arrived meanwhile (at most
+  ``batch_max``), so the writer never waits for a fetch. One batch with the writer at a time;
+  a writer that dies is started again and given the same batch; a store error is retried
+  inside the writer; NATS errors are retried here.
 """
 
 import asyncio
@@ -50,13 +53,11 @@ STREAM_MAX_AGE_S = 7 * 86400
 STREAM_MAX_BYTES = 1 << 30
 # How long one fetch waits for touches. nats-py's fetch(n) keeps its pull request open until n
 # messages or this deadline, so a caught-up sink committed once per deadline: at 0.5 s a touch
-# waited 0-500 ms before its batch even began (bench/bench_freshness.py). Caught up (the last
-# fetch brought fewer than BACKLOG_AT), the short wait; draining a backlog, the long one, so
-# batches fill to batch_max (a fetch returns as soon as they do) instead of to what 20 ms of
-# parsing brings.
+# waited 0-500 ms before its batch even began (bench/bench_freshness.py). Fetching goes on
+# while the writer stores (_fetch_loop), so a backlog makes big batches by itself: what
+# arrived during one commit is the next batch (a longer wait to fill batches, 0.5 s once a
+# fetch brought 200, held 1 touch in 10 up to half a second at 1,000 touches/s).
 FETCH_WAIT_S = 0.02
-FETCH_WAIT_BACKLOG_S = 0.5
-BACKLOG_AT = 200
 
 
 class JetStreamSinkError(SinkError, RuntimeError):
@@ -205,33 +206,63 @@ class JetStreamSink:
         log.info("sink: pulling %s from stream %s (durable %s)", topics.ALL_TOUCH_SUBJECTS,
                  topics.TOUCH_STREAM, self.group)
         self.subscribed.set()
-        wait = FETCH_WAIT_S
+        pending: list[Any] = []          # fetched, not yet with the writer
+        arrived = asyncio.Event()
+        fetcher = asyncio.create_task(self._fetch_loop(psub, pending, arrived))
         try:
-            while not self._stop.is_set():
-                try:
-                    msgs = await psub.fetch(self.batch_max, timeout=wait)
-                except (nats.errors.TimeoutError, TimeoutError):
-                    # nothing to fetch within `wait`: nats-py 2.16 says so with its own
-                    # TimeoutError or, when the deadline runs out between its two pull
-                    # requests, with a bare asyncio one (~1 a second on an idle stream)
-                    wait = FETCH_WAIT_S
+            # stopping, what was fetched is stored first (else it would wait ACK_WAIT_S)
+            while not self._stop.is_set() or pending:
+                if fetcher.done() and not self._stop.is_set():
+                    fetcher.result()             # raises what ended it (reported by _run)
+                    break
+                if not pending:
+                    arrived.clear()
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(arrived.wait(), 0.2)
                     continue
-                except nats.errors.Error as exc:
-                    log.warning("sink: fetch failed (%s); retrying", str(exc) or type(exc).__name__)
-                    await asyncio.sleep(0.2)
-                    continue
-                wait = FETCH_WAIT_BACKLOG_S if len(msgs) >= BACKLOG_AT else FETCH_WAIT_S
-                if msgs:
-                    await self._store(nc, msgs)
+                # everything fetched while the writer had the last batch goes in this one
+                take = pending[:self.batch_max]
+                del pending[:len(take)]
+                await self._store(nc, take)
         finally:
+            fetcher.cancel()
+            with contextlib.suppress(BaseException):
+                await fetcher
             # not drain(): the pull subscription's lingering request never drains, so drain()
             # sat out its 30 s timeout and a stopping sink took 15 s (stop()'s join) to exit.
-            # Every message fetched is stored and acked by now; flush sends the last acks (one
-            # lost is a redelivery, stored as a repeat).
+            # Every message fetched is stored and acked by now (or, cut short, redelivered
+            # after ACK_WAIT_S); flush sends the last acks (one lost is a redelivery, stored
+            # as a repeat).
             with contextlib.suppress(Exception):
                 await nc.flush(timeout=2)
             with contextlib.suppress(Exception):
                 await nc.close()
+
+    async def _fetch_loop(self, psub: Any, pending: list[Any], arrived: asyncio.Event) -> None:
+        """Fetch while the writer stores: touches wait in `pending` for the writer, never the
+        writer for a fetch. At most 2 x batch_max are held fetched and unstored (the rest wait
+        in the stream, replicated); a caught-up fetch waits FETCH_WAIT_S."""
+        import nats
+
+        while not self._stop.is_set():
+            room = 2 * self.batch_max - len(pending)
+            if room <= 0:
+                await asyncio.sleep(0.005)
+                continue
+            try:
+                msgs = await psub.fetch(min(room, self.batch_max), timeout=FETCH_WAIT_S)
+            except (nats.errors.TimeoutError, TimeoutError):
+                # nothing to fetch within the wait: nats-py 2.16 says so with its own
+                # TimeoutError or, when the deadline runs out between its two pull requests,
+                # with a bare asyncio one (~1 a second on an idle stream)
+                continue
+            except nats.errors.Error as exc:
+                log.warning("sink: fetch failed (%s); retrying", str(exc) or type(exc).__name__)
+                await asyncio.sleep(0.2)
+                continue
+            if msgs:
+                pending.extend(msgs)
+                arrived.set()
 
     async def _store(self, nc: Any, msgs: list[Any]) -> None:
         items = [(topics.mqtt_topic(m.subject), m.data) for m in msgs]
