@@ -43,12 +43,13 @@ class Started:
 
 
 def spawn(folder: Path, log_name: str, argv: list[str], marks: list[str],
-          keep: dict[str, object] | None = None) -> int:
-    """Start `argv` detached, its output appended to the folder's log; proc.json gets its pid,
-    `marks` and whatever else the next start needs (`keep`)."""
+          keep: dict[str, object] | None = None, env: dict[str, str] | None = None) -> int:
+    """Start `argv` detached (with `env`, default ours), its output appended to the folder's
+    log; proc.json gets its pid, `marks` and whatever else the next start needs (`keep`)."""
     with open(folder / log_name, "ab") as log:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+                                stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT,
+                                env=env)
     (folder / STATE).write_text(json.dumps({"pid": proc.pid, "marks": marks, "log": log_name,
                                             **(keep or {})}, indent=1) + "\n")
     return proc.pid

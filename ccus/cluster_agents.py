@@ -9,6 +9,9 @@ Rules of this file:
 - With a site broker every second agent is behind it (MQTT 5, its bridge carries the touches),
   the others are straight on the nodes (MQTT 3.1.1, every node in ``brokers``, acks at QoS 0),
   with their device certificates on a secure cluster.
+- With ``keys`` (a folder of operator ``*.pub``, the agent's CCUS_KEYS_DIR) the agents take
+  signed config pushes and follow the signed list ``list_name``; without it they trust no key
+  (a push is refused, the CSV list stays).
 - It lives in `ccus` (which may import every room): the broker room imports none of ours, and
   the simulator's cards and configs are sim's.
 """
@@ -34,10 +37,12 @@ def behind_site(i: int, has_site: bool) -> bool:
 
 
 def _agent_toml(folder: Path, dev: str, site: str, udp: int, *, site_port: int | None,
-                mqtt_ports: list[int], tls: Tls | None) -> str:
+                mqtt_ports: list[int], tls: Tls | None, list_name: str = "") -> str:
     text = gate_agent_toml(dev=dev, site=site, data_dir=folder / "data", host="127.0.0.1",
                            port=site_port or mqtt_ports[0], list_path=folder / "list.csv",
                            udp_port=udp)
+    if list_name:  # the signed list replaces the CSV once it arrives
+        text = text.replace("[idlist]\n", f'[idlist]\nname = "{list_name}"\n', 1)
     if tls is not None and site_port is None:  # the site broker's device listener is plain
         text = text.replace("tls = false\n", f'tls = true\nca_file = "{tls.ca}"\n'
                             f'cert_file = "{tls.cert}"\nkey_file = "{tls.key}"\n', 1)
@@ -50,10 +55,16 @@ def _agent_toml(folder: Path, dev: str, site: str, udp: int, *, site_port: int |
 
 def start_agents(cluster_dir: Path, n: int, site: str, mqtt_ports: list[int],
                  site_port: int | None = None, *, tls: dict[str, Tls] | None = None,
+                 keys: Path | None = None, list_name: str = "",
                  timeout: float = 60.0) -> list[Started]:
     """`n` gate agents at `site` (every second one behind the site broker on `site_port`, when
     there is one); return once every agent has connected to its broker. `tls`: gate-NN's
-    device certificate, on a secure cluster (used straight on the nodes)."""
+    device certificate, on a secure cluster (used straight on the nodes). `keys`: the folder
+    of trusted operator keys (then the agents follow the signed list `list_name`)."""
+    import os
+
+    # no folder given: one that does not exist, so no key of the machine's is trusted
+    keys_dir = str(keys) if keys else str(cluster_dir / "no-trusted-keys")
     out = []
     log_at: dict[str, int] = {}   # each agent's log size before this start: it is appended to
     for i in range(1, n + 1):
@@ -68,12 +79,14 @@ def start_agents(cluster_dir: Path, n: int, site: str, mqtt_ports: list[int],
         own = None if behind else (tls or {}).get(dev)
         conf = folder / "agent.toml"
         conf.write_text(_agent_toml(folder, dev, site, udp, site_port=behind,
-                                    mqtt_ports=mqtt_ports, tls=own))
+                                    mqtt_ports=mqtt_ports, tls=own,
+                                    list_name=list_name if keys else ""))
         write_idlist_csv(folder / "list.csv", technicians(CARDS))
         log = folder / "agent.log"
         log_at[dev] = log.stat().st_size if log.exists() else 0
         pid = spawn(folder, "agent.log", [*CCUS, "agent", "--config", str(conf), "--log-format",
-                                           "text"], ["agent", str(conf)], keep={"udp": udp})
+                                           "text"], ["agent", str(conf)], keep={"udp": udp},
+                    env={**os.environ, "CCUS_KEYS_DIR": keys_dir})
         via = f"site broker 127.0.0.1:{site_port} (MQTT 5)" if behind else \
             f"the nodes (MQTT 3.1.1{', TLS' if own else ''})"
         line = (f"{dev}: reader udp:127.0.0.1:{udp} via {via}, pid {pid}; tap: ccus card emulate "

@@ -24,6 +24,9 @@ def _store(text: str) -> str:
     return text if "://" in text else _folder(text)
 
 
+LIST_NAME = "national"           # the signed list the agents follow with --keys
+
+
 def register(sub: Any) -> None:
     p = sub.add_parser("cluster", help="a local 3-node NATS cluster (JetStream R3, MQTT) on loopback")
     s = p.add_subparsers(dest="cluster_cmd", required=True, metavar="COMMAND")
@@ -44,6 +47,10 @@ def register(sub: Any) -> None:
     up.add_argument("--agents", type=int, default=0, metavar="N",
                     help="also N gate agents on emulated card readers (every second one behind "
                     "the --site broker, the others straight on the nodes)")
+    up.add_argument("--keys", metavar="DIR", type=_folder,
+                    help="with --agents: the operator public keys (*.pub) the agents trust for "
+                    "config pushes and signed ID lists; they then follow the signed list "
+                    f"{LIST_NAME!r} (their CSV list until it arrives)")
     up.set_defaults(func=_up)
     for name, what in (("reload", "SIGHUP every node: auth.conf and the native listener's "
                                   "pinned certificates again (after `ccus ops nats-auth`)"),
@@ -76,6 +83,14 @@ def _refused(args: argparse.Namespace) -> str:
         return "--store or --pg, not both: with --pg the sinks use the pair's URL"
     if args.store and not args.sinks:
         return "--store is the sinks' store: give --sinks N too"
+    if args.keys and not args.agents:
+        return "--keys is what the agents trust: give --agents N too"
+    if args.keys:
+        from pathlib import Path
+
+        if not sorted(Path(args.keys).glob("*.pub")):
+            return (f"--keys {args.keys}: no *.pub in it; copy the operator's public key there "
+                    "(`ccus ops keygen --out alice-signing.key` writes alice-signing.key.pub)")
     return ""
 
 
@@ -168,7 +183,8 @@ def _up_agents(args: argparse.Namespace, mqtt_ports: list[int], site_port: int |
     from ccus.cluster_agents import start_agents
 
     site = args.site or AGENTS_SITE
-    for a in start_agents(Path(args.dir), args.agents, site, mqtt_ports, site_port, tls=tls):
+    for a in start_agents(Path(args.dir), args.agents, site, mqtt_ports, site_port, tls=tls,
+                          keys=Path(args.keys) if args.keys else None, list_name=LIST_NAME):
         print(a.line)
     print(f"agents at site {site}; their cards: --id 012E4CD3000000NN --tid 100000000000NN, "
           f"NN 01..40 (hex in --id)")
