@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from broker.launcher import TEMPLATES, BrokerError, free_port
-from broker.procs import cmdline_has, stop_pid, stop_process
+from broker.procs import cmdline_has, poll_until, stop_pid, stop_process
 
 SEARCH = ("/usr/sbin/nats-server", "/usr/local/bin/nats-server", "/usr/bin/nats-server")
 STATE = "cluster.json"
@@ -217,17 +217,18 @@ class NatsCluster:
         for node in nodes or self.nodes:
             deadline = time.monotonic() + timeout
             tries = 0
-            while True:
+
+            def hello(node: Node = node, deadline: float = deadline) -> bool:
+                nonlocal tries
                 tries += 1
                 left = max(1.0, deadline - time.monotonic())
-                if mqtt_hello(node.mqtt_port, f"ccus-warmup-{node.name}", min(10.0, left)):
-                    break
-                if time.monotonic() >= deadline:
-                    raise BrokerError(
-                        f"nats-server {node.name}: its MQTT port {node.mqtt_port} did not accept "
-                        f"a connection in {tries} tries within {timeout:.0f}s "
-                        f"(log {self.folder / node.name / 'nats.log'}: {self._log_tail(node)!r})")
-                time.sleep(0.5)
+                return mqtt_hello(node.mqtt_port, f"ccus-warmup-{node.name}", min(10.0, left))
+
+            if not poll_until(hello, timeout, 0.5):
+                raise BrokerError(
+                    f"nats-server {node.name}: its MQTT port {node.mqtt_port} did not accept "
+                    f"a connection in {tries} tries within {timeout:.0f}s "
+                    f"(log {self.folder / node.name / 'nats.log'}: {self._log_tail(node)!r})")
 
     def node(self, name: str) -> Node:
         for n in self.nodes:

@@ -16,6 +16,7 @@ Rules of this file:
   the simulator's cards and configs are sim's.
 """
 
+import os
 from pathlib import Path
 
 from broker.cluster_pki import Tls
@@ -61,8 +62,6 @@ def start_agents(cluster_dir: Path, n: int, site: str, mqtt_ports: list[int],
     there is one); return once every agent has connected to its broker. `tls`: gate-NN's
     device certificate, on a secure cluster (used straight on the nodes). `keys`: the folder
     of trusted operator keys (then the agents follow the signed list `list_name`)."""
-    import os
-
     # no folder given: one that does not exist, so no key of the machine's is trusted
     keys_dir = str(keys) if keys else str(cluster_dir / "no-trusted-keys")
     out = []

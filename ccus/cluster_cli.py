@@ -88,7 +88,7 @@ def _refused(args: argparse.Namespace) -> str:
     if args.keys:
         from pathlib import Path
 
-        if not sorted(Path(args.keys).glob("*.pub")):
+        if not any(Path(args.keys).glob("*.pub")):
             return (f"--keys {args.keys}: no *.pub in it; copy the operator's public key there "
                     "(`ccus ops keygen --out alice-signing.key` writes alice-signing.key.pub)")
     return ""
