@@ -42,6 +42,14 @@ from broker.procs import cmdline_has, poll_until, stop_pid, stop_process
 SEARCH = ("/usr/sbin/nats-server", "/usr/local/bin/nats-server", "/usr/bin/nats-server")
 STATE = "cluster.json"
 NODES = 3
+# How long a start may take until every node answers /healthz. A fresh folder needs one Raft
+# election per group (meta, then each stream): a few seconds. A folder with JetStream state
+# (`cluster up` again, a node restarted) makes every group elect again from its old term;
+# NATS 2.9's election timeouts are 4-9 s and a split vote starts another round, so the slowest
+# group took 4-25 s here (40 restarts of one folder, idle and with two CPU burners) and more
+# than 30 s once in CI.
+START_S = 30.0
+RESTART_S = 120.0
 
 
 def find_nats_server() -> str:
@@ -180,8 +188,18 @@ class NatsCluster:
             doc["secure"] = str(self.secure)
         (self.folder / STATE).write_text(json.dumps(doc, indent=1) + "\n")
 
-    def start(self, timeout: float = 30.0, *, detach: bool = False) -> "NatsCluster":
-        """Every node, then wait until each answers /healthz (JetStream current)."""
+    def has_state(self) -> bool:
+        """Has a node of this folder run before (a JetStream store to recover)?"""
+        return any(any((self.folder / n.name / "js").glob("*")) for n in self.nodes
+                   if (self.folder / n.name / "js").is_dir())
+
+    def start_timeout(self) -> float:
+        return RESTART_S if self.has_state() else START_S
+
+    def start(self, timeout: float | None = None, *, detach: bool = False) -> "NatsCluster":
+        """Every node, then wait until each answers /healthz (JetStream current); `timeout`
+        defaults to START_S, or RESTART_S when the folder has JetStream state."""
+        timeout = timeout or self.start_timeout()
         self.write_configs()
         for node in self.nodes:
             self.start_node(node.name, wait=False, detach=detach)
@@ -191,7 +209,7 @@ class NatsCluster:
         return self
 
     def start_node(self, name: str, *, wait: bool = True, detach: bool = False,
-                   timeout: float = 30.0) -> None:
+                   timeout: float | None = None) -> None:
         node = self.node(name)
         if self.secure is not None:  # what the MQTT listener pins until the node's next start
             shutil.copyfile(self.secure / "pinned.conf", self.folder / name / MQTT_PINNED)
@@ -203,7 +221,7 @@ class NatsCluster:
         node.pid = proc.pid
         self._save()
         if wait:
-            self.wait_healthy(timeout, [node])
+            self.wait_healthy(timeout or self.start_timeout(), [node])
 
     def warm_mqtt(self, timeout: float = 30.0, nodes: list[Node] | None = None) -> None:
         """One MQTT client on each node while all are up: a node makes its MQTT gateway's
@@ -270,7 +288,7 @@ class NatsCluster:
             if node.pid and self._ours(node):
                 os.kill(node.pid, signal.SIGHUP)
 
-    def restart_node(self, name: str, timeout: float = 30.0) -> None:
+    def restart_node(self, name: str, timeout: float | None = None) -> None:
         """Stop one node (SIGTERM) and start it again on its config: its MQTT listener then
         pins the bundle's current pinned.conf. One at a time, the cluster keeps serving."""
         node = self.node(name)

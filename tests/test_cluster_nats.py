@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from nats_support import FAILOVER_S, Device311
 
-from broker.nats import NatsCluster, Node, render_node
+from broker.nats import RESTART_S, START_S, NatsCluster, Node, render_node
 from broker.procs import poll_until, wait_until
 from cloud_sink.errors import SinkError
 from cloud_sink.ingest.jetstream import JetStreamSink, JetStreamSinkError, parse_servers
@@ -68,6 +68,7 @@ def _ccus(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.e2e
 def test_cluster_up_starts_three_nodes_and_down_stops_them(tmp_path: Path) -> None:
+    assert NatsCluster(tmp_path / "fresh").start_timeout() == START_S
     up = _ccus("cluster", "up", "--dir", str(tmp_path))
     try:
         assert up.returncode == 0, up.stderr
@@ -79,6 +80,9 @@ def test_cluster_up_starts_three_nodes_and_down_stops_them(tmp_path: Path) -> No
         down = _ccus("cluster", "down", "--dir", str(tmp_path))
     assert down.returncode == 0 and "stopped 3 node(s)" in down.stdout, down.stderr
     assert not any(c._ours(n) for n in c.nodes)
+    # started again, every Raft group elects from its old term: the longer wait (CI once
+    # saw more than START_S; test_store_ha starts one folder again)
+    assert NatsCluster(tmp_path).start_timeout() == RESTART_S > START_S
     missing = _ccus("cluster", "down", "--dir", str(tmp_path / "nothing"))
     assert missing.returncode == 1 and "no cluster.json" in missing.stderr
 
