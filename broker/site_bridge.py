@@ -15,7 +15,9 @@ Rules of this file:
 - `ccus cluster up --site` also starts the bridge watchdog (`ccus site-watchdog --site-dir`,
   broker/bridge_watchdog.py), detached, its pid in ``watchdog.json`` and its log in
   ``watchdog.log`` beside the broker's; `down` stops it before the broker, so it never
-  restarts a broker that is only stopping.
+  restarts a broker that is only stopping. It runs with ``--keep-retained``
+  (broker/retain_keep.py): NATS sends the bridge live config and lists unretained, and the
+  keeper makes the site broker keep them retained.
 """
 
 import json
@@ -148,7 +150,7 @@ def start_watchdog(b: SiteBridge, mqtt_ports: list[int], limit_s: float) -> int:
     """`ccus site-watchdog` on this site broker, detached (restarts it with --site-dir); its pid."""
     argv = [sys.executable, "-m", "ccus.cli", "site-watchdog", "--broker", f"127.0.0.1:{b.port}",
             "--site", b.site, "--cloud", cloud_addresses(mqtt_ports), "--limit", str(limit_s),
-            "--site-dir", str(b.folder), "--log-format", "text"]
+            "--site-dir", str(b.folder), "--keep-retained", "--log-format", "text"]
     with open(b.folder / "watchdog.log", "ab") as log:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 start_new_session=True,

@@ -1,6 +1,7 @@
 """`ccus site-watchdog`: restart a site broker whose bridge to the cloud stays stuck
 (broker/bridge_watch.py decides, broker/bridge_watchdog.py watches; docs/operations.md,
-"The site bridge watchdog"). Runs until SIGTERM; deploy/systemd/ccus-site-watchdog.service."""
+"The site bridge watchdog"); with --keep-retained also broker/retain_keeper.py. Runs until
+SIGTERM; deploy/systemd/ccus-site-watchdog.service."""
 
 import argparse
 import shlex
@@ -38,6 +39,10 @@ def register(sub: Any) -> None:
     p.add_argument("--cert", help="TLS: this client's certificate")
     p.add_argument("--key", help="TLS: this client's key")
     p.add_argument("--client-id", help="MQTT client id (default ccus-watchdog-SITE)")
+    p.add_argument("--keep-retained", action="store_true",
+                   help="also keep, retained on the site broker, the config and ID lists the "
+                   "bridge brings unretained (a cloud on NATS: it sends live messages "
+                   "unretained); client id ccus-keeper-SITE")
     p.set_defaults(func=_run)
 
 
@@ -94,7 +99,14 @@ def _run(args: argparse.Namespace) -> int:
     done = threading.Event()   # SIGTERM (systemd stop) or Ctrl-C
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
+    keeper = None
+    if args.keep_retained:
+        from broker.retain_keeper import RetainKeeper
+
+        keeper = RetainKeeper(host, port, args.site, tls=tls).start()
     dog.start()
     done.wait()
     dog.stop()
+    if keeper is not None:
+        keeper.stop()
     return 0
