@@ -4,7 +4,8 @@ which writes their configs with the simulator's cards) in a folder of its own.
 
 Rules of this file:
 
-- One folder per process inside the cluster folder: ``DIR/sink-N/`` (sink.log, ready, proc.json)
+- One folder per process inside the cluster folder: ``DIR/sink-N/`` (sink.log, ready, proc.json,
+  metrics-port: its Prometheus endpoint on loopback, the same port on every `up`)
   and ``DIR/agent-NN/`` (agent.toml, list.csv, data/, agent.log, proc.json). ``proc.json``
   holds the pid and what the command line must contain; a pid is signalled only while /proc
   says it is still that command (`procs.cmdline_has`), so a reused pid is left alone.
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from broker.cluster_pki import Tls
-from broker.launcher import BrokerError
+from broker.launcher import BrokerError, free_port
 from broker.procs import cmdline_has, stop_pid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,6 +76,17 @@ def log_tail(path: Path) -> str:
         return "(empty log)"
 
 
+def metrics_port(folder: Path) -> int:
+    """The sink's metrics port: chosen free once, kept in its folder (the same on every `up`,
+    so a Prometheus scrape config written once stays right)."""
+    f = folder / "metrics-port"
+    if f.exists() and f.read_text().strip().isdigit():
+        return int(f.read_text())
+    port = free_port()
+    f.write_text(f"{port}\n")
+    return port
+
+
 def start_sinks(cluster_dir: Path, n: int, store: str, nats_urls: list[str], *,
                 tls: dict[str, Tls] | None = None, timeout: float = 60.0) -> list[Started]:
     """`n` sinks on the durable consumer `sink`, into `store`; return once all are subscribed.
@@ -88,14 +100,16 @@ def start_sinks(cluster_dir: Path, n: int, store: str, nats_urls: list[str], *,
                               f"{saved(folder)['pid']}); `ccus cluster down --dir {cluster_dir}`")
         ready = folder / "ready"
         ready.unlink(missing_ok=True)
+        port = metrics_port(folder)
         argv = [*CCUS, "sink", "run", "--store", store, "--nats", ",".join(nats_urls),
-                "--client-id", f"sink-{i}", "--ready-file", str(ready), "--metrics", "off",
-                "--log-format", "text"]
+                "--client-id", f"sink-{i}", "--ready-file", str(ready),
+                "--metrics", f"127.0.0.1:{port}", "--log-format", "text"]
         if tls:
             t = tls[f"sink-{i}"]
             argv += ["--ca", str(t.ca), "--cert", str(t.cert), "--key", str(t.key)]
         pid = spawn(folder, "sink.log", argv, ["sink", "run", str(ready)])
-        out.append(Started(f"sink-{i}", pid, folder, f"sink-{i}: pid {pid}, log {folder / 'sink.log'}"))
+        out.append(Started(f"sink-{i}", pid, folder, f"sink-{i}: pid {pid}, log "
+                           f"{folder / 'sink.log'}, metrics http://127.0.0.1:{port}/metrics"))
     wait_all(out, "sink.log", "subscribed", lambda s: (s.folder / "ready").exists(), timeout)
     return out
 

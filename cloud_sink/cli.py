@@ -200,7 +200,7 @@ def _run(args: argparse.Namespace) -> int:
             store.close()
             return 2
     sink: Any
-    metrics = None  # not wired to the JetStream sink yet (docs/operations.md, National layout)
+    servers: list[str] = []
     if args.nats:
         try:
             from cloud_sink.ingest.jetstream import JetStreamSink, JetStreamSinkError, parse_servers
@@ -215,21 +215,23 @@ def _run(args: argparse.Namespace) -> int:
             print(f"ccus sink run: {exc}", file=sys.stderr)
             store.close()
             return 2
+    metrics = None
+    if listen is not None:
+        metrics = SinkMetrics()
+        try:
+            where = metrics.serve(*listen)
+            logging.getLogger("ccus.sink").info("metrics at http://%s:%d/metrics", *where)
+        except MetricsError as exc:
+            if args.metrics:  # asked for: a fault
+                store.close()
+                raise
+            # the default port, taken (a second sink on this host): run, say so once
+            logging.getLogger("ccus.sink").warning("%s; running without metrics", exc)
+            metrics = None
+    if args.nats:
         sink = JetStreamSink(store, servers, group=args.group, client_id=args.client_id,
-                             batch_max=args.batch, tls=tls)
+                             batch_max=args.batch, tls=tls, metrics=metrics)
     else:
-        if listen is not None:
-            metrics = SinkMetrics()
-            try:
-                where = metrics.serve(*listen)
-                logging.getLogger("ccus.sink").info("metrics at http://%s:%d/metrics", *where)
-            except MetricsError as exc:
-                if args.metrics:  # asked for: a fault
-                    store.close()
-                    raise
-                # the default port, taken (a second sink on this host): run, say so once
-                logging.getLogger("ccus.sink").warning("%s; running without metrics", exc)
-                metrics = None
         sink = Sink(store, host or "127.0.0.1", int(port), group=args.group,  # type: ignore[arg-type]
                     client_id=args.client_id, batch_max=args.batch, tls=tls, metrics=metrics)
     done = threading.Event()

@@ -4,7 +4,8 @@ Rules of this file:
 
 - One registry per SinkMetrics (not the process-global one), so several sinks in one process
   (tests) never collide; the endpoint serves exactly that registry at /metrics.
-- The receiving process owns it: the writer's answers carry what it knows (counts, dead
+- The receiving process owns it (cloud_sink/ingest/receiver.py for MQTT,
+  cloud_sink/ingest/jetstream.py for --nats): the writer's answers carry what it knows (counts, dead
   letters by reason, open gaps), the receiver measures the batch latency (handed to the
   writer -> its answer after the commit) and counts writer restarts. Nothing here blocks the
   MQTT loop: a counter update is a lock and an add.
@@ -57,8 +58,11 @@ class SinkMetrics:
         self.writer_restarts = Counter("ccus_sink_writer_restarts",
                                        "writer processes started again after they ended",
                                        registry=r)
-        self.epoch = Gauge("ccus_sink_epoch_ms", "the epoch of the current subscription",
-                           registry=r)
+        self.epoch = Gauge("ccus_sink_epoch_ms", "the epoch of the current subscription "
+                           "(the MQTT sink; 0 on --nats)", registry=r)
+        self.fetched_waiting = Gauge("ccus_sink_fetched_waiting",
+                                     "touches fetched from JetStream, waiting for the writer "
+                                     "(--nats; 0 on MQTT)", registry=r)
         self._server: WSGIServer | None = None
 
     def batch_answered(self, is_batch: bool, seconds: float, counts: tuple[int, int, int, int],

@@ -2,10 +2,13 @@
 JetStream sink (cloud_sink/ingest/jetstream.py), MQTT 3.1.1 devices, kill -9 of a node."""
 
 import asyncio
+import os
+import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from nats_support import FAILOVER_S, Device311
 
+from broker.launcher import free_port
 from broker.nats import RESTART_S, START_S, NatsCluster, Node, render_node
 from broker.procs import poll_until, wait_until
 from cloud_sink.errors import SinkError
@@ -241,10 +245,11 @@ def test_two_sinks_one_from_the_cli_share_the_durable_consumer_and_ack_everythin
     store = open_store(db)
     inproc = JetStreamSink(store, cluster.urls[:1], client_id="sink-1")
     inproc.start()
-    ready = tmp_path / "ready"
+    ready, mport = tmp_path / "ready", free_port()
     cli = subprocess.Popen([sys.executable, "-m", "ccus.cli", "sink", "run", "--store", str(db),
                             "--nats", ",".join(cluster.urls[1:]), "--client-id", "sink-2",
-                            "--batch", "20", "--ready-file", str(ready)], cwd=ROOT,
+                            "--batch", "20", "--ready-file", str(ready),
+                            "--metrics", f"127.0.0.1:{mport}"], cwd=ROOT,
                            stderr=subprocess.PIPE, text=True)
     try:
         assert inproc.subscribed.wait(20), inproc.error
@@ -267,6 +272,8 @@ def test_two_sinks_one_from_the_cli_share_the_durable_consumer_and_ack_everythin
                       f"{inproc.totals}, CLI sink alive {cli.poll() is None}")
         assert _seqs(db) == {d.name: list(range(1, 201)) for d in devs}
         assert 0 < inproc.totals.stored < 600       # the CLI sink took its share
+        # the CLI sink's metrics count its share (a touch may still be with its writer)
+        assert 0 < _scrape(mport)["ccus_sink_touches_stored_total"] <= 600 - inproc.totals.stored
         # nothing left unacked in JetStream (a last replay's repeats may still be in flight)
         assert poll_until(lambda: _consumer_state(cluster, "sink") == (0, 0), 20, 0.5), \
             _consumer_state(cluster, "sink")
@@ -288,7 +295,8 @@ def test_an_idle_sink_logs_no_warning_and_stops_at_once(cluster: NatsCluster, tm
     ready = tmp_path / "ready"
     cli = subprocess.Popen([sys.executable, "-m", "ccus.cli", "sink", "run", "--store",
                             str(tmp_path / "store.sqlite"), "--nats", ",".join(cluster.urls),
-                            "--ready-file", str(ready), "--log-format", "text"], cwd=ROOT,
+                            "--ready-file", str(ready), "--log-format", "text",
+                            "--metrics", "off"], cwd=ROOT,
                            stderr=subprocess.PIPE, text=True)
     try:
         wait_until(lambda: ready.exists() or cli.poll() is not None, 30, "the sink subscribed")
@@ -302,6 +310,52 @@ def test_an_idle_sink_logs_no_warning_and_stops_at_once(cluster: NatsCluster, tm
     assert [line for line in err.splitlines() if "WARNING" in line] == []
     # systemd's stop: the sink used to sit out nats-py's drain (15 s, stop()'s join)
     assert stopping_s < 8, f"stopped {stopping_s:.1f} s after SIGTERM"
+
+
+def _scrape(port: int) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
+            if not s.labels}
+
+
+@pytest.mark.e2e
+def test_sink_run_nats_serves_metrics_and_counts_a_writer_restart(
+        cluster: NatsCluster, tmp_path: Path) -> None:
+    """`--metrics` was ignored with `--nats` (nothing listened): the JetStream sink now fills
+    the MQTT sink's registry."""
+    port, ready = free_port(), tmp_path / "ready"
+    cli = subprocess.Popen([sys.executable, "-m", "ccus.cli", "sink", "run", "--store",
+                            str(tmp_path / "store.sqlite"), "--nats", ",".join(cluster.urls),
+                            "--ready-file", str(ready), "--metrics", f"127.0.0.1:{port}"],
+                           cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    dev = Device311("gate-m", cluster.mqtt_ports)
+    try:
+        wait_until(lambda: ready.exists() or cli.poll() is not None, 30, "the sink subscribed")
+        assert _scrape(port)["ccus_sink_touches_stored_total"] == 0
+        dev.connect()
+
+        def taps(n: int, stored: float) -> None:
+            for _ in range(n):
+                dev.tap()
+            assert poll_until(lambda: (dev.tend(), _scrape(port))[1].get(
+                "ccus_sink_touches_stored_total") == stored, 20, 0.2), _scrape(port)
+        taps(20, 20)
+        m = _scrape(port)
+        assert m["ccus_sink_batches_total"] >= 1 and m["ccus_sink_batch_seconds_count"] >= 1
+        assert m["ccus_sink_batch_seconds_sum"] > 0 and m["ccus_sink_fetched_waiting"] == 0
+        writer = int(Path(f"/proc/{cli.pid}/task/{cli.pid}/children").read_text().split()[0])
+        os.kill(writer, signal.SIGKILL)
+        time.sleep(0.3)
+        taps(20, 40)       # the batch after the kill goes to the writer started again
+        assert _scrape(port)["ccus_sink_writer_restarts_total"] == 1
+        dev.close()
+    finally:
+        cli.terminate()
+        _, err = cli.communicate(timeout=30)
+    assert cli.returncode == 0, err
 
 
 @pytest.mark.parametrize("where", [["--nats", "nats://127.0.0.1:4222"],

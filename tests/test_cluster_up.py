@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import psycopg
@@ -46,6 +47,16 @@ def _seqs(url: str) -> dict[str, list[int]]:
         return {}
 
 
+def _stored(port: int) -> float:
+    """ccus_sink_touches_stored_total of the sink serving metrics on `port`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "ccus_sink_touches_stored_total")
+
+
 def _by_device(rows: list[tuple[str, int]]) -> dict[str, list[int]]:
     out: dict[str, list[int]] = {}
     for dev, seq in rows:
@@ -66,6 +77,9 @@ def test_the_documented_cluster_up_starts_everything_and_down_stops_it(tmp_path:
         assert sorted(agents) == ["gate-01", "gate-02", "gate-03", "gate-04"], out
         assert sorted(v for _, v in agents.values()) == ["site broker"] * 2 + ["the nodes"] * 2
         assert re.findall(r"^(sink-\d): pid \d+", out, re.M) == ["sink-1", "sink-2"], out
+        scrapes = [int(p) for p in re.findall(r"^sink-\d: .*, metrics http://127\.0\.0\.1:(\d+)"
+                                                 r"/metrics$", out, re.M)]
+        assert len(scrapes) == 2, out
 
         def tap(dev: str, card: int) -> str:
             subs = {"PORT": str(agents[dev][0]), "STORE_URL": url,
@@ -82,6 +96,9 @@ def test_the_documented_cluster_up_starts_everything_and_down_stops_it(tmp_path:
         history = tap("gate-01", 1)          # card 1 again: its technician's second touch
         for i in range(4):                   # every technician is in the work history
             assert f"{10000000000001 + i}" in history, history
+        # the sinks' metrics, as Prometheus would scrape them: the 5 touches between them
+        assert poll_until(lambda: sum(_stored(p) for p in scrapes) == 5, 10, 0.2), \
+            [_stored(p) for p in scrapes]
 
         sink1 = json.loads((folder / "sink-1" / "proc.json").read_text())["pid"]
         os.kill(sink1, signal.SIGKILL)       # the other sink takes every touch from here

@@ -26,6 +26,10 @@ Rules of this file:
   ``batch_max``), so the writer never waits for a fetch. One batch with the writer at a time;
   a writer that dies is started again and given the same batch; a store error is retried
   inside the writer; NATS errors are retried here.
+- ``metrics`` (cloud_sink.metrics.SinkMetrics, `ccus sink run --nats --metrics`): the MQTT
+  sink's counters from the writer's answers, the batch time from the hand-over to the
+  writer's answer, writer restarts; and how many fetched touches wait for the writer. No
+  subscription epoch here (JetStream keeps the position, not the sink).
 """
 
 import asyncio
@@ -79,8 +83,9 @@ def parse_servers(spec: str) -> list[str]:
 class _Writer:
     """The writer process (cloud_sink.ingest.writer) driven synchronously, one batch at a time."""
 
-    def __init__(self, url: str, policy: Policy) -> None:
-        self.url, self.policy = url, policy
+    def __init__(self, url: str, policy: Policy, on_restart: Callable[[], None] | None = None
+                 ) -> None:
+        self.url, self.policy, self.on_restart = url, policy, on_restart
         self.proc: Any = None
         self.sock: socket.socket | None = None
         self._next = 0
@@ -109,6 +114,8 @@ class _Writer:
                 self.stop()
                 time.sleep(0.5)
                 self.start()
+                if self.on_restart is not None:
+                    self.on_restart()
 
 
 class JetStreamSink:
@@ -117,9 +124,10 @@ class JetStreamSink:
     def __init__(self, store: Any, servers: list[str], *, group: str = "sink",
                  client_id: str = "sink-1", batch_max: int = BATCH_MAX, replicas: int = 3,
                  on_batch: Callable[[IngestResult], None] | None = None,
-                 tls: TlsFiles | None = None) -> None:
+                 tls: TlsFiles | None = None, metrics: Any = None) -> None:
         self.servers, self.group, self.client_id = servers, group, client_id
         self.tls = tls
+        self.metrics = metrics          # cloud_sink.metrics.SinkMetrics or None
         self.url: str = store.url
         self.policy: Policy = store.policy
         self.batch_max, self.replicas, self.on_batch = batch_max, replicas, on_batch
@@ -129,7 +137,8 @@ class JetStreamSink:
         self.gaps_opened = 0
         self.last_commit = 0.0          # time.monotonic() of the last batch with new touches
         self._stop = threading.Event()
-        self._writer = _Writer(self.url, self.policy)
+        self._writer = _Writer(self.url, self.policy,
+                               metrics.writer_restarts.inc if metrics is not None else None)
         self._thread = threading.Thread(target=self._run, name="sink-js", daemon=True)
         self.error: BaseException | None = None
 
@@ -223,6 +232,8 @@ class JetStreamSink:
                 # everything fetched while the writer had the last batch goes in this one
                 take = pending[:self.batch_max]
                 del pending[:len(take)]
+                if self.metrics is not None:
+                    self.metrics.fetched_waiting.set(len(pending))
                 await self._store(nc, take)
         finally:
             fetcher.cancel()
@@ -266,9 +277,13 @@ class JetStreamSink:
 
     async def _store(self, nc: Any, msgs: list[Any]) -> None:
         items = [(topics.mqtt_topic(m.subject), m.data) for m in msgs]
-        # (batch_id, counts, acks, gaps_opened[, extra]): extra (dead-letter reasons, open
-        # gaps) feeds the MQTT sink's metrics, not wired here yet
-        _, counts, acks, gaps_opened, *_extra = await asyncio.to_thread(self._writer.call, items)
+        # (batch_id, counts, acks, gaps_opened[, extra]): extra has dead-letter reasons and
+        # open gaps, for the metrics
+        began = time.monotonic()
+        _, counts, acks, gaps_opened, *extra = await asyncio.to_thread(self._writer.call, items)
+        if self.metrics is not None:
+            self.metrics.batch_answered(True, time.monotonic() - began, counts,
+                                        extra[0] if extra else {})
         # committed: now JetStream may forget them, and the devices may too
         for m in msgs:
             with contextlib.suppress(Exception):  # lost ack: redelivered, stored as a repeat
