@@ -2,7 +2,8 @@
 `--pg` the PostgreSQL pair (broker/pgha.py); with `--site SITE` a site Mosquitto bridged to it and
 its bridge watchdog (broker/site_bridge.py); with `--sinks N` and `--agents N` the sinks and
 simulated gate agents (broker/cluster_procs.py, ccus/cluster_agents.py). `down` stops them in
-the reverse order. In `ccus`, which may import every room: the agents are the simulator's."""
+the reverse order; an `up` whose later step fails stops what it started (and says so). In `ccus`,
+which may import every room: the agents are the simulator's."""
 
 import argparse
 import shlex
@@ -134,6 +135,7 @@ def _up(args: argparse.Namespace) -> int:
             url = pg_up(args.dir).url
         except BrokerError as exc:
             print(f"ccus cluster up --pg: {exc}", file=sys.stderr)
+            _roll_back(args)
             return 1
         print(f"store: {url}")
     if not args.sinks:
@@ -149,8 +151,23 @@ def _up(args: argparse.Namespace) -> int:
             _up_agents(args, c.mqtt_ports, site_port, certs)
     except BrokerError as exc:
         print(f"ccus cluster up: {exc}", file=sys.stderr)
+        _roll_back(args)
         return 1
     return 0
+
+
+def _roll_back(args: argparse.Namespace) -> None:
+    """A step after the nodes failed: stop everything of DIR, as `down` does, so the folder is
+    not left half up (the next `up` would refuse it as running already)."""
+    import contextlib
+    import io
+
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said):
+        _down(args)
+    stopped = [line.removeprefix("stopped ") for line in said.getvalue().splitlines()]
+    print(f"ccus cluster up: stopped what it had started ({'; '.join(stopped)}); fix the "
+          f"above and run it again", file=sys.stderr)
 
 
 def _up_site(args: argparse.Namespace, mqtt_ports: list[int], tls: Any) -> int:

@@ -181,6 +181,27 @@ def _sqlite_seqs(path: str) -> dict[str, list[int]]:
         return {}
 
 
+@pytest.mark.e2e
+def test_an_up_whose_sink_fails_stops_what_it_started(tmp_path: Path) -> None:
+    """It left the nodes running: the next `up` on the folder refused ('running already')."""
+    folder = tmp_path / "national"
+    bad = tmp_path / "no-such-folder" / "store.sqlite"     # the sink exits: no store folder
+    up = subprocess.run([str(BIN / "ccus"), "cluster", "up", "--dir", str(folder), "--sinks", "1",
+                         "--store", str(bad)], capture_output=True, text=True, timeout=240)
+    try:
+        assert up.returncode == 1, up.stdout + up.stderr
+        assert "sink-1 exited" in up.stderr and "stopped what it had started" in up.stderr, \
+            up.stderr
+        assert "3 node(s)" in up.stderr and "Traceback" not in up.stderr, up.stderr
+        assert poll_until(lambda: not _ours(folder), 10, 0.2), _ours(folder)
+        again = subprocess.run([str(BIN / "ccus"), "cluster", "up", "--dir", str(folder)],
+                               capture_output=True, text=True, timeout=240)
+        assert again.returncode == 0, again.stderr
+    finally:
+        subprocess.run([str(BIN / "ccus"), "cluster", "down", "--dir", str(folder)],
+                       capture_output=True, timeout=180)
+
+
 @pytest.mark.parametrize("opts, says", [
     (["--sinks", "1", "--secure", "bundle"], "need --pki PKI"),
     (["--pki", "pki"], "--pki goes with --secure BUNDLE"),
