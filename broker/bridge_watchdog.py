@@ -10,7 +10,17 @@ Rules of this file:
 - The restart is a callable: ``SiteBridge`` stop and start on the same port for the local
   cluster (`ccus cluster up --site`), a command such as ``systemctl restart mosquitto`` in
   production (`ccus site-watchdog`, deploy/systemd/ccus-site-watchdog.service).
-- Logs: one line each, WARNING when it restarts (journald: ``journalctl -p warning``).
+- ``keep_retained`` (`ccus site-watchdog --keep-retained`, a NATS cloud): the same connection
+  also keeps retained on the site broker what the bridge brought unretained (the rule is
+  broker/retain_keep.py's): QoS 1 subscriptions with retain-as-published and no-local to the
+  site's config and the lists; an unretained message there is published again, retained, same
+  payload, in arrival order (paho's one network thread), so a list's chunks are kept before
+  its manifest. One connection, because a real site broker makes the certificate's CN the
+  client id (use_username_as_clientid): two connections on the bridge certificate would take
+  each other's session.
+- MQTT 5 to the site broker (no-local and retain-as-published are MQTT 5), a clean start.
+- Logs: one line each, WARNING when it restarts (journald: ``journalctl -p warning``); INFO for
+  a kept manifest or config (not for every chunk).
 """
 
 import logging
@@ -22,8 +32,10 @@ from collections.abc import Callable
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from broker.bridge_watch import BridgeWatch, WatchConfig
+from broker.retain_keep import is_kept, kept_filters, to_republish
 
 log = logging.getLogger("ccus.site_watchdog")
 
@@ -66,7 +78,7 @@ class BridgeWatchdog:
     def __init__(self, host: str, port: int, site: str, cloud: list[tuple[str, int]],
                  restart: Callable[[], None], *, bridge: str | None = None,
                  config: WatchConfig | None = None, client_id: str | None = None,
-                 tls: tuple[str, str, str] | None = None,
+                 tls: tuple[str, str, str] | None = None, keep_retained: bool = False,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.host, self.port, self.site, self.cloud = host, port, site, cloud
         self.bridge = bridge or f"bridge-{site}"
@@ -80,8 +92,11 @@ class BridgeWatchdog:
         self._connected_at: float | None = None
         self._seen_state = False
         self._told_unreachable = False
+        self.keep_retained = keep_retained
+        self.kept = 0                      # messages published again, retained
+        self.subscribed = threading.Event()
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or f"ccus-watchdog-{site}",
-                        protocol=mqtt.MQTTv311, clean_session=True)
+                        protocol=mqtt.MQTTv5)
         if tls:
             c.tls_set(ca_certs=tls[0], certfile=tls[1], keyfile=tls[2],
                       tls_version=ssl.PROTOCOL_TLS_CLIENT)
@@ -89,6 +104,7 @@ class BridgeWatchdog:
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
+        c.on_subscribe = lambda *_: self.subscribed.set()
         self._client = c
 
     @property
@@ -102,8 +118,13 @@ class BridgeWatchdog:
             log.warning("site-watchdog: the site broker %s:%s refused the connection (%s)",
                         self.host, self.port, rc)
             return
-        client.subscribe([(state_topic(self.bridge), 0), (f"ccus/v1/{self.site}/+/touch", 0),
-                          (f"ccus/v1/{self.site}/+/ack", 0)])
+        watch = SubscribeOptions(qos=0)
+        subs = [(state_topic(self.bridge), watch), (f"ccus/v1/{self.site}/+/touch", watch),
+                (f"ccus/v1/{self.site}/+/ack", watch)]
+        if self.keep_retained:
+            keep = SubscribeOptions(qos=1, noLocal=True, retainAsPublished=True)
+            subs += [(f, keep) for f in kept_filters(self.site)]
+        client.subscribe(subs)
         with self._lock:
             self._connected_at = self.clock()
 
@@ -112,7 +133,10 @@ class BridgeWatchdog:
             self.watch.lost()
             self._connected_at = None
 
-    def _on_message(self, _c: mqtt.Client, _u: object, m: mqtt.MQTTMessage) -> None:
+    def _on_message(self, client: mqtt.Client, _u: object, m: mqtt.MQTTMessage) -> None:
+        if self.keep_retained and is_kept(m.topic, self.site):
+            self._keep(client, m)
+            return
         now = self.clock()
         with self._lock:
             if m.topic.startswith("$SYS/"):
@@ -122,6 +146,15 @@ class BridgeWatchdog:
                 self.watch.touch(now)
             else:
                 self.watch.ack(now)
+
+    def _keep(self, client: mqtt.Client, m: mqtt.MQTTMessage) -> None:
+        if not to_republish(m.topic, bool(m.retain), self.site):
+            return   # flagged retained: the site broker has it already
+        client.publish(m.topic, m.payload, qos=1, retain=True)
+        self.kept += 1
+        if not m.topic.rsplit("/", 1)[-1].isdigit():   # a manifest, a config: not every chunk
+            log.info("site-watchdog: kept %s retained on the site broker (%d bytes)", m.topic,
+                     len(m.payload))
 
     # -- the loop ----------------------------------------------------------------------------
     def tick(self) -> bool:
@@ -157,7 +190,7 @@ class BridgeWatchdog:
 
     def run(self) -> None:
         """Until stop(): connect to the site broker (and again after it went away), tick."""
-        self._client.connect_async(self.host, self.port, keepalive=10)
+        self._client.connect_async(self.host, self.port, keepalive=10, clean_start=True)
         self._client.loop_start()
         log.info("site-watchdog: watching bridge %s on %s:%s (limit %.0fs)", self.bridge,
                  self.host, self.port, self.watch.config.limit_s)

@@ -16,8 +16,9 @@ Rules of this file:
   device that missed one replays and is acknowledged again), not what devices publish.
 - A message is republished, retained, QoS 1, same payload (an empty one clears the retained
   message, as it did in the cloud) exactly when it came unretained on a kept topic. The
-  keeper (broker/retain_keeper.py) subscribes with MQTT 5 retain-as-published, so the flag it
-  sees is the one the bridge delivered, and no-local, so its own republishes never come back.
+  keeper (broker/bridge_watchdog.py, ``keep_retained``) subscribes with MQTT 5
+  retain-as-published, so the flag it sees is the one the bridge delivered, and no-local, so
+  its own republishes never come back.
 """
 
 LIST_FILTER = "ccus/v1/list/#"

@@ -1,7 +1,7 @@
 """`ccus site-watchdog`: restart a site broker whose bridge to the cloud stays stuck
 (broker/bridge_watch.py decides, broker/bridge_watchdog.py watches; docs/operations.md,
-"The site bridge watchdog"); with --keep-retained also broker/retain_keeper.py. Runs until
-SIGTERM; deploy/systemd/ccus-site-watchdog.service."""
+"The site bridge watchdog"; --keep-retained: broker/retain_keep.py). Runs until SIGTERM;
+deploy/systemd/ccus-site-watchdog.service."""
 
 import argparse
 import shlex
@@ -42,7 +42,7 @@ def register(sub: Any) -> None:
     p.add_argument("--keep-retained", action="store_true",
                    help="also keep, retained on the site broker, the config and ID lists the "
                    "bridge brings unretained (a cloud on NATS: it sends live messages "
-                   "unretained); client id ccus-keeper-SITE")
+                   "unretained), on the same connection")
     p.set_defaults(func=_run)
 
 
@@ -94,19 +94,13 @@ def _run(args: argparse.Namespace) -> int:
     tls = (args.ca, args.cert, args.key) if args.ca else None
     dog = BridgeWatchdog(host, port, args.site, cloud, _restart_action(args, cloud),
                          bridge=args.bridge, client_id=args.client_id, tls=tls,
+                         keep_retained=args.keep_retained,
                          config=WatchConfig(limit_s=args.limit, backoff_s=args.backoff,
                                             backoff_max_s=max(300.0, args.backoff)))
     done = threading.Event()   # SIGTERM (systemd stop) or Ctrl-C
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
-    keeper = None
-    if args.keep_retained:
-        from broker.retain_keeper import RetainKeeper
-
-        keeper = RetainKeeper(host, port, args.site, tls=tls).start()
     dog.start()
     done.wait()
     dog.stop()
-    if keeper is not None:
-        keeper.stop()
     return 0

@@ -15,7 +15,10 @@ explicit block binds each device to its own site.
     console   read    ccus/v1/+/+/touch, /state, /config (device and _site), /config/ack,
                       ccus/v1/list/#   (the operator's console, docs/console.md: read-only)
               write   nothing
-    bridge    what every device of its site may do, for all of them (ccus/v1/{site}/+/...)
+    bridge    what every device of its site may do, for all of them (ccus/v1/{site}/+/...);
+              on its own site broker also what the site watchdog and its retained keeper
+              need, which run with the bridge certificate there (a NATS cloud): read the
+              bridge's $SYS state and the site's touches, write the site's config and lists
 
 Anything not listed is denied; a certificate whose CN is in no block can connect but do nothing.
 
@@ -63,6 +66,16 @@ def device_rules(site: str, dev: str) -> list[tuple[str, str]]:
 def bridge_rules(site: str) -> list[tuple[str, str]]:
     # '+' also matches _site, so ".../+/config" covers the site-wide config
     return [r for r in device_rules(site, "+") if f"/{SITE_LEVEL}/" not in r[1]]
+
+
+def site_watchdog_rules(site: str) -> list[tuple[str, str]]:
+    """The bridge identity's extra rights on its own site broker: `ccus site-watchdog
+    --keep-retained` (broker/bridge_watchdog.py) watches the bridge's state and the touches and
+    keeps config and lists retained. Config and lists are signed; the devices verify them."""
+    return [("read", f"$SYS/broker/connection/bridge-{site}/state"),
+            ("read", t.every(t.TOUCH, site)),
+            ("write", t.every(t.CONFIG, site)),
+            ("write", t.ALL_LISTS)]
 
 
 OPERATOR_RULES = [
@@ -114,8 +127,10 @@ def render_acl(inv: Inventory, *, site: str | None = None) -> str:
     for name in sorted(set(inv.consoles)):
         lines += _block(f"console:{name}", CONSOLE_RULES)
     for s in sorted(set(inv.bridges)):
-        if site is None or s == site:
+        if site is None:
             lines += _block(f"bridge:{s}", bridge_rules(s))
+        elif s == site:   # its own site broker: the watchdog's rights too
+            lines += _block(f"bridge:{s}", bridge_rules(s) + site_watchdog_rules(s))
     return "\n".join(lines)
 
 

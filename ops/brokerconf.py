@@ -25,6 +25,9 @@ from ops.pki import PkiError
 from ops.provision import copy_secret
 
 PLACES = ("dev", "site", "cloud")
+# what a site broker bridges to: Mosquitto's cloud broker (site.conf) or the NATS cluster's MQTT
+# gateway (site-nats.conf: MQTT 3.1.1 without the bridge flag, every node, the watchdog's state)
+CLOUD_KINDS = ("mosquitto", "nats")
 DYNSEC_FILE = "dynamic-security.json"
 
 
@@ -45,7 +48,7 @@ class HostOpts:
 
 
 def bundle(place: str, pki: str | Path, out: str | Path, *, site: str | None = None,
-           cloud_address: str = "", listener: str = "8883",
+           cloud_address: str = "", cloud_kind: str = "mosquitto", listener: str = "8883",
            install_dir: str | Path = "/etc/mosquitto/ccus", host: HostOpts | None = None,
            user: str | None = None, data_dir: str | Path | None = None,
            log_dest: str | None = None) -> Path:
@@ -84,6 +87,8 @@ def bundle(place: str, pki: str | Path, out: str | Path, *, site: str | None = N
     else:
         if not site or not cloud_address:
             raise PkiError("a site bundle needs --site and --cloud HOST:PORT")
+        if cloud_kind not in CLOUD_KINDS:
+            raise PkiError(f"--cloud-kind: one of {', '.join(CLOUD_KINDS)}")
         server = pki / "sites" / site / "server"
         bridge = pki / "sites" / site / "bridge"
         if not (bridge / "bridge.crt").exists():
@@ -91,12 +96,16 @@ def bundle(place: str, pki: str | Path, out: str | Path, *, site: str | None = N
         shutil.copyfile(bridge / "bridge.crt", out / "bridge.crt")
         copy_secret(bridge / "bridge.key", out / "bridge.key")
         values.update(site=site, cloud_address=cloud_address,
+                      cloud_addresses=" ".join(cloud_address.replace(",", " ").split()),
                       bridge_cert=inst / "bridge.crt", bridge_key=inst / "bridge.key")
+        # the site-local rights of the bridge identity: the watchdog's and keeper's (a NATS
+        # cloud), which run with the bridge certificate on the site broker's machine
         (out / "acl").write_text(render_acl(inv, site=site))
     if not (server / "server.crt").exists():
         raise PkiError(f"no server certificate in {server}: run `ccus ops server` "
                        "(or `ccus ops site add --broker-name`) first")
     shutil.copyfile(server / "server.crt", out / "server.crt")
     copy_secret(server / "server.key", out / "server.key")
-    (out / "mosquitto.conf").write_text(render(f"{place}.conf", **values))
+    template = "site-nats.conf" if place == "site" and cloud_kind == "nats" else f"{place}.conf"
+    (out / "mosquitto.conf").write_text(render(template, **values))
     return out / "mosquitto.conf"

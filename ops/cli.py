@@ -135,7 +135,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--pki", default="", help="PKI folder (site and cloud)")
     p.add_argument("--out", required=True, help="bundle folder to create")
     p.add_argument("--site", help="site id (site broker)")
-    p.add_argument("--cloud", default="", metavar="HOST:PORT", help="cloud broker (site broker)")
+    p.add_argument("--cloud", default="", metavar="HOST:PORT", help="cloud broker (site broker); "
+                   "with --cloud-kind nats every node, 'H:P H:P H:P'")
+    p.add_argument("--cloud-kind", choices=("mosquitto", "nats"), default="mosquitto",
+                   help="what the site broker bridges to: Mosquitto's cloud broker (default) or "
+                   "the NATS cluster's MQTT gateway (run `ccus site-watchdog --keep-retained` "
+                   "beside it)")
     p.add_argument("--listener", default="8883", help="mosquitto listener: 'PORT [ADDRESS]'")
     p.add_argument("--install-dir", default="/etc/mosquitto/ccus",
                    help="where the bundle will live on the broker host")
@@ -364,7 +369,7 @@ def _broker_config(a: argparse.Namespace) -> int:
     host = HostOpts(user=a.user, data_dir=a.data_dir, log_dest=a.log_dest,
                     stock_include=a.stock_include, dynsec_plugin=a.dynsec_plugin, limits=limits)
     conf = bundle(a.place, a.pki, a.out, site=a.site, cloud_address=a.cloud,
-                  listener=a.listener, install_dir=a.install_dir, host=host)
+                  cloud_kind=a.cloud_kind, listener=a.listener, install_dir=a.install_dir, host=host)
     return _out({"config": str(conf), "install_dir": a.install_dir})
 
 

@@ -7,6 +7,7 @@ docs/security.md "The NATS tier" lists the rows that differ and why.
 
 import asyncio
 import datetime as dt
+import getpass
 import socket
 import ssl
 import subprocess
@@ -531,6 +532,88 @@ def test_a_device_touch_flows_end_to_end_with_tls(tier: Tier, tmp_path: Path) ->
         dev.close()
         sink.stop()
         store.close()
+
+
+def _ops(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ops.cli", *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_a_real_site_broker_bridged_to_the_secure_tier(tier: Tier, tmp_path: Path) -> None:
+    """The site bundle as an operator makes it for a NATS cloud (`ccus ops broker-config --place
+    site --cloud-kind nats`: TLS and the site's ACL for the devices, the bridge as
+    site-cluster.conf's with the site's bridge certificate) run by the real Mosquitto: a device
+    on it is stored and acknowledged through the bridge, and the watchdog on the bridge
+    certificate (the client id is the CN there: one connection) sees the bridge up and keeps
+    a list published on the cluster retained on the site broker."""
+    from broker.bridge_watchdog import BridgeWatchdog
+    from broker.launcher import find_mosquitto, free_port
+
+    assert _ops("server", "--pki", str(tier.pki), "--site", SITE, "--name", "127.0.0.1",
+                "--force").returncode == 0
+    out, port = tmp_path / "site", free_port()
+    nodes = " ".join(f"127.0.0.1:{p}" for p in tier.cluster.mqtt_ports)
+    made = _ops("broker-config", "--place", "site", "--pki", str(tier.pki), "--site", SITE,
+                "--cloud", nodes, "--cloud-kind", "nats", "--out", str(out), "--install-dir",
+                str(out), "--listener", f"{port} 127.0.0.1", "--user", getpass.getuser(), "--data-dir",
+                str(tmp_path), "--log-dest", f"file {tmp_path / 'mosquitto.log'}")
+    assert made.returncode == 0, made.stderr
+    conf = (out / "mosquitto.conf").read_text()
+    assert "try_private false" in conf and f"address {nodes}" in conf, conf
+    mosq = subprocess.Popen([find_mosquitto(), "-c", str(out / "mosquitto.conf")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    store = open_store(tmp_path / "store.sqlite")
+    sink = JetStreamSink(store, tier.cluster.urls[1:], group="site-real",
+                         tls=TlsFiles(*tier.files("sink:sink-1")))
+    sink.start()
+    ca, cert, key = tier.files(f"bridge:{SITE}")
+    dog = BridgeWatchdog("127.0.0.1", port, SITE, [], lambda: None, tls=(ca, cert, key),
+                         keep_retained=True)
+    dev = Device311("gate-01", [port], tls=tier.files("gate-01"))
+    try:
+        wait_until(lambda: _listens(port) or mosq.poll() is not None, 10, "the site broker")
+        assert mosq.poll() is None, mosq.stderr.read() if mosq.stderr else ""
+        assert sink.subscribed.wait(20), sink.error
+        dog.start()
+        assert dog.subscribed.wait(10)
+        wait_until(lambda: dog.watch.up is True, 30, "the bridge's state: up")
+        dev.connect()
+        for _ in range(10):
+            dev.tap()
+        wait_until(lambda: (dev.tend(), dev.acked)[1] == 10, 40,
+                   "the end-to-end ack through the bridge")
+        chunk = "ccus/v1/list/site-real/snapshot/2/0"
+        op = mqtt_peer(tier, "operator:alice", node=2)
+        try:
+            assert puback(op, chunk, b"chunk", retain=True)
+        finally:
+            op.close()
+        wait_until(lambda: dog.kept >= 1, 20, "the keeper kept the chunk")
+        reader = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        got: list[tuple[str, bool]] = []
+        reader.tls_set(*tier.files("gate-02"))
+        reader.on_connect = lambda c, *_: c.subscribe("ccus/v1/list/#", 1)
+        reader.on_message = lambda _c, _u, m: got.append((m.topic, bool(m.retain)))
+        reader.connect("127.0.0.1", port)
+        reader.loop_start()
+        wait_until(lambda: (chunk, True) in got, 10, "the chunk retained on the site broker")
+        reader.disconnect()
+        reader.loop_stop()
+    finally:
+        dev.close()
+        dog.stop()
+        sink.stop()
+        store.close()
+        mosq.terminate()
+        mosq.wait(10)
+
+
+def _listens(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
 
 
 # -- revocation: no CRL in NATS 2.9; pinned certificates and the users list --------------------

@@ -1,7 +1,8 @@
-"""The site broker's retained keeper (broker/retain_keep.py, broker/retain_keeper.py,
-`ccus site-watchdog --keep-retained`): the rule as properties, the keeper on a real Mosquitto,
-and the fault it mends on a real NATS cluster with a real site bridge (NATS sends a retained
-message published while the bridge is connected unretained; the site broker kept nothing)."""
+"""The site broker's retained keeper (broker/retain_keep.py, the watchdog's keep_retained in
+broker/bridge_watchdog.py, `ccus site-watchdog --keep-retained`): the rule as properties, the
+keeper on a real Mosquitto, and the fault it mends on a real NATS cluster with a real site
+bridge (NATS sends a retained message published while the bridge is connected unretained; the
+site broker kept nothing)."""
 
 import re
 import threading
@@ -15,11 +16,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
 
+from broker.bridge_watchdog import BridgeWatchdog
 from broker.launcher import TEMPLATES, PrivateBroker
 from broker.nats import NatsCluster
 from broker.procs import poll_until
 from broker.retain_keep import LIST_FILTER, is_kept, kept_filters, to_republish
-from broker.retain_keeper import RetainKeeper
 from broker.site_bridge import SiteBridge
 
 SITE = "13100000000061"
@@ -62,6 +63,19 @@ def test_every_kept_filter_comes_down_both_site_bridges() -> None:
     assert LIST_FILTER in kept_filters(SITE)
 
 
+def test_the_bridge_identity_may_watch_and_keep_on_its_own_site_broker_only() -> None:
+    from ops.acl import Inventory, render_acl
+
+    inv = Inventory(devices=[(SITE, "gate-01")], bridges=[SITE, OTHER])
+    block = render_acl(inv, site=SITE).split(f"user bridge:{SITE}\n")[1].split("\n\n")[0]
+    for rule in (f"read $SYS/broker/connection/bridge-{SITE}/state",
+                 f"read ccus/v1/{SITE}/+/touch", f"write ccus/v1/{SITE}/+/config",
+                 "write ccus/v1/list/#"):
+        assert f"topic {rule}" in block, block
+    assert "$SYS" not in render_acl(inv)          # the cloud broker's ACL: bridge rules only
+    assert f"user bridge:{OTHER}" not in render_acl(inv, site=SITE)
+
+
 def _retained(port: int, topic_filter: str, wait: float = 1.5) -> dict[str, bytes]:
     """What a new subscriber gets, flagged retained, within `wait`."""
     got: dict[str, bytes] = {}
@@ -90,6 +104,11 @@ def _publish(port: int, msgs: list[tuple[str, bytes, bool]], protocol: int = mqt
     c.loop_stop()
 
 
+def _keeper(port: int) -> BridgeWatchdog:
+    """The watchdog with its keeper on (no cloud to restart for: it never restarts here)."""
+    return BridgeWatchdog("127.0.0.1", port, SITE, [], lambda: None, keep_retained=True).start()
+
+
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[PrivateBroker]:
     with PrivateBroker(tmp_path / "broker") as b:   # its own: what is retained is this test's
@@ -97,15 +116,15 @@ def broker(tmp_path: Path) -> Iterator[PrivateBroker]:
 
 
 @pytest.fixture
-def keeper(broker: PrivateBroker) -> Iterator[RetainKeeper]:
-    k = RetainKeeper("127.0.0.1", broker.port, SITE).start()
+def keeper(broker: PrivateBroker) -> Iterator[BridgeWatchdog]:
+    k = _keeper(broker.port)
     assert k.subscribed.wait(10)
     yield k
     k.stop()
 
 
 def test_the_keeper_keeps_unretained_config_and_lists_and_nothing_else(
-        broker: PrivateBroker, keeper: RetainKeeper) -> None:
+        broker: PrivateBroker, keeper: BridgeWatchdog) -> None:
     chunk = "ccus/v1/list/kt/snapshot/3/0"
     cfg = f"ccus/v1/{SITE}/gate-01/config"
     _publish(broker.port, [(chunk, b"chunk", False), (cfg, b"cfg", False),
@@ -148,7 +167,7 @@ def test_a_list_published_on_nats_while_the_bridge_is_up_is_retained_on_the_site
             # retained when it subscribed: older still)
             stale = _retained(bridge.port, LIST_FILTER)
             assert manifest not in stale and stale.get(chunk) in (None, b"v1"), stale
-            keeper = RetainKeeper("127.0.0.1", bridge.port, SITE).start()
+            keeper = _keeper(bridge.port)
             try:
                 assert keeper.subscribed.wait(10)
                 _publish(cluster.mqtt_ports[2], [(chunk, b"c3", True), (manifest, b"m3", True)],

@@ -48,6 +48,28 @@ def test_the_cluster_site_bridge_carries_the_topics_of_site_conf() -> None:
     assert cloud_addresses([1, 2, 3]) == "127.0.0.1:1 127.0.0.1:2 127.0.0.1:3"
 
 
+def _lines(conf: str, start: str, end: str) -> list[str]:
+    """The config lines from `start` up to `end`, comments left out."""
+    body = conf[conf.index(start):conf.index(end)]
+    return [line for line in body.splitlines() if line and not line.startswith("#")]
+
+
+def test_a_real_site_on_nats_has_site_confs_listener_and_the_cluster_sites_bridge() -> None:
+    """site-nats.conf (`ccus ops broker-config --place site --cloud-kind nats`) is site.conf for
+    the devices and site-cluster.conf for the bridge; only the TLS lines of the bridge differ."""
+    real = (TEMPLATES / "site-nats.conf").read_text()
+    site = (TEMPLATES / "site.conf").read_text()
+    local = (TEMPLATES / "site-cluster.conf").read_text()
+    assert _lines(real, "per_listener_settings", "connection ") == \
+        _lines(site, "per_listener_settings", "connection ")
+    tls = ["bridge_cafile {ca_file}", "bridge_certfile {bridge_cert}",
+           "bridge_keyfile {bridge_key}", "bridge_insecure false"]
+    bridge = [line for line in _lines(real, "connection ", "log_type") if line not in tls]
+    assert bridge == [line for line in _lines(local, "connection ", "log_dest")
+                      if line != "{bridge_tls}"]
+    assert all(line in real for line in tls) and "{cloud_addresses}" in real
+
+
 def _ccus(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "ccus.cli", *args], capture_output=True,
                           text=True, cwd=ROOT, timeout=60)
