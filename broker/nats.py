@@ -30,6 +30,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -37,6 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from broker.launcher import TEMPLATES, BrokerError, free_port
+from broker.nats_callout import CONF as CALLOUT_CONF
 from broker.procs import cmdline_has, poll_until, stop_pid, stop_process
 
 SEARCH = ("/usr/sbin/nats-server", "/usr/local/bin/nats-server", "/usr/bin/nats-server")
@@ -61,6 +63,20 @@ def find_nats_server() -> str:
     return path
 
 
+CALLOUT_SINCE = (2, 10)   # NATS's auth callout (and its MQTT client id) came with 2.10
+
+
+def server_version(path: str) -> tuple[int, ...]:
+    """`nats-server --version` as a tuple ((0,) when it says nothing readable)."""
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True,
+                             timeout=10).stdout
+    except OSError:
+        return (0,)
+    digits = out.strip().rsplit("v", 1)[-1].split("-")[0].split(".")
+    return tuple(int(d) for d in digits if d.isdigit()) or (0,)
+
+
 @dataclass
 class Node:
     name: str
@@ -69,6 +85,7 @@ class Node:
     mqtt_port: int
     http_port: int
     pid: int = 0
+    callout_pid: int = 0      # its auth callout service (a secure cluster on NATS >= 2.10)
 
     @property
     def url(self) -> str:
@@ -79,17 +96,20 @@ MQTT_PINNED = "mqtt-pinned.conf"  # the node's start-time copy of the bundle's p
 ROUTE_USER = "urn:ccus:route"   # the SAN URI of every route certificate (ops/pki.py issue_route)
 
 
-def _tls_block(indent: str, cert: Path, key: Path, ca: Path, pinned: Path | None) -> str:
+def _tls_block(indent: str, cert: Path, key: Path, ca: Path, pinned: Path | None,
+               verify: str = "verify_and_map") -> str:
+    # the peer's certificate must be from our CA and name a user (or the route user); with
+    # the auth callout ("verify") the callout maps it, from the chain NATS verified
     lines = ["tls {", f'    cert_file: "{cert}"', f'    key_file: "{key}"', f'    ca_file: "{ca}"',
-             # the peer's certificate must be from our CA and name a user (or the route user)
-             "    verify_and_map: true", "    timeout: 2"]
+             f"    {verify}: true", "    timeout: 2"]
     if pinned is not None:  # revocation: only certificates listed there (NATS 2.9 has no CRL)
         lines.append(f'    include "{pinned}"')
     return "".join(f"{indent}{ln}\n" for ln in [*lines, "}"])
 
 
-def secure_blocks(secure: Path | None, conf_dir: Path) -> dict[str, str]:
-    """The TLS and authorization parts of a node's config ('' each without `secure`).
+def secure_blocks(secure: Path | None, conf_dir: Path, callout: bool = False) -> dict[str, str]:
+    """The TLS and authorization parts of a node's config ('' each without `secure`); with
+    `callout`, clients are verified (not mapped) and callout.conf is the authorization.
 
     nats-server resolves `include` against the config file's folder, absolute paths too: so
     included files are named relative to `conf_dir`."""
@@ -101,13 +121,15 @@ def secure_blocks(secure: Path | None, conf_dir: Path) -> dict[str, str]:
     route = _tls_block("    ", secure / "route.crt", secure / "route.key", ca, None)
     # a route is let in only with a route certificate: verify_and_map against this one user
     route += f'    authorization {{\n        user: "{ROUTE_USER}"\n    }}\n'
-    return {"client_tls": _tls_block("", *server, ca, pinned),
+    verify = "verify" if callout else "verify_and_map"
+    return {"client_tls": _tls_block("", *server, ca, pinned, verify),
             "route_tls": route,
-            "mqtt_tls": _tls_block("    ", *server, ca, Path(MQTT_PINNED)),
-            "auth": f'include "{rel / "auth.conf"}"\n'}
+            "mqtt_tls": _tls_block("    ", *server, ca, Path(MQTT_PINNED), verify),
+            "auth": f'include "{rel / (CALLOUT_CONF if callout else "auth.conf")}"\n'}
 
 
-def render_node(node: Node, peers: list[Node], folder: Path, secure: Path | None = None) -> str:
+def render_node(node: Node, peers: list[Node], folder: Path, secure: Path | None = None,
+                callout: bool = False) -> str:
     """The config text of one node (pure but for reading the template)."""
     routes = ",\n".join(f"        nats-route://127.0.0.1:{p.route_port}" for p in peers
                         if p.name != node.name)
@@ -115,7 +137,7 @@ def render_node(node: Node, peers: list[Node], folder: Path, secure: Path | None
     return text.format(name=node.name, client_port=node.client_port, http_port=node.http_port,
                        route_port=node.route_port, mqtt_port=node.mqtt_port, routes=routes,
                        store_dir=folder / node.name / "js", log_file=folder / node.name / "nats.log",
-                       **secure_blocks(secure, folder / node.name))
+                       **secure_blocks(secure, folder / node.name, callout))
 
 
 def mqtt_hello(port: int, client_id: str, timeout: float = 20.0) -> bool:
@@ -164,6 +186,11 @@ class NatsCluster:
         else:
             ports = _distinct_ports(4 * nodes)
             self.nodes = [Node(f"n{i + 1}", *ports[4 * i:4 * i + 4]) for i in range(nodes)]
+        # a secure bundle with the callout's files, on a server that has the auth callout: the
+        # MQTT client id is bound to the certificate (broker/nats_callout.py)
+        self.callout = (self.secure is not None and (self.secure / CALLOUT_CONF).exists()
+                        and server_version(find_nats_server()) >= CALLOUT_SINCE)
+        self.callout_procs: dict[str, subprocess.Popen[bytes]] = {}
 
     @property
     def urls(self) -> list[str]:
@@ -180,7 +207,7 @@ class NatsCluster:
         for node in self.nodes:
             (self.folder / node.name / "js").mkdir(parents=True, exist_ok=True)
             self.conf_path(node).write_text(render_node(node, self.nodes, self.folder,
-                                                        self.secure))
+                                                        self.secure, self.callout))
 
     def _save(self) -> None:
         doc: dict[str, object] = {"nodes": [asdict(n) for n in self.nodes]}
@@ -203,7 +230,12 @@ class NatsCluster:
         self.write_configs()
         for node in self.nodes:
             self.start_node(node.name, wait=False, detach=detach)
+        if self.callout:
+            for node in self.nodes:
+                self.start_callout(node, detach=detach)
         self.wait_healthy(timeout)
+        if self.callout:
+            self.wait_callouts(timeout)
         if self.secure is None:  # a secure node's MQTT port wants TLS and a certificate
             self.warm_mqtt(timeout)
         return self
@@ -222,6 +254,38 @@ class NatsCluster:
         self._save()
         if wait:
             self.wait_healthy(timeout or self.start_timeout(), [node])
+
+    def start_callout(self, node: Node, *, detach: bool = False) -> None:
+        """The node's auth callout service (its own node first, then the others), its output in
+        the node's callout.log."""
+        assert self.secure is not None
+        servers = [node.url] + [n.url for n in self.nodes if n.name != node.name]
+        ready = self.folder / node.name / "callout.ready"
+        ready.unlink(missing_ok=True)
+        argv = [sys.executable, "-m", "broker.nats_callout", "--bundle", str(self.secure),
+                "--servers", ",".join(servers), "--ready-file", str(ready)]
+        with open(self.folder / node.name / "callout.log", "ab") as log:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                    start_new_session=detach,
+                                    cwd=Path(__file__).resolve().parents[1])
+        self.callout_procs[node.name] = proc
+        node.callout_pid = proc.pid
+        self._save()
+
+    def wait_callouts(self, timeout: float) -> None:
+        """Until every node's callout answers (its ready file): before, a login would wait for
+        an answer nobody gives and fail."""
+        for node in self.nodes:
+            ready = self.folder / node.name / "callout.ready"
+            if not poll_until(ready.exists, timeout, 0.1):
+                log = self.folder / node.name / "callout.log"
+                tail = log.read_text()[-300:] if log.exists() else ""
+                raise BrokerError(f"the auth callout of {node.name} did not answer within "
+                                  f"{timeout:.0f}s (log {log}: {tail!r})")
+
+    def _callout_ours(self, node: Node) -> bool:
+        return bool(node.callout_pid) and cmdline_has(node.callout_pid, "broker.nats_callout",
+                                                      str(self.secure))
 
     def warm_mqtt(self, timeout: float = 30.0, nodes: list[Node] | None = None) -> None:
         """One MQTT client on each node while all are up: a node makes its MQTT gateway's
@@ -324,6 +388,12 @@ class NatsCluster:
                 time.sleep(0.05)
             if node.pid and self._ours(node):
                 os.kill(node.pid, signal.SIGKILL)
+        for node in self.nodes:   # the callouts after the nodes: no login is left to answer
+            callout = self.callout_procs.get(node.name)
+            if callout is not None:
+                stop_process(callout)
+            elif self._callout_ours(node):
+                stop_pid(node.callout_pid, lambda node=node: self._callout_ours(node))
 
     def __enter__(self) -> "NatsCluster":
         return self.start()

@@ -126,6 +126,13 @@ def _up(args: argparse.Namespace) -> int:
     tls = " (TLS, client certificates)" if args.secure else ""
     for n in c.nodes:
         print(f"{n.name}: nats {n.url}  mqtt 127.0.0.1:{n.mqtt_port}  pid {n.pid}{tls}")
+    if c.callout:
+        print("MQTT client ids: bound to the certificates (auth callout, one per node: "
+              "DIR/nN/callout.log)")
+    elif args.secure:
+        print("MQTT client ids: NOT bound to the certificates: this nats-server has no auth "
+              "callout (2.10+); CCUS_NATS_SERVER names one (dev.sh: .venv/opt/nats-server/bin/"
+              "nats-server)")
     cert_opts = " --ca CA --cert SINK.crt --key SINK.key" if args.secure else ""
     url = None
     if args.pg:

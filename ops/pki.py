@@ -36,6 +36,7 @@ from protocol.touch import DEVICE_ID, SITE_ID
 KINDS = ("operator", "sink", "console", "bridge")
 NAME = DEVICE_ID  # operator/sink names follow the device-id rule too: short and shell-safe
 CRL_DAYS = 30     # a CRL past nextUpdate makes the broker refuse everyone: reissue it monthly
+CALLOUT_URI = "urn:ccus:callout"  # the auth callout service's certificate (issue_callout)
 ROUTE_URI = "urn:ccus:route"  # every NATS node's route certificate (issue_route) carries it
 CRL_WARN_DAYS = 7  # `ccus ops cert status` (and the fleet view) warn this long before it lapses
 
@@ -220,6 +221,15 @@ class CA:
                              x509.NameAttribute(NameOID.COMMON_NAME, f"route:{names[0]}")])
         return self.issue(out_dir, kw.pop("stem", "route"), subject, san=san, server=True,
                           client_too=True, **kw)  # type: ignore[arg-type]
+
+    def issue_callout(self, out_dir: str | Path, **kw: object) -> Issued:
+        """The NATS nodes' auth callout service (broker/nats_callout.py): a client certificate
+        only (pinned with the others), its SAN URI CALLOUT_URI, never a user of its own: it
+        logs in as the callout user of the bundle's callout.conf."""
+        subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "callout"),
+                             x509.NameAttribute(NameOID.COMMON_NAME, "callout:nats")])
+        return self.issue(out_dir, kw.pop("stem", "callout"), subject,
+                          san=[x509.UniformResourceIdentifier(CALLOUT_URI)], **kw)  # type: ignore[arg-type]
 
     # -- revocation ---------------------------------------------------------------------------
     def revoked(self) -> list[int]:
