@@ -15,6 +15,9 @@ Rules of this file:
 - The connection type (the request's ``client_info.type``) must be one of the user's allowed
   connection types, checked here: NATS 2.15 did not enforce the user JWT's
   ``allowed_connection_types`` for a callout user (a device certificate logged in natively).
+- A certificate whose serial the users file lists as revoked (the PKI's revoked.txt) is
+  refused at login: with `ccus cluster reload` (every callout client logs in again) a revoked
+  certificate is out on the MQTT listener too, without the restart its start-time pins need.
 - Granted: the user's publish and subscribe allow lists and connection types, unlimited
   subscriptions, data and payload (the node's own limits apply), in the account the users
   file names. Everything else is denied by NATS.
@@ -34,9 +37,11 @@ class CalloutRefused(Exception):
     """One line: why this connection is refused (logged, and told to NATS)."""
 
 
-def identity(leaf_pem: str) -> str:
+def identity(leaf_pem: str, revoked: frozenset[int] = frozenset()) -> str:
     """The NATS user a client certificate maps to (ops/nats_auth.py's user names)."""
     cert = x509.load_pem_x509_certificate(leaf_pem.encode())
+    if cert.serial_number in revoked:
+        raise CalloutRefused(f"certificate {cert.serial_number:x} is revoked")
     try:
         san = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
         uris = san.get_values_for_type(x509.UniformResourceIdentifier)
@@ -70,7 +75,8 @@ def decide(request: dict, users: dict) -> tuple[str, dict]:  # type: ignore[type
     chains = (req.get("client_tls") or {}).get("verified_chains") or []
     if not chains or not chains[0]:
         raise CalloutRefused("no verified client certificate")
-    user = identity(chains[0][0])
+    revoked = frozenset(int(x, 16) for x in users.get("revoked", []))
+    user = identity(chains[0][0], revoked)
     entry = users.get("users", {}).get(user)
     if entry is None:
         raise CalloutRefused(f"{user}: no such user (not in the inventory, or removed; "

@@ -141,9 +141,9 @@ def mqtt_id_rule(user: str) -> dict[str, str] | None:
     return None
 
 
-def callout_users(inv: Inventory) -> dict[str, object]:
-    """The auth callout's users file: every user's rights as auth.conf has them, and its MQTT
-    client id rule."""
+def callout_users(inv: Inventory, revoked: Iterable[int] = ()) -> dict[str, object]:
+    """The auth callout's users file: every user's rights as auth.conf has them, its MQTT
+    client id rule, and the revoked certificates' serials (hex)."""
     out: dict[str, object] = {}
     for u in users(inv):
         perms = u["permissions"]
@@ -151,7 +151,7 @@ def callout_users(inv: Inventory) -> dict[str, object]:
                                "sub": perms["subscribe"]["allow"],  # type: ignore[index]
                                "types": u["allowed_connection_types"],
                                "mqtt_id": mqtt_id_rule(str(u["user"]))}
-    return {"account": ACCOUNT, "users": out}
+    return {"account": ACCOUNT, "users": out, "revoked": [f"{n:x}" for n in sorted(revoked)]}
 
 
 def render_callout_conf(issuer: str, password: str) -> str:
@@ -192,7 +192,8 @@ def write_callout(pki: Path, out: Path, inv: Inventory) -> bool:
     issuer = nkeys.from_seed((out / CALLOUT_SEED).read_bytes().strip()).public_key.decode()
     conf = render_callout_conf(issuer, (out / CALLOUT_PASS).read_text().strip())
     write_atomic(out / CALLOUT_CONF, conf, mode=0o600)   # it holds the password
-    write_atomic(out / CALLOUT_USERS, json.dumps(callout_users(inv), indent=1) + "\n")
+    users_doc = callout_users(inv, CA(pki).revoked())
+    write_atomic(out / CALLOUT_USERS, json.dumps(users_doc, indent=1) + "\n")
     return True
 
 
