@@ -19,6 +19,11 @@ Rules of this file:
   pinned.conf taken when the node starts (``mqtt-pinned.conf`` in its folder): ``reload``
   (SIGHUP) applies users and the native listener's pins, ``restart_node`` one by one (the
   cluster stays up) the MQTT listener's pins.
+- The auth callout: a secure bundle with callout.conf on a nats-server of CALLOUT_SINCE or
+  later runs the client and MQTT listeners with ``verify`` (not ``verify_and_map``), includes
+  callout.conf instead of auth.conf, and starts one broker/nats_callout.py per node (pid in
+  ``cluster.json``, log ``nN/callout.log``) before anyone may log in; ``stop`` ends them after
+  the nodes. Debian's 2.9 keeps the mapping: the same bundle works on both.
 - Streams are not created here: the sink creates the touch stream it consumes (it knows the
   topic tree; broker/ imports nothing of ours). Touches published before that are replayed by
   the devices, which forget a touch only on the end-to-end acknowledgement.
