@@ -13,6 +13,7 @@ subscription is a replicated JetStream consumer per device (12 took 1.5 s to gra
 one created while a node was being killed never delivered: seen in 2 of 3 runs).
 """
 
+import socket
 import threading
 import time
 
@@ -23,6 +24,15 @@ from sink_support import SITE, touch
 from protocol import topics
 from protocol.ack import decode_ack
 from protocol.touch import encode
+
+
+def listens(port: int) -> bool:
+    """Does something accept a TCP connection on 127.0.0.1:port?"""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
 
 FAILOVER_S = 30.0  # how long a device keeps trying the other nodes after losing its own
 

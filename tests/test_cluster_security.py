@@ -23,7 +23,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from nats_support import Device311
+from nats_support import Device311, listens
 from paho.mqtt.enums import CallbackAPIVersion
 from sink_support import SITE, SITE2
 
@@ -614,7 +614,7 @@ def test_a_real_site_broker_bridged_to_the_secure_tier(tier: Tier, tmp_path: Pat
                          keep_retained=True)
     dev = Device311("gate-01", [port], tls=tier.files("gate-01"))
     try:
-        wait_until(lambda: _listens(port) or mosq.poll() is not None, 10, "the site broker")
+        wait_until(lambda: listens(port) or mosq.poll() is not None, 10, "the site broker")
         assert mosq.poll() is None, mosq.stderr.read() if mosq.stderr else ""
         assert sink.subscribed.wait(20), sink.error
         dog.start()
@@ -649,14 +649,6 @@ def test_a_real_site_broker_bridged_to_the_secure_tier(tier: Tier, tmp_path: Pat
         store.close()
         mosq.terminate()
         mosq.wait(10)
-
-
-def _listens(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 # -- revocation: no CRL in NATS 2.9; pinned certificates and the users list --------------------

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from agent_proc import TappingAgent, all_stored_once
-from nats_support import Device311
+from nats_support import Device311, listens
 from sink_support import SITE as SINK_SITE
 
 from broker.bridge_watch import WatchConfig
@@ -75,14 +75,6 @@ def _ccus(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True, cwd=ROOT, timeout=60)
 
 
-def _listens(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
 @pytest.mark.e2e
 def test_cluster_up_with_a_site_starts_its_bridged_broker_and_down_stops_it(tmp_path: Path) -> None:
     bad = _ccus("cluster", "up", "--dir", str(tmp_path / "x"), "--site", "123")
@@ -94,7 +86,7 @@ def test_cluster_up_with_a_site_starts_its_bridged_broker_and_down_stops_it(tmp_
     try:
         assert up.returncode == 0, up.stderr
         port = int(re.search(rf"site {SITE}: mqtt 127\.0\.0\.1:(\d+)", up.stdout).group(1))  # type: ignore[union-attr]
-        assert _listens(port)
+        assert listens(port)
         conf = (tmp_path / f"site-{SITE}" / "mosquitto.conf").read_text()
         c = NatsCluster(tmp_path)
         assert f"address {cloud_addresses(c.mqtt_ports)}" in conf
@@ -109,7 +101,7 @@ def test_cluster_up_with_a_site_starts_its_bridged_broker_and_down_stops_it(tmp_
         down = _ccus("cluster", "down", "--dir", str(tmp_path))
     assert down.returncode == 0, down.stderr
     assert f"stopped the site broker of {SITE}" in down.stdout
-    assert poll_until(lambda: not _listens(port), 10, 0.1)
+    assert poll_until(lambda: not listens(port), 10, 0.1)
     assert not watchdog_running(folder, dog)
     assert "restarting" not in (folder / "watchdog.log").read_text()   # the bridge was fine
 
