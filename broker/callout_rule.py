@@ -18,7 +18,8 @@ Rules of this file:
 - A certificate whose serial the users file lists as revoked (the PKI's revoked.txt) is
   refused at login: with `ccus cluster reload` (every callout client logs in again) a revoked
   certificate is out on the MQTT listener too, without the restart its start-time pins need.
-- Granted: the user's publish and subscribe allow lists and connection types, unlimited
+- Granted: the user's publish and subscribe allow lists (nothing to publish: a deny of
+  everything, since NATS reads an empty allow list as no restriction) and connection types, unlimited
   subscriptions, data and payload (the node's own limits apply), in the account the users
   file names. Everything else is denied by NATS.
 """
@@ -91,6 +92,8 @@ def decide(request: dict, users: dict) -> tuple[str, dict]:  # type: ignore[type
         if not client_id_ok(entry.get("mqtt_id"), cid):
             raise CalloutRefused(f"{user} asked for MQTT client id {cid!r}, which is not its "
                                  f"own ({entry.get('mqtt_id') or 'no MQTT'})")
-    return user, {"pub": {"allow": entry["pub"]}, "sub": {"allow": entry["sub"]},
+    # an empty allow list is no restriction in NATS: a user with nothing to publish gets a deny
+    pub = {"allow": entry["pub"]} if entry["pub"] else {"deny": [">"]}
+    return user, {"pub": pub, "sub": {"allow": entry["sub"]},
                   "allowed_connection_types": entry["types"], "subs": -1, "data": -1,
                   "payload": -1, "type": "user", "version": 2}

@@ -3,13 +3,13 @@
 
 Rules of this file:
 
-- One source of rights: device_rules, bridge_rules, OPERATOR_RULES and SINK_RULES of
+- One source of rights: device_rules, bridge_rules, OPERATOR_RULES, CONSOLE_RULES and SINK_RULES of
   ops/acl.py, each MQTT topic filter turned into its NATS subject (protocol.topics.nats_subject);
   "write" is a publish allow, "read" a subscribe allow. Nothing else is allowed.
 - Users are certificate identities (tls `verify_and_map`): a device is its SAN URI
   ``urn:ccus:{site}:{dev}`` (so the site is part of the identity, unlike the Mosquitto
   username), the other kinds their subject DN ``CN={kind}:{name},OU={kind}``.
-- Devices, operators and bridges may connect over MQTT only (``allowed_connection_types``):
+- Devices, operators, consoles and bridges may connect over MQTT only (``allowed_connection_types``):
   their extra subscribe right ``$MQTT.sub.>`` (the gateway's delivery subjects of QoS 1
   subscriptions, which NATS 2.9 checks against the user) cannot be used natively then, and an
   MQTT SUBSCRIBE to ``$MQTT/sub/...`` is refused by the gateway itself. Sinks connect natively
@@ -49,7 +49,15 @@ from broker.nats_callout import SEED as CALLOUT_SEED
 from broker.nats_callout import USER as CALLOUT_USER
 from broker.nats_callout import USERS as CALLOUT_USERS
 from edge.atomic import write_atomic
-from ops.acl import OPERATOR_RULES, SINK_RULES, Inventory, bridge_rules, device_rules, render_acl
+from ops.acl import (
+    CONSOLE_RULES,
+    OPERATOR_RULES,
+    SINK_RULES,
+    Inventory,
+    bridge_rules,
+    device_rules,
+    render_acl,
+)
 from ops.inventory import InventoryFile
 from ops.pki import CA, PkiError
 from ops.provision import copy_secret
@@ -106,8 +114,11 @@ def users(inv: Inventory) -> list[dict[str, object]]:
     def add(user: str, rules: Iterable[tuple[str, str]], types: list[str],
             extra_pub: Iterable[str] = (), extra_sub: Iterable[str] = ()) -> None:
         pub, sub = translate(rules)
+        pub += list(extra_pub)
+        # an empty allow list is no restriction at all in NATS: nothing to publish is a deny
+        publish = {"allow": pub} if pub else {"deny": [">"]}
         out.append({"user": user, "allowed_connection_types": types,
-                    "permissions": {"publish": {"allow": pub + list(extra_pub)},
+                    "permissions": {"publish": publish,
                                     "subscribe": {"allow": sub + list(extra_sub)}}})
 
     for site, dev in sorted(set(inv.devices)):
@@ -117,6 +128,8 @@ def users(inv: Inventory) -> list[dict[str, object]]:
     for name in sorted(set(inv.bridges)):
         add(identity_user("bridge", name), bridge_rules(name), MQTT_ONLY,
             extra_sub=[MQTT_DELIVERY])
+    for name in sorted(set(inv.consoles)):   # the operator's console: reads, writes nothing
+        add(identity_user("console", name), CONSOLE_RULES, MQTT_ONLY, extra_sub=[MQTT_DELIVERY])
     for name in sorted(set(inv.sinks)):
         # replies of JetStream requests and pulls come back on the client's _INBOX
         add(identity_user("sink", name), SINK_RULES, NATIVE_ONLY, extra_pub=sink_js_subjects(),
@@ -136,7 +149,7 @@ def mqtt_id_rule(user: str) -> dict[str, str] | None:
     kind, _, name = user.removeprefix("CN=").split(",")[0].partition(":")
     if kind == "bridge":
         return {"is": f"bridge-{name}"}
-    if kind == "operator":
+    if kind in ("operator", "console"):   # both connect through ops/mqttc.py
         return {"prefix": OPS_CLIENT_PREFIX}
     return None
 
@@ -147,7 +160,7 @@ def callout_users(inv: Inventory, revoked: Iterable[int] = ()) -> dict[str, obje
     out: dict[str, object] = {}
     for u in users(inv):
         perms = u["permissions"]
-        out[str(u["user"])] = {"pub": perms["publish"]["allow"],  # type: ignore[index]
+        out[str(u["user"])] = {"pub": perms["publish"].get("allow", []),  # type: ignore[attr-defined]
                                "sub": perms["subscribe"]["allow"],  # type: ignore[index]
                                "types": u["allowed_connection_types"],
                                "mqtt_id": mqtt_id_rule(str(u["user"]))}

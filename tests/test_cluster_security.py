@@ -56,6 +56,7 @@ class Tier:
             d = provision.device_dir(self.pki, site, who)
             return ca, str(d / "device.crt"), str(d / "device.key")
         d = {"operator": self.pki / "operators" / name, "sink": self.pki / "sinks" / name,
+             "console": self.pki / "consoles" / name,
              "bridge": self.pki / "sites" / name / "bridge"}[kind]
         return ca, str(d / f"{kind}.crt"), str(d / f"{kind}.key")
 
@@ -95,6 +96,7 @@ def _tier(tmp_path_factory: pytest.TempPathFactory, kind: str) -> Iterator[Tier]
     provision.add_device(pki, SITE2, "gate-09")
     provision.add_identity(pki, "operator", "alice")
     provision.add_identity(pki, "sink", "sink-1")
+    provision.add_identity(pki, "console", "wall")
     bundle = write_bundle(pki, root / "bundle")
     with NatsCluster(root / "cluster", secure=bundle) as c:
         assert c.callout == (kind == "callout")
@@ -116,13 +118,14 @@ class Peer:
 
 
 def own_id(who: str | None) -> str:
-    """A device its id, a bridge bridge-SITE, an operator ccus-ops-..., else anything."""
+    """A device its id, a bridge bridge-SITE, an operator or console ccus-ops-..., else
+    anything."""
     kind, _, name = (who or "").partition(":")
     if who and not name:
         return who
     if kind == "bridge":
         return f"bridge-{name}"
-    return ("ccus-ops-" if kind == "operator" else "") + uuid.uuid4().hex[:10]
+    return ("ccus-ops-" if kind in ("operator", "console") else "") + uuid.uuid4().hex[:10]
 
 
 def mqtt_peer(t: Tier, who: str | None, client_id: str = "", *, node: int = 0,
@@ -274,6 +277,11 @@ def test_permissions_are_the_acl_rules_in_nats_subjects() -> None:
                                                                 ["ccus.v1.*.*.config"])
     text = render_auth(inv)
     assert "jetstream: enabled" in text and text.count('"user"') == 4
+    # nothing to publish is a deny of everything: NATS reads an empty allow list as no limit
+    con = {u["user"]: u for u in users(Inventory(consoles=["wall"]))}[
+        identity_user("console", "wall")]
+    assert con["permissions"]["publish"] == {"deny": [">"]}  # type: ignore[index]
+    assert all(u["permissions"]["publish"].get("allow") for u in users(inv))  # type: ignore[union-attr]
 
 
 def test_route_certificate_and_the_pinned_list(tmp_path: Path) -> None:
@@ -491,6 +499,23 @@ def test_device_reads_its_config_but_not_anothers(tier: Tier) -> None:
         assert not [m for m in gate1.msgs if m[1] == b"for-gate-02"]
     finally:
         gate1.close()
+
+
+def test_the_console_reads_the_fleet_and_writes_nothing(tier: Tier) -> None:
+    """The operator's console (CONSOLE_RULES; docs/console.md): over MQTT only, QoS 0 reads of
+    every site's touches, state, config and acks and the lists; any publish is dropped."""
+    con = mqtt_peer(tier, "console:wall")
+    try:
+        for f in (topics.ALL_TOUCHES, topics.every(topics.STATE), topics.every(topics.CONFIG),
+                  topics.every(topics.CONFIG_ACK), topics.ALL_LISTS):
+            assert subscribe(con, f, qos=0) == 0, f
+        before = violations(tier)
+        puback(con, topics.config(SITE, "gate-01"), b"forged", retain=True)
+        assert poll_until(lambda: violations(tier) != before, 5), "the console's publish went"
+        assert subscribe(con, "#", qos=0) == 0x80
+    finally:
+        con.close()
+    assert native_refused(tier, "console:wall")
 
 
 def test_bridge_speaks_for_its_own_site_only(tier: Tier) -> None:
