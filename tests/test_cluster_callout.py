@@ -84,6 +84,7 @@ def test_decide_maps_the_certificate_and_checks_protocol_and_client_id(tmp_path:
     CA.init(pki)
     provision.add_site(pki, SITE, ["gate-01"])
     provision.add_identity(pki, "sink", "sink-1")
+    provision.add_identity(pki, "console", "wall")
     users = callout_users(InventoryFile(pki).inventory())
 
     def req(who: Path, kind: str, cid: str = "") -> dict:
@@ -96,6 +97,9 @@ def test_decide_maps_the_certificate_and_checks_protocol_and_client_id(tmp_path:
     assert user == f"urn:ccus:{SITE}:gate-01" and granted["allowed_connection_types"] == ["MQTT"]
     assert topics.nats_subject(topics.touch(SITE, "gate-01")) in granted["pub"]["allow"]
     assert decide(req(sink, "nats"), users)[0] == "CN=sink:sink-1,OU=sink"
+    console = pki / "consoles" / "wall" / "console.crt"
+    granted = decide(req(console, "mqtt", "ccus-ops-wall1"), users)[1]
+    assert granted["pub"] == {"deny": [">"]}      # nothing to publish: not an empty allow
     gone = {**users, "users": {k: v for k, v in users["users"].items() if "gate-01" not in k}}
     with pytest.raises(CalloutRefused, match="gate-01: no such user"):
         decide(req(dev, "mqtt", "gate-01"), gone)
