@@ -25,7 +25,7 @@ Rules of this file:
 """
 
 from cryptography import x509
-from cryptography.x509.oid import ExtensionOID, NameOID
+from cryptography.x509.oid import NameOID
 
 DEVICE_URI = "urn:ccus:"
 # client_info.type of an authorization request -> NATS's connection type names
@@ -44,7 +44,7 @@ def identity(leaf_pem: str, revoked: frozenset[int] = frozenset()) -> str:
     if cert.serial_number in revoked:
         raise CalloutRefused(f"certificate {cert.serial_number:x} is revoked")
     try:
-        san = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         uris = san.get_values_for_type(x509.UniformResourceIdentifier)
     except x509.ExtensionNotFound:
         uris = []
@@ -57,7 +57,11 @@ def identity(leaf_pem: str, revoked: frozenset[int] = frozenset()) -> str:
     ou = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
     if not cn or not ou:
         raise CalloutRefused("the certificate has no device URI and no CN/OU")
-    return f"CN={cn[0].value},OU={ou[0].value}"
+    return f"CN={_text(cn[0].value)},OU={_text(ou[0].value)}"
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def client_id_ok(rule: dict[str, str] | None, client_id: str) -> bool:

@@ -29,6 +29,7 @@ Rules of this file:
   the devices, which forget a touch only on the end-to-end acknowledgement.
 """
 
+import functools
 import json
 import os
 import shutil
@@ -398,7 +399,7 @@ class NatsCluster:
             if callout is not None:
                 stop_process(callout)
             elif self._callout_ours(node):
-                stop_pid(node.callout_pid, lambda node=node: self._callout_ours(node))
+                stop_pid(node.callout_pid, functools.partial(self._callout_ours, node))
 
     def __enter__(self) -> "NatsCluster":
         return self.start()

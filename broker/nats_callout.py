@@ -100,7 +100,8 @@ class Users:
     """The users file, read again whenever its mtime changes."""
 
     def __init__(self, path: Path) -> None:
-        self.path, self._mtime, self.data = path, -1.0, {}
+        self.path, self._mtime = path, -1.0
+        self.data: dict[str, Any] = {}
 
     def get(self) -> dict[str, Any]:
         mtime = self.path.stat().st_mtime
@@ -112,7 +113,7 @@ class Users:
 async def serve(bundle: Path, servers: list[str], stop: asyncio.Event,
                 ready: Path | None = None) -> None:
     import nats
-    import nkeys
+    import nkeys  # type: ignore[import-untyped]
 
     kp = nkeys.from_seed(bundle.joinpath(SEED).read_bytes().strip())
     users = Users(bundle / USERS)

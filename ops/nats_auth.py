@@ -36,6 +36,7 @@ import hashlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -159,9 +160,9 @@ def callout_users(inv: Inventory, revoked: Iterable[int] = ()) -> dict[str, obje
     client id rule, and the revoked certificates' serials (hex)."""
     out: dict[str, object] = {}
     for u in users(inv):
-        perms = u["permissions"]
-        out[str(u["user"])] = {"pub": perms["publish"].get("allow", []),  # type: ignore[attr-defined]
-                               "sub": perms["subscribe"]["allow"],  # type: ignore[index]
+        perms: Any = u["permissions"]
+        out[str(u["user"])] = {"pub": perms["publish"].get("allow", []),
+                               "sub": perms["subscribe"]["allow"],
                                "types": u["allowed_connection_types"],
                                "mqtt_id": mqtt_id_rule(str(u["user"]))}
     return {"account": ACCOUNT, "users": out, "revoked": [f"{n:x}" for n in sorted(revoked)]}
@@ -187,7 +188,7 @@ def write_callout(pki: Path, out: Path, inv: Inventory) -> bool:
     the issuer seed and the callout user's password, made once and kept; callout.conf and
     callout.json every time). False when nkeys is missing (the [cluster] extra)."""
     try:
-        import nkeys
+        import nkeys  # type: ignore[import-untyped]
     except ImportError:
         return False
     import secrets
