@@ -4,6 +4,7 @@ the pieces of config every template shares (host settings, per-client limits).""
 import getpass
 import glob
 import logging
+import random
 import shutil
 import signal
 import socket
@@ -89,8 +90,30 @@ def host_settings(user: str = "", data_dir: str | Path = "", log_dest: str = "")
     return "\n".join(lines)
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768   # Linux's default
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A free loopback TCP port below the kernel's ephemeral range. In that range a client that
+    keeps connecting to a stopped listener can be given the very port as its own source and
+    connect to itself (a TCP self-connect), holding the port, so the listener's restart fails
+    with 'Address already in use' (seen in tests/test_faults.py: an agent reconnecting while
+    its broker was down)."""
+    high = _ephemeral_low()
+    low = max(1024, high - 12000)
+    for _ in range(200):
+        port = random.randrange(low, high)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue   # taken
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:   # the range is full
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.launcher import PrivateBroker
+from broker.launcher import PrivateBroker, free_port
 from broker.procs import stop_process, wait_until
 from cloud_sink.acks import gap_report
 from cloud_sink.store import SqliteStore
@@ -198,6 +198,17 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:  # t
     n, rows, wh, _ = run_round(tmp_path_factory.mktemp("undisturbed"), undisturbed, 0)
     assert n == TOTAL
     yield rows, wh
+
+
+def test_a_free_port_is_below_the_ephemeral_range() -> None:
+    """The brokers these rounds stop and start again listen below the range the kernel gives
+    connecting clients their source ports from: in it, the agent reconnecting to its stopped
+    broker once connected to itself and held the port (CI: the restart failed with 'Address
+    already in use')."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = {free_port() for _ in range(50)}
+    assert all(1024 <= p < low for p in ports), sorted(ports)
+    assert len(ports) > 40      # spread out, not one port handed to every caller
 
 
 def test_undisturbed_run_is_complete(reference: tuple) -> None:  # type: ignore[type-arg]
