@@ -5,8 +5,9 @@ Rules of this file:
 - The cloud tier's opt-in layout (docs/operations.md "National layout"): the single-machine
   default (one Mosquitto, broker/launcher.py) is not touched by anything here.
 - One folder holds everything: a config, a log and a JetStream store per node, and
-  ``cluster.json`` (names, ports, pids), so ``ccus cluster down --dir DIR`` from another
-  process finds what ``ccus cluster up --dir DIR`` started. A pid is signalled only while
+  ``cluster.json`` (names, ports, pids, the nats-server binary and mode the last start chose),
+  so ``ccus cluster down --dir DIR`` from another process finds what ``ccus cluster up --dir
+  DIR`` started, and a node started again runs the same binary. A pid is signalled only while
   /proc says it is still a nats-server on that node's config (a reused pid is left alone).
 - Nodes are Debian's ``nats-server`` (2.9 here); a newer build is used when ``CCUS_NATS_SERVER``
   names it. Never the system one's ports: every port is a free loopback one.
@@ -184,18 +185,20 @@ class NatsCluster:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         state = self.folder / STATE
+        saved: dict[str, object] = {}
         if state.exists():  # the same folder again: same ports, same JetStream data
             saved = json.loads(state.read_text())
-            self.nodes = [Node(**n) for n in saved["nodes"]]
+            self.nodes = [Node(**n) for n in saved["nodes"]]  # type: ignore[attr-defined]
             if self.secure is None and saved.get("secure"):
-                self.secure = Path(saved["secure"])
+                self.secure = Path(str(saved["secure"]))
         else:
             ports = _distinct_ports(4 * nodes)
             self.nodes = [Node(f"n{i + 1}", *ports[4 * i:4 * i + 4]) for i in range(nodes)]
-        # a secure bundle with the callout's files, on a server that has the auth callout: the
-        # MQTT client id is bound to the certificate (broker/nats_callout.py)
-        self.callout = (self.secure is not None and (self.secure / CALLOUT_CONF).exists()
-                        and server_version(find_nats_server()) >= CALLOUT_SINCE)
+        # what the last start() chose (cluster.json): a node started again later (`cluster
+        # restart`, a fault test) runs that binary on those configs, whatever this process's
+        # CCUS_NATS_SERVER says (a 2.9 refuses a callout config and exits)
+        self.server = str(saved.get("server", ""))
+        self.callout = bool(saved.get("callout", False))
         self.callout_procs: dict[str, subprocess.Popen[bytes]] = {}
 
     @property
@@ -216,7 +219,8 @@ class NatsCluster:
                                                         self.secure, self.callout))
 
     def _save(self) -> None:
-        doc: dict[str, object] = {"nodes": [asdict(n) for n in self.nodes]}
+        doc: dict[str, object] = {"nodes": [asdict(n) for n in self.nodes],
+                                  "server": self.server, "callout": self.callout}
         if self.secure is not None:
             doc["secure"] = str(self.secure)
         (self.folder / STATE).write_text(json.dumps(doc, indent=1) + "\n")
@@ -233,6 +237,11 @@ class NatsCluster:
         """Every node, then wait until each answers /healthz (JetStream current); `timeout`
         defaults to START_S, or RESTART_S when the folder has JetStream state."""
         timeout = timeout or self.start_timeout()
+        # the binary, and so the mode, are chosen here: a secure bundle with the callout's files
+        # on a server that has the auth callout binds the MQTT client id to the certificate
+        self.server = find_nats_server()
+        self.callout = (self.secure is not None and (self.secure / CALLOUT_CONF).exists()
+                        and server_version(self.server) >= CALLOUT_SINCE)
         self.write_configs()
         for node in self.nodes:
             self.start_node(node.name, wait=False, detach=detach)
@@ -252,7 +261,7 @@ class NatsCluster:
         if self.secure is not None:  # what the MQTT listener pins until the node's next start
             shutil.copyfile(self.secure / "pinned.conf", self.folder / name / MQTT_PINNED)
         # detach: `ccus cluster up` returns and the nodes keep running in their own session
-        proc = subprocess.Popen([find_nats_server(), "-c", str(self.conf_path(node))],
+        proc = subprocess.Popen([self.server or find_nats_server(), "-c", str(self.conf_path(node))],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=detach)
         self.procs[name] = proc

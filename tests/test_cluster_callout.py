@@ -248,6 +248,19 @@ def test_cluster_up_secure_on_a_newer_server_binds_client_ids_and_down_stops_the
         mqtt_peer(t, "gate-01", "gate-01").close()
         assert mqtt_refused(t, "gate-01", client_id="gate-99")
         assert all(c._callout_ours(n) for n in c.nodes)
+        # `cluster restart` from a shell without CCUS_NATS_SERVER: the nodes come back on the
+        # binary `up` chose (it ran Debian's 2.9 on the callout config, which exited)
+        plain = {k: v for k, v in env.items() if k != "CCUS_NATS_SERVER"}
+        again = subprocess.run([sys.executable, "-m", "ccus.cli", "cluster", "restart", "--dir",
+                                str(tmp_path / "c")], capture_output=True, text=True, cwd=ROOT,
+                               timeout=400, env=plain)
+        assert again.returncode == 0, again.stderr
+        c = NatsCluster(tmp_path / "c")
+        assert c.callout and c.server == str(NEWER)
+        assert all(c.healthy(n) for n in c.nodes)
+        t = Tier(pki, bundle, c)
+        mqtt_peer(t, "gate-01", "gate-01").close()
+        assert mqtt_refused(t, "gate-01", client_id="gate-99")
     finally:
         down = ccus("cluster", "down", "--dir", str(tmp_path / "c"))
     assert down.returncode == 0, down.stderr
