@@ -17,6 +17,8 @@ is the commit seen from the store plus one delivery back to the device: an upper
 tap-to-committed, taken without a poller's own load on the store and its polling interval
 (a poller at 1,000 touches/s would add up to its interval to every figure). The store is
 checked afterwards: every acknowledged touch stored once, work-history rows present.
+``tap_to_received`` is the part before the writer's transaction: the touch's tap stamp to the
+receive stamp the writer put on its row (the same clock: one machine).
 Touches of the first --warmup seconds are left out (connections settling). The machine's
 1-minute load average before and after each path is printed with it (the box is shared):
 ``tap_late_s`` says how far the fleet itself fell behind its tapping schedule. Prints JSON.
@@ -49,6 +51,7 @@ def one_path(name: str, devices: int, rate: float, seconds: float, procs: int, w
             load1 = os.getloadavg()[0]
             time.sleep(1.0)   # anything doubled would be in by now
             counts = cb.store_counts(url)
+            recv = cb.receive_lag(url, warmup)
         finally:
             cb.stop_sinks(sinks)
     lat = [x for f in fleet for x in f.pop("lat_ms")]  # type: ignore[attr-defined]
@@ -62,7 +65,7 @@ def one_path(name: str, devices: int, rate: float, seconds: float, procs: int, w
             "reconnects": sum(int(f["reconnects"]) for f in fleet),  # type: ignore[call-overload]
             "load_avg_1m": [round(load0, 1), round(load1, 1)],
             "store": counts, "all_stored_once": counts["touches"] == sent,
-            "latency": cb.percentiles(lat)}
+            "latency": cb.percentiles(lat), "tap_to_received": recv}
 
 
 def main() -> int:

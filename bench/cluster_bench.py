@@ -142,6 +142,20 @@ def percentiles(xs: list[float]) -> dict[str, float | int | None]:
             "p999_ms": q(0.999), "max_ms": round(s[-1], 1)}
 
 
+def receive_lag(url: str, warmup_s: float) -> dict[str, float | int | None]:
+    """Tap (the touch's ts_ms) to the writer's receive stamp (received_ms), from the store:
+    the share of the latency before the writer's transaction. Touches tapped in the first
+    warmup_s seconds are left out, as in the fleet's figures."""
+    import psycopg
+
+    with psycopg.connect(url) as db:
+        rows = db.execute(
+            "SELECT received_ms - ts_ms FROM touches"
+            " WHERE ts_ms >= (SELECT MIN(ts_ms) FROM touches) + %s", (int(warmup_s * 1000),)
+        ).fetchall()
+    return percentiles([float(r[0]) for r in rows])
+
+
 def store_counts(url: str) -> dict[str, int]:
     import psycopg
 

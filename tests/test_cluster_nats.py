@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from nats_support import FAILOVER_S, Device311
 
 from broker.launcher import free_port
-from broker.nats import RESTART_S, START_S, NatsCluster, Node, render_node
+from broker.nats import RESTART_S, START_S, NatsCluster, Node, node_env, render_node
 from broker.procs import poll_until, wait_until
 from cloud_sink.errors import SinkError
 from cloud_sink.ingest.jetstream import JetStreamSink, JetStreamSinkError, parse_servers
@@ -78,6 +78,11 @@ def test_cluster_up_starts_three_nodes_and_down_stops_them(tmp_path: Path) -> No
         assert up.returncode == 0, up.stderr
         c = NatsCluster(tmp_path)
         assert len(c.nodes) == 3 and all(c.healthy(n) and c._ours(n) for n in c.nodes)
+        # three nodes on one machine: each runs with its share of the CPUs
+        want = os.environ.get("GOMAXPROCS") or str(max(1, len(os.sched_getaffinity(0)) // 3))
+        for n in c.nodes:
+            environ = Path(f"/proc/{n.pid}/environ").read_bytes().split(b"\0")
+            assert f"GOMAXPROCS={want}".encode() in environ, n.name
         again = _ccus("cluster", "up", "--dir", str(tmp_path))
         assert again.returncode == 1 and "running already" in again.stderr
     finally:
@@ -89,6 +94,14 @@ def test_cluster_up_starts_three_nodes_and_down_stops_them(tmp_path: Path) -> No
     assert NatsCluster(tmp_path).start_timeout() == RESTART_S > START_S
     missing = _ccus("cluster", "down", "--dir", str(tmp_path / "nothing"))
     assert missing.returncode == 1 and "no cluster.json" in missing.stderr
+
+
+def test_a_node_gets_its_share_of_the_cpus_unless_gomaxprocs_is_set() -> None:
+    assert node_env({}, cpus=2)["GOMAXPROCS"] == "1"
+    assert node_env({}, cpus=1)["GOMAXPROCS"] == "1"
+    assert node_env({}, cpus=8)["GOMAXPROCS"] == "2"
+    assert node_env({"GOMAXPROCS": "4", "X": "y"}, cpus=2) == {"GOMAXPROCS": "4", "X": "y"}
+    assert node_env({"GOMAXPROCS": ""}, cpus=6)["GOMAXPROCS"] == "2"
 
 
 @pytest.fixture
