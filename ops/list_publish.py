@@ -126,10 +126,10 @@ def publish_messages(broker: BrokerOpts | tuple[str, int], messages: list[Messag
     """Connect (TLS when the options say so), publish in order, PUBACKs checked."""
     from tqdm import tqdm
 
-    from ops.mqttc import publish_all, session
+    from ops.mqttc import OPS_CLIENT_PREFIX, publish_all, session
 
     opts = broker if isinstance(broker, BrokerOpts) else BrokerOpts(*broker)
-    with session(opts, client_id=f"ccus-ops-list-{os.getpid()}") as client, \
+    with session(opts, client_id=f"{OPS_CLIENT_PREFIX}list-{os.getpid()}") as client, \
             tqdm(total=sum(len(m.payload) for m in messages), unit="B", unit_scale=True,
                  disable=not progress, desc=desc) as bar:
         return publish_all(client, messages, timeout=timeout, progress=bar)

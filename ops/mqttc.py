@@ -36,6 +36,9 @@ if TYPE_CHECKING:  # the list code (and `cryptography`) only when a list is hand
     from edge.idlist.dist import Message
     from edge.idlist.updater import ListUpdater, Outcome
 
+# every operator command's MQTT client id starts so: NATS's auth callout allows an operator's
+# tools exactly these (ops/nats_auth.py)
+OPS_CLIENT_PREFIX = "ccus-ops-"
 TLS_PORT = 8883            # the cloud broker's listener (docs/operations.md, broker-config)
 DEFAULT_BROKER = f"127.0.0.1:{TLS_PORT}"
 PROTOCOLS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
@@ -137,7 +140,7 @@ def connect(opts: BrokerOpts, client_id: str = "", timeout: float = 10.0,
     if opts.protocol == "3.1.1" and not client_id:
         # 3.1.1 lets a server refuse an empty client id; NATS's gateway keeps a session
         # (a JetStream stream entry) per id, so a fresh one per command, cleaned at the end
-        client_id = f"ccus-ops-{uuid.uuid4().hex[:12]}"
+        client_id = f"{OPS_CLIENT_PREFIX}{uuid.uuid4().hex[:12]}"
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                          protocol=PROTOCOLS[opts.protocol])
     where = f"broker {opts.address}"

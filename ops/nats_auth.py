@@ -41,7 +41,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from broker.nats_callout import AUTH_ACCOUNT
+from broker.nats_callout import ACCOUNT, AUTH_ACCOUNT
 from broker.nats_callout import CERT as CALLOUT_CERT
 from broker.nats_callout import CONF as CALLOUT_CONF
 from broker.nats_callout import KEY as CALLOUT_KEY
@@ -60,11 +60,11 @@ from ops.acl import (
     render_acl,
 )
 from ops.inventory import InventoryFile
+from ops.mqttc import OPS_CLIENT_PREFIX
 from ops.pki import CA, PkiError
 from ops.provision import copy_secret
 from protocol import topics as t
 
-ACCOUNT = "CCUS"
 MQTT_ONLY = ["MQTT"]
 NATIVE_ONLY = ["STANDARD"]
 MQTT_DELIVERY = "$MQTT.sub.>"  # where the gateway delivers a QoS 1 subscription's messages
@@ -136,9 +136,6 @@ def users(inv: Inventory) -> list[dict[str, object]]:
         add(identity_user("sink", name), SINK_RULES, NATIVE_ONLY, extra_pub=sink_js_subjects(),
             extra_sub=["_INBOX.>"])
     return out
-
-
-OPS_CLIENT_PREFIX = "ccus-ops-"   # ops/mqttc.py: a fresh MQTT client id per command
 
 
 def mqtt_id_rule(user: str) -> dict[str, str] | None:
