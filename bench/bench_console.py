@@ -24,7 +24,6 @@ import argparse
 import json
 import random
 import re
-import socket
 import statistics
 import sys
 import tempfile
@@ -42,6 +41,7 @@ import bench_sink  # noqa: E402
 import cbor2  # noqa: E402
 import uvicorn  # noqa: E402
 
+from broker.launcher import free_port  # noqa: E402
 from cloud_sink.reports import output, shape  # noqa: E402
 from cloud_sink.store import open_store  # noqa: E402
 from console import auth, users  # noqa: E402
@@ -52,9 +52,7 @@ from ops import fleet  # noqa: E402
 
 def serve(app: object) -> tuple[uvicorn.Server, threading.Thread, str]:
     """The console under uvicorn on a free loopback port, in a thread of this process."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     th = threading.Thread(target=server.run, daemon=True)
     th.start()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.launcher import PrivateBroker
+from broker.launcher import PrivateBroker, free_port
 from demo.site_day import card_of, write_idlist_csv
 from edge.check import check_agent
 from edge.idlist import Entry, Status
@@ -127,11 +127,7 @@ def test_an_expired_certificate_fails_with_its_date(site: Site) -> None:
 
 
 def test_a_wrong_port_fails_as_refused(site: Site) -> None:
-    import socket
-
-    with socket.socket() as s:  # a port that was free a moment ago: nothing listens
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()   # a port that was free a moment ago: nothing listens
     bad = failed(site, site.config("port", port=port))
     assert list(bad) == ["broker"] and "refused the connection" in bad["broker"]
 

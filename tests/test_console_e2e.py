@@ -29,6 +29,7 @@ from typing import Any
 import cbor2
 import pytest
 
+from broker.launcher import free_port
 from broker.procs import stop_process, wait_until
 from cloud_sink.workday import jst_ms
 from demo.site_day import CONTRACTOR, DAY, SITE, DemoRun, Tap, card_of, site_day
@@ -51,12 +52,6 @@ USERS = {"op": ("operator", []), "sm": ("site_manager", [f"site:{SITE}"]),
          "ct": ("contractor", [f"site:{SITE}", f"contractor:{CONTRACTOR}"]),
          "tr": ("training", [f"center:{CENTER}"]),
          "sm2": ("site_manager", [f"site:{OTHER_SITE}"])}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def ccus(*args: str, stdin: str = "") -> str:

@@ -5,7 +5,6 @@ report's own rows. The app is served by uvicorn on loopback; requests are plain 
 from __future__ import annotations
 
 import re
-import socket
 import threading
 import time
 import urllib.parse
@@ -19,6 +18,7 @@ import pytest
 import uvicorn
 from sink_support import SITE, fresh_store, touch
 
+from broker.launcher import free_port
 from cloud_sink import report_cli
 from cloud_sink.registry import Technician
 from cloud_sink.report_cli import COLUMNS
@@ -56,9 +56,7 @@ def serving(store_url: str, tmp: Path,
                                                      auth.hash_password(PASSWORD))})
     app = build_app(Config(store_url, tmp / "users.toml", "test-secret", secure_cookies=False),
                     bridge or Bridge())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     th = threading.Thread(target=server.run, daemon=True)
     th.start()
